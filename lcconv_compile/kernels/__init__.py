@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Knows torch and Triton only: no torch.library, no Inductor."""

@@ -1,0 +1,1 @@
+"""Inductor integration: graph passes that rewrite FFT-convolution idioms into ``lcconv::fftconv``."""

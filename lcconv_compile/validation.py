@@ -1,0 +1,91 @@
+"""Input checks for ``lcconv::fftconv``: one place that turns bad arguments into clear errors.
+
+Called by the op's real and fake implementations, so eager calls, ``torch.compile`` tracing and
+``torch.export`` all refuse the same inputs with the same message. Checks only shapes, dtypes and
+devices: it never reads tensor data (it must work on fake tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fftconv: `{name}` must be a real floating tensor (float32, bfloat16, float16 or "
+            f"float64), got {_describe(t)}"
+        )
+
+
+def _check_same_device(name: str, t: Tensor, u: Tensor) -> None:
+    if t.device != u.device:
+        raise ValueError(
+            f"fftconv: `{name}` is on {t.device} but `u` is on {u.device}; move both to one device"
+        )
+
+
+def check_fftconv_args(
+    u: Tensor,
+    k: Tensor,
+    D: Optional[Tensor] = None,
+    gate_in: Optional[Tensor] = None,
+    gate_out: Optional[Tensor] = None,
+    dropout_mask: Optional[Tensor] = None,
+) -> None:
+    """Raise TypeError/ValueError naming the offending argument if the inputs are not valid."""
+    _check_float("u", u)
+    if u.dim() != 3:
+        raise ValueError(f"fftconv: `u` must have shape (B, H, L), got {_describe(u)}")
+    batch, channels, seqlen = u.shape
+    if seqlen == 0:
+        raise ValueError(f"fftconv: `u` has sequence length L = 0 ({_describe(u)}); need L >= 1")
+
+    _check_float("k", k)
+    _check_same_device("k", k, u)
+    if k.dim() != 2:
+        raise ValueError(f"fftconv: `k` must have shape (H, Lk), got {_describe(k)}")
+    if k.shape[0] != channels:
+        raise ValueError(
+            f"fftconv: `k` has {k.shape[0]} channels but `u` has H = {channels} "
+            f"(u: {_describe(u)}; k: {_describe(k)})"
+        )
+    if k.shape[1] == 0 or k.shape[1] > seqlen:
+        raise ValueError(
+            f"fftconv: kernel length Lk = {k.shape[1]} must satisfy 1 <= Lk <= L = {seqlen} "
+            f"(k: {_describe(k)}); truncate the kernel or pad u"
+        )
+
+    if D is not None:
+        _check_float("D", D)
+        _check_same_device("D", D, u)
+        if D.dim() != 1 or D.shape[0] != channels:
+            raise ValueError(f"fftconv: `D` must have shape (H,) = ({channels},), got {_describe(D)}")
+
+    for name, gate in (("gate_in", gate_in), ("gate_out", gate_out)):
+        if gate is None:
+            continue
+        _check_float(name, gate)
+        _check_same_device(name, gate, u)
+        if gate.shape != u.shape:
+            raise ValueError(
+                f"fftconv: `{name}` must have the shape of `u` {tuple(u.shape)}, got {_describe(gate)}"
+            )
+
+    if dropout_mask is not None:
+        _check_float("dropout_mask", dropout_mask)
+        _check_same_device("dropout_mask", dropout_mask, u)
+        if dropout_mask.shape != (batch, channels):
+            raise ValueError(
+                f"fftconv: `dropout_mask` must have shape (B, H) = ({batch}, {channels}), "
+                f"got {_describe(dropout_mask)}"
+            )

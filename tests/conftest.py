@@ -1,0 +1,21 @@
+"""Shared test fixtures: a fresh random seed per test (printed, so a failure can be replayed)."""
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Seed torch from the OS for every test; LCCONV_TEST_SEED=<n> replays a failing run."""
+    seed = int(os.environ.get("LCCONV_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"LCCONV_TEST_SEED={seed}")
+    yield seed
+
+
+def pytest_report_header(config):
+    import lcconv_compile
+
+    return f"torch {torch.__version__}, lcconv_compile {lcconv_compile.__version__}"

@@ -1,0 +1,267 @@
+"""The registered op: opcheck, gradcheck, vmap, compile, export, errors and a pinned traced graph."""
+
+import expecttest
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import lcconv_compile
+from lcconv_compile import fftconv, reference
+from test_reference import direct_fftconv, random_args, rel_err
+
+op = torch.ops.lcconv.fftconv.default
+bwd_op = torch.ops.lcconv.fftconv_bwd.default
+
+
+def op_args(B, H, L, Lk, dtype=torch.float32, k_dtype=None, options=False):
+    args = random_args(B, H, L, Lk, dtype=dtype, options=options)
+    args["k"] = args["k"].to(k_dtype or dtype)
+    return args
+
+
+# --------------------------------------------------------------------------------- numerics --
+@pytest.mark.parametrize("dtype,k_dtype,tol", [
+    (torch.float32, torch.float32, 1e-5),
+    (torch.bfloat16, torch.float32, 1e-2),
+    (torch.bfloat16, torch.bfloat16, 1e-2),
+    (torch.float16, torch.float32, 2e-3),
+])
+def test_dtypes_and_accuracy(dtype, k_dtype, tol):
+    args = op_args(2, 3, 77, 40, dtype, k_dtype, options=True)
+    y = fftconv(**args)
+    assert y.dtype == dtype and y.shape == args["u"].shape and y.is_contiguous()
+    assert rel_err(y, direct_fftconv(**args)) < tol
+
+
+def test_non_contiguous_inputs():
+    B, H, L, Lk = 3, 4, 50, 20
+    u = torch.randn(B, L, H).transpose(1, 2)  # (B, H, L) view with stride 1 on H
+    k = torch.randn(Lk * 2, H)[::2].t()       # (H, Lk) strided view
+    D = torch.randn(2 * H)[::2]
+    y = fftconv(u, k, D)
+    assert y.is_contiguous()
+    assert rel_err(y, reference.direct_causal_conv(u, k, D)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- opcheck --
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 2, 33, 7), (3, 1, 5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("options", [False, True])
+def test_opcheck_forward(shape, dtype, options):
+    args = op_args(*shape, dtype=dtype, options=options)
+    if dtype == torch.float64:
+        args = {n: v.requires_grad_(True) if isinstance(v, torch.Tensor) and n != "dropout_mask" else v
+                for n, v in args.items()}
+    torch.library.opcheck(op, (), args)
+
+
+@pytest.mark.parametrize("options", [False, True])
+def test_opcheck_backward(options):
+    args = op_args(2, 3, 24, 10, options=options)
+    grad_y = torch.randn(2, 3, 24)
+    full = dict(D=None, gate_in=None, gate_out=None, gelu=False, dropout_mask=None)
+    full.update(args)
+    torch.library.opcheck(bwd_op, (grad_y, full.pop("u"), full.pop("k"), full.pop("D"), full.pop("gate_in"),
+                                   full.pop("gate_out"), full.pop("gelu"), full.pop("dropout_mask")))
+
+
+# --------------------------------------------------------------------------------- autograd --
+@pytest.mark.parametrize("shape", [(2, 3, 12, 5), (1, 1, 9, 9), (2, 2, 17, 1)])
+@pytest.mark.parametrize("options", [False, True])
+def test_gradcheck(shape, options):
+    args = op_args(*shape, dtype=torch.float64, options=options)
+    names = [n for n, v in args.items() if isinstance(v, torch.Tensor) and n != "dropout_mask"]
+    inputs = tuple(args[n].requires_grad_(True) for n in names)
+    rest = {n: v for n, v in args.items() if n not in names}
+
+    def f(*tensors):
+        return fftconv(**dict(zip(names, tensors)), **rest)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_backward_is_one_op_node():
+    args = op_args(2, 3, 16, 8, options=True)
+    for n in ("u", "k", "D"):
+        args[n].requires_grad_(True)
+
+    def train_step(u, k, D):
+        y = fftconv(u, k, D, gate_in=args["gate_in"], gelu=True)
+        return torch.autograd.grad(y.sum(), (u, k, D))
+
+    gm = make_fx(train_step)(args["u"], args["k"], args["D"])
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert op in targets and bwd_op in targets
+    assert not any(str(t).startswith("aten._fft") for t in targets), targets
+
+
+# ------------------------------------------------------------------------------------- vmap --
+@pytest.mark.parametrize("k_mapped", [False, True])
+@pytest.mark.parametrize("options", [False, True])
+def test_vmap_equals_loop(k_mapped, options):
+    V, B, H, L, Lk = 4, 2, 3, 20, 9
+    u = torch.randn(B, V, H, L)  # vmapped along dim 1
+    k = torch.randn(V, H, Lk) if k_mapped else torch.randn(H, Lk)
+    D = torch.randn(V, H) if k_mapped else torch.randn(H)
+    gate = torch.randn(V, B, H, L) if options else None
+    mask = torch.rand(B, H) if options else None
+
+    def f(u, k, D, gate):
+        return fftconv(u, k, D, gate_out=gate, gelu=options, dropout_mask=mask)
+
+    in_dims = (1, 0 if k_mapped else None, 0 if k_mapped else None, 0 if options else None)
+    got = torch.vmap(f, in_dims=in_dims)(u, k, D, gate)
+    want = torch.stack([
+        f(u[:, i], k[i] if k_mapped else k, D[i] if k_mapped else D, gate[i] if options else None)
+        for i in range(V)
+    ])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+def test_vmap_gradients_flow():
+    u = torch.randn(3, 2, 4, 16, requires_grad=True)
+    k = torch.randn(3, 4, 8, requires_grad=True)
+    torch.vmap(fftconv)(u, k).square().sum().backward()
+    u2, k2 = u.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    torch.stack([fftconv(u2[i], k2[i]) for i in range(3)]).square().sum().backward()
+    torch.testing.assert_close(u.grad, u2.grad)
+    torch.testing.assert_close(k.grad, k2.grad)
+
+
+# ---------------------------------------------------------------------- compile and export --
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def block(u, k, D, g):
+        return fftconv(u.relu(), k, D, gate_out=g, gelu=True) * 2.0 + u
+
+    compiled = torch.compile(block, fullgraph=True)
+    for L in (32, 48):  # a second shape exercises recompilation or dynamic shapes
+        args = [torch.randn(2, 4, L), torch.randn(4, L // 2), torch.randn(4), torch.randn(2, 4, L)]
+        torch.testing.assert_close(compiled(*args), block(*args))
+
+
+def test_compile_training_step_matches_eager():
+    torch._dynamo.reset()
+    u = torch.randn(2, 4, 32)
+    k = torch.randn(4, 32, requires_grad=True)
+
+    def loss(u, k):
+        return fftconv(u, k, gelu=True).square().mean()
+
+    eager_grad = torch.autograd.grad(loss(u, k), k)[0]
+    compiled_grad = torch.autograd.grad(torch.compile(loss, fullgraph=True)(u, k), k)[0]
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+class _ConvModule(torch.nn.Module):
+    def __init__(self, H, Lk):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.randn(H, Lk))
+        self.D = torch.nn.Parameter(torch.randn(H))
+
+    def forward(self, u):
+        return fftconv(u, self.k, self.D)
+
+
+def test_export_round_trip():
+    module = _ConvModule(3, 16)
+    u = torch.randn(2, 3, 16)
+    exported = torch.export.export(module, (u,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert op in targets
+    u2 = torch.randn(2, 3, 16)
+    torch.testing.assert_close(exported.module()(u2), module(u2))
+
+
+# ----------------------------------------------------------------------------------- errors --
+def _good():
+    return dict(u=torch.randn(2, 3, 10), k=torch.randn(3, 4), D=torch.randn(3))
+
+
+@pytest.mark.parametrize("change,exc,message", [
+    (dict(u=torch.randn(3, 10)), ValueError, r"`u` must have shape \(B, H, L\), got shape \(3, 10\)"),
+    (dict(u=torch.randn(2, 3, 0), k=torch.randn(3, 1)), ValueError, r"L = 0"),
+    (dict(k=torch.randn(3)), ValueError, r"`k` must have shape \(H, Lk\), got shape \(3,\)"),
+    (dict(k=torch.randn(4, 4)), ValueError, r"`k` has 4 channels but `u` has H = 3"),
+    (dict(k=torch.randn(3, 11)), ValueError, r"Lk = 11 must satisfy 1 <= Lk <= L = 10"),
+    (dict(k=torch.randn(3, 0)), ValueError, r"Lk = 0"),
+    (dict(D=torch.randn(4)), ValueError, r"`D` must have shape \(H,\) = \(3,\), got shape \(4,\)"),
+    (dict(D=torch.randn(3, 1)), ValueError, r"`D` must have shape \(H,\)"),
+    (dict(u=torch.randint(0, 5, (2, 3, 10))), TypeError, r"`u` must be a real floating tensor.*torch.int64"),
+    (dict(k=torch.randn(3, 4, dtype=torch.complex64)), TypeError, r"`k` must be a real floating.*complex64"),
+    (dict(D=torch.ones(3, dtype=torch.int32)), TypeError, r"`D` must be a real floating.*int32"),
+    (dict(k=torch.randn(3, 4, device="meta")), ValueError, r"`k` is on meta but `u` is on cpu"),
+    (dict(gate_in=torch.randn(2, 3, 9)), ValueError, r"`gate_in` must have the shape of `u`"),
+    (dict(gate_out=torch.randn(2, 3, 10, dtype=torch.complex64)), TypeError, r"`gate_out` must be a real"),
+    (dict(dropout_mask=torch.rand(2, 3, 1)), ValueError, r"`dropout_mask` must have shape \(B, H\) = \(2, 3\)"),
+])
+def test_bad_input_gets_clear_error(change, exc, message):
+    args = _good()
+    args.update(change)
+    with pytest.raises(exc, match=message):
+        fftconv(**args)
+
+
+def test_bad_input_errors_under_compile_too():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"Lk = 11 must satisfy"):
+        torch.compile(fftconv, fullgraph=True)(torch.randn(2, 3, 10), torch.randn(3, 11))
+
+
+# ----------------------------------------------------------------------- pinned graph shape --
+class TracedGraphTest(expecttest.TestCase):
+    def test_traced_graph_holds_the_op(self):
+        def block(u, k, D, g):
+            return fftconv(u, k, D, gate_out=g, gelu=True)
+
+        args = (torch.randn(2, 3, 8), torch.randn(3, 8), torch.randn(3), torch.randn(2, 3, 8))
+        code = make_fx(block)(*args).code.strip()
+        self.assertExpectedInline(code, """\
+def forward(self, u_1, k_1, D_1, g_1):
+    d_1 = D_1
+    fftconv = torch.ops.lcconv.fftconv.default(u_1, k_1, d_1, None, g_1, True);  u_1 = k_1 = d_1 = g_1 = None
+    return fftconv""")
+
+
+def test_package_exports():
+    assert lcconv_compile.fftconv is fftconv
+    assert "y[b,h,t]" in fftconv.__doc__
+
+
+# --------------------------------------------------------------------------------------- GPU --
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("shape", [(2, 64, 1024, 1024), (3, 16, 333, 100), (1, 8, 4096, 4096)])
+def test_cuda_matches_float64_reference(dtype, tol, shape):
+    args = op_args(*shape, dtype=dtype, k_dtype=torch.float32, options=True)
+    want = reference.fftconv_ref(**{n: v.double() if isinstance(v, torch.Tensor) else v for n, v in args.items()})
+    cuda_args = {n: v.cuda() if isinstance(v, torch.Tensor) else v for n, v in args.items()}
+    y = fftconv(**cuda_args)
+    assert y.device.type == "cuda" and y.dtype == dtype
+    assert rel_err(y.cpu(), want) < tol
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("options", [False, True])
+def test_cuda_opcheck(options):
+    args = {n: v.cuda() if isinstance(v, torch.Tensor) else v for n, v in op_args(2, 8, 128, 64, options=options).items()}
+    torch.library.opcheck(op, (), args)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_compile_matches_eager():
+    torch._dynamo.reset()
+    u, k, D = torch.randn(2, 16, 512, device="cuda"), torch.randn(16, 512, device="cuda"), torch.randn(16, device="cuda")
+
+    def block(u, k, D):
+        return fftconv(u, k, D, gelu=True) * u.sigmoid()
+
+    torch.testing.assert_close(torch.compile(block, fullgraph=True)(u, k, D), block(u, k, D))
