@@ -1,9 +1,16 @@
-"""Shared test fixtures: a fresh random seed per test (printed, so a failure can be replayed)."""
+"""Shared test set-up: Triton interpreter on CPU-only machines, and a fresh random seed per test
+(printed, so a failure can be replayed)."""
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors (kernel tests, small
+# sizes). Set before lcconv_compile imports Triton: triton.jit reads it at decoration time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

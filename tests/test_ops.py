@@ -7,16 +7,15 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import lcconv_compile
 from lcconv_compile import fftconv, reference
-from test_reference import direct_fftconv, random_args, rel_err
+from inputs import random_args, rel_err
+from test_reference import direct_fftconv
 
 op = torch.ops.lcconv.fftconv.default
 bwd_op = torch.ops.lcconv.fftconv_bwd.default
 
 
 def op_args(B, H, L, Lk, dtype=torch.float32, k_dtype=None, options=False):
-    args = random_args(B, H, L, Lk, dtype=dtype, options=options)
-    args["k"] = args["k"].to(k_dtype or dtype)
-    return args
+    return random_args(B, H, L, Lk, dtype=dtype, options=options, k_dtype=k_dtype)
 
 
 # --------------------------------------------------------------------------------- numerics --

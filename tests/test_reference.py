@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inputs import random_args, rel_err
 from lcconv_compile import reference
 
 SHAPES = [  # (B, H, L, Lk): odd and prime L, Lk < L, Lk == L, B = 1, H = 1, L = 1
@@ -32,27 +33,6 @@ def direct_fftconv(u, k, D=None, gate_in=None, gate_out=None, gelu=False, dropou
     if gate_out is not None:
         y = y * gate_out.double()
     return y
-
-
-def random_args(B, H, L, Lk, dtype=torch.float64, options=True):
-    u = torch.randn(B, H, L, dtype=dtype)
-    k = torch.randn(H, Lk, dtype=dtype) / Lk**0.5
-    D = torch.randn(H, dtype=dtype)
-    if not options:
-        return dict(u=u, k=k, D=D)
-    return dict(
-        u=u,
-        k=k,
-        D=D,
-        gate_in=torch.randn(B, H, L, dtype=dtype),
-        gate_out=torch.randn(B, H, L, dtype=dtype),
-        gelu=True,
-        dropout_mask=(torch.rand(B, H) > 0.3).to(dtype) / 0.7,
-    )
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
