@@ -113,7 +113,9 @@ def test_monarch_plan_and_spectrum_roundtrip():
         assert plan.n1 // 2 >= 16 and plan.n2 >= 16 and plan.n1 % plan.chunk == 0
     plan = monarch.plan_for(300)
     k = torch.randn(3, 300, dtype=torch.float64)
-    spectrum = monarch.kernel_spectrum(k, plan).double() * plan.fft_size
+    planes, scale = monarch.kernel_spectrum(k, plan)
+    assert torch.allclose(torch.complex(planes[:, 0], planes[:, 1]).abs().amax(dim=(1, 2)), torch.ones(3))
+    spectrum = planes.double() * scale.double()[:, None, None, None]
     torch.testing.assert_close(monarch.spectrum_to_time(spectrum, plan, 300), k, rtol=1e-5, atol=1e-5)
 
 

@@ -69,35 +69,39 @@ def plan_for(seqlen: int) -> MonarchPlan:
 
 @lru_cache(maxsize=64)
 def _dft_constants_cached(n1: int, n2: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    def dft(size: int) -> torch.Tensor:
+    def unitary_dft(size: int) -> torch.Tensor:
         idx = torch.arange(size, dtype=torch.float64)
-        return torch.exp(-2j * math.pi * torch.outer(idx, idx) / size)
+        return torch.exp(-2j * math.pi * torch.outer(idx, idx) / size) / math.sqrt(size)
 
-    twiddle = torch.exp(
-        -2j * math.pi * torch.outer(torch.arange(n1, dtype=torch.float64), torch.arange(n2, dtype=torch.float64))
-        / (n1 * n2)
-    )
+    rows, cols = torch.arange(n1, dtype=torch.float64), torch.arange(n2, dtype=torch.float64)
+    twiddle = torch.exp(-2j * math.pi * torch.outer(rows, cols) / (n1 * n2))
 
     def planes(z: torch.Tensor) -> torch.Tensor:  # complex (..) -> float32 (2, ..) [real, imag]
         return torch.stack([z.real, z.imag]).to(torch.float32).contiguous().to(device)
 
-    return planes(dft(n1)), planes(dft(n2)), planes(twiddle)
+    return planes(unitary_dft(n1)), planes(unitary_dft(n2)), planes(twiddle)
 
 
 def dft_constants(plan: MonarchPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F1, F2, Tw) as float32 planes ``(2, rows, cols)``, cached per size and device (read-only)."""
+    """(F1, F2, Tw) as float32 planes ``(2, rows, cols)``, cached per size and device (read-only).
+
+    F1 and F2 are unitary (scaled by 1/sqrt(size)), so the whole transform U is unitary and
+    ``conv(x, k) = U^H (U x * fft(k))``: no intermediate grows by more than sqrt(N) times the
+    input, which keeps float16 tensor-core operands in range.
+    """
     return _dft_constants_cached(plan.n1, plan.n2, str(device))
 
 
-def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan) -> torch.Tensor:
-    """Spectrum of k (H, Lk) in the Monarch order ``[k1, k2] = fft(k)[k1 + N1*k2] / N``.
+def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectrum of k (H, Lk) in the Monarch order ``[k1, k2] = fft(k)[k1 + N1*k2]``, normalised.
 
-    Returns float32 planes (H, 2, N1, N2); the 1/N of the inverse FFT is folded in here. Computed
-    from k on every call, so a changed k can never meet a stale spectrum.
+    Returns (planes (H, 2, N1, N2) float32 with max modulus 1 per channel, scale (H,) float32 that
+    multiplies it back). Computed from k on every call, so a changed k never meets a stale one.
     """
-    spectrum = torch.fft.fft(k.to(torch.float32), n=plan.fft_size) / plan.fft_size
-    spectrum = spectrum.view(k.shape[0], plan.n2, plan.n1).transpose(1, 2)
-    return torch.stack([spectrum.real, spectrum.imag], dim=1).contiguous()
+    spectrum = torch.fft.fft(k.to(torch.float32), n=plan.fft_size)
+    scale = spectrum.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    spectrum = (spectrum / scale[:, None]).view(k.shape[0], plan.n2, plan.n1).transpose(1, 2)
+    return torch.stack([spectrum.real, spectrum.imag], dim=1).contiguous(), scale.contiguous()
 
 
 def spectrum_to_time(spectrum: torch.Tensor, plan: MonarchPlan, out_len: int) -> torch.Tensor:
@@ -107,13 +111,28 @@ def spectrum_to_time(spectrum: torch.Tensor, plan: MonarchPlan, out_len: int) ->
 
 
 # ------------------------------------------------------------------------------------------
-# Triton helpers. Every complex quantity travels as two float32 tensors (real, imag).
+# Triton helpers. Every complex quantity travels as two float32 tensors (real, imag). Constant
+# tiles are passed in (loaded once per program where they fit, per chunk where they do not).
 # ------------------------------------------------------------------------------------------
+@triton.jit
+def operand(x, PRECISION: tl.constexpr):
+    """A tensor-core operand: float16 in the "fp16" mode (inputs are scaled to |x| <= 1)."""
+    if PRECISION == "fp16":
+        return x.to(tl.float16)
+    else:
+        return x
+
+
 @triton.jit
 def cdot(ar, ai, br, bi, PRECISION: tl.constexpr):
     """Complex matrix product (ar + i ai) @ (br + i bi) as four real tensor-core products."""
-    re = tl.dot(ar, br, input_precision=PRECISION) - tl.dot(ai, bi, input_precision=PRECISION)
-    im = tl.dot(ar, bi, input_precision=PRECISION) + tl.dot(ai, br, input_precision=PRECISION)
+    if PRECISION == "fp16":
+        ar, ai, br, bi = operand(ar, PRECISION), operand(ai, PRECISION), operand(br, PRECISION), operand(bi, PRECISION)
+        re = tl.dot(ar, br) - tl.dot(ai, bi)
+        im = tl.dot(ar, bi) + tl.dot(ai, br)
+    else:
+        re = tl.dot(ar, br, input_precision=PRECISION) - tl.dot(ai, bi, input_precision=PRECISION)
+        im = tl.dot(ar, bi, input_precision=PRECISION) + tl.dot(ai, br, input_precision=PRECISION)
     return re, im
 
 
@@ -125,43 +144,43 @@ def load_planes(ptr, rows, cols, row_stride, plane_stride):
 
 
 @triton.jit
-def forward_chunk(zr, zi, chunk_start, f1_ptr, f2_ptr, tw_ptr,
-                  N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows [chunk_start, chunk_start + CHUNK) of the spectrum of z (z: (N1/2, N2) complex).
-
-    Returns (CHUNK, N2) real and imaginary parts in the Monarch order [k1, k2].
-    """
+def load_chunk_constants(f1_ptr, tw_ptr, chunk_start, N1: tl.constexpr, N2: tl.constexpr,
+                         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """The constant tiles for spectrum rows [chunk_start, +CHUNK): F1[rows, :N1/2], Tw[rows, :],
+    and conj(F1)[:N1/2, rows] (the inverse's last DFT). Operand tiles come back in operand dtype."""
     HALF: tl.constexpr = N1 // 2
     k1 = chunk_start + tl.arange(0, CHUNK)
     n1 = tl.arange(0, HALF)
+    f1r, f1i = load_planes(f1_ptr, k1, n1, N1, N1 * N1)
+    twr, twi = load_planes(tw_ptr, k1, tl.arange(0, N2), N2, N1 * N2)
+    g1r, g1i = load_planes(f1_ptr, n1, k1, N1, N1 * N1)
+    return (operand(f1r, PRECISION), operand(f1i, PRECISION), twr, twi,
+            operand(g1r, PRECISION), operand(-g1i, PRECISION))
+
+
+@triton.jit
+def load_f2(f2_ptr, N2: tl.constexpr, PRECISION: tl.constexpr):
+    """F2 and conj(F2) as operand tiles (real, imag, -imag)."""
     cols = tl.arange(0, N2)
-    f1r, f1i = load_planes(f1_ptr, k1, n1, N1, N1 * N1)  # F1[k1, n1], n1 < N1/2 (padding)
-    br, bi = cdot(f1r, f1i, zr, zi, PRECISION)
-    twr, twi = load_planes(tw_ptr, k1, cols, N2, N1 * N2)
-    br, bi = br * twr - bi * twi, br * twi + bi * twr
     f2r, f2i = load_planes(f2_ptr, cols, cols, N2, N2 * N2)
+    return operand(f2r, PRECISION), operand(f2i, PRECISION), operand(-f2i, PRECISION)
+
+
+@triton.jit
+def forward_tile(zr, zi, f1r, f1i, twr, twi, f2r, f2i, PRECISION: tl.constexpr):
+    """Spectrum rows of z (z: (N1/2, N2) complex, zero rows beyond N1/2 implied) for the given
+    F1 rows and twiddles: ((F1 z) * Tw) @ F2, in the Monarch order [k1, k2]."""
+    br, bi = cdot(f1r, f1i, zr, zi, PRECISION)
+    br, bi = br * twr - bi * twi, br * twi + bi * twr
     return cdot(br, bi, f2r, f2i, PRECISION)
 
 
 @triton.jit
-def inverse_chunk_accumulate(cr, ci, chunk_start, yr, yi, f1_ptr, f2_ptr, tw_ptr,
-                             N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """Add the contribution of spectrum rows [chunk_start, +CHUNK) to the time rows n1 < N1/2.
-
-    (yr, yi): (N1/2, N2) accumulators; (cr, ci): (CHUNK, N2) spectrum chunk. No 1/N here.
-    """
-    HALF: tl.constexpr = N1 // 2
-    k1 = chunk_start + tl.arange(0, CHUNK)
-    n1 = tl.arange(0, HALF)
-    cols = tl.arange(0, N2)
-    f2r, f2i = load_planes(f2_ptr, cols, cols, N2, N2 * N2)
-    dr, di = cdot(cr, ci, f2r, -f2i, PRECISION)  # @ conj(F2)
-    twr, twi = load_planes(tw_ptr, k1, cols, N2, N1 * N2)
-    dr, di = dr * twr + di * twi, di * twr - dr * twi  # * conj(Tw)
-    g_r, g_i = load_planes(f1_ptr, n1, k1, N1, N1 * N1)  # conj(F1)[n1, k1]
-    pr, pi = cdot(g_r, -g_i, dr, di, PRECISION)
-    return yr + pr, yi + pi
+def inverse_tile(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, PRECISION: tl.constexpr):
+    """Time rows n1 < N1/2 contributed by spectrum rows c: conj(F1) @ ((c @ conj(F2)) * conj(Tw))."""
+    dr, di = cdot(cr, ci, f2r, f2i_neg, PRECISION)
+    dr, di = dr * twr + di * twi, di * twr - dr * twi
+    return cdot(g1r, g1i_neg, dr, di, PRECISION)
 
 
 @triton.jit
@@ -174,24 +193,38 @@ def load_pair(ptr, row_a, row_b, has_b, offs, seqlen, stride_l):
 
 
 @triton.jit
+def pair_scale(xa, xb, PRECISION: tl.constexpr):
+    """Common scale of a row pair: max |x| in the fp16 mode (so operands are <= 1), else 1."""
+    if PRECISION == "fp16":
+        s = tl.maximum(tl.max(tl.abs(xa)), tl.max(tl.abs(xb)))
+        return tl.where(s > 0, s, 1.0)
+    else:
+        return 1.0
+
+
+@triton.jit
 def causal_conv_pair(xa, xb, k_ptr, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.constexpr,
                      N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
-    """conv(xa, k), conv(xb, k) for two real rows held as (N1/2, N2) tiles.
+    """U^H(U z * K) for z = xa + i xb held as (N1/2, N2) tiles, walking CHUNK spectrum rows at a time.
 
-    ``k_ptr`` points at this channel's spectrum planes (2, N1, N2) with 1/N folded in; with
-    CONJ_K the spectrum is conjugated, which turns the convolution into the correlation used by
-    the backward pass.
+    ``k_ptr``: this channel's normalised spectrum planes (2, N1, N2). Returns the real and
+    imaginary parts, i.e. conv(xa), conv(xb) up to the spectrum's scale. With CONJ_K the
+    spectrum is conjugated: correlation, used by the backward pass.
     """
     HALF: tl.constexpr = N1 // 2
     cols = tl.arange(0, N2)
+    f2r, f2i, f2i_neg = load_f2(f2_ptr, N2, PRECISION)
     yr = tl.zeros((HALF, N2), dtype=tl.float32)
     yi = tl.zeros((HALF, N2), dtype=tl.float32)
+    zr, zi = operand(xa, PRECISION), operand(xb, PRECISION)
     for chunk_start in tl.range(0, N1, CHUNK):
-        cr, ci = forward_chunk(xa, xb, chunk_start, f1_ptr, f2_ptr, tw_ptr, N1, N2, CHUNK, PRECISION)
+        f1r, f1i, twr, twi, g1r, g1i_neg = load_chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+        cr, ci = forward_tile(zr, zi, f1r, f1i, twr, twi, f2r, f2i, PRECISION)
         kr, ki = load_planes(k_ptr, chunk_start + tl.arange(0, CHUNK), cols, N2, N1 * N2)
         if CONJ_K:
             ki = -ki
         cr, ci = cr * kr - ci * ki, cr * ki + ci * kr
-        yr, yi = inverse_chunk_accumulate(cr, ci, chunk_start, yr, yi, f1_ptr, f2_ptr, tw_ptr,
-                                          N1, N2, CHUNK, PRECISION)
+        pr, pi = inverse_tile(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, PRECISION)
+        yr += pr
+        yi += pi
     return yr, yi
