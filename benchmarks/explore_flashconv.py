@@ -45,11 +45,13 @@ def main():
         dy = torch.randn_like(u)
         want = reference.fftconv_ref(u.double(), k.double(), D.double())
         copy_ms = triton.testing.do_bench(lambda: u.clone(), return_mode="median")
-        spec_ms = triton.testing.do_bench(lambda: monarch.kernel_spectrum(k, plan), return_mode="median")
+        spec_ms = triton.testing.do_bench(lambda: flashconv.kernel_spectrum(k, plan, "fp16"), return_mode="median")
         print(f"L={L} plan={plan} copy(u)={copy_ms:.3f} ms kernel_spectrum={spec_ms:.3f} ms")
         variants = [("default", flashconv.Tuning())]
-        for chunk in (16, 32, 64, plan.n1):
-            if chunk <= plan.n1 and chunk != plan.chunk:
+        for pairs in (1, 2, 4, 8):
+            variants.append((f"pairs={pairs}", flashconv.Tuning(pairs=pairs)))
+        for chunk in (16, 32, 64, 128):
+            if chunk <= plan.n1:
                 variants.append((f"chunk={chunk}", flashconv.Tuning(chunk=chunk)))
         for warps in (4, 8, 16):
             variants.append((f"warps={warps}", flashconv.Tuning(num_warps=warps)))

@@ -16,10 +16,15 @@ and the inverse runs the transposed steps with conjugate matrices. Three facts m
   rows of the inverse are kept (the last DFT produces N1/2 rows);
 * rows of the spectrum (k1) are independent between the first and the last DFT, so a program
   walks over chunks of ``CHUNK`` rows of k1 (like FlashAttention walks over keys), keeping only
-  the input pair and the output accumulator at full size;
+  the input and the output accumulator at full size;
 * two real rows that share a kernel are packed as one complex row ``z = a + i b``: because the
   kernel is real, ``ifft(fft(z) * K) = conv(a) + i conv(b)``, so one complex transform does two
-  rows' work and real parts never need separating.
+  rows' work and real parts never need separating (each row keeps its own scale);
+* P row pairs of one channel are stacked in the M dimension of every product, so the constant
+  tiles are read once per chunk for all of them and the products are P times taller. Stacked,
+  the data is held transposed, ``Z^T[(p, n2), n1]`` (a strided load; Triton coalesces along
+  n2), which makes the first and last DFT right-multiplications; the middle two act on the
+  other axis, so each chunk is permuted ``(P, N2, CHUNK) <-> (P, CHUNK, N2)`` in registers.
 
 This module knows Triton and torch only (no torch.library, no Inductor).
 """
@@ -35,6 +40,7 @@ import triton
 import triton.language as tl
 
 MIN_FFT_SIZE = 512  # N1/2 >= 16 and N2 >= 16: tl.dot needs every dimension >= 16
+STACK_ELEMENTS = 4096  # P * N/2: time samples per row held by one program's stacked tile
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,20 @@ class MonarchPlan:
     n1: int  # rows of the N1 x N2 view; the first DFT is over n1
     n2: int  # columns; the second DFT is over n2
     chunk: int  # rows of k1 handled per step of the chunk loop
+    max_pairs: int  # row pairs stacked per program (at most; fewer if the batch is small)
 
     @property
     def half_rows(self) -> int:
         """Rows of the input/output view that hold the sequence (N1/2)."""
         return self.n1 // 2
+
+    def pairs_per_stack(self, batch: int) -> int:
+        """Row pairs stacked per program: max_pairs, or fewer (a power of two) for small batches."""
+        return min(self.max_pairs, triton.next_power_of_2((batch + 1) // 2))
+
+    def chunk_for(self, pairs: int) -> int:
+        """Spectrum rows per chunk: tall enough that the middle products have M = P*CHUNK >= 64."""
+        return min(self.n1, max(self.chunk, 64 // pairs))
 
 
 def plan_for(seqlen: int) -> MonarchPlan:
@@ -63,8 +78,9 @@ def plan_for(seqlen: int) -> MonarchPlan:
     n1 = fft_size // n2
     if n1 < n2:
         n1, n2 = n2, n1
-    chunk = min(n1, 32)
-    return MonarchPlan(fft_size, n1, n2, chunk)
+    # Registers hold about 2 * P * N floats per stacked complex tensor: keep P * N/2 <= 4096.
+    max_pairs = max(1, STACK_ELEMENTS // (fft_size // 2))
+    return MonarchPlan(fft_size, n1, n2, chunk=16, max_pairs=max_pairs)
 
 
 @lru_cache(maxsize=64)
@@ -92,16 +108,11 @@ def dft_constants(plan: MonarchPlan, device: torch.device) -> tuple[torch.Tensor
     return _dft_constants_cached(plan.n1, plan.n2, str(device))
 
 
-def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spectrum of k (H, Lk) in the Monarch order ``[k1, k2] = fft(k)[k1 + N1*k2]``, normalised.
-
-    Returns (planes (H, 2, N1, N2) float32 with max modulus 1 per channel, scale (H,) float32 that
-    multiplies it back). Computed from k on every call, so a changed k never meets a stale one.
-    """
-    spectrum = torch.fft.fft(k.to(torch.float32), n=plan.fft_size)
-    scale = spectrum.abs().amax(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    spectrum = (spectrum / scale[:, None]).view(k.shape[0], plan.n2, plan.n1).transpose(1, 2)
-    return torch.stack([spectrum.real, spectrum.imag], dim=1).contiguous(), scale.contiguous()
+def kernel_spectrum_reference(k: torch.Tensor, plan: MonarchPlan) -> torch.Tensor:
+    """``U k`` (the unitary transform of k, H x N) in the Monarch order, as complex128 (H, N1, N2):
+    what the spectrum kernel computes, for tests."""
+    spectrum = torch.fft.fft(k.to(torch.float64), n=plan.fft_size) / math.sqrt(plan.fft_size)
+    return spectrum.view(k.shape[0], plan.n2, plan.n1).transpose(1, 2)
 
 
 def spectrum_to_time(spectrum: torch.Tensor, plan: MonarchPlan, out_len: int) -> torch.Tensor:
@@ -111,12 +122,12 @@ def spectrum_to_time(spectrum: torch.Tensor, plan: MonarchPlan, out_len: int) ->
 
 
 # ------------------------------------------------------------------------------------------
-# Triton helpers. Every complex quantity travels as two float32 tensors (real, imag). Constant
-# tiles are passed in (loaded once per program where they fit, per chunk where they do not).
+# Triton helpers. Complex quantities travel as two tensors (real, imag). A "stack" is P row
+# pairs of one channel held transposed: element [(p, n2), n1] is time t = n1*N2 + n2.
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def operand(x, PRECISION: tl.constexpr):
-    """A tensor-core operand: float16 in the "fp16" mode (inputs are scaled to |x| <= 1)."""
+    """A tensor-core operand: float16 in the "fp16" mode (data is scaled to |x| <= 1)."""
     if PRECISION == "fp16":
         return x.to(tl.float16)
     else:
@@ -126,8 +137,9 @@ def operand(x, PRECISION: tl.constexpr):
 @triton.jit
 def cdot(ar, ai, br, bi, PRECISION: tl.constexpr):
     """Complex matrix product (ar + i ai) @ (br + i bi) as four real tensor-core products."""
+    ar, ai = operand(ar, PRECISION), operand(ai, PRECISION)
+    br, bi = operand(br, PRECISION), operand(bi, PRECISION)
     if PRECISION == "fp16":
-        ar, ai, br, bi = operand(ar, PRECISION), operand(ai, PRECISION), operand(br, PRECISION), operand(bi, PRECISION)
         re = tl.dot(ar, br) - tl.dot(ai, bi)
         im = tl.dot(ar, bi) + tl.dot(ai, br)
     else:
@@ -137,94 +149,136 @@ def cdot(ar, ai, br, bi, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def load_planes(ptr, rows, cols, row_stride, plane_stride):
-    """Load a complex tile stored as two float32 planes."""
-    offs = rows[:, None] * row_stride + cols[None, :]
+def load_planes(ptr, offs, plane_stride):
+    """Load a complex tile stored as two float32 planes at element offsets ``offs``."""
     return tl.load(ptr + offs), tl.load(ptr + plane_stride + offs)
 
 
 @triton.jit
-def load_chunk_constants(f1_ptr, tw_ptr, chunk_start, N1: tl.constexpr, N2: tl.constexpr,
-                         CHUNK: tl.constexpr, PRECISION: tl.constexpr):
-    """The constant tiles for spectrum rows [chunk_start, +CHUNK): F1[rows, :N1/2], Tw[rows, :],
-    and conj(F1)[:N1/2, rows] (the inverse's last DFT). Operand tiles come back in operand dtype."""
-    HALF: tl.constexpr = N1 // 2
-    k1 = chunk_start + tl.arange(0, CHUNK)
+def stack_times(P: tl.constexpr, N2: tl.constexpr, HALF: tl.constexpr):
+    """(time t, pair index p) of every element [(p, n2), n1] of a stack: t (P*N2, HALF), p (P*N2, 1)."""
+    r = tl.arange(0, P * N2)
     n1 = tl.arange(0, HALF)
-    f1r, f1i = load_planes(f1_ptr, k1, n1, N1, N1 * N1)
-    twr, twi = load_planes(tw_ptr, k1, tl.arange(0, N2), N2, N1 * N2)
-    g1r, g1i = load_planes(f1_ptr, n1, k1, N1, N1 * N1)
-    return (operand(f1r, PRECISION), operand(f1i, PRECISION), twr, twi,
-            operand(g1r, PRECISION), operand(-g1i, PRECISION))
+    return n1[None, :] * N2 + (r % N2)[:, None], (r // N2)[:, None]
+
+
+@triton.jit
+def load_stack(ptr, row_offset, row_valid, t, seqlen, stride_l):
+    """One row of each pair of a stack (row_offset/row_valid: (P*N2, 1)) as float32, 0 past L."""
+    return tl.load(ptr + row_offset + t * stride_l, mask=row_valid & (t < seqlen), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def row_max(x, P: tl.constexpr, N2: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr):
+    """(P,) scale of each stacked row: max |x| in the fp16 mode (so operands are <= 1), else 1."""
+    if PRECISION == "fp16":
+        per_pair = tl.max(tl.max(tl.reshape(tl.abs(x), (P, N2, HALF)), axis=2), axis=1)
+        return tl.where(per_pair > 0, per_pair, 1.0)
+    else:
+        return tl.full((P,), 1.0, tl.float32)
+
+
+@triton.jit
+def to_stack(v, P: tl.constexpr, N2: tl.constexpr, HALF: tl.constexpr):
+    """Broadcast a per-pair vector (P,) to the stack's shape (P*N2, HALF)."""
+    return tl.reshape(tl.broadcast_to(v[:, None, None], (P, N2, HALF)), (P * N2, HALF))
+
+
+@triton.jit
+def chunk_constants(f1_ptr, tw_ptr, chunk_start, N1: tl.constexpr, N2: tl.constexpr,
+                    CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """Constant tiles for spectrum rows k1 in [chunk_start, +CHUNK), j = k1 - chunk_start:
+    F1[n1, k1] (HALF, CHUNK) and conj(F1)[k1, n1] (CHUNK, HALF) as operands (F1 is symmetric),
+    and the twiddles transposed, Tw[k1, n2] as (N2, CHUNK)."""
+    HALF: tl.constexpr = N1 // 2
+    j = chunk_start + tl.arange(0, CHUNK)
+    n1 = tl.arange(0, HALF)
+    n2 = tl.arange(0, N2)
+    f1r, f1i = load_planes(f1_ptr, n1[:, None] * N1 + j[None, :], N1 * N1)
+    twr, twi = load_planes(tw_ptr, j[None, :] * N2 + n2[:, None], N1 * N2)
+    return (operand(f1r, PRECISION), operand(f1i, PRECISION), operand(tl.trans(f1r), PRECISION),
+            operand(-tl.trans(f1i), PRECISION), twr, twi)
 
 
 @triton.jit
 def load_f2(f2_ptr, N2: tl.constexpr, PRECISION: tl.constexpr):
-    """F2 and conj(F2) as operand tiles (real, imag, -imag)."""
-    cols = tl.arange(0, N2)
-    f2r, f2i = load_planes(f2_ptr, cols, cols, N2, N2 * N2)
+    """F2 as operand tiles (real, imag, -imag); conj(F2) is (real, -imag)."""
+    n2 = tl.arange(0, N2)
+    f2r, f2i = load_planes(f2_ptr, n2[:, None] * N2 + n2[None, :], N2 * N2)
     return operand(f2r, PRECISION), operand(f2i, PRECISION), operand(-f2i, PRECISION)
 
 
 @triton.jit
-def forward_tile(zr, zi, f1r, f1i, twr, twi, f2r, f2i, PRECISION: tl.constexpr):
-    """Spectrum rows of z (z: (N1/2, N2) complex, zero rows beyond N1/2 implied) for the given
-    F1 rows and twiddles: ((F1 z) * Tw) @ F2, in the Monarch order [k1, k2]."""
-    br, bi = cdot(f1r, f1i, zr, zi, PRECISION)
-    br, bi = br * twr - bi * twi, br * twi + bi * twr
+def _swap_inner(x, P: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+    """(P*A, B) -> (P*B, A): transpose each of the P stacked blocks."""
+    return tl.reshape(tl.permute(tl.reshape(x, (P, A, B)), (0, 2, 1)), (P * B, A))
+
+
+@triton.jit
+def stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i,
+                        P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """Spectrum rows of the chunk for every pair: ((F1 z) * Tw) @ F2, as (P*CHUNK, N2) [(p, j), k2].
+
+    z: operand stack (P*N2, HALF); F1 tiles (HALF, CHUNK); twiddles (N2, CHUNK).
+    """
+    br, bi = cdot(zr, zi, f1r, f1i, PRECISION)  # (P*N2, CHUNK): [(p, n2), j]
+    br3 = tl.reshape(br, (P, N2, CHUNK))
+    bi3 = tl.reshape(bi, (P, N2, CHUNK))
+    br3, bi3 = br3 * twr[None] - bi3 * twi[None], br3 * twi[None] + bi3 * twr[None]
+    br = tl.reshape(tl.permute(br3, (0, 2, 1)), (P * CHUNK, N2))
+    bi = tl.reshape(tl.permute(bi3, (0, 2, 1)), (P * CHUNK, N2))
     return cdot(br, bi, f2r, f2i, PRECISION)
 
 
 @triton.jit
-def inverse_tile(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, PRECISION: tl.constexpr):
-    """Time rows n1 < N1/2 contributed by spectrum rows c: conj(F1) @ ((c @ conj(F2)) * conj(Tw))."""
-    dr, di = cdot(cr, ci, f2r, f2i_neg, PRECISION)
-    dr, di = dr * twr + di * twi, di * twr - dr * twi
-    return cdot(g1r, g1i_neg, dr, di, PRECISION)
+def stack_inverse_chunk(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg,
+                        P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """Time samples contributed by spectrum rows c (P*CHUNK, N2): conj(F1) ((c conj(F2)) conj(Tw)),
+    as a stack (P*N2, HALF) to accumulate."""
+    dr, di = cdot(cr, ci, f2r, f2i_neg, PRECISION)  # (P*CHUNK, N2): [(p, j), n2]
+    dr3 = tl.permute(tl.reshape(dr, (P, CHUNK, N2)), (0, 2, 1))  # (P, N2, CHUNK)
+    di3 = tl.permute(tl.reshape(di, (P, CHUNK, N2)), (0, 2, 1))
+    dr3, di3 = dr3 * twr[None] + di3 * twi[None], di3 * twr[None] - dr3 * twi[None]
+    dr = tl.reshape(dr3, (P * N2, CHUNK))
+    di = tl.reshape(di3, (P * N2, CHUNK))
+    return cdot(dr, di, g1r, g1i_neg, PRECISION)
 
 
 @triton.jit
-def load_pair(ptr, row_a, row_b, has_b, offs, seqlen, stride_l):
-    """Two rows of a (B, H, L) tensor at time offsets ``offs`` as float32 (zero where t >= L)."""
-    in_seq = offs < seqlen
-    a = tl.load(ptr + row_a + offs * stride_l, mask=in_seq, other=0.0).to(tl.float32)
-    b = tl.load(ptr + row_b + offs * stride_l, mask=in_seq & has_b, other=0.0).to(tl.float32)
-    return a, b
+def multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K: tl.constexpr,
+                      P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr):
+    """c * K (or * conj(K)) for the chunk's rows of every pair; K: planes (2, N1, N2)."""
+    j = chunk_start + tl.arange(0, CHUNK)
+    kr, ki = load_planes(k_ptr, j[:, None] * N2 + tl.arange(0, N2)[None, :], N1 * N2)
+    kr = kr * k_inv_scale
+    ki = ki * k_inv_scale
+    if CONJ_K:
+        ki = -ki
+    cr3 = tl.reshape(cr, (P, CHUNK, N2))
+    ci3 = tl.reshape(ci, (P, CHUNK, N2))
+    out_r = cr3 * kr[None] - ci3 * ki[None]
+    out_i = cr3 * ki[None] + ci3 * kr[None]
+    return tl.reshape(out_r, (P * CHUNK, N2)), tl.reshape(out_i, (P * CHUNK, N2))
 
 
 @triton.jit
-def pair_scale(xa, xb, PRECISION: tl.constexpr):
-    """Common scale of a row pair: max |x| in the fp16 mode (so operands are <= 1), else 1."""
-    if PRECISION == "fp16":
-        s = tl.maximum(tl.max(tl.abs(xa)), tl.max(tl.abs(xb)))
-        return tl.where(s > 0, s, 1.0)
-    else:
-        return 1.0
+def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.constexpr,
+               P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """U^H (U z * K / k_scale) for an operand stack z (P*N2, HALF); returns the float32 stack.
 
-
-@triton.jit
-def causal_conv_pair(xa, xb, k_ptr, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.constexpr,
-                     N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
-    """U^H(U z * K) for z = xa + i xb held as (N1/2, N2) tiles, walking CHUNK spectrum rows at a time.
-
-    ``k_ptr``: this channel's normalised spectrum planes (2, N1, N2). Returns the real and
-    imaginary parts, i.e. conv(xa), conv(xb) up to the spectrum's scale. With CONJ_K the
-    spectrum is conjugated: correlation, used by the backward pass.
+    Real part = conv of the pairs' first rows, imaginary part = of their second rows. With CONJ_K
+    the spectrum is conjugated (correlation, for the backward pass).
     """
     HALF: tl.constexpr = N1 // 2
-    cols = tl.arange(0, N2)
     f2r, f2i, f2i_neg = load_f2(f2_ptr, N2, PRECISION)
-    yr = tl.zeros((HALF, N2), dtype=tl.float32)
-    yi = tl.zeros((HALF, N2), dtype=tl.float32)
-    zr, zi = operand(xa, PRECISION), operand(xb, PRECISION)
+    yr = tl.zeros((P * N2, HALF), dtype=tl.float32)
+    yi = tl.zeros((P * N2, HALF), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
-        f1r, f1i, twr, twi, g1r, g1i_neg = load_chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
-        cr, ci = forward_tile(zr, zi, f1r, f1i, twr, twi, f2r, f2i, PRECISION)
-        kr, ki = load_planes(k_ptr, chunk_start + tl.arange(0, CHUNK), cols, N2, N1 * N2)
-        if CONJ_K:
-            ki = -ki
-        cr, ci = cr * kr - ci * ki, cr * ki + ci * kr
-        pr, pi = inverse_tile(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, PRECISION)
+        f1r, f1i, g1r, g1i_neg, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+        cr, ci = stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i, P, N2, CHUNK, PRECISION)
+        cr, ci = multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K, P, N1, N2, CHUNK)
+        pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, P, N2, CHUNK, PRECISION)
         yr += pr
         yi += pi
     return yr, yi
