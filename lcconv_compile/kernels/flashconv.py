@@ -115,6 +115,18 @@ def _gelu_grad(c):
     return cdf + c * tl.exp(-0.5 * c * c) * 0.3989422804014327
 
 
+@triton.jit
+def _load_gated_pairs(u_ptr, gate_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                      su_b, su_h, su_l, sg_b, sg_h, sg_l, HAS_GATE: tl.constexpr):
+    """x = u * gate for both rows of every pair of a stack."""
+    xa = load_stack(u_ptr, b_a * su_b + h * su_h, valid_a, t, seqlen, su_l)
+    xb = load_stack(u_ptr, b_b * su_b + h * su_h, valid_b, t, seqlen, su_l)
+    if HAS_GATE:
+        xa *= load_stack(gate_ptr, b_a * sg_b + h * sg_h, valid_a, t, seqlen, sg_l)
+        xb *= load_stack(gate_ptr, b_b * sg_b + h * sg_h, valid_b, t, seqlen, sg_l)
+    return xa, xb
+
+
 # ----------------------------------------------------------------------------------- spectrum --
 @triton.jit
 def _spectrum_kernel(
@@ -125,15 +137,17 @@ def _spectrum_kernel(
     """spec[h] = U (k[h] / s) in the Monarch order; scales[h] = (1 / max|spec[h]|, sqrt(N) s max|spec[h]|)."""
     h = tl.program_id(0)
     HALF: tl.constexpr = N1 // 2
-    t, _ = stack_times(1, N2, HALF)
+    t, unused_pair = stack_times(1, N2, HALF)
     x = tl.load(k_ptr + h * sk_h + t * sk_l, mask=t < kernel_len, other=0.0).to(tl.float32)
     k_max_abs = row_max(x, 1, N2, HALF, PRECISION)
     zr = operand(x / to_stack(k_max_abs, 1, N2, HALF), PRECISION)
     zi = operand(tl.zeros((N2, HALF), dtype=tl.float32), PRECISION)
-    f2r, f2i, _ = load_f2(f2_ptr, N2, PRECISION)
+    f2r, f2i, unused_f2i_neg = load_f2(f2_ptr, N2, PRECISION)
     spec_max = 0.0
     for chunk_start in tl.range(0, N1, CHUNK):
-        f1r, f1i, _, _, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+        # Named, not `_`: Triton treats a reassigned `_` as a loop-carried variable.
+        f1r, f1i, unused_g1r, unused_g1i, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start,
+                                                                     N1, N2, CHUNK, PRECISION)
         cr, ci = stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i, 1, N2, CHUNK, PRECISION)
         offs = (chunk_start + tl.arange(0, CHUNK))[:, None] * N2 + tl.arange(0, N2)[None, :]
         tl.store(spec_ptr + h * 2 * N1 * N2 + offs, cr)
@@ -187,17 +201,18 @@ def _fftconv_fwd_kernel(
         b_b = b_a + 1
         valid_a = b_a < batch
         valid_b = b_b < batch
-        xa = load_stack(u_ptr, b_a * su_b + h * su_h, valid_a, t, seqlen, su_l)
-        xb = load_stack(u_ptr, b_b * su_b + h * su_h, valid_b, t, seqlen, su_l)
-        if HAS_GATE_IN:
-            xa *= load_stack(gate_in_ptr, b_a * sgi_b + h * sgi_h, valid_a, t, seqlen, sgi_l)
-            xb *= load_stack(gate_in_ptr, b_b * sgi_b + h * sgi_h, valid_b, t, seqlen, sgi_l)
-        sa = to_stack(row_max(xa, P, N2, HALF, PRECISION), P, N2, HALF)
-        sb = to_stack(row_max(xb, P, N2, HALF, PRECISION), P, N2, HALF)
-        yr, yi = conv_stack(operand(xa / sa, PRECISION), operand(xb / sb, PRECISION), spec_h, k_inv,
+        xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                   su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        sa = row_max(xa, P, N2, HALF, PRECISION)
+        sb = row_max(xb, P, N2, HALF, PRECISION)
+        yr, yi = conv_stack(operand(xa / to_stack(sa, P, N2, HALF), PRECISION),
+                            operand(xb / to_stack(sb, P, N2, HALF), PRECISION), spec_h, k_inv,
                             f1_ptr, f2_ptr, tw_ptr, False, P, N1, N2, CHUNK, PRECISION)
-        ca = yr * (sa * k_out) + d * xa
-        cb = yi * (sb * k_out) + d * xb
+        # Reload x for the skip term (an L1/L2 hit) rather than hold it in registers through the loop.
+        xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                   su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        ca = yr * to_stack(sa * k_out, P, N2, HALF) + d * xa
+        cb = yi * to_stack(sb * k_out, P, N2, HALF) + d * xb
         if GELU:
             ca, cb = _gelu(ca), _gelu(cb)
         if HAS_MASK:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 MIN_FFT_SIZE = 512  # N1/2 >= 16 and N2 >= 16: tl.dot needs every dimension >= 16
-STACK_ELEMENTS = 4096  # P * N/2: time samples per row held by one program's stacked tile
+STACK_ELEMENTS = 2048  # P * N/2: time samples per row held by one program's stacked tile
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def plan_for(seqlen: int) -> MonarchPlan:
     n1 = fft_size // n2
     if n1 < n2:
         n1, n2 = n2, n1
-    # Registers hold about 2 * P * N floats per stacked complex tensor: keep P * N/2 <= 4096.
+    # Registers hold about 2 * P * N floats per stacked complex tensor: keep P * N/2 <= 2048.
     max_pairs = max(1, STACK_ELEMENTS // (fft_size // 2))
     return MonarchPlan(fft_size, n1, n2, chunk=16, max_pairs=max_pairs)
 

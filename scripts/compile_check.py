@@ -1,0 +1,99 @@
+"""Compile the FlashConv kernels for Hopper (sm_90) without a GPU and report their resources.
+
+    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8]
+
+Catches compile errors (which Triton's interpreter does not) and prints registers per thread,
+spilled bytes and shared memory per program for each kernel and plan, so launch choices can be
+checked before spending device time. Uses the ptxas bundled with Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # we want the real compiler
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lcconv_compile.kernels import flashconv  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def _signature(fn, pointer_types: dict, constexprs: dict):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+        elif name == "sqrt_n":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def compile_kernel(fn, pointer_types, constexprs, num_warps):
+    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
+    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+
+
+def _ptxas_report(ptx: str) -> dict:
+    """Registers and spill bytes from ptxas -v on the kernel's PTX (Triton's bundled ptxas)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill_stores = re.search(r"(\d+) bytes spill stores", out)
+    return dict(regs=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spill_stores.group(1)) if spill_stores else None)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warps", type=int)
+    parser.add_argument("--pairs", type=int)
+    parser.add_argument("--chunk", type=int)
+    parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
+    args = parser.parse_args()
+    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk)
+    for seqlen in args.lengths:
+        u = torch.empty(args.batch, 4, seqlen, dtype=torch.bfloat16)
+        launch = flashconv._launch(u, tuning, default_per_sm=4)
+        plan = launch.plan
+        shape = dict(N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision)
+        options = dict(HAS_D=True, HAS_GATE_IN=False, HAS_GATE_OUT=False, GELU=False, HAS_MASK=False)
+        none_args = dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
+        bf16 = {"u_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "du_ptr": "*bf16"}
+        builds = {
+            "spectrum": lambda: compile_kernel(flashconv._spectrum_kernel, {}, dict(shape, CHUNK=plan.chunk_for(1)),
+                                               4 if plan.fft_size <= 4096 else 8),
+            "forward": lambda: compile_kernel(flashconv._fftconv_fwd_kernel, bf16,
+                                              dict(shape, P=launch.pairs, **options, **none_args), launch.num_warps),
+            "backward": lambda: compile_kernel(flashconv._fftconv_bwd_kernel, bf16,
+                                               dict(shape, P=launch.pairs, **options, **none_args,
+                                                    dgate_in_ptr=None, dgate_out_ptr=None), launch.num_warps),
+        }
+        reports = {name: builds[name]() for name in args.kernels}
+        print(f"L={seqlen} plan={plan} pairs={launch.pairs} chunk={launch.chunk} warps={launch.num_warps}")
+        for name, report in reports.items():
+            print(f"    {name:9s} {report}")
+
+
+if __name__ == "__main__":
+    main()
