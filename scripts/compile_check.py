@@ -69,17 +69,19 @@ def main():
     parser.add_argument("--warps", type=int)
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--chunk", type=int)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     args = parser.parse_args()
     tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk)
     for seqlen in args.lengths:
-        u = torch.empty(args.batch, 4, seqlen, dtype=torch.bfloat16)
+        u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
         launch = flashconv._launch(u, tuning, default_per_sm=4)
         plan = launch.plan
         shape = dict(N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision)
         options = dict(HAS_D=True, HAS_GATE_IN=False, HAS_GATE_OUT=False, GELU=False, HAS_MASK=False)
         none_args = dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
-        bf16 = {"u_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "du_ptr": "*bf16"}
+        ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
+        bf16 = {"u_ptr": ty, "y_ptr": ty, "dy_ptr": ty, "du_ptr": ty}
         builds = {
             "spectrum": lambda: compile_kernel(flashconv._spectrum_kernel, {}, dict(shape, CHUNK=plan.chunk_for(1)),
                                                4 if plan.fft_size <= 4096 else 8),

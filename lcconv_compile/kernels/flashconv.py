@@ -87,11 +87,12 @@ def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int) -> _Launch:
     plan = plan_for(seqlen)
     pairs = tuning.pairs or plan.pairs_per_stack(batch)
     chunk = tuning.chunk or plan.chunk_for(pairs)
-    # Half inputs: float16 operands on row-scaled data (2x the tf32 rate, same 11-bit
-    # significand). float32 inputs: 3xtf32, to stay under 1e-3 relative error.
-    precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
-    elements = pairs * plan.fft_size // 2
-    num_warps = tuning.num_warps or (4 if elements <= 2048 else 8)
+    # float16 operands on row-scaled data, for every input dtype: twice the tf32 rate with the
+    # same 11-bit significand; measured 4e-4..7e-4 relative error on float32 inputs (< 1e-3).
+    # 3xtf32 would be exact to ~1e-6 but its operand tiles overflow shared memory at N >= 8192.
+    precision = tuning.precision or "fp16"
+    # One warpgroup unless the tile is large: measured faster at L = 1K and 4K (NOTES.md).
+    num_warps = tuning.num_warps or (4 if plan.fft_size <= 8192 else 8)
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
     wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
@@ -142,13 +143,12 @@ def _spectrum_kernel(
     k_max_abs = row_max(x, 1, N2, HALF, PRECISION)
     zr = operand(x / to_stack(k_max_abs, 1, N2, HALF), PRECISION)
     zi = operand(tl.zeros((N2, HALF), dtype=tl.float32), PRECISION)
-    f2r, f2i, unused_f2i_neg = load_f2(f2_ptr, N2, PRECISION)
+    f2 = load_f2(f2_ptr, N2, PRECISION)
     spec_max = 0.0
     for chunk_start in tl.range(0, N1, CHUNK):
         # Named, not `_`: Triton treats a reassigned `_` as a loop-carried variable.
-        f1r, f1i, unused_g1r, unused_g1i, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start,
-                                                                     N1, N2, CHUNK, PRECISION)
-        cr, ci = stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i, 1, N2, CHUNK, PRECISION)
+        f1, unused_g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, 1, N2, CHUNK, PRECISION)
         offs = (chunk_start + tl.arange(0, CHUNK))[:, None] * N2 + tl.arange(0, N2)[None, :]
         tl.store(spec_ptr + h * 2 * N1 * N2 + offs, cr)
         tl.store(spec_ptr + h * 2 * N1 * N2 + N1 * N2 + offs, ci)
@@ -285,7 +285,7 @@ def _fftconv_bwd_kernel(
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
     dd_acc = tl.zeros((P * N2, HALF), dtype=tl.float32)
-    f2r, f2i, f2i_neg = load_f2(f2_ptr, N2, PRECISION)
+    f2 = load_f2(f2_ptr, N2, PRECISION)
 
     for it in tl.range(0, stacks_per_program):
         b_a = 2 * ((group * stacks_per_program + it) * P + p)
@@ -347,10 +347,9 @@ def _fftconv_bwd_kernel(
         yr = tl.zeros((P * N2, HALF), dtype=tl.float32)
         yi = tl.zeros((P * N2, HALF), dtype=tl.float32)
         for chunk_start in tl.range(0, N1, CHUNK):
-            f1r, f1i, g1r, g1i_neg, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start,
-                                                               N1, N2, CHUNK, PRECISION)
-            xr, xi = stack_forward_chunk(zxr, zxi, f1r, f1i, twr, twi, f2r, f2i, P, N2, CHUNK, PRECISION)
-            gr, gi = stack_forward_chunk(zdr, zdi, f1r, f1i, twr, twi, f2r, f2i, P, N2, CHUNK, PRECISION)
+            f1, g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+            xr, xi = stack_forward_chunk(zxr, zxi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
+            gr, gi = stack_forward_chunk(zdr, zdi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
             prod_r = tl.reshape(gr * xr + gi * xi, (P, CHUNK, N2))
             prod_i = tl.reshape(gi * xr - gr * xi, (P, CHUNK, N2))
             offs = (chunk_start + tl.arange(0, CHUNK))[:, None] * N2 + tl.arange(0, N2)[None, :]
@@ -359,7 +358,7 @@ def _fftconv_bwd_kernel(
             tl.store(s_ptr + offs, sr)
             tl.store(s_ptr + N1 * N2 + offs, si)
             er, ei = multiply_spectrum(gr, gi, spec_h, chunk_start, k_inv, True, P, N1, N2, CHUNK)
-            pr, pi = stack_inverse_chunk(er, ei, twr, twi, f2r, f2i_neg, g1r, g1i_neg, P, N2, CHUNK, PRECISION)
+            pr, pi = stack_inverse_chunk(er, ei, twr, twi, f2, g1, P, N2, CHUNK, PRECISION)
             yr += pr
             yi += pi
         # The next stack reads this stack's partial spectrum, possibly from other threads.

@@ -63,21 +63,21 @@ class MonarchPlan:
         return min(self.max_pairs, triton.next_power_of_2((batch + 1) // 2))
 
     def chunk_for(self, pairs: int) -> int:
-        """Spectrum rows per chunk: tall enough that the middle products have M = P*CHUNK >= 64."""
-        return min(self.n1, max(self.chunk, 64 // pairs))
+        """Spectrum rows per chunk (32 measured best at L = 1K and 4K on H100, see NOTES.md)."""
+        return min(self.n1, 32)
 
 
 def plan_for(seqlen: int) -> MonarchPlan:
     """The block-FFT layout for a causal convolution of length ``seqlen``.
 
-    N1 ~ 2 * N2 minimises the tensor-core work 8*N*N1 + 16*N*N2 per row pair.
+    N1 ~ 2 * N2 minimises the tensor-core work 8*N*N1 + 16*N*N2 per row pair (Gauss's trick
+    makes it 3/4 of that).
     """
     fft_size = max(MIN_FFT_SIZE, 1 << math.ceil(math.log2(2 * seqlen)))
     log_n = int(math.log2(fft_size))
-    n2 = 1 << (log_n // 2)
+    # N2 <= 64 keeps the F2 tiles (four of them, N2 x N2) small in shared memory; N1 = N / N2.
+    n2 = min(64, 1 << (log_n // 2))
     n1 = fft_size // n2
-    if n1 < n2:
-        n1, n2 = n2, n1
     # Registers hold about 2 * P * N floats per stacked complex tensor: keep P * N/2 <= 2048.
     max_pairs = max(1, STACK_ELEMENTS // (fft_size // 2))
     return MonarchPlan(fft_size, n1, n2, chunk=16, max_pairs=max_pairs)
@@ -135,17 +135,36 @@ def operand(x, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def cdot(ar, ai, br, bi, PRECISION: tl.constexpr):
-    """Complex matrix product (ar + i ai) @ (br + i bi) as four real tensor-core products."""
-    ar, ai = operand(ar, PRECISION), operand(ai, PRECISION)
-    br, bi = operand(br, PRECISION), operand(bi, PRECISION)
+def _dot(a, b, PRECISION: tl.constexpr):
     if PRECISION == "fp16":
-        re = tl.dot(ar, br) - tl.dot(ai, bi)
-        im = tl.dot(ar, bi) + tl.dot(ai, br)
+        return tl.dot(a, b)
     else:
-        re = tl.dot(ar, br, input_precision=PRECISION) - tl.dot(ai, bi, input_precision=PRECISION)
-        im = tl.dot(ar, bi, input_precision=PRECISION) + tl.dot(ai, br, input_precision=PRECISION)
-    return re, im
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def cdot(ar, ai, br, bi, b_sum, CONJ_B: tl.constexpr, PRECISION: tl.constexpr):
+    """(ar + i ai) @ B on tensor cores with three real products (Gauss), B a constant tile.
+
+    B is given as operand tiles (br, bi, b_sum) with b_sum = br + bi; with CONJ_B the product is
+    with conj(B) and b_sum must be br - bi. The data-side sum ar + ai is formed in float32
+    before it is rounded to the operand dtype.
+    """
+    a_sum = operand(ar + ai, PRECISION)
+    rr = _dot(operand(ar, PRECISION), br, PRECISION)
+    ii = _dot(operand(ai, PRECISION), bi, PRECISION)
+    ss = _dot(a_sum, b_sum, PRECISION)
+    if CONJ_B:
+        return rr + ii, ss - rr + ii
+    else:
+        return rr - ii, ss - rr - ii
+
+
+@triton.jit
+def constant_tiles(re, im, PRECISION: tl.constexpr):
+    """Operand tiles of a constant matrix M = re + i im: (re, im, re + im, re - im)."""
+    return (operand(re, PRECISION), operand(im, PRECISION), operand(re + im, PRECISION),
+            operand(re - im, PRECISION))
 
 
 @triton.jit
@@ -188,60 +207,57 @@ def to_stack(v, P: tl.constexpr, N2: tl.constexpr, HALF: tl.constexpr):
 def chunk_constants(f1_ptr, tw_ptr, chunk_start, N1: tl.constexpr, N2: tl.constexpr,
                     CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """Constant tiles for spectrum rows k1 in [chunk_start, +CHUNK), j = k1 - chunk_start:
-    F1[n1, k1] (HALF, CHUNK) and conj(F1)[k1, n1] (CHUNK, HALF) as operands (F1 is symmetric),
-    and the twiddles transposed, Tw[k1, n2] as (N2, CHUNK)."""
+    F1[n1, k1] as (HALF, CHUNK) operand tiles (re, im, re + im) for the forward step, its
+    transpose F1[k1, n1] (F1 is symmetric) as (CHUNK, HALF) tiles (re, im, re - im) for the
+    inverse step, which uses it conjugated, and the twiddles transposed, Tw[k1, n2] as (N2, CHUNK)."""
     HALF: tl.constexpr = N1 // 2
     j = chunk_start + tl.arange(0, CHUNK)
     n1 = tl.arange(0, HALF)
     n2 = tl.arange(0, N2)
     f1r, f1i = load_planes(f1_ptr, n1[:, None] * N1 + j[None, :], N1 * N1)
     twr, twi = load_planes(tw_ptr, j[None, :] * N2 + n2[:, None], N1 * N2)
-    return (operand(f1r, PRECISION), operand(f1i, PRECISION), operand(tl.trans(f1r), PRECISION),
-            operand(-tl.trans(f1i), PRECISION), twr, twi)
+    fwd = (operand(f1r, PRECISION), operand(f1i, PRECISION), operand(f1r + f1i, PRECISION))
+    g1r, g1i = tl.trans(f1r), tl.trans(f1i)
+    inv = (operand(g1r, PRECISION), operand(g1i, PRECISION), operand(g1r - g1i, PRECISION))
+    return fwd, inv, twr, twi
 
 
 @triton.jit
 def load_f2(f2_ptr, N2: tl.constexpr, PRECISION: tl.constexpr):
-    """F2 as operand tiles (real, imag, -imag); conj(F2) is (real, -imag)."""
+    """F2 as operand tiles (re, im, re + im, re - im): the last two serve F2 and conj(F2)."""
     n2 = tl.arange(0, N2)
     f2r, f2i = load_planes(f2_ptr, n2[:, None] * N2 + n2[None, :], N2 * N2)
-    return operand(f2r, PRECISION), operand(f2i, PRECISION), operand(-f2i, PRECISION)
+    return constant_tiles(f2r, f2i, PRECISION)
 
 
 @triton.jit
-def _swap_inner(x, P: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
-    """(P*A, B) -> (P*B, A): transpose each of the P stacked blocks."""
-    return tl.reshape(tl.permute(tl.reshape(x, (P, A, B)), (0, 2, 1)), (P * B, A))
-
-
-@triton.jit
-def stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i,
+def stack_forward_chunk(zr, zi, f1, twr, twi, f2,
                         P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """Spectrum rows of the chunk for every pair: ((F1 z) * Tw) @ F2, as (P*CHUNK, N2) [(p, j), k2].
 
-    z: operand stack (P*N2, HALF); F1 tiles (HALF, CHUNK); twiddles (N2, CHUNK).
+    z: stack (P*N2, HALF); f1: forward tiles (HALF, CHUNK); twiddles (N2, CHUNK); f2: F2 tiles.
     """
-    br, bi = cdot(zr, zi, f1r, f1i, PRECISION)  # (P*N2, CHUNK): [(p, n2), j]
+    br, bi = cdot(zr, zi, f1[0], f1[1], f1[2], False, PRECISION)  # (P*N2, CHUNK): [(p, n2), j]
     br3 = tl.reshape(br, (P, N2, CHUNK))
     bi3 = tl.reshape(bi, (P, N2, CHUNK))
     br3, bi3 = br3 * twr[None] - bi3 * twi[None], br3 * twi[None] + bi3 * twr[None]
     br = tl.reshape(tl.permute(br3, (0, 2, 1)), (P * CHUNK, N2))
     bi = tl.reshape(tl.permute(bi3, (0, 2, 1)), (P * CHUNK, N2))
-    return cdot(br, bi, f2r, f2i, PRECISION)
+    return cdot(br, bi, f2[0], f2[1], f2[2], False, PRECISION)
 
 
 @triton.jit
-def stack_inverse_chunk(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg,
+def stack_inverse_chunk(cr, ci, twr, twi, f2, g1,
                         P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     """Time samples contributed by spectrum rows c (P*CHUNK, N2): conj(F1) ((c conj(F2)) conj(Tw)),
-    as a stack (P*N2, HALF) to accumulate."""
-    dr, di = cdot(cr, ci, f2r, f2i_neg, PRECISION)  # (P*CHUNK, N2): [(p, j), n2]
+    as a stack (P*N2, HALF) to accumulate. g1: inverse tiles of F1 (CHUNK, HALF)."""
+    dr, di = cdot(cr, ci, f2[0], f2[1], f2[3], True, PRECISION)  # (P*CHUNK, N2): [(p, j), n2]
     dr3 = tl.permute(tl.reshape(dr, (P, CHUNK, N2)), (0, 2, 1))  # (P, N2, CHUNK)
     di3 = tl.permute(tl.reshape(di, (P, CHUNK, N2)), (0, 2, 1))
     dr3, di3 = dr3 * twr[None] + di3 * twi[None], di3 * twr[None] - dr3 * twi[None]
     dr = tl.reshape(dr3, (P * N2, CHUNK))
     di = tl.reshape(di3, (P * N2, CHUNK))
-    return cdot(dr, di, g1r, g1i_neg, PRECISION)
+    return cdot(dr, di, g1[0], g1[1], g1[2], True, PRECISION)
 
 
 @triton.jit
@@ -271,14 +287,14 @@ def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.co
     the spectrum is conjugated (correlation, for the backward pass).
     """
     HALF: tl.constexpr = N1 // 2
-    f2r, f2i, f2i_neg = load_f2(f2_ptr, N2, PRECISION)
+    f2 = load_f2(f2_ptr, N2, PRECISION)
     yr = tl.zeros((P * N2, HALF), dtype=tl.float32)
     yi = tl.zeros((P * N2, HALF), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
-        f1r, f1i, g1r, g1i_neg, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
-        cr, ci = stack_forward_chunk(zr, zi, f1r, f1i, twr, twi, f2r, f2i, P, N2, CHUNK, PRECISION)
+        f1, g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
+        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
         cr, ci = multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K, P, N1, N2, CHUNK)
-        pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2r, f2i_neg, g1r, g1i_neg, P, N2, CHUNK, PRECISION)
+        pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2, g1, P, N2, CHUNK, PRECISION)
         yr += pr
         yi += pi
     return yr, yi
