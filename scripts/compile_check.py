@@ -70,9 +70,10 @@ def main():
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--chunk", type=int)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--precision")
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     args = parser.parse_args()
-    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk)
+    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision)
     for seqlen in args.lengths:
         u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
         launch = flashconv._launch(u, tuning, default_per_sm=4)

@@ -151,8 +151,9 @@ def test_supports_covers_only_the_single_pass_range():
     assert not flashconv.supports(u.double(), k.double())
     if HAS_CUDA:
         assert flashconv.supports(u.cuda(), k.cuda())
-        too_long = torch.randn(1, 1, flashconv.MAX_SEQLEN + 1, device="cuda")
+        too_long = torch.randn(1, 1, flashconv.MAX_SEQLEN[torch.float32] + 1, device="cuda")
         assert not flashconv.supports(too_long, k.cuda())
+        assert flashconv.supports(too_long.bfloat16(), k.cuda())
 
 
 # Realistic sizes on the GPU.
@@ -161,6 +162,8 @@ def test_supports_covers_only_the_single_pass_range():
 @pytest.mark.parametrize("L", [16, 100, 256, 1000, 1024, 2048, 4096, 4095, 8192])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_gpu_lengths(L, dtype):
+    if L > flashconv.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {flashconv.MAX_SEQLEN[dtype]} runs the reference (tested below)")
     check_forward(4, 64, L, max(1, L // 3 if L % 2 else L), dtype, options=True)
 
 
@@ -178,6 +181,8 @@ def test_forward_gpu_large(B, H, L, options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", [False, True])
 def test_backward_gpu(L, dtype, options):
+    if L > flashconv.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {flashconv.MAX_SEQLEN[dtype]} runs the reference (tested below)")
     check_backward(6, 48, L, max(1, L // 2), dtype, options)
 
 
@@ -194,8 +199,16 @@ def test_backward_gpu_large_batch_is_deterministic():
 
 @pytest.mark.cuda
 @requires_cuda
-def test_op_falls_back_to_reference_beyond_the_limit():
-    L = flashconv.MAX_SEQLEN + 1
-    args = make_inputs(1, 4, L, L, torch.float32, True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_falls_back_to_reference_beyond_the_limit(dtype):
+    L = flashconv.MAX_SEQLEN[dtype] + 1
+    args = make_inputs(2, 4, L, L, dtype, True)
+    assert not flashconv.supports(args["u"], args["k"])
     y = torch.ops.lcconv.fftconv(**args)
-    assert rel_err(y, reference.fftconv_ref(**as_float64(args))) < 1e-5  # float32 FFT, not tf32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the reference: a float32 FFT
+    assert rel_err(y, reference.fftconv_ref(**as_float64(args))) < tol
+    grad_y = torch.randn_like(args["u"])
+    grads = torch.ops.lcconv.fftconv_bwd(grad_y, args["u"], args["k"], args["D"], args["gate_in"],
+                                         args["gate_out"], True, args["dropout_mask"])
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    assert rel_err(grads[0], want.du) < tol and rel_err(grads[1], want.dk) < tol

@@ -46,7 +46,10 @@ from .monarch import (
     to_stack,
 )
 
-MAX_SEQLEN = 8192  # N = 16384 is the largest block FFT kept on chip
+# Longest sequence the single-pass kernels handle, per input dtype. Half inputs use float16
+# tensor-core operands up to N = 16384 on chip. float32 inputs need 3xtf32 to stay under 1e-3
+# relative error, and its operand tiles fit in shared memory only up to N = 2048.
+MAX_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 1024}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -54,9 +57,9 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the single-pass kernels handle these inputs (else the caller uses the reference)."""
     return (
         u.is_cuda
-        and u.dtype in KERNEL_DTYPES
+        and u.dtype in MAX_SEQLEN
         and k.dtype in KERNEL_DTYPES
-        and u.shape[-1] <= MAX_SEQLEN
+        and u.shape[-1] <= MAX_SEQLEN[u.dtype]
     )
 
 
@@ -87,10 +90,9 @@ def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int) -> _Launch:
     plan = plan_for(seqlen)
     pairs = tuning.pairs or plan.pairs_per_stack(batch)
     chunk = tuning.chunk or plan.chunk_for(pairs)
-    # float16 operands on row-scaled data, for every input dtype: twice the tf32 rate with the
-    # same 11-bit significand; measured 4e-4..7e-4 relative error on float32 inputs (< 1e-3).
-    # 3xtf32 would be exact to ~1e-6 but its operand tiles overflow shared memory at N >= 8192.
-    precision = tuning.precision or "fp16"
+    # Half inputs: float16 operands on row-scaled data (twice the tf32 rate, same 11-bit
+    # significand). float32 inputs: 3xtf32 (fp16 operands reach only ~1e-3 on their gradients).
+    precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
     # One warpgroup unless the tile is large: measured faster at L = 1K and 4K (NOTES.md).
     num_warps = tuning.num_warps or (4 if plan.fft_size <= 8192 else 8)
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
