@@ -71,16 +71,20 @@ def main():
     parser.add_argument("--chunk", type=int)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--precision")
+    parser.add_argument("--gauss", action="store_true")
+    parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     args = parser.parse_args()
-    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision)
+    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision,
+                              gauss=args.gauss)
     for seqlen in args.lengths:
         u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
         launch = flashconv._launch(u, tuning, default_per_sm=4)
         plan = launch.plan
-        shape = dict(N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision)
-        options = dict(HAS_D=True, HAS_GATE_IN=False, HAS_GATE_OUT=False, GELU=False, HAS_MASK=False)
-        none_args = dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
+        shape = dict(N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision, GAUSS=launch.gauss)
+        on = args.all_options
+        options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
+        none_args = {} if on else dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
         ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
         bf16 = {"u_ptr": ty, "y_ptr": ty, "dy_ptr": ty, "du_ptr": ty}
         builds = {
@@ -90,7 +94,8 @@ def main():
                                               dict(shape, P=launch.pairs, **options, **none_args), launch.num_warps),
             "backward": lambda: compile_kernel(flashconv._fftconv_bwd_kernel, bf16,
                                                dict(shape, P=launch.pairs, **options, **none_args,
-                                                    dgate_in_ptr=None, dgate_out_ptr=None), launch.num_warps),
+                                                    **({} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None))),
+                                               launch.num_warps),
         }
         reports = {name: builds[name]() for name in args.kernels}
         print(f"L={seqlen} plan={plan} pairs={launch.pairs} chunk={launch.chunk} warps={launch.num_warps}")

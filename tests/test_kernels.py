@@ -101,6 +101,18 @@ def test_forward_stack_sizes_agree(pairs):
     assert rel_err(y, reference.fftconv_ref(**as_float64(args))) < 1e-3
 
 
+def test_gauss_three_product_form_agrees():
+    args = make_inputs(4, 2, 120, 90, torch.bfloat16, True)
+    tuning = flashconv.Tuning(gauss=True)
+    y = flashconv.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
+    assert rel_err(y, reference.fftconv_ref(**as_float64(args))) < TOL[torch.bfloat16]
+    grad_y = torch.randn_like(args["u"])
+    got = flashconv.fftconv_bwd(grad_y, **args, tuning=tuning)
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL[torch.bfloat16]
+
+
 def test_launch_splits_the_batch_evenly():
     u = torch.empty(12, 3, 40)
     launch = flashconv._launch(u, flashconv.Tuning(pairs=2, programs_per_sm=6), default_per_sm=1)

@@ -72,6 +72,7 @@ class Tuning:
     num_warps: Optional[int] = None
     precision: Optional[str] = None  # "fp16", "tf32", "tf32x3" or "ieee"
     programs_per_sm: Optional[int] = None
+    gauss: Optional[bool] = None  # three real products per complex product instead of four
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class _Launch:
     pairs: int
     chunk: int
     precision: str
+    gauss: bool
     num_warps: int
     groups: int  # programs per channel
     stacks_per_program: int
@@ -100,7 +102,10 @@ def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int) -> _Launch:
     wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
     # A divisor of the stack count, so every program has the same number of stacks.
     groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g >= wanted), stacks)
-    return _Launch(plan, pairs, chunk, precision, num_warps, groups, stacks // groups)
+    # Four products by default: the configuration measured on the H100 (NOTES.md, v3). Gauss's
+    # three-product form compiles for sm_90 and passes the interpreter tests but is unmeasured.
+    gauss = bool(tuning.gauss)
+    return _Launch(plan, pairs, chunk, precision, gauss, num_warps, groups, stacks // groups)
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
@@ -135,7 +140,8 @@ def _load_gated_pairs(u_ptr, gate_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
 def _spectrum_kernel(
     k_ptr, spec_ptr, scales_ptr, f1_ptr, f2_ptr, tw_ptr,
     kernel_len, sk_h, sk_l, sqrt_n,
-    N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, GAUSS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """spec[h] = U (k[h] / s) in the Monarch order; scales[h] = (1 / max|spec[h]|, sqrt(N) s max|spec[h]|)."""
     h = tl.program_id(0)
@@ -150,7 +156,7 @@ def _spectrum_kernel(
     for chunk_start in tl.range(0, N1, CHUNK):
         # Named, not `_`: Triton treats a reassigned `_` as a loop-carried variable.
         f1, unused_g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
-        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, 1, N2, CHUNK, PRECISION)
+        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, 1, N2, CHUNK, GAUSS, PRECISION)
         offs = (chunk_start + tl.arange(0, CHUNK))[:, None] * N2 + tl.arange(0, N2)[None, :]
         tl.store(spec_ptr + h * 2 * N1 * N2 + offs, cr)
         tl.store(spec_ptr + h * 2 * N1 * N2 + N1 * N2 + offs, ci)
@@ -161,7 +167,8 @@ def _spectrum_kernel(
     tl.store(scales_ptr + 2 * h + 1, sqrt_n * tl.max(k_max_abs) * spec_max)
 
 
-def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan, precision: str,
+                    gauss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(spectrum planes (H, 2, N1, N2), scales (H, 2)) of k for the convolution kernels."""
     channels, kernel_len = k.shape
     f1, f2, tw = dft_constants(plan, k.device)
@@ -169,7 +176,7 @@ def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan, precision: str) -> tuple
     scales = torch.empty(channels, 2, dtype=torch.float32, device=k.device)
     _spectrum_kernel[(channels,)](
         k, spec, scales, f1, f2, tw, kernel_len, *k.stride(), float(plan.fft_size) ** 0.5,
-        N1=plan.n1, N2=plan.n2, CHUNK=plan.chunk_for(1), PRECISION=precision,
+        N1=plan.n1, N2=plan.n2, CHUNK=plan.chunk_for(1), GAUSS=gauss, PRECISION=precision,
         num_warps=4 if plan.fft_size <= 4096 else 8, num_stages=1,
     )
     return spec, scales
@@ -184,7 +191,8 @@ def _fftconv_fwd_kernel(
     su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
     GELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, GAUSS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     group = tl.program_id(0)
     h = tl.program_id(1)
@@ -209,7 +217,7 @@ def _fftconv_fwd_kernel(
         sb = row_max(xb, P, N2, HALF, PRECISION)
         yr, yi = conv_stack(operand(xa / to_stack(sa, P, N2, HALF), PRECISION),
                             operand(xb / to_stack(sb, P, N2, HALF), PRECISION), spec_h, k_inv,
-                            f1_ptr, f2_ptr, tw_ptr, False, P, N1, N2, CHUNK, PRECISION)
+                            f1_ptr, f2_ptr, tw_ptr, False, P, N1, N2, CHUNK, GAUSS, PRECISION)
         # Reload x for the skip term (an L1/L2 hit) rather than hold it in registers through the loop.
         xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                    su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
@@ -247,7 +255,7 @@ def fftconv_fwd(
     launch = _launch(u, tuning, default_per_sm=4)
     plan = launch.plan
     f1, f2, tw = dft_constants(plan, u.device)
-    spec, scales = kernel_spectrum(k, plan, launch.precision)
+    spec, scales = kernel_spectrum(k, plan, launch.precision, launch.gauss)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
     _fftconv_fwd_kernel[(launch.groups, channels)](
         u, spec, scales, D, gate_in, gate_out, dropout_mask, y, f1, f2, tw,
@@ -255,7 +263,8 @@ def fftconv_fwd(
         *u.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision,
+        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, GAUSS=launch.gauss,
+        PRECISION=launch.precision,
         num_warps=launch.num_warps, num_stages=1,
     )
     return y
@@ -271,7 +280,8 @@ def _fftconv_bwd_kernel(
     sdy_b, sdy_h, sdy_l, su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
     GELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, GAUSS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     group = tl.program_id(0)
     h = tl.program_id(1)
@@ -314,7 +324,7 @@ def _fftconv_bwd_kernel(
         if GELU or HAS_GATE_OUT:
             # Recompute the pre-activation c = conv(x, k) + D x rather than storing it.
             yr, yi = conv_stack(zxr, zxi, spec_h, k_inv, f1_ptr, f2_ptr, tw_ptr, False,
-                                P, N1, N2, CHUNK, PRECISION)
+                                P, N1, N2, CHUNK, GAUSS, PRECISION)
             ca = yr * (sxa * k_out) + d * xa
             cb = yi * (sxb * k_out) + d * xb
             if HAS_GATE_OUT:
@@ -350,8 +360,8 @@ def _fftconv_bwd_kernel(
         yi = tl.zeros((P * N2, HALF), dtype=tl.float32)
         for chunk_start in tl.range(0, N1, CHUNK):
             f1, g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
-            xr, xi = stack_forward_chunk(zxr, zxi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
-            gr, gi = stack_forward_chunk(zdr, zdi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
+            xr, xi = stack_forward_chunk(zxr, zxi, f1, twr, twi, f2, P, N2, CHUNK, GAUSS, PRECISION)
+            gr, gi = stack_forward_chunk(zdr, zdi, f1, twr, twi, f2, P, N2, CHUNK, GAUSS, PRECISION)
             prod_r = tl.reshape(gr * xr + gi * xi, (P, CHUNK, N2))
             prod_i = tl.reshape(gi * xr - gr * xi, (P, CHUNK, N2))
             offs = (chunk_start + tl.arange(0, CHUNK))[:, None] * N2 + tl.arange(0, N2)[None, :]
@@ -360,7 +370,7 @@ def _fftconv_bwd_kernel(
             tl.store(s_ptr + offs, sr)
             tl.store(s_ptr + N1 * N2 + offs, si)
             er, ei = multiply_spectrum(gr, gi, spec_h, chunk_start, k_inv, True, P, N1, N2, CHUNK)
-            pr, pi = stack_inverse_chunk(er, ei, twr, twi, f2, g1, P, N2, CHUNK, PRECISION)
+            pr, pi = stack_inverse_chunk(er, ei, twr, twi, f2, g1, P, N2, CHUNK, GAUSS, PRECISION)
             yr += pr
             yi += pi
         # The next stack reads this stack's partial spectrum, possibly from other threads.
@@ -400,7 +410,7 @@ def fftconv_bwd(
     launch = _launch(u, tuning, default_per_sm=2)
     plan = launch.plan
     f1, f2, tw = dft_constants(plan, u.device)
-    spec, scales = kernel_spectrum(k, plan, launch.precision)
+    spec, scales = kernel_spectrum(k, plan, launch.precision, launch.gauss)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
@@ -414,7 +424,8 @@ def fftconv_bwd(
         *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision,
+        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, GAUSS=launch.gauss,
+        PRECISION=launch.precision,
         num_warps=launch.num_warps, num_stages=1,
     )
     # Fixed-order reductions over the programs: deterministic dk and dD. The kernel summed

@@ -143,21 +143,31 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def cdot(ar, ai, br, bi, b_sum, CONJ_B: tl.constexpr, PRECISION: tl.constexpr):
-    """(ar + i ai) @ B on tensor cores with three real products (Gauss), B a constant tile.
+def cdot(ar, ai, br, bi, b_sum, CONJ_B: tl.constexpr, GAUSS: tl.constexpr, PRECISION: tl.constexpr):
+    """(ar + i ai) @ B on tensor cores, B a constant tile given as operand tiles (br, bi, b_sum).
 
-    B is given as operand tiles (br, bi, b_sum) with b_sum = br + bi; with CONJ_B the product is
-    with conj(B) and b_sum must be br - bi. The data-side sum ar + ai is formed in float32
-    before it is rounded to the operand dtype.
+    With CONJ_B the product is with conj(B). GAUSS uses three real products instead of four:
+    re = ar br -+ ai bi, im = (ar + ai)(br +- bi) - ar br +- ai bi, where b_sum must be br + bi
+    (br - bi with CONJ_B); the data-side sum is formed in float32 before rounding to the operand
+    dtype. Otherwise b_sum is unused.
     """
-    a_sum = operand(ar + ai, PRECISION)
-    rr = _dot(operand(ar, PRECISION), br, PRECISION)
-    ii = _dot(operand(ai, PRECISION), bi, PRECISION)
-    ss = _dot(a_sum, b_sum, PRECISION)
-    if CONJ_B:
-        return rr + ii, ss - rr + ii
+    a_r = operand(ar, PRECISION)
+    a_i = operand(ai, PRECISION)
+    rr = _dot(a_r, br, PRECISION)
+    ii = _dot(a_i, bi, PRECISION)
+    if GAUSS:
+        ss = _dot(operand(ar + ai, PRECISION), b_sum, PRECISION)
+        if CONJ_B:
+            return rr + ii, ss - rr + ii
+        else:
+            return rr - ii, ss - rr - ii
     else:
-        return rr - ii, ss - rr - ii
+        ri = _dot(a_r, bi, PRECISION)
+        ir = _dot(a_i, br, PRECISION)
+        if CONJ_B:
+            return rr + ii, ir - ri
+        else:
+            return rr - ii, ri + ir
 
 
 @triton.jit
@@ -231,33 +241,33 @@ def load_f2(f2_ptr, N2: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def stack_forward_chunk(zr, zi, f1, twr, twi, f2,
-                        P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def stack_forward_chunk(zr, zi, f1, twr, twi, f2, P: tl.constexpr, N2: tl.constexpr,
+                        CHUNK: tl.constexpr, GAUSS: tl.constexpr, PRECISION: tl.constexpr):
     """Spectrum rows of the chunk for every pair: ((F1 z) * Tw) @ F2, as (P*CHUNK, N2) [(p, j), k2].
 
     z: stack (P*N2, HALF); f1: forward tiles (HALF, CHUNK); twiddles (N2, CHUNK); f2: F2 tiles.
     """
-    br, bi = cdot(zr, zi, f1[0], f1[1], f1[2], False, PRECISION)  # (P*N2, CHUNK): [(p, n2), j]
+    br, bi = cdot(zr, zi, f1[0], f1[1], f1[2], False, GAUSS, PRECISION)  # (P*N2, CHUNK): [(p, n2), j]
     br3 = tl.reshape(br, (P, N2, CHUNK))
     bi3 = tl.reshape(bi, (P, N2, CHUNK))
     br3, bi3 = br3 * twr[None] - bi3 * twi[None], br3 * twi[None] + bi3 * twr[None]
     br = tl.reshape(tl.permute(br3, (0, 2, 1)), (P * CHUNK, N2))
     bi = tl.reshape(tl.permute(bi3, (0, 2, 1)), (P * CHUNK, N2))
-    return cdot(br, bi, f2[0], f2[1], f2[2], False, PRECISION)
+    return cdot(br, bi, f2[0], f2[1], f2[2], False, GAUSS, PRECISION)
 
 
 @triton.jit
-def stack_inverse_chunk(cr, ci, twr, twi, f2, g1,
-                        P: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def stack_inverse_chunk(cr, ci, twr, twi, f2, g1, P: tl.constexpr, N2: tl.constexpr,
+                        CHUNK: tl.constexpr, GAUSS: tl.constexpr, PRECISION: tl.constexpr):
     """Time samples contributed by spectrum rows c (P*CHUNK, N2): conj(F1) ((c conj(F2)) conj(Tw)),
     as a stack (P*N2, HALF) to accumulate. g1: inverse tiles of F1 (CHUNK, HALF)."""
-    dr, di = cdot(cr, ci, f2[0], f2[1], f2[3], True, PRECISION)  # (P*CHUNK, N2): [(p, j), n2]
+    dr, di = cdot(cr, ci, f2[0], f2[1], f2[3], True, GAUSS, PRECISION)  # (P*CHUNK, N2): [(p, j), n2]
     dr3 = tl.permute(tl.reshape(dr, (P, CHUNK, N2)), (0, 2, 1))  # (P, N2, CHUNK)
     di3 = tl.permute(tl.reshape(di, (P, CHUNK, N2)), (0, 2, 1))
     dr3, di3 = dr3 * twr[None] + di3 * twi[None], di3 * twr[None] - dr3 * twi[None]
     dr = tl.reshape(dr3, (P * N2, CHUNK))
     di = tl.reshape(di3, (P * N2, CHUNK))
-    return cdot(dr, di, g1[0], g1[1], g1[2], True, PRECISION)
+    return cdot(dr, di, g1[0], g1[1], g1[2], True, GAUSS, PRECISION)
 
 
 @triton.jit
@@ -280,7 +290,7 @@ def multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K: tl.conste
 @triton.jit
 def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.constexpr,
                P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr,
-               PRECISION: tl.constexpr):
+               GAUSS: tl.constexpr, PRECISION: tl.constexpr):
     """U^H (U z * K / k_scale) for an operand stack z (P*N2, HALF); returns the float32 stack.
 
     Real part = conv of the pairs' first rows, imaginary part = of their second rows. With CONJ_K
@@ -292,9 +302,9 @@ def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.co
     yi = tl.zeros((P * N2, HALF), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
         f1, g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
-        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, P, N2, CHUNK, PRECISION)
+        cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, P, N2, CHUNK, GAUSS, PRECISION)
         cr, ci = multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K, P, N1, N2, CHUNK)
-        pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2, g1, P, N2, CHUNK, PRECISION)
+        pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2, g1, P, N2, CHUNK, GAUSS, PRECISION)
         yr += pr
         yi += pi
     return yr, yi
