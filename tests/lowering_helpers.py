@@ -23,10 +23,26 @@ from lcconv_compile.lowering import install
 from lcconv_compile.lowering.events import REJECTION_COUNTERS, REWRITE_COUNTERS
 
 
+_SHORT_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64",
+                 torch.complex64: "c64", torch.complex128: "c128"}
+
+
+def _describe_input(node: torch.fx.Node) -> str:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return str(val)
+    return f"{_SHORT_DTYPES.get(val.dtype, str(val.dtype))}[{', '.join(str(s) for s in val.shape)}]"
+
+
 def format_graph(graph: torch.fx.Graph) -> str:
-    """One line per node, names replaced by position (``in0``, ``v0``), floats rounded."""
+    """One line per node, names replaced by position (``in0``, ``v0``), floats rounded.
+
+    Inputs are listed with dtype and shape (the graph orders them by first use, not by the
+    function's parameters).
+    """
     names: dict[torch.fx.Node, str] = {}
     lines = []
+    inputs = []
 
     def show(arg: Any) -> str:
         if isinstance(arg, torch.fx.Node):
@@ -40,7 +56,8 @@ def format_graph(graph: torch.fx.Graph) -> str:
 
     for node in graph.nodes:
         if node.op == "placeholder":
-            names[node] = f"in{len([n for n in names.values() if n.startswith('in')])}"
+            names[node] = f"in{len(inputs)}"
+            inputs.append(f"{names[node]}: {_describe_input(node)}")
             continue
         if node.op == "output":
             lines.append(f"return {show(node.args[0])}")
@@ -52,7 +69,7 @@ def format_graph(graph: torch.fx.Graph) -> str:
             target = str(node.target).removesuffix(".default")
         args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()]
         lines.append(f"{names[node]} = {target}({', '.join(args)})")
-    return "\n".join(lines)
+    return "\n".join(["inputs " + ", ".join(inputs)] + lines)
 
 
 class GraphRecorder(CustomGraphPass):

@@ -133,6 +133,7 @@ class IdiomGraphTest(expecttest.TestCase):
         for name, recorded in graphs.items():
             self.assertEqual(recorded, graphs["textbook"], name)
         self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20]
 v0 = lcconv.fftconv(in0, in1)
 return (v0,)""")
 
@@ -142,9 +143,11 @@ return (v0,)""")
             self.assertEqual(recorded, graphs["textbook"], name)
         forward, backward = graphs["textbook"]
         self.assertExpectedInline(forward, """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20]
 v0 = lcconv.fftconv(in0, in1)
 return (v0, in0, in1)""")
         self.assertExpectedInline(backward, """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20], in2: f32[2, 4, 24]
 v0 = lcconv.fftconv_bwd(in2, in0, in1, None, None, None, False, None)
 v1 = getitem(v0, 0)
 v2 = getitem(v0, 1)
@@ -159,6 +162,7 @@ return (v1, v2)""")
         u, k = torch.randn(B, H, L), torch.randn(H, L + 9)
         result = compile_once(long_kernel, u, k)
         self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 33]
 v0 = aten.slice.Tensor(in1, 1, 0, 24)
 v1 = lcconv.fftconv(in0, v0)
 return (v1,)""")
@@ -174,6 +178,7 @@ return (v1,)""")
         u, k = torch.randn(B, H, L, dtype=torch.bfloat16), torch.randn(H, LK, dtype=torch.bfloat16)
         result = compile_once(upcast_conv, u, k)
         self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: bf16[2, 4, 24], in1: bf16[4, 20]
 v0 = lcconv.fftconv(in0, in1)
 return (v0,)""")
         assert result.rewrites == {"rfft_conv_inference": 1, "fold_signal_cast": 1, "fold_kernel_cast": 1}

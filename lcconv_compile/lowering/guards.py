@@ -455,7 +455,8 @@ def diagnose_inverse_fft(node: Node) -> Optional[Refusal]:
     Returns None when the guards accept one of them (then no pattern matched its structure, e.g.
     because an intermediate spectrum has other users), else the refusal for the longest chain.
     """
-    refusal = Refusal("structure", "an inverse FFT that is not sliced into a causal convolution")
+    refusal = _unpadded_product(node) or Refusal(
+        "structure", "an inverse FFT that is not sliced into a causal convolution")
     for output in _candidate_outputs(node):
         idiom = parse_fft_conv(output)
         if isinstance(idiom, str):
@@ -469,6 +470,17 @@ def diagnose_inverse_fft(node: Node) -> Optional[Refusal]:
             continue
         return None
     return refusal
+
+
+def _unpadded_product(inverse: Node) -> Optional[Refusal]:
+    """The common slip ``irfft(rfft(u) * rfft(k))``: a product of unpadded real FFTs is circular."""
+    product = inverse.args[0]
+    if not (isinstance(product, Node) and product.target == aten.mul.Tensor):
+        return None
+    transforms = [arg for arg in product.args if isinstance(arg, Node) and arg.target == aten._fft_r2c.default]
+    if len(transforms) == 2 and not any(t.args[0].target == aten.constant_pad_nd.default for t in transforms):
+        return Refusal("circular", "circular convolution: the FFT inputs are not zero-padded to L + Lk - 1")
+    return None
 
 
 def _candidate_outputs(node: Node) -> list[Node]:
