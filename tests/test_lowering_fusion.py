@@ -138,6 +138,17 @@ def test_not_folded(name):
     torch.testing.assert_close(result.fn(*x.values()), block(*x.values()))
 
 
+def test_skip_weight_over_time_is_not_folded():
+    # With H == L, D.unsqueeze(0) broadcasts: it scales time steps, not channels.
+    def block(u, k, D):
+        return fftconv(u, k) + u * D.unsqueeze(0)
+
+    u, k, D = torch.randn(B, 8, 8), torch.randn(8, 8), torch.randn(8)
+    result = compile_once(block, u, k, D)
+    assert result.rewrites == {} and result.rejections == {"skip_shape": 1}
+    torch.testing.assert_close(result.fn(u, k, D), block(u, k, D))
+
+
 def test_training_forward_folds_only_what_the_backward_does_not_read():
     # The op's output feeds GELU, whose backward needs it: it is saved, so the skip term cannot
     # fold in the forward graph. Gradients still match the float64 eager computation.

@@ -77,6 +77,13 @@ def scaled_signal(u, k):
     return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
 
 
+def scaled_product(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n
+    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+
+
 def ortho(u, k):
     seqlen = u.shape[-1]
     n = 2 * seqlen
@@ -106,6 +113,7 @@ IDIOMS = {
     "h3_style": (h3_style, "rfft_conv_scaled_kernel"),
     "forward_norm_on_signal": (forward_norm_on_signal, "rfft_conv"),
     "scaled_signal": (scaled_signal, "rfft_conv_scaled_signal"),
+    "scaled_product": (scaled_product, "rfft_conv_scaled_product"),
     "ortho": (ortho, "rfft_conv_scaled_output"),
     "complex_fft": (complex_fft, "fft_conv"),
     "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
@@ -266,7 +274,7 @@ REFUSED = {
                        "non_causal_slice"),
     "slice_of_the_tail": (lambda u, k: conv(u, k, 48, crop=lambda y, s: y[..., -s:]), (B, H, L), (H, LK),
                           "non_causal_slice"),
-    "short_slice": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., :s - 1]), (B, H, L), (H, LK), "shape"),
+    "short_slice": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., :s - 1]), (B, H, L), (H, LK), "crop"),
     "kernel_per_batch": (lambda u, k: conv(u, k, 64), (B, H, L), (B, H, LK), "kernel_varies_over_batch"),
     "kernel_shared_over_channels": (lambda u, k: conv(u, k, 64), (B, H, L), (1, LK), "kernel_shape"),
     "missing_normalisation": (lambda u, k: conv(u, k, 64, norm="forward"), (B, H, L), (H, LK), "normalisation"),

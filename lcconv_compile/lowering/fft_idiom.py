@@ -6,7 +6,8 @@ A hand-written causal FFT convolution reaches the graph Inductor sees as (CPU, t
                                       mul -> _fft_c2r -> slice [-> mul by a scale]
     constant_pad_nd(k) -> _fft_r2c --/
 
-with optional scalar multiplies or divides on either spectrum, ``unsqueeze(k, 0)`` before the
+with optional scalar multiplies or divides on either spectrum, on their product or on the
+result, ``unsqueeze(k, 0)`` before the
 kernel's padding, and, for the complex spelling (``fft``/``ifft`` + ``.real``), ``_fft_c2c`` and
 ``view_as_real -> select`` in place of ``_fft_c2r``. :func:`parse_fft_conv` walks that chain from
 its last node and names the parts (:class:`FFTConvIdiom`); it reads the graph only.
@@ -57,7 +58,7 @@ class FFTConvIdiom:
     inverse: Node  # _fft_c2r, or _fft_c2c (complex spelling)
     crop: Node  # the slice that keeps the first outputs
     real_part: Optional[Node]  # select(view_as_real(.), -1, i) for the complex spelling
-    output_scales: tuple[Node, ...]
+    output_scales: tuple[Node, ...]  # scalar mul/div on the product or anywhere after the inverse FFT
 
     def scale_nodes(self) -> tuple[Node, ...]:
         return self.signal.scales + self.kernel.scales + self.output_scales
@@ -152,7 +153,8 @@ def parse_fft_conv(output: Node) -> Union[FFTConvIdiom, str]:
     if not (isinstance(node, Node) and node.op == "call_function" and node.target in INVERSE_FFTS):
         return "no inverse FFT under the slice"
     inverse = node
-    product = inverse.args[0]
+    product, product_scales = _peel_scales(inverse.args[0])
+    output_scales += product_scales
     if not _is_call(product, aten.mul.Tensor):
         return "the inverse FFT's input is not a product of two spectra"
     spectra = [_parse_spectrum(arg) for arg in product.args]

@@ -62,9 +62,10 @@ def _decide(condition: Any) -> Optional[bool]:
 
 
 def _require(condition: Any, code: str, reason: str) -> None:
+    """Refuse with ``code`` unless ``condition`` holds; with code "symbolic" if it is undecided."""
     decided = _decide(condition)
     if decided is None:
-        _refuse("symbolic", f"cannot prove without a new guard that {reason.split(':')[0]}")
+        _refuse("symbolic", f"the {code} check depends on a symbolic size and would need a new guard")
     if not decided:
         _refuse(code, reason)
 
@@ -102,9 +103,8 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
 
 
 # ------------------------------------------------------------------------------ idiom guard --
-def _normalisation_factor(code: int) -> tuple[float, float]:
-    """aten's FFT ``normalization`` code as (constant, power of fft_size): none, 1/sqrt(n), 1/n."""
-    return {0: (1.0, 0.0), 1: (1.0, -0.5), 2: (1.0, -1.0)}[code]
+# aten's FFT ``normalization`` argument (none, by 1/sqrt(n), by 1/n) as a power of the size n.
+_NORMALISATION_POWER = {0: 0.0, 1: -0.5, 2: -1.0}
 
 
 def _net_scale(idiom: FFTConvIdiom, fft_size) -> tuple[float, float]:
@@ -115,8 +115,9 @@ def _net_scale(idiom: FFTConvIdiom, fft_size) -> tuple[float, float]:
     """
     constant, power = 1.0, 1.0
     for transform in (idiom.signal.transform, idiom.kernel.transform, idiom.inverse):
-        c, p = _normalisation_factor(transform.args[2])
-        constant, power = constant * c, power + p
+        if transform.args[2] not in _NORMALISATION_POWER:
+            _refuse("normalisation", f"unknown FFT normalisation {transform.args[2]!r}")
+        power += _NORMALISATION_POWER[transform.args[2]]
     for node in idiom.scale_nodes():
         scalar = value(node.args[1])
         sign = 1.0 if node.target == aten.mul.Tensor else -1.0
@@ -191,7 +192,6 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
         _refuse("dtype", f"the result has dtype {out.dtype} but the op returns the signal's dtype {u.dtype}")
     if k.dtype not in (torch.float32, u.dtype):
         _refuse("dtype", f"kernel dtype {k.dtype}: the op takes float32 or the signal's dtype {u.dtype}")
-    _require(_same_shape(out, u), "shape", f"the result has shape {_shape_str(out)}, the signal {_shape_str(u)}")
 
     inverse = idiom.inverse
     complex_spelling = inverse.target == aten._fft_c2c.default
@@ -224,8 +224,8 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     if _decide(kernel_len <= seqlen) is None:
         _refuse("symbolic", "cannot prove without a new guard whether the kernel is longer than L")
 
-    crop_args = list(idiom.crop.args) + [None] * (5 - len(idiom.crop.args))
-    dim, start, end, step = crop_args[1:5]
+    # The slice's end is checked through the result's length: ends past L are clamped alike.
+    dim, start, _end, step = (list(idiom.crop.args) + [None] * 5)[1:5]
     rank = _tensor(idiom.crop.args[0], "the sliced result").dim()
     if dim not in (rank - 1, -1):
         _refuse("crop", f"the result is sliced along dim {dim}, not time")
@@ -233,11 +233,8 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     _require(start == 0, "non_causal_slice", f"the slice starts at {start}: a causal convolution keeps outputs 0..L-1")
     if step not in (None, 1):
         _refuse("non_causal_slice", f"the slice has step {step}")
-    _require(
-        out.shape[-1] == seqlen,
-        "crop",
-        f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}",
-    )
+    _require(out.shape[-1] == seqlen, "crop", f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}")
+    _require(_same_shape(out, u), "shape", f"the result has shape {_shape_str(out)}, the signal {_shape_str(u)}")
 
     constant, power = _net_scale(idiom, fft_size)
     if power == 0:
@@ -294,6 +291,9 @@ def _check_skip(match) -> None:
     out = _tensor(op, "the op")
     if D.dim() != 1 or not statically_known_true(D.shape[0] == x.shape[1]):
         _refuse("skip_shape", f"D has shape {_shape_str(D)}: the op needs (H,) = ({x.shape[1]},)")
+    (unsqueeze,) = [n for n in match.nodes if n.target == aten.unsqueeze.default]
+    if _tensor(unsqueeze, "the unsqueezed D").shape[-1] != 1:  # (1, H) would scale time steps
+        _refuse("skip_shape", "D is unsqueezed to (1, H): it scales time steps, not channels")
     if D.dtype not in _REAL_FLOATS:
         _refuse("dtype", f"D has dtype {D.dtype}")
     _check_same_device(x, D)

@@ -69,6 +69,12 @@ def _rfft_conv_scaled_signal_pattern(u, k):
     return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
 
 
+def _rfft_conv_scaled_product_pattern(u, k):
+    seqlen, n = _sizes(u)
+    product = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n
+    return torch.fft.irfft(product, n=n, norm="forward")[..., :seqlen]
+
+
 def _rfft_conv_scaled_output_pattern(u, k):
     # norm="ortho" on all three transforms leaves the result 1/sqrt(n) too small.
     seqlen, n = _sizes(u)
@@ -109,6 +115,7 @@ IDIOMS: dict[str, Callable[..., Any]] = {
     "rfft_conv_padded": _padded_rfft_conv_pattern,
     "rfft_conv_scaled_kernel": _rfft_conv_scaled_kernel_pattern,
     "rfft_conv_scaled_signal": _rfft_conv_scaled_signal_pattern,
+    "rfft_conv_scaled_product": _rfft_conv_scaled_product_pattern,
     "rfft_conv_scaled_output": _rfft_conv_scaled_output_pattern,
     "fft_conv": _fft_conv_pattern,
     "fft_conv_real_first": _fft_conv_real_first_pattern,
