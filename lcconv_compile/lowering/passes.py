@@ -15,13 +15,16 @@
   backward), so it is done per graph, after partitioning, for inference and training alike.
   Device-specific stages (e.g. a CUDA lowering to the Triton kernel) are appended to the list.
 
-Patterns are registered lazily, on the first graph a pass sees, under a fresh fake mode. This
-module wires patterns to guards and hooks nothing into Inductor (that is :mod:`.install`).
+Patterns are registered lazily, on the first graph that has something for them to match, under
+a fresh fake mode. This module wires patterns to guards and hooks nothing into Inductor (that
+is :mod:`.install`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -62,18 +65,32 @@ def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> N
     )
 
 
-@functools.cache
-def _register_patterns() -> None:
-    # Tracing must neither see the fake mode nor the tracing context of the compile that asked,
+@contextlib.contextmanager
+def _tracing_patterns():
+    # Tracing must see neither the fake mode nor the tracing context of the compile that asked,
     # nor leave counters of its own behind (what Inductor's init_once_fakemode does).
     saved_counters = counters["inductor"].copy()
-    device = torch.device("cpu")  # patterns are device-agnostic: devices are ignored by matching
-    with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode():
+    with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode(), warnings.catch_warnings():
+        # Inductor warns about complex tensors while normalising the FFT patterns' own graphs.
+        warnings.filterwarnings("ignore", message=".*complex operators.*")
+        yield torch.device("cpu")  # devices are ignored by matching: patterns are traced once
+    counters["inductor"] = saved_counters
+
+
+# Registered on the first graph that needs them: tracing the idiom patterns (forward and joint)
+# takes seconds, and a graph without FFTs or without the op never pays for it.
+@functools.cache
+def _register_idiom_patterns() -> None:
+    with _tracing_patterns() as device:
         for spec in idiom_pattern_specs(device):
             _register(spec, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+
+
+@functools.cache
+def _register_fusion_patterns() -> None:
+    with _tracing_patterns() as device:
         for kind, spec in fusion_pattern_specs(device):
             _register(spec, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
-    counters["inductor"] = saved_counters
 
 
 def _backward_nodes(graph: Graph) -> set[Node]:
@@ -104,7 +121,9 @@ def _report_unmatched_ffts(graph: Graph) -> None:
 
 def joint_stage(graph: Graph) -> int:
     """Rewrite hand-written FFT convolutions into ``lcconv::fftconv`` (+ ``fftconv_bwd``)."""
-    _register_patterns()
+    if not any(is_inverse_fft(node) for node in graph.nodes):
+        return 0
+    _register_idiom_patterns()
     with events.pass_run():
         count = IDIOM_PATTERNS.apply(graph)
         if events.collecting():
@@ -137,7 +156,9 @@ def spell_out_op_calls(graph: Graph, full: bool) -> None:
 
 def fuse_neighbours(graph: Graph) -> int:
     """Fold neighbours into op calls until nothing more folds (each fold can enable the next)."""
-    _register_patterns()
+    if not graph.find_nodes(op="call_function", target=guards.FFTCONV):
+        return 0
+    _register_fusion_patterns()
     total = 0
     with events.pass_run():
         for _ in range(MAX_FUSION_ROUNDS):
