@@ -340,3 +340,16 @@ def test_reused_spectrum_is_left_alone():
     assert result.rewrites == {}
     report = lcconv_compile.explain(shared_kernel_spectrum, u, k)
     assert [r.code for r in report.rejected] == ["unmatched"]
+
+
+def test_a_failing_guard_costs_the_rewrite_not_the_compilation(monkeypatch):
+    from lcconv_compile.lowering import guards
+
+    def broken_check(idiom):
+        raise KeyError("a bug in a guard")
+
+    monkeypatch.setattr(guards, "_check_idiom", broken_check)
+    u, k = torch.randn(B, H, L), torch.randn(H, LK)
+    result = compile_once(textbook, u, k)
+    assert result.rewrites == {} and result.rejections == {"internal_error": 1}
+    assert rel_err(result.fn(u, k), reference.direct_causal_conv(u, k)) < 1e-5

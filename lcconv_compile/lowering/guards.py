@@ -16,6 +16,7 @@ report what they decided to :mod:`.events`. Nothing here edits graphs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import events
 from .fft_idiom import FFTConvIdiom, Spectrum, parse_fft_conv, value
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 prims = torch.ops.prims
 FFTCONV = torch.ops.lcconv.fftconv.default
@@ -417,6 +419,11 @@ def _run(stage: str, pattern: str, anchor: Node, check: Callable[[], Optional[st
     except _Refused as refused:
         events.report(events.Rejection(stage, pattern, refused.refusal.code, refused.refusal.reason,
                                        events.source_of(anchor)), anchor)
+        return False
+    except Exception as error:  # a bug here must cost a rewrite, never the user's compilation
+        log.warning("lcconv_compile: guard for %s failed on %s; not rewriting", pattern, anchor, exc_info=True)
+        events.report(events.Rejection(stage, pattern, "internal_error", repr(error), events.source_of(anchor)),
+                      anchor)
         return False
     events.report(events.Rewrite(stage, pattern, events.source_of(anchor), detail), anchor)
     return True

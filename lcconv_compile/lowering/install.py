@@ -37,8 +37,6 @@ from torch._inductor import custom_graph_pass
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph
 
-from . import passes
-
 DISABLE_ENV = "LCCONV_COMPILE_DISABLE"
 JOINT_HOOK = "joint_custom_post_pass"
 POST_GRAD_HOOK = "post_grad_custom_post_pass"
@@ -116,9 +114,22 @@ else:
     ChainedPostGradPass = ChainedPass  # torch 2.11: post-grad passes take the graph only
 
 
+def _stage(name: str) -> Callable[[Graph], int]:
+    """``passes.<name>``, imported on first use: the pattern matcher adds a second to the import
+    of lcconv_compile, which eager-only users should not pay."""
+
+    def run(graph: Graph) -> int:
+        from . import passes
+
+        return getattr(passes, name)(graph)
+
+    run.__name__ = name
+    return run
+
+
 _STAGES = {
-    JOINT_HOOK: (ChainedPass, passes.joint_stage),
-    POST_GRAD_HOOK: (ChainedPostGradPass, passes.post_grad_stage),
+    JOINT_HOOK: (ChainedPass, _stage("joint_stage")),
+    POST_GRAD_HOOK: (ChainedPostGradPass, _stage("post_grad_stage")),
 }
 
 
