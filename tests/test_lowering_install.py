@@ -14,7 +14,6 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor import custom_graph_pass
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import lcconv_compile
 from lcconv_compile.lowering import install
