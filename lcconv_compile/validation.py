@@ -51,6 +51,11 @@ def check_fftconv_args(
         raise ValueError(f"fftconv: `u` has sequence length L = 0 ({_describe(u)}); need L >= 1")
 
     _check_float("k", k)
+    if k.dtype not in (torch.float32, u.dtype):
+        raise TypeError(
+            f"fftconv: `k` must be float32 or u's dtype ({u.dtype}), got {_describe(k)}; "
+            f"cast it with k.float()"
+        )
     _check_same_device("k", k, u)
     if k.dim() != 2:
         raise ValueError(f"fftconv: `k` must have shape (H, Lk), got {_describe(k)}")

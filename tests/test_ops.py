@@ -191,6 +191,8 @@ def _good():
     (dict(u=torch.randint(0, 5, (2, 3, 10))), TypeError, r"`u` must be a real floating tensor.*torch.int64"),
     (dict(k=torch.randn(3, 4, dtype=torch.complex64)), TypeError, r"`k` must be a real floating.*complex64"),
     (dict(D=torch.ones(3, dtype=torch.int32)), TypeError, r"`D` must be a real floating.*int32"),
+    (dict(u=torch.randn(2, 3, 10).half(), k=torch.randn(3, 4).bfloat16()), TypeError,
+     r"`k` must be float32 or u's dtype \(torch.float16\), got .*bfloat16"),
     (dict(k=torch.randn(3, 4, device="meta")), ValueError, r"`k` is on meta but `u` is on cpu"),
     (dict(gate_in=torch.randn(2, 3, 9)), ValueError, r"`gate_in` must have the shape of `u`"),
     (dict(gate_out=torch.randn(2, 3, 10, dtype=torch.complex64)), TypeError, r"`gate_out` must be a real"),

@@ -1,0 +1,503 @@
+"""The guards: the one place that decides whether a structural match may be rewritten.
+
+Patterns are traced with placeholder sizes and match with sizes, scalars and dtypes ignored (see
+:mod:`.patterns_idiom`), so everything numeric is checked here, against the graph's own example
+values: the FFT size against ``L + Lk - 1`` (else the convolution is circular), the slice bounds
+(else it is not causal), the product of normalisations and scalar factors (else it is scaled),
+the kernel's shape (the op takes one kernel per channel, shared over the batch), gate and skip
+shapes (the op does not broadcast them), dtypes and devices. Sizes that are symbolic must be
+provably right without adding guards, or the match is refused.
+
+:func:`check_idiom` guards the idiom rewrite; :func:`check_fusion` guards folding a neighbour
+into an ``lcconv::fftconv`` call. Both return the ``extra_check`` the pattern matcher calls and
+report what they decided to :mod:`.events`. Nothing here edits graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import events
+from .fft_idiom import FFTConvIdiom, Spectrum, parse_fft_conv, value
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+prims = torch.ops.prims
+FFTCONV = torch.ops.lcconv.fftconv.default
+FFTCONV_ARGS = ("u", "k", "D", "gate_in", "gate_out", "gelu", "dropout_mask")
+_REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_FLOATS = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    code: str
+    reason: str
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.refusal = Refusal(code, reason)
+
+
+def _refuse(code: str, reason: str):
+    raise _Refused(code, reason)
+
+
+def _decide(condition: Any) -> Optional[bool]:
+    """True/False when known without guarding on a symbolic size; None when it is not."""
+    if condition is None or isinstance(condition, bool):
+        return condition
+    if statically_known_true(condition):
+        return True
+    if statically_known_true(torch.sym_not(condition)):
+        return False
+    return None
+
+
+def _require(condition: Any, code: str, reason: str) -> None:
+    """Refuse with ``code`` unless ``condition`` holds; with code "symbolic" if it is undecided."""
+    decided = _decide(condition)
+    if decided is None:
+        _refuse("symbolic", f"the {code} check depends on a symbolic size and would need a new guard")
+    if not decided:
+        _refuse(code, reason)
+
+
+def _tensor(node: Any, what: str) -> torch.Tensor:
+    val = value(node)
+    if not isinstance(val, torch.Tensor):
+        _refuse("shape", f"{what} is not a tensor")
+    return val
+
+
+def _size_of(arg: Any):
+    val = value(arg)
+    if isinstance(val, (int, torch.SymInt)):
+        return val
+    _refuse("shape", f"size argument {arg!r} is not an integer")
+
+
+def _shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
+    """Whether two shapes are equal; None when that depends on a symbolic size."""
+    if a.dim() != b.dim():
+        return False
+    same: Optional[bool] = True
+    for x, y in zip(a.shape, b.shape):
+        decided = _decide(x == y)
+        if decided is False:
+            return False
+        if decided is None:
+            same = None
+    return same
+
+
+# ------------------------------------------------------------------------------ idiom guard --
+# aten's FFT ``normalization`` argument (none, by 1/sqrt(n), by 1/n) as a power of the size n.
+_NORMALISATION_POWER = {0: 0.0, 1: -0.5, 2: -1.0}
+
+
+def _net_scale(idiom: FFTConvIdiom, fft_size) -> tuple[float, float]:
+    """The factor the hand-written code applies on top of the plain convolution, as (c, p): c * n^p.
+
+    The unnormalised inverse transform of the product is ``n`` times the convolution, hence the
+    starting power 1; each transform's normalisation and each scalar multiply/divide adjust it.
+    """
+    constant, power = 1.0, 1.0
+    for transform in (idiom.signal.transform, idiom.kernel.transform, idiom.inverse):
+        if transform.args[2] not in _NORMALISATION_POWER:
+            _refuse("normalisation", f"unknown FFT normalisation {transform.args[2]!r}")
+        power += _NORMALISATION_POWER[transform.args[2]]
+    for node in idiom.scale_nodes():
+        scalar = value(node.args[1])
+        sign = 1.0 if node.target == aten.mul.Tensor else -1.0
+        if isinstance(scalar, torch.SymInt) or isinstance(scalar, torch.SymFloat):
+            if statically_known_true(scalar == fft_size):
+                power += sign
+                continue
+            _refuse("symbolic", "a scale factor is symbolic and not provably the FFT size")
+        if not isinstance(scalar, (int, float)) or scalar == 0:
+            _refuse("normalisation", f"scale factor {scalar!r} is not a non-zero number")
+        constant *= float(scalar) ** sign
+    return constant, power
+
+
+def _check_padding(spectrum: Spectrum, fft_size, what: str) -> None:
+    pad_args = spectrum.pad.args
+    pads = pad_args[1]
+    fill = pad_args[2] if len(pad_args) > 2 else 0
+    if not isinstance(fill, (int, float)) or fill != 0:
+        _refuse("padding", f"{what} is padded with {fill!r}, not zeros")
+    if not isinstance(pads, (list, tuple)) or len(pads) < 2:
+        _refuse("padding", f"{what}'s padding {pads!r} is not understood")
+    left, right = (_size_of(p) for p in pads[:2])
+    _require(left == 0, "padding", f"{what} is padded on the left by {left}: the output is shifted")
+    for other in pads[2:]:
+        _require(_size_of(other) == 0, "padding", f"{what} is padded along a dimension other than time")
+    length = _tensor(spectrum.pad.args[0], what).shape[-1]
+    _require(
+        length + right == fft_size,
+        "fft_size",
+        f"{what} is zero-padded to {length + right}, but the inverse FFT has size {fft_size}",
+    )
+
+
+def _check_transform_dims(node: Node, what: str) -> None:
+    rank = _tensor(node.args[0], what).dim()
+    dims = node.args[1]
+    if list(dims) not in ([rank - 1], [-1]):
+        _refuse("transform_dim", f"{what} transforms dims {list(dims)}, not the last (time) dim")
+
+
+def _check_idiom(idiom: FFTConvIdiom) -> str:
+    """Refuse unless ``idiom`` computes exactly ``fftconv(u, k)``; return a one-line summary."""
+    u = _tensor(idiom.signal.source, "the signal")
+    k = _tensor(idiom.kernel.source, "the kernel")
+    out = _tensor(idiom.output, "the output")
+    for name, t in (("signal", u), ("kernel", k)):
+        if t.dtype not in _REAL_FLOATS:
+            _refuse("dtype", f"the {name} has dtype {t.dtype}: only real floating inputs are rewritten")
+    if u.dim() != 3:
+        _refuse("signal_shape", f"the signal has shape {_shape_str(u)}: the op needs (B, H, L)")
+    if idiom.kernel.unsqueezed and k.dim() != 2:
+        _refuse("kernel_shape", f"the kernel has shape {_shape_str(k)} before unsqueeze(0): need (H, Lk)")
+    if k.dim() == 3:
+        _require(
+            k.shape[0] == 1,
+            "kernel_varies_over_batch",
+            f"the kernel has shape {_shape_str(k)}: one kernel per batch element, the op shares one over the batch",
+        )
+    elif k.dim() != 2:
+        _refuse("kernel_shape", f"the kernel has shape {_shape_str(k)}: the op needs (H, Lk)")
+    batch, channels, seqlen = u.shape
+    kernel_len = k.shape[-1]
+    _require(
+        k.shape[-2] == channels,
+        "kernel_shape",
+        f"the kernel has {k.shape[-2]} channels, the signal {channels}: the op needs one kernel per channel",
+    )
+    if u.device != k.device:
+        _refuse("device", f"signal on {u.device}, kernel on {k.device}")
+    if out.dtype != u.dtype:
+        _refuse("dtype", f"the result has dtype {out.dtype} but the op returns the signal's dtype {u.dtype}")
+    if k.dtype not in (torch.float32, u.dtype):
+        _refuse("dtype", f"kernel dtype {k.dtype}: the op takes float32 or the signal's dtype {u.dtype}")
+
+    inverse = idiom.inverse
+    complex_spelling = inverse.target == aten._fft_c2c.default
+    for node, what in ((idiom.signal.transform, "the signal's FFT"), (idiom.kernel.transform, "the kernel's FFT"),
+                       (inverse, "the inverse FFT")):
+        _check_transform_dims(node, what)
+    if complex_spelling:
+        if inverse.args[3] is not False:
+            _refuse("structure", "the complex transform after the product is a forward FFT, not an inverse")
+        if idiom.real_part is None or idiom.real_part.args[2] != 0:
+            _refuse("structure", "the complex result's imaginary part is kept, not its real part")
+        if idiom.real_part.args[1] not in (-1, _tensor(idiom.real_part.args[0], "the result").dim() - 1):
+            _refuse("structure", "the real part is not taken along the complex dimension")
+        fft_size = _tensor(inverse, "the inverse FFT").shape[-1]
+    else:
+        fft_size = _size_of(inverse.args[3])
+    onesided = not complex_spelling
+    for spectrum in (idiom.signal, idiom.kernel):
+        if spectrum.transform.args[3] is not onesided:
+            _refuse("structure", "a one-sided and a two-sided spectrum are mixed")
+
+    _check_padding(idiom.signal, fft_size, "the signal")
+    _check_padding(idiom.kernel, fft_size, "the kernel")
+    _require(
+        fft_size >= seqlen + kernel_len - 1,
+        "circular",
+        f"circular convolution: FFT size {fft_size} < L + Lk - 1 = {seqlen} + {kernel_len} - 1",
+    )
+
+    if _decide(kernel_len <= seqlen) is None:
+        _refuse("symbolic", "cannot prove without a new guard whether the kernel is longer than L")
+
+    # The slice's end is checked through the result's length: ends past L are clamped alike.
+    dim, start, _end, step = (list(idiom.crop.args) + [None] * 5)[1:5]
+    rank = _tensor(idiom.crop.args[0], "the sliced result").dim()
+    if dim not in (rank - 1, -1):
+        _refuse("crop", f"the result is sliced along dim {dim}, not time")
+    start = 0 if start is None else _size_of(start)
+    _require(start == 0, "non_causal_slice", f"the slice starts at {start}: a causal convolution keeps outputs 0..L-1")
+    if step not in (None, 1):
+        _refuse("non_causal_slice", f"the slice has step {step}")
+    _require(out.shape[-1] == seqlen, "crop", f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}")
+    _require(_same_shape(out, u), "shape", f"the result has shape {_shape_str(out)}, the signal {_shape_str(u)}")
+
+    constant, power = _net_scale(idiom, fft_size)
+    if power == 0:
+        total = constant
+    elif isinstance(fft_size, int):
+        total = constant * fft_size**power
+    else:
+        _refuse("symbolic", f"the result is scaled by {constant:g} * n^{power:g} with a symbolic FFT size n")
+    if not math.isclose(total, 1.0, rel_tol=1e-6):
+        _refuse("normalisation", f"normalisation: the result is {total:g} times the convolution")
+    return f"L={seqlen}, Lk={kernel_len}, fft_size={fft_size}"
+
+
+# ----------------------------------------------------------------------------- fusion guards --
+def op_arguments(node: Node) -> dict[str, Any]:
+    """The arguments of an ``lcconv::fftconv`` call by name, defaults filled in."""
+    args = dict(zip(FFTCONV_ARGS, (None, None, None, None, None, False, None)))
+    args.update(zip(FFTCONV_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _the_op(match) -> Node:
+    ops = [n for n in match.nodes if n.target == FFTCONV]
+    if len(ops) != 1:
+        _refuse("structure", f"expected one fftconv call in the match, found {len(ops)}")
+    return ops[0]
+
+
+def _require_unset(op_args: dict[str, Any], names: tuple[str, ...], why: str) -> None:
+    for name in names:
+        if op_args[name] not in (None, False):
+            _refuse("order", f"`{name}` is already set on the op: {why}")
+
+
+def _check_same_device(*tensors: torch.Tensor) -> None:
+    if len({t.device for t in tensors}) > 1:
+        _refuse("device", "the op and its neighbour are on different devices")
+
+
+def _check_result_dtype(match, op_out: torch.Tensor) -> None:
+    result = _tensor(match.output_node(), "the fused result")
+    if result.dtype != op_out.dtype:
+        _refuse("dtype", f"the neighbour changes the dtype to {result.dtype}; the op returns {op_out.dtype}")
+
+
+def _check_skip(match) -> None:
+    op = _the_op(match)
+    op_args = op_arguments(op)
+    _require_unset(op_args, ("D", "gate_in", "gate_out", "gelu", "dropout_mask"),
+                   "the skip term is added to the bare convolution only")
+    x = _tensor(match.kwargs["u"], "the conv input")
+    D = _tensor(match.kwargs["skip_weight"], "D")
+    out = _tensor(op, "the op")
+    if D.dim() != 1 or not statically_known_true(D.shape[0] == x.shape[1]):
+        _refuse("skip_shape", f"D has shape {_shape_str(D)}: the op needs (H,) = ({x.shape[1]},)")
+    (unsqueeze,) = [n for n in match.nodes if n.target == aten.unsqueeze.default]
+    if _tensor(unsqueeze, "the unsqueezed D").shape[-1] != 1:  # (1, H) would scale time steps
+        _refuse("skip_shape", "D is unsqueezed to (1, H): it scales time steps, not channels")
+    if D.dtype not in _REAL_FLOATS:
+        _refuse("dtype", f"D has dtype {D.dtype}")
+    _check_same_device(x, D)
+    _check_result_dtype(match, out)
+
+
+def _check_gate_in(match) -> None:
+    op = _the_op(match)
+    _require_unset(op_arguments(op), ("gate_in",), "a second input gate")
+    u = _tensor(match.kwargs["u"], "u")
+    gate = _tensor(match.kwargs["gate"], "the input gate")
+    x = _tensor(op.args[0], "the conv input")
+    for t, what in ((u, "u"), (gate, "the gate")):
+        _require(_same_shape(t, x), "gate_shape",
+                 f"{what} has shape {_shape_str(t)}, the product {_shape_str(x)}: the op does not broadcast gates")
+    if x.dtype != u.dtype:
+        _refuse("dtype", f"the gated input has dtype {x.dtype}, u {u.dtype}")
+    if gate.dtype not in _REAL_FLOATS:
+        _refuse("dtype", f"the gate has dtype {gate.dtype}")
+    _check_same_device(u, gate)
+
+
+_GELU_CONSTANTS = {0.5, 1.0 / math.sqrt(2.0)}
+
+
+def _check_gelu(match) -> None:
+    op = _the_op(match)
+    _require_unset(op_arguments(op), ("gate_out", "dropout_mask"),
+                   "GELU applies before the output gate and the mask")
+    constants = sorted(
+        float(n.args[1]) for n in match.nodes
+        if n.target == aten.mul.Tensor and isinstance(n.args[1], (int, float))
+    )
+    offsets = [n.args[1] for n in match.nodes if n.target == aten.add.Tensor]
+    expected = sorted(_GELU_CONSTANTS)
+    if len(constants) != 2 or not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(constants, expected)) \
+            or offsets != [1]:
+        _refuse("gelu", f"not the exact erf GELU (constants {constants}, offset {offsets})")
+    _check_result_dtype(match, _tensor(op, "the op"))
+
+
+def output_multiplier_slot(out: torch.Tensor, multiplier: torch.Tensor) -> Optional[str]:
+    """Which op option a multiplier of the op's output becomes: gate_out, dropout_mask, or neither."""
+    if _same_shape(multiplier, out) is True:
+        return "gate_out"
+    if (
+        multiplier.dim() == 3
+        and statically_known_true(multiplier.shape[0] == out.shape[0])
+        and statically_known_true(multiplier.shape[1] == out.shape[1])
+        and statically_known_true(multiplier.shape[2] == 1)
+    ):
+        return "dropout_mask"
+    return None
+
+
+def _check_output_multiplier(match) -> None:
+    op = _the_op(match)
+    out = _tensor(op, "the op")
+    if not isinstance(match.kwargs["multiplier"], Node):
+        _refuse("gate_shape", "the output is multiplied by a constant, not a gate or mask tensor")
+    multiplier = _tensor(match.kwargs["multiplier"], "the multiplier")
+    slot = output_multiplier_slot(out, multiplier)
+    if slot is None:
+        _refuse("gate_shape", f"the output is multiplied by a tensor of shape {_shape_str(multiplier)}: "
+                              f"neither a gate {_shape_str(out)} nor a (B, H, 1) mask, or it broadcasts")
+    _require_unset(op_arguments(op), (slot,), f"a second {slot}")
+    if multiplier.dtype not in _REAL_FLOATS:
+        _refuse("dtype", f"the multiplier has dtype {multiplier.dtype}")
+    _check_same_device(out, multiplier)
+    _check_result_dtype(match, out)
+
+
+def _casts(match) -> list[Node]:
+    return [n for n in match.nodes if n.target == prims.convert_element_type.default]
+
+
+def _check_signal_cast(match) -> None:
+    op = _the_op(match)
+    op_args = op_arguments(op)
+    u = _tensor(match.kwargs["u"], "u")
+    upcast = op.args[0]
+    (downcast,) = [cast for cast in _casts(match) if cast is not upcast]
+    if u.dtype not in _HALF_FLOATS:
+        _refuse("dtype", f"u has dtype {u.dtype}: only half-precision inputs run the op in float32 themselves")
+    if upcast.args[1] != torch.float32 or downcast.args[1] != u.dtype:
+        _refuse("dtype", f"the casts go to {upcast.args[1]} and back to {downcast.args[1]}, "
+                         f"not float32 and back to {u.dtype}")
+    for name in ("k", "D", "gate_in", "gate_out", "dropout_mask"):
+        t = value(op_args[name])
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            _refuse("dtype", f"`{name}` is float64: the op would compute in float64")
+    k = _tensor(op_args["k"], "k")
+    if k.dtype not in (torch.float32, u.dtype):
+        _refuse("dtype", f"kernel dtype {k.dtype}: the op takes float32 or u's dtype {u.dtype}")
+
+
+def _check_kernel_cast(match) -> None:
+    op = _the_op(match)
+    u = _tensor(op.args[0], "u")
+    k = _tensor(match.kwargs["k"], "k")
+    (cast,) = _casts(match)
+    if cast.args[1] != torch.float32 or k.dtype != u.dtype or u.dtype not in _HALF_FLOATS:
+        _refuse("dtype", f"the kernel is cast from {k.dtype} to {cast.args[1]} for a {u.dtype} signal: "
+                         "the op only upcasts a kernel of the signal's half dtype")
+
+
+_FUSION_CHECKS: dict[str, Callable[[Any], None]] = {
+    "skip": _check_skip,
+    "gate_in": _check_gate_in,
+    "gelu": _check_gelu,
+    "output_multiplier": _check_output_multiplier,
+    "signal_cast": _check_signal_cast,
+    "kernel_cast": _check_kernel_cast,
+}
+
+
+# ------------------------------------------------------------------------- extra_check hooks --
+def _run(stage: str, pattern: str, anchor: Node, check: Callable[[], Optional[str]]) -> bool:
+    try:
+        detail = check() or ""
+    except _Refused as refused:
+        events.report(events.Rejection(stage, pattern, refused.refusal.code, refused.refusal.reason,
+                                       events.source_of(anchor)), anchor)
+        return False
+    except Exception as error:  # a bug here must cost a rewrite, never the user's compilation
+        log.warning("lcconv_compile: guard for %s failed on %s; not rewriting", pattern, anchor, exc_info=True)
+        events.report(events.Rejection(stage, pattern, "internal_error", repr(error), events.source_of(anchor)),
+                      anchor)
+        return False
+    events.report(events.Rewrite(stage, pattern, events.source_of(anchor), detail), anchor)
+    return True
+
+
+def check_idiom(pattern: str) -> Callable[[Any], bool]:
+    """``extra_check`` for an idiom pattern: the matched FFT convolution is exactly the op's."""
+
+    def extra_check(match) -> bool:
+        anchor = match.output_nodes()[0]
+        idiom = parse_fft_conv(anchor)
+        if isinstance(idiom, str):
+            # Sizes and scalars are ignored when matching, so e.g. a gate multiply can take a
+            # scale's place: that is no FFT convolution of this spelling, not a refusal.
+            return False
+        events.mark_explained(idiom.inverse)
+        return _run("idiom", pattern, anchor, lambda: _check_idiom(idiom))
+
+    return extra_check
+
+
+def check_fusion(kind: str, pattern: str) -> Callable[[Any], bool]:
+    """``extra_check`` for folding a neighbour (``kind``) into an ``lcconv::fftconv`` call."""
+    check_kind = _FUSION_CHECKS[kind]
+
+    def extra_check(match) -> bool:
+        return _run("fusion", pattern, match.output_node(), lambda: check_kind(match))
+
+    return extra_check
+
+
+def diagnose_inverse_fft(node: Node) -> Optional[Refusal]:
+    """For ``explain``: why the FFT convolution through inverse FFT ``node`` was left alone.
+
+    Tries every place below ``node`` where a convolution could end (slice, ``.real``, scales).
+    Returns None when the guards accept one of them (then no pattern matched its structure, e.g.
+    because an intermediate spectrum has other users), else the refusal for the longest chain.
+    """
+    refusal = _unpadded_product(node) or Refusal(
+        "structure", "an inverse FFT that is not sliced into a causal convolution")
+    for output in _candidate_outputs(node):
+        idiom = parse_fft_conv(output)
+        if isinstance(idiom, str):
+            if refusal.code == "structure":
+                refusal = Refusal("structure", idiom)
+            continue
+        try:
+            _check_idiom(idiom)
+        except _Refused as refused:
+            refusal = refused.refusal
+            continue
+        return None
+    return refusal
+
+
+def _unpadded_product(inverse: Node) -> Optional[Refusal]:
+    """The common slip ``irfft(rfft(u) * rfft(k))``: a product of unpadded real FFTs is circular."""
+    product = inverse.args[0]
+    if not (isinstance(product, Node) and product.target == aten.mul.Tensor):
+        return None
+    transforms = [arg for arg in product.args if isinstance(arg, Node) and arg.target == aten._fft_r2c.default]
+    if len(transforms) == 2 and not any(t.args[0].target == aten.constant_pad_nd.default for t in transforms):
+        return Refusal("circular", "circular convolution: the FFT inputs are not zero-padded to L + Lk - 1")
+    return None
+
+
+def _candidate_outputs(node: Node) -> list[Node]:
+    """Nodes below an inverse FFT where a convolution could end, nearest first."""
+    chain_ops = (aten.slice.Tensor, aten.view_as_real.default, aten.select.int, aten.mul.Tensor, aten.div.Tensor)
+    found, frontier = [], [node]
+    while frontier:
+        current = frontier.pop(0)
+        for user in current.users:
+            if user.target in chain_ops and user not in found:
+                found.append(user)
+                frontier.append(user)
+    return [n for n in found if n.target != aten.view_as_real.default]

@@ -1,0 +1,181 @@
+"""The two graph passes, as plain functions of an ``fx.Graph``: where each pattern runs, and why.
+
+* :func:`joint_stage` (Inductor's joint-graph hook) rewrites hand-written FFT convolutions into
+  ``lcconv::fftconv``. It runs on the joint forward+backward graph of a training compile and on
+  the forward graph of an inference compile, *before* the partitioner splits training graphs.
+  That is the one place where both halves are visible: matching there replaces the forward FFTs
+  by the op and their autograd-generated backward FFTs by ``lcconv::fftconv_bwd`` (the patterns
+  are traced with ``joint_fwd_bwd``, as Inductor's own ``fuse_attention`` does). A post-grad
+  match would see the forward only and leave the backward on FFTs; a pre-grad match would have
+  to read Dynamo's un-normalised torch-level graph, with every spelling of every call.
+* :func:`post_grad_stage` (Inductor's post-grad hook) runs :data:`POST_GRAD_STAGES` in order:
+  spell every op call out, then fold pointwise neighbours into the op's options. Folding a
+  neighbour changes only the forward computation of values the backward does not read (the
+  pattern matcher refuses a match whose intermediate has other users, e.g. one saved for the
+  backward), so it is done per graph, after partitioning, for inference and training alike.
+  Device-specific stages (e.g. a CUDA lowering to the Triton kernel) are appended to the list.
+
+Patterns are registered lazily, on the first graph that has something for them to match, under
+a fresh fake mode. This module wires patterns to guards and hooks nothing into Inductor (that
+is :mod:`.install`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Callable
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.pattern_matcher import (
+    PatternMatcherPass,
+    gen_pattern,
+    register_replacement,
+    stable_topological_sort,
+)
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.fx import Graph, Node
+
+from . import events, guards
+from .fft_idiom import is_inverse_fft
+from .patterns_fusion import fusion_pattern_specs
+from .patterns_idiom import PatternSpec, idiom_pattern_specs
+
+IDIOM_PATTERNS = PatternMatcherPass(pass_name="lcconv_idiom")
+FUSION_PATTERNS = PatternMatcherPass(pass_name="lcconv_fusion")
+MAX_FUSION_ROUNDS = 8  # one fold per round and neighbour; the op has five options
+
+
+def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> None:
+    # Match on the pattern traced at placeholder sizes, with sizes/scalars/dtypes ignored, and
+    # never re-trace it at the graph's sizes: the guard checks those numbers itself (a re-trace
+    # would also need the graph's FFT size, which no pattern argument carries).
+    generic = gen_pattern(spec.search_fn, spec.example_inputs, spec.trace_fn)
+    register_replacement(
+        spec.search_fn,
+        spec.replace_fn,
+        spec.example_inputs,
+        spec.trace_fn,
+        patterns,
+        extra_check=extra_check,
+        search_fn_pattern=generic,
+        skip_duplicates=True,
+    )
+
+
+@contextlib.contextmanager
+def _tracing_patterns():
+    # Tracing must see neither the fake mode nor the tracing context of the compile that asked,
+    # nor leave counters of its own behind (what Inductor's init_once_fakemode does).
+    saved_counters = counters["inductor"].copy()
+    with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode(), warnings.catch_warnings():
+        # Inductor warns about complex tensors while normalising the FFT patterns' own graphs.
+        warnings.filterwarnings("ignore", message=".*complex operators.*")
+        yield torch.device("cpu")  # devices are ignored by matching: patterns are traced once
+    counters["inductor"] = saved_counters
+
+
+# Registered on the first graph that needs them: tracing the idiom patterns (forward and joint)
+# takes seconds, and a graph without FFTs or without the op never pays for it.
+@functools.cache
+def _register_idiom_patterns() -> None:
+    with _tracing_patterns() as device:
+        for spec in idiom_pattern_specs(device):
+            _register(spec, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+
+
+@functools.cache
+def _register_fusion_patterns() -> None:
+    with _tracing_patterns() as device:
+        for kind, spec in fusion_pattern_specs(device):
+            _register(spec, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
+
+
+def _backward_nodes(graph: Graph) -> set[Node]:
+    """Nodes that depend on a tangent: the backward half of a joint graph (empty for inference)."""
+    backward: set[Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and str(node.target).startswith("tangents"):
+            backward.add(node)
+        elif any(arg in backward for arg in node.all_input_nodes):
+            backward.add(node)
+    return backward
+
+
+def _report_unmatched_ffts(graph: Graph) -> None:
+    """For ``explain``: say why each forward inverse FFT that survived the idiom pass is there."""
+    backward = _backward_nodes(graph)
+    for node in graph.nodes:
+        if not is_inverse_fft(node) or node in backward or events.is_explained(node):
+            continue
+        refusal = guards.diagnose_inverse_fft(node)
+        if refusal is None:
+            refusal = guards.Refusal(
+                "unmatched", "the guards accept it, but no pattern matched: an intermediate "
+                "(a spectrum, the product) has other users, or the spelling is not one we know")
+        events.report(events.Rejection("idiom", "unmatched_fft", refusal.code, refusal.reason,
+                                       events.source_of(node)), node)
+
+
+def joint_stage(graph: Graph) -> int:
+    """Rewrite hand-written FFT convolutions into ``lcconv::fftconv`` (+ ``fftconv_bwd``)."""
+    if not any(is_inverse_fft(node) for node in graph.nodes):
+        return 0
+    _register_idiom_patterns()
+    with events.pass_run():
+        count = IDIOM_PATTERNS.apply(graph)
+        if events.collecting():
+            _report_unmatched_ffts(graph)
+    if count:
+        # A joint replacement is inserted where the forward output was, before the backward
+        # nodes that feed its fftconv_bwd: restore topological order for the passes after ours.
+        stable_topological_sort(graph)
+    return count
+
+
+_OP_DEFAULTS = (None, None, None, None, None, False, None)
+
+
+def spell_out_op_calls(graph: Graph, full: bool) -> None:
+    """Write every ``lcconv::fftconv`` call positionally, with all seven arguments or trimmed.
+
+    Traced graphs drop trailing defaults, so the same op appears with 2 to 7 arguments. Fusion
+    patterns are written for the full form (see :mod:`.patterns_fusion`); Inductor's lowering
+    of the call expects the trimmed form back.
+    """
+    for node in graph.find_nodes(op="call_function", target=guards.FFTCONV):
+        by_name = guards.op_arguments(node)
+        args = [by_name[name] for name in guards.FFTCONV_ARGS]
+        while not full and len(args) > 2 and args[-1] is _OP_DEFAULTS[len(args) - 1]:
+            args.pop()
+        node.args = tuple(args)
+        node.kwargs = {}
+
+
+def fuse_neighbours(graph: Graph) -> int:
+    """Fold neighbours into op calls until nothing more folds (each fold can enable the next)."""
+    if not graph.find_nodes(op="call_function", target=guards.FFTCONV):
+        return 0
+    _register_fusion_patterns()
+    total = 0
+    with events.pass_run():
+        for _ in range(MAX_FUSION_ROUNDS):
+            spell_out_op_calls(graph, full=True)
+            count = FUSION_PATTERNS.apply(graph)
+            if not count:
+                break
+            graph.eliminate_dead_code()
+            total += count
+        spell_out_op_calls(graph, full=False)
+    return total
+
+
+# The post-grad stages, in order. A device-specific stage (e.g. lowering the op to the CUDA
+# Triton kernel) is appended here; each takes the graph and returns how many nodes it changed.
+POST_GRAD_STAGES: list[Callable[[Graph], int]] = [fuse_neighbours]
+
+
+def post_grad_stage(graph: Graph) -> int:
+    return sum(stage(graph) for stage in POST_GRAD_STAGES)

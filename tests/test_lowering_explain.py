@@ -1,0 +1,70 @@
+"""``lcconv_compile.explain`` (lowering/explain.py): which FFT convolutions were rewritten, what
+was fused, what was left alone and why, and where Dynamo broke the graph."""
+
+from __future__ import annotations
+
+import re
+
+import expecttest
+import torch
+import torch.nn.functional as F
+
+import lcconv_compile
+from lcconv_compile import ExplainReport
+
+B, H, L = 2, 3, 16
+
+
+def conv(u, k, n):
+    seqlen = u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+
+
+class TwoConvolutions(torch.nn.Module):
+    """One long convolution the op computes (with a skip and a GELU), one circular one it does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.randn(H, L) / L)
+        self.D = torch.nn.Parameter(torch.randn(H))
+
+    def forward(self, u):
+        y = F.gelu(conv(u, self.k, 2 * L) + u * self.D.unsqueeze(-1))
+        return conv(y, self.k, L)  # n = L: circular
+
+
+def without_line_numbers(text: str) -> str:
+    return re.sub(r"\.py:\d+", ".py:N", text)
+
+
+class ExplainTest(expecttest.TestCase):
+    def test_inference_report(self):
+        with torch.no_grad():
+            report = lcconv_compile.explain(TwoConvolutions(), torch.randn(B, H, L))
+        assert isinstance(report, ExplainReport)
+        self.assertExpectedInline(without_line_numbers(str(report)), """\
+lcconv_compile.explain: 1 graph(s), 0 graph break(s)
+rewritten into lcconv::fftconv (1):
+  - rfft_conv_inference at test_lowering_explain.py:N (L=16, Lk=16, fft_size=32)
+fused into the op (2):
+  - fold_skip at test_lowering_explain.py:N
+  - fold_gelu at test_lowering_explain.py:N
+left alone (1):
+  - unmatched_fft at test_lowering_explain.py:N: [circular] circular convolution: the FFT inputs are not zero-padded to L + Lk - 1
+graph breaks (0):""")
+
+    def test_training_report_names_training_patterns(self):
+        report = lcconv_compile.explain(TwoConvolutions(), torch.randn(B, H, L))
+        assert [r.pattern for r in report.rewritten] == ["rfft_conv_training"]
+        assert [r.code for r in report.rejected] == ["circular"]
+
+    def test_graph_breaks_are_reported(self):
+        def broken(u, k):
+            y = conv(u, k, 2 * L)
+            torch._dynamo.graph_break()
+            return conv(y, k, 2 * L)
+
+        report = lcconv_compile.explain(broken, torch.randn(B, H, L), torch.randn(H, L))
+        assert report.graph_count == 2 and report.graph_break_count == 1
+        assert len(report.break_reasons) == 1
+        assert [r.pattern for r in report.rewritten] == ["rfft_conv_inference"] * 2

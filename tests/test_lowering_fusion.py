@@ -1,0 +1,174 @@
+"""Neighbour folding (lowering/patterns_fusion.py, guards.py): the skip term, gates, the exact
+GELU, a (B, H, 1) dropout mask and half-precision casts around an ``lcconv::fftconv`` call fold
+into the op's options, whether the op was called directly or came from a rewritten idiom; a
+neighbour the op's formula would not reproduce stays outside.
+"""
+
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcconv_compile import fftconv, reference
+from lowering_helpers import compile_once, rel_err
+
+B, H, L = 2, 4, 24
+
+
+def hand_written_conv(u, k):
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    return torch.fft.irfft(torch.fft.rfft(u, n=fft_size) * k_f, n=fft_size, norm="forward")[..., :seqlen]
+
+
+def inputs():
+    return dict(
+        u=torch.randn(B, H, L),
+        k=torch.randn(H, L) / L**0.5,
+        D=torch.randn(H),
+        gate=torch.randn(B, H, L),
+        mask=(torch.rand(B, H, 1) > 0.3).float() / 0.7,
+    )
+
+
+class FusionGraphTest(expecttest.TestCase):
+    def test_skip_term_folds_into_direct_op_call(self):
+        def block(u, k, D, gate, mask):
+            return fftconv(u, k) + u * D.unsqueeze(-1)
+
+        result = compile_once(block, *inputs().values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 24], in2: f32[4]
+v0 = lcconv.fftconv(in0, in1, in2)
+return (v0,)""")
+        assert result.rewrites == {"fold_skip": 1}
+        x = inputs()
+        want = reference.direct_causal_conv(x["u"], x["k"], x["D"])
+        assert rel_err(result.fn(*x.values()), want) < 1e-5
+
+    def test_skip_term_written_first_folds_too(self):
+        def block(u, k, D, gate, mask):
+            return D[:, None] * u + fftconv(u, k)
+
+        result = compile_once(block, *inputs().values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[4], in1: f32[2, 4, 24], in2: f32[4, 24]
+v0 = lcconv.fftconv(in1, in2, in0)
+return (v0,)""")
+        assert result.rewrites == {"fold_skip_first": 1}
+
+    def test_hyena_block_becomes_one_op_call(self):
+        # Hyena's operator: x = u * gate; y = gelu(conv(x, k) + D * x) * gate, conv written by hand.
+        def hyena(u, k, D, gate, mask):
+            x = u * gate
+            return F.gelu(hand_written_conv(x, k) + x * D.unsqueeze(-1)) * gate
+
+        result = compile_once(hyena, *inputs().values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[2, 4, 24], in2: f32[4, 24], in3: f32[4]
+v0 = lcconv.fftconv(in0, in2, in3, in1, in1, True)
+return (v0,)""")
+        assert result.rewrites == {"rfft_conv_scaled_kernel_inference": 1, "fold_skip": 1, "fold_gate_in": 1,
+                                   "fold_gelu": 1, "fold_output_multiplier": 1}
+        x = inputs()
+        want = reference.fftconv_ref(*(x[n].double() for n in ("u", "k", "D")), gate_in=x["gate"].double(),
+                                     gate_out=x["gate"].double(), gelu=True)
+        assert rel_err(result.fn(*x.values()), want) < 1e-5
+
+    def test_h3_block_with_dropout_mask_becomes_one_op_call(self):
+        def h3(u, k, D, gate, mask):
+            return gate * F.gelu(fftconv(u * gate, k, D)) * mask
+
+        result = compile_once(h3, *inputs().values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[2, 4, 24], in2: f32[4, 24], in3: f32[4], in4: f32[2, 4, 1]
+v0 = aten.squeeze.dim(in4, -1)
+v1 = lcconv.fftconv(in0, in2, in3, in1, in1, True, v0)
+return (v1,)""")
+        assert result.rewrites == {"fold_gate_in": 1, "fold_gelu": 1, "fold_output_multiplier_first": 1,
+                                   "fold_output_multiplier": 1}
+        x = inputs()
+        want = reference.fftconv_ref(*(x[n].double() for n in ("u", "k", "D")), gate_in=x["gate"].double(),
+                                     gate_out=x["gate"].double(), gelu=True,
+                                     dropout_mask=x["mask"].double().squeeze(-1))
+        assert rel_err(result.fn(*x.values()), want) < 1e-5
+
+    def test_half_precision_block_reads_half_inputs(self):
+        def block(u, k, D, gate, mask):
+            x = u.float()
+            return (fftconv(x, k.float()) + x * D.unsqueeze(-1)).to(u.dtype)
+
+        x = inputs()
+        x["u"], x["k"] = x["u"].bfloat16(), x["k"].bfloat16()
+        result = compile_once(block, *x.values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: bf16[2, 4, 24], in1: bf16[4, 24], in2: f32[4]
+v0 = lcconv.fftconv(in0, in1, in2)
+return (v0,)""")
+        assert result.rewrites == {"fold_skip": 1, "fold_signal_cast": 1, "fold_kernel_cast": 1}
+        y = result.fn(*x.values())
+        assert y.dtype == torch.bfloat16
+        assert rel_err(y, reference.direct_causal_conv(x["u"], x["k"], x["D"])) < 1e-2
+
+
+# --------------------------------------------------------------------------- not folded --
+NOT_FOLDED = {
+    # name: (block, guard code or None when the structure does not match at all)
+    "skip_of_another_tensor": (lambda u, k, D, gate, mask: fftconv(u, k) + gate * D.unsqueeze(-1), None),
+    "tanh_gelu": (lambda u, k, D, gate, mask: F.gelu(fftconv(u, k, D), approximate="tanh"), None),
+    "gate_broadcast_over_batch": (lambda u, k, D, gate, mask: fftconv(u, k, D) * gate[:1], "gate_shape"),
+    "input_gate_broadcast_over_channels": (lambda u, k, D, gate, mask: fftconv(u * gate[:, :1], k, D),
+                                           "gate_shape"),
+    "skip_after_output_gate": (lambda u, k, D, gate, mask: fftconv(u, k, gate_out=gate) + u * D.unsqueeze(-1),
+                               "order"),
+    "skip_of_wrong_shape": (lambda u, k, D, gate, mask: fftconv(u, k) + u * gate[:, :, :1], None),
+    "double_precision_gate": (lambda u, k, D, gate, mask: fftconv(u, k, D) * gate.double(), "dtype"),
+    "output_also_returned": (lambda u, k, D, gate, mask: (lambda y: (y, y * gate))(fftconv(u, k, D)), None),
+}
+
+
+@pytest.mark.parametrize("name", NOT_FOLDED)
+def test_not_folded(name):
+    block, code = NOT_FOLDED[name]
+    result = compile_once(block, *inputs().values())
+    assert not any(key.startswith("fold") for key in result.rewrites), result.rewrites
+    assert result.rejections == ({code: 1} if code else {})
+    x = inputs()
+    torch.testing.assert_close(result.fn(*x.values()), block(*x.values()))
+
+
+def test_skip_weight_over_time_is_not_folded():
+    # With H == L, D.unsqueeze(0) broadcasts: it scales time steps, not channels.
+    def block(u, k, D):
+        return fftconv(u, k) + u * D.unsqueeze(0)
+
+    u, k, D = torch.randn(B, 8, 8), torch.randn(8, 8), torch.randn(8)
+    result = compile_once(block, u, k, D)
+    assert result.rewrites == {} and result.rejections == {"skip_shape": 1}
+    torch.testing.assert_close(result.fn(u, k, D), block(u, k, D))
+
+
+def test_training_forward_folds_only_what_the_backward_does_not_read():
+    # The op's output feeds GELU, whose backward needs it: it is saved, so the skip term cannot
+    # fold in the forward graph. Gradients still match the float64 eager computation.
+    def block(u, k, D, gate, mask):
+        return F.gelu(fftconv(u, k) + u * D.unsqueeze(-1))
+
+    x = inputs()
+    for name in ("u", "k", "D"):
+        x[name].requires_grad_()
+    result = compile_once(block, *x.values(), train=True)
+    assert "fold_skip" not in result.rewrites
+    assert "lcconv.fftconv_bwd" in result.graphs[1]
+
+    x = inputs()
+    leaves = [x[n].requires_grad_() for n in ("u", "k", "D")]
+    grad_y = torch.randn(B, H, L)
+    got = torch.autograd.grad(result.fn(*x.values()), leaves, grad_y)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(block(*leaves64, None, None), leaves64, grad_y.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5

@@ -1,0 +1,355 @@
+"""Idiom rewrite (lowering/patterns_idiom.py, guards.py): hand-written causal FFT convolutions
+become ``lcconv::fftconv`` in inference graphs and ``fftconv`` + ``fftconv_bwd`` in training
+graphs; anything that is not exactly that function is left alone, with the guard's reason.
+
+Each idiom below is written the way people write it, with its own choice of FFT size. Every
+idiom is compiled once per mode (module-level cache) and the compiled function is reused on
+fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lcconv_compile
+from lcconv_compile import reference
+from lowering_helpers import compile_once, rel_err
+
+B, H, L, LK = 2, 4, 24, 20
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------- idioms --
+def textbook(u, k):
+    seqlen = u.shape[-1]
+    n = next_pow2(seqlen + k.shape[-1] - 1)
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+
+
+def kernel_first_exact_size(u, k):
+    seqlen = u.shape[-1]
+    n = seqlen + k.shape[-1] - 1  # the smallest non-circular size, odd here
+    return torch.fft.irfft(torch.fft.rfft(k, n=n) * torch.fft.rfft(u, n=n), n=n)[..., :seqlen]
+
+
+def explicit_pad(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(F.pad(u, (0, n - seqlen)))
+    k_f = torch.fft.rfft(F.pad(k, (0, n - k.shape[-1])))
+    return torch.fft.irfft(u_f * k_f, n=n)[..., :seqlen]
+
+
+def unsqueezed_kernel(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k.unsqueeze(0), n=n), n=n)[..., :seqlen]
+
+
+def h3_style(u, k):
+    # H3 / Hyena / FlashFFTConv reference code.
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    return torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+
+
+def forward_norm_on_signal(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(u, n=n, norm="forward")
+    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
+
+
+def scaled_signal(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(u, n=n) / n
+    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
+
+
+def scaled_product(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n
+    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+
+
+def ortho(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(u, n=n, norm="ortho")
+    k_f = torch.fft.rfft(k, n=n, norm="ortho")
+    return torch.fft.irfft(u_f * k_f, n=n, norm="ortho")[..., :seqlen] * n**0.5
+
+
+def complex_fft(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n))[..., :seqlen].real
+
+
+def complex_fft_real_first(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
+
+
+# (idiom, counter family): the counter is "<family>_inference" or "<family>_training".
+IDIOMS = {
+    "textbook": (textbook, "rfft_conv"),
+    "kernel_first_exact_size": (kernel_first_exact_size, "rfft_conv_kernel_first"),
+    "explicit_pad": (explicit_pad, "rfft_conv_padded"),
+    "unsqueezed_kernel": (unsqueezed_kernel, "rfft_conv_unsqueezed_kernel"),
+    "h3_style": (h3_style, "rfft_conv_scaled_kernel"),
+    "forward_norm_on_signal": (forward_norm_on_signal, "rfft_conv"),
+    "scaled_signal": (scaled_signal, "rfft_conv_scaled_signal"),
+    "scaled_product": (scaled_product, "rfft_conv_scaled_product"),
+    "ortho": (ortho, "rfft_conv_scaled_output"),
+    "complex_fft": (complex_fft, "fft_conv"),
+    "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
+}
+# The forward pattern is symmetric in its two spectra, so for inference a kernel-first product
+# is matched by the plain pattern (the replacement picks the roles from the shapes).
+INFERENCE_FAMILY = {"kernel_first_exact_size": "rfft_conv"}
+
+
+def fresh_inputs(train: bool, u_grad: bool = True):
+    u = torch.randn(B, H, L, requires_grad=train and u_grad)
+    k = (torch.randn(H, LK) / LK**0.5).requires_grad_(train)
+    return u, k
+
+
+@functools.cache
+def compiled(name: str, train: bool):
+    return compile_once(IDIOMS[name][0], *fresh_inputs(train), train=train)
+
+
+# --------------------------------------------------------------------------- pinned graphs --
+class IdiomGraphTest(expecttest.TestCase):
+    def test_every_idiom_becomes_one_op_call_for_inference(self):
+        graphs = {name: compiled(name, train=False).graphs for name in IDIOMS}
+        for name, recorded in graphs.items():
+            self.assertEqual(recorded, graphs["textbook"], name)
+        self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20]
+v0 = lcconv.fftconv(in0, in1)
+return (v0,)""")
+
+    def test_every_idiom_calls_op_and_backward_op_when_training(self):
+        graphs = {name: compiled(name, train=True).graphs for name in IDIOMS}
+        for name, recorded in graphs.items():
+            self.assertEqual(recorded, graphs["textbook"], name)
+        forward, backward = graphs["textbook"]
+        self.assertExpectedInline(forward, """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20]
+v0 = lcconv.fftconv(in0, in1)
+return (v0, in0, in1)""")
+        self.assertExpectedInline(backward, """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 20], in2: f32[2, 4, 24]
+v0 = lcconv.fftconv_bwd(in2, in0, in1, None, None, None, False, None)
+v1 = getitem(v0, 0)
+v2 = getitem(v0, 1)
+return (v1, v2)""")
+
+    def test_kernel_longer_than_signal_is_truncated(self):
+        def long_kernel(u, k):
+            seqlen = u.shape[-1]
+            n = next_pow2(seqlen + k.shape[-1] - 1)
+            return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+
+        u, k = torch.randn(B, H, L), torch.randn(H, L + 9)
+        result = compile_once(long_kernel, u, k)
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 33]
+v0 = aten.slice.Tensor(in1, 1, 0, 24)
+v1 = lcconv.fftconv(in0, v0)
+return (v1,)""")
+        assert rel_err(result.fn(u, k), reference.direct_causal_conv(u, k[:, :L])) < 1e-5
+
+    def test_half_precision_casts_fold_into_the_op(self):
+        def upcast_conv(u, k):
+            seqlen = u.shape[-1]
+            n = 2 * seqlen
+            y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(k.float(), n=n), n=n)
+            return y[..., :seqlen].to(u.dtype)
+
+        u, k = torch.randn(B, H, L, dtype=torch.bfloat16), torch.randn(H, LK, dtype=torch.bfloat16)
+        result = compile_once(upcast_conv, u, k)
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: bf16[2, 4, 24], in1: bf16[4, 20]
+v0 = lcconv.fftconv(in0, in1)
+return (v0,)""")
+        assert result.rewrites == {"rfft_conv_inference": 1, "fold_signal_cast": 1, "fold_kernel_cast": 1}
+        y = result.fn(u, k)
+        assert y.dtype == torch.bfloat16
+        assert rel_err(y, reference.direct_causal_conv(u, k)) < 1e-2
+
+
+# ---------------------------------------------------------------------- counters, numerics --
+@pytest.mark.parametrize("name", IDIOMS)
+def test_inference_counter_and_output(name):
+    result = compiled(name, train=False)
+    family = INFERENCE_FAMILY.get(name, IDIOMS[name][1])
+    assert result.rewrites == {f"{family}_inference": 1}
+    assert result.rejections == {}
+    u, k = fresh_inputs(train=False)
+    assert rel_err(result.fn(u, k), reference.direct_causal_conv(u, k)) < 1e-5
+
+
+@pytest.mark.parametrize("name", IDIOMS)
+def test_training_counter_and_gradients(name):
+    result = compiled(name, train=True)
+    assert result.rewrites == {f"{IDIOMS[name][1]}_training": 1}
+    u, k = fresh_inputs(train=True)
+    grad_y = torch.randn(B, H, L)
+    du, dk = torch.autograd.grad(result.fn(u, k), (u, k), grad_y)
+    # The oracle: the same idiom in float64, differentiated eagerly.
+    u64, k64 = (t.detach().double().requires_grad_() for t in (u, k))
+    du64, dk64 = torch.autograd.grad(IDIOMS[name][0](u64, k64), (u64, k64), grad_y.double())
+    assert rel_err(du, du64) < 1e-5 and rel_err(dk, dk64) < 1e-5
+
+
+def test_training_with_only_the_kernel_learned():
+    u, k = fresh_inputs(train=True, u_grad=False)
+    result = compile_once(h3_style, u, k, train=True)
+    assert result.rewrites == {"rfft_conv_scaled_kernel_training": 1}
+    assert "lcconv.fftconv_bwd" in result.graphs[1] and "_fft_" not in result.graphs[1]
+    u, k = fresh_inputs(train=True, u_grad=False)
+    (dk,) = torch.autograd.grad(result.fn(u, k).square().sum(), k)
+    k64 = k.detach().double().requires_grad_()
+    (dk64,) = torch.autograd.grad(h3_style(u.double(), k64).square().sum(), k64)
+    assert rel_err(dk, dk64) < 1e-5
+
+
+class TrainedModule(torch.nn.Module):
+    """A long-convolution layer written with the idiom, as a training step would use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = torch.nn.Parameter(torch.randn(H, L) / L**0.5)
+        self.proj = torch.nn.Linear(H, H)
+
+    def forward(self, x):  # x: (B, L, H)
+        y = h3_style(x.transpose(1, 2), self.kernel)
+        return self.proj(y.transpose(1, 2)) + x
+
+
+def test_training_step_of_a_module_uses_both_ops():
+    torch.manual_seed(torch.initial_seed() + 1)
+    module = TrainedModule()
+    x = torch.randn(B, L, H)
+    result = compile_once(module, x.requires_grad_(), train=True)
+    forward, backward = result.graphs
+    assert "lcconv.fftconv(" in forward and "_fft_" not in forward
+    assert "lcconv.fftconv_bwd(" in backward and "_fft_" not in backward
+
+    x = torch.randn(B, L, H)
+    result.fn(x).square().mean().backward()
+    compiled_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    module.double()(x.double()).square().mean().backward()
+    for got, want in zip(compiled_grads, (p.grad for p in module.parameters())):
+        assert rel_err(got, want) < 1e-5
+
+
+# ----------------------------------------------------------------------------------- guards --
+def conv(u, k, n, crop=lambda y, seqlen: y[..., :seqlen], norm="backward"):
+    return crop(torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n, norm=norm), u.shape[-1])
+
+
+REFUSED = {
+    # name: (function, u shape, k shape, guard code)
+    "circular": (lambda u, k: conv(u, k, L + LK - 2), (B, H, L), (H, LK), "circular"),
+    "slice_from_one": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., 1:s + 1]), (B, H, L), (H, LK),
+                       "non_causal_slice"),
+    "slice_of_the_tail": (lambda u, k: conv(u, k, 48, crop=lambda y, s: y[..., -s:]), (B, H, L), (H, LK),
+                          "non_causal_slice"),
+    "short_slice": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., :s - 1]), (B, H, L), (H, LK), "crop"),
+    "kernel_per_batch": (lambda u, k: conv(u, k, 64), (B, H, L), (B, H, LK), "kernel_varies_over_batch"),
+    "kernel_shared_over_channels": (lambda u, k: conv(u, k, 64), (B, H, L), (1, LK), "kernel_shape"),
+    "missing_normalisation": (lambda u, k: conv(u, k, 64, norm="forward"), (B, H, L), (H, LK), "normalisation"),
+    "padded_on_the_left": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(F.pad(u, (1, 63 - L))) * torch.fft.rfft(F.pad(k, (0, 64 - LK))),
+                                     n=64)[..., :L],
+        (B, H, L), (H, LK), "padding"),
+    "signal_is_a_vector": (lambda u, k: conv(u, k, 64), (L,), (LK,), "signal_shape"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_guard_refuses(name):
+    fn, u_shape, k_shape, code = REFUSED[name]
+    u, k = torch.randn(u_shape), torch.randn(k_shape)
+    result = compile_once(fn, u, k)
+    assert result.rewrites == {}
+    assert result.rejections == {code: 1}
+    assert "lcconv" not in result.graphs[0] and "_fft_c2r" in result.graphs[0]
+    u, k = torch.randn(u_shape), torch.randn(k_shape)
+    torch.testing.assert_close(result.fn(u, k), fn(u, k))
+
+
+def test_kernel_of_higher_precision_is_not_rewritten():
+    # float64 kernel: the result is float64, but the op returns the signal's dtype.
+    u, k = torch.randn(B, H, L), torch.randn(H, LK, dtype=torch.float64)
+    result = compile_once(textbook, u, k)
+    assert result.rewrites == {} and result.rejections == {"dtype": 1}
+
+
+def test_complex_signal_is_not_rewritten():
+    def complex_conv(u, k):
+        return torch.fft.ifft(torch.fft.fft(u, n=64) * torch.fft.fft(k, n=64))[..., :L].real
+
+    u, k = torch.randn(B, H, L, dtype=torch.complex64), torch.randn(H, LK)
+    report = lcconv_compile.explain(complex_conv, u, k)
+    assert report.rewritten == []
+    assert [(r.code, "complex inputs" in r.reason) for r in report.rejected] == [("structure", True)]
+
+
+@pytest.mark.parametrize("kernel_len,rewritten", [(L, True), (LK, False)])
+def test_symbolic_sizes_are_rewritten_only_when_provably_right(kernel_len, rewritten):
+    # With dynamic shapes, L and Lk are symbols; n = 2L >= L + Lk - 1 is provable only when Lk
+    # is the same symbol as L (Dynamo gives equal sizes one symbol).
+    u, k = torch.randn(B, H, L), torch.randn(H, kernel_len)
+    result = compile_once(h3_style, u, k, dynamic=True)
+    if rewritten:
+        assert result.rewrites == {"rfft_conv_scaled_kernel_inference": 1}
+    else:
+        assert result.rewrites == {} and result.rejections == {"symbolic": 1}
+    u, k = torch.randn(B, H, L + 8), torch.randn(H, kernel_len + 8)  # other sizes, same graph
+    assert rel_err(result.fn(u, k), reference.direct_causal_conv(u, k)) < 1e-5
+
+
+def test_reused_spectrum_is_left_alone():
+    def shared_kernel_spectrum(u, k):
+        n = 2 * L
+        k_f = torch.fft.rfft(k, n=n)
+        return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., :L], k_f.abs()
+
+    u, k = torch.randn(B, H, L), torch.randn(H, LK)
+    result = compile_once(shared_kernel_spectrum, u, k)
+    assert result.rewrites == {}
+    report = lcconv_compile.explain(shared_kernel_spectrum, u, k)
+    assert [r.code for r in report.rejected] == ["unmatched"]
+
+
+def test_a_failing_guard_costs_the_rewrite_not_the_compilation(monkeypatch):
+    from lcconv_compile.lowering import guards
+
+    def broken_check(idiom):
+        raise KeyError("a bug in a guard")
+
+    monkeypatch.setattr(guards, "_check_idiom", broken_check)
+    u, k = torch.randn(B, H, L), torch.randn(H, LK)
+    result = compile_once(textbook, u, k)
+    assert result.rewrites == {} and result.rejections == {"internal_error": 1}
+    assert rel_err(result.fn(u, k), reference.direct_causal_conv(u, k)) < 1e-5
