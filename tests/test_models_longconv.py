@@ -113,7 +113,7 @@ def test_kernel_dropout_only_in_training():
 
 
 def test_channel_dropout_is_one_mask_per_batch_and_channel():
-    layer = LongConv(16, 32, dropout=0.5, in_proj=False, out_proj="none").train()
+    layer = LongConv(16, 32, dropout=0.5, in_proj=False, out_proj="none", activation="identity").train()
     x = torch.randn(4, 32, 16)
     y = layer(x)
     dropped = (y == 0).all(dim=1)  # (B, H): whole channels zeroed

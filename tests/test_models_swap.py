@@ -107,31 +107,34 @@ def test_refusals():
         swap_attention(encoder(True), "h3", l_max=8, head_dim=3)
 
 
+class TinyCausalEncoderLM(nn.Module):
+    def __init__(self, vocab=20, d_model=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.encoder = encoder(True, d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, ids):
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
+        return self.head(self.encoder(self.embed(ids), mask=mask, is_causal=True))
+
+
 def test_swapped_encoder_compiles_and_trains():
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.embed = nn.Embedding(20, 16)
-    model.encoder = encoder(True)
-    model.head = nn.Linear(16, 20)
-    swap_attention(model, "h3", l_max=24)
-    compiled = torch.compile(model)
+    model = TinyCausalEncoderLM()
+    swap_attention(model, "longconv", l_max=24)
+    compiled = torch.compile(model, fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 20, (8, 17))
-    mask = causal_mask(16)
     losses = []
     for _ in range(6):
-        hidden = compiled.embed(ids[:, :-1])
-        logits = compiled.head(compiled.encoder(hidden, mask=mask, is_causal=True))
+        logits = compiled(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
-    with torch.no_grad():
-        eager = model.head(model.encoder(model.embed(ids[:, :-1]), mask=mask, is_causal=True))
-        torch.testing.assert_close(compiled.head(compiled.encoder(compiled.embed(ids[:, :-1]), mask=mask, is_causal=True)),
-                                   eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(ids[:, :-1]), model(ids[:, :-1]), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- GPT-2 --
@@ -141,8 +144,9 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face transfor
 def tiny_gpt2(**overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
-                        bos_token_id=0, eos_token_id=0, **overrides)
+    settings = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(**{**settings, **overrides})
     return GPT2LMHeadModel(config)
 
 
@@ -194,7 +198,7 @@ def test_gpt2_refusals_and_cross_attention():
 
 def test_gpt2_swapped_compiles_and_trains():
     torch.manual_seed(0)
-    model = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tiny_gpt2(n_layer=1)
     swap_attention(model, "h3", head_dim=2)
     compiled = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -207,5 +211,4 @@ def test_gpt2_swapped_compiles_and_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -117,7 +117,11 @@ class ButterflyLongConv(LongConv):
 
     @torch.no_grad()
     def reset_butterfly(self) -> None:
-        """Set the factors back to the exact FFT factors, computed in their current dtype."""
+        """Set the factors back to the exact FFT factors, computed in their current dtype.
+
+        After ``.double()`` on a float32 layer the factors are float32 values cast up; call this
+        to make fixed factors exact to float64 rounding.
+        """
         dtype = torch.complex128 if self.in_factor.dtype == torch.float64 else torch.complex64
         for stored, exact in zip((self.in_factor, self.out_factor), exact_fft_factors(self.fft_size, dtype)):
             stored.copy_(torch.view_as_real(exact))

@@ -72,9 +72,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 class Progress:
     """Progress on stderr: a rewritten line on a terminal, occasional full lines in a log."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
         self.every = 1 if self.tty else max(1, total // 20)
         self.start = time.perf_counter()
 
