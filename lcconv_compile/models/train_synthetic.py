@@ -14,10 +14,11 @@ A non-causal mixer (``butterfly`` with learned factors) is trained on the last p
 where nothing lies after the input: a loss on every position would let it read the answers.
 
 Defaults (d_model 64, 2 layers, batch 64, lr 3e-3, vocab 20, H3 with head_dim 16 and S4D-Real
-initialisation) were chosen on CPU so that H3 learns associative recall within ~300 steps
-(L=64: 100% by step 250). H3's paper settings (head_dim 1, S4D-Lin) stay near the in-context
-unigram plateau (~33%) for that long; LTI mixers (longconv, butterfly) cannot solve the task
-(no input-dependent gating), and attention needs more steps to form induction heads.
+initialisation) were chosen on CPU so that H3 learns associative recall within ~300 steps. Measured
+with these defaults at L=64 (CPU, 300 steps): h3 98% answer accuracy at step 180, 99.8% at 300;
+attention 32% and longconv 32% (the in-context unigram plateau). H3's paper settings (head_dim 1,
+S4D-Lin) stay near that plateau too (33-41%). LTI mixers (longconv, butterfly) have no
+input-dependent gating to do recall; attention needs more steps to form induction heads.
 """
 
 from __future__ import annotations
