@@ -1,0 +1,96 @@
+"""``LongConvLM``: a small causal language model whose sequence mixer is selectable by name.
+
+Embedding -> N pre-norm residual blocks (``x + mixer(norm(x))``, ``x + mlp(norm(x))``) -> final
+norm -> head tied to the embedding. Mixers: ``"h3"``, ``"longconv"``, ``"butterfly"``,
+``"attention"`` (see :mod:`lcconv_compile.models.mixers`). Used by the synthetic-task script and
+the model benchmarks; it holds no training logic.
+
+``causal=True`` (the default) refuses a mixer that is not causal (a bidirectional LongConv, or a
+ButterflyLongConv with learned factors), because next-token training would then read the answer
+from the future; pass ``causal=False`` only when the loss is on positions with nothing after them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._common import check_positive
+from .mixers import make_mixer
+
+__all__ = ["LongConvLM", "Block"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: mixer, then a GELU MLP."""
+
+    def __init__(self, d_model: int, mixer: nn.Module, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.norm_mixer = nn.LayerNorm(d_model)
+        self.mixer = mixer
+        self.norm_mlp = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.dropout(self.mixer(self.norm_mixer(x), key_padding_mask=key_padding_mask))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+
+class LongConvLM(nn.Module):
+    """Token ids ``(B, L)`` -> logits ``(B, L, vocab_size)``.
+
+    Args:
+        vocab_size, d_model, n_layers: sizes.
+        l_max: longest sequence (the long-convolution mixers' kernel length).
+        mixer: ``"h3"``, ``"longconv"``, ``"butterfly"`` or ``"attention"``.
+        mixer_options: keyword options for every mixer layer (e.g. ``{"head_dim": 2}`` for H3).
+        mlp_ratio: MLP hidden size / d_model.
+        dropout: residual dropout.
+        causal: require causal mixers (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        d_model: int = 128,
+        n_layers: int = 2,
+        l_max: int = 1024,
+        mixer: str = "h3",
+        mixer_options: Optional[dict] = None,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        causal: bool = True,
+    ):
+        super().__init__()
+        check_positive("LongConvLM", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, l_max=l_max)
+        self.vocab_size, self.d_model, self.l_max, self.mixer_name = vocab_size, d_model, l_max, mixer
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(
+            Block(d_model, make_mixer(mixer, d_model, l_max, **(mixer_options or {})), mlp_ratio, dropout)
+            for _ in range(n_layers)
+        )
+        if causal and not self.blocks[0].mixer.is_causal:
+            raise ValueError(
+                f"LongConvLM: mixer {mixer!r} with options {mixer_options or {}} is not causal; "
+                "use a causal configuration (e.g. learn_butterfly=False, bidirectional=False) "
+                "or pass causal=False if the loss only reads positions with nothing after them"
+            )
+        self.causal = causal
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.embedding.weight  # tied
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"LongConvLM: expected token ids of shape (B, L), got {tuple(input_ids.shape)}")
+        x = self.embedding(input_ids)
+        for block in self.blocks:
+            x = block(x, key_padding_mask)
+        return self.head(self.norm(x))

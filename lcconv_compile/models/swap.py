@@ -1,0 +1,326 @@
+"""``swap_attention``: replace the self-attention of an existing model with our mixers, in place.
+
+One call, like Liger's ``apply_liger_kernel_to_*``::
+
+    report = swap_attention(model, mixer="h3", l_max=1024, head_dim=1)
+    print(report)          # what was swapped where, what was kept and why
+
+Supported:
+  * ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``: ``self_attn`` becomes a
+    :class:`MultiheadSelfMixer`, which takes ``nn.MultiheadAttention``'s call signature
+    (``batch_first`` either way, ``attn_mask``, ``is_causal``, ``key_padding_mask``, ``need_weights``)
+    and returns ``(out, None)``. ``l_max`` must be given (these layers have no maximum length).
+  * Hugging Face ``transformers`` GPT-2 (``GPT2Attention`` self-attention): becomes a
+    :class:`GPT2SelfMixer` (``l_max`` defaults to ``config.n_positions``).
+
+Refused or kept, by decision:
+  * Cross-attention (a decoder layer's ``multihead_attn``, GPT-2 ``crossattention``) is kept as
+    attention and listed in the report: a convolution mixes one sequence, not two. A mixer called
+    with ``key``/``value`` other than ``query`` raises.
+  * Causality must match. A causal mixer (H3, LongConv, ButterflyLongConv with exact factors)
+    serves only causal calls (``is_causal=True`` or a causal ``attn_mask``); a non-causal mixer
+    (``bidirectional=True`` LongConv, learned ButterflyLongConv) serves only unmasked calls. For
+    torch layers this is checked on every call (how a layer is called is only known then); GPT-2
+    self-attention is causal, so a non-causal mixer is refused at swap time. Any other
+    ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
+    there it is trusted to be the causal mask (eager calls check it).
+  * Padding: ``key_padding_mask`` (torch) or the padding part of GPT-2's attention mask zeroes the
+    padded positions' contribution inside the mixer. Our mixers keep no KV cache: GPT-2 models get
+    ``config.use_cache = False`` and a call with a cache raises (generation recomputes the prefix).
+  * ``nn.TransformerEncoder``'s nested-tensor fast path (which reads attention weights directly)
+    is switched off for encoders whose layers were swapped.
+  * An ``nn.MultiheadAttention`` outside the supported layers, or other attention classes, are
+    kept and listed; if nothing can be swapped, ``swap_attention`` raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .mixers import MIXERS, make_mixer
+
+__all__ = ["swap_attention", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer"]
+
+
+@dataclass
+class SwappedModule:
+    path: str  # dotted path of the replaced module in the model
+    original: str  # class of the attention that was there
+    replacement: str  # class of the mixer now there
+    causality: str  # "causal", "non-causal" or "checked per call (...)"
+
+
+@dataclass
+class SwapReport:
+    """What ``swap_attention`` did: swapped modules, attention kept (with the reason), notes."""
+
+    mixer: str
+    swapped: list[SwappedModule] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"swap_attention(mixer={self.mixer!r}): {len(self.swapped)} swapped, {len(self.kept)} kept"]
+        lines += [f"  swapped {s.path}: {s.original} -> {s.replacement} [{s.causality}]" for s in self.swapped]
+        lines += [f"  kept    {path}: {reason}" for path, reason in self.kept]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- torch layers --
+def _is_causal_mask(mask: Tensor, seqlen: int) -> bool:
+    """Whether ``mask`` (L, L), bool (True = blocked) or additive float (-inf = blocked), is causal."""
+    if mask.shape != (seqlen, seqlen):
+        return False
+    future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=mask.device).triu(1)
+    blocked = mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    allowed_zero = True if mask.dtype == torch.bool else bool((mask[~future] == 0).all())
+    return bool(torch.equal(blocked, future)) and allowed_zero
+
+
+def _padding_from_additive(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``(B, L)`` bool padding mask (True = pad) from a bool or additive float key mask."""
+    if mask is None:
+        return None
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+class MultiheadSelfMixer(nn.Module):
+    """A mixer behind ``nn.MultiheadAttention``'s call signature (self-attention only)."""
+
+    # Attributes nn.Transformer*Layer reads before deciding on its fused fast path; in_proj_bias
+    # None makes it take the regular path, which calls this module.
+    _qkv_same_embed_dim = True
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, mixer: nn.Module, *, embed_dim: int, num_heads: int, batch_first: bool):
+        super().__init__()
+        self.mixer = mixer
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        if key is not query or value is not query:
+            raise ValueError(
+                "swap_attention: this layer's attention was replaced by a sequence mixer, which is "
+                "self-attention only, but it was called with key/value different from query (cross-attention)"
+            )
+        x = query if self.batch_first else query.transpose(0, 1)  # (B, L, E)
+        seqlen = x.shape[1]
+        causal_call = bool(is_causal)
+        if attn_mask is not None and not causal_call:
+            # Eager: inspect the mask. Compiled: cannot read data; trusted to be causal (documented).
+            if not torch.compiler.is_compiling() and not _is_causal_mask(attn_mask, seqlen):
+                raise ValueError(
+                    f"swap_attention: attn_mask of shape {tuple(attn_mask.shape)} is not the causal "
+                    f"mask of length {seqlen}; a sequence mixer supports only causal or no masking"
+                )
+            causal_call = True
+        mixer_causal = self.mixer.is_causal
+        if causal_call != mixer_causal:
+            want = "causal (is_causal=True or a causal attn_mask)" if mixer_causal else "unmasked (bidirectional)"
+            got = "causally" if causal_call else "without a causal mask (bidirectional attention)"
+            hint = (
+                "swap with a non-causal mixer (mixer='longconv', bidirectional=True)"
+                if not causal_call else "swap with a causal mixer (h3, longconv)"
+            )
+            raise ValueError(
+                f"swap_attention: {type(self.mixer).__name__} is {'causal' if mixer_causal else 'not causal'} "
+                f"and serves {want} calls, but the layer was called {got}; {hint}"
+            )
+        y = self.mixer(x, key_padding_mask=_padding_from_additive(key_padding_mask))
+        return (y if self.batch_first else y.transpose(0, 1)), None
+
+
+# ---------------------------------------------------------------------------------- GPT-2 --
+def _padding_from_hf_mask(mask: Optional[Tensor], seqlen: int) -> Optional[Tensor]:
+    """Padding (True = pad) from the mask GPT-2 passes its attention: None, 4D or 2D."""
+    if mask is None:
+        return None
+    if mask.dim() == 4 and mask.shape[-2:] == (seqlen, seqlen):
+        # The last query sees every non-padded key under a causal mask: its row is the padding.
+        last_row = mask[:, 0, -1, :]
+        if last_row.dtype == torch.bool:
+            return ~last_row
+        return last_row < torch.finfo(last_row.dtype).min / 2
+    if mask.dim() == 2 and mask.shape[-1] == seqlen:
+        return mask == 0
+    raise ValueError(
+        f"swap_attention: cannot read padding from an attention mask of shape {tuple(mask.shape)} "
+        f"(dtype {mask.dtype}) for sequence length {seqlen}"
+    )
+
+
+class GPT2SelfMixer(nn.Module):
+    """A causal mixer behind ``GPT2Attention``'s call signature; returns ``(out, None)``."""
+
+    is_causal = True
+    is_cross_attention = False
+
+    def __init__(self, mixer: nn.Module, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.mixer = mixer
+        self.layer_idx = layer_idx
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        past_key_values=None,
+        attention_mask: Optional[Tensor] = None,
+        encoder_hidden_states: Optional[Tensor] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        if encoder_hidden_states is not None:
+            raise ValueError("swap_attention: a swapped GPT-2 self-attention was called as cross-attention")
+        if past_key_values is not None:
+            raise ValueError(
+                "swap_attention: the swapped mixer keeps no KV cache; call the model with use_cache=False "
+                "(generation then recomputes the prefix)"
+            )
+        pad = _padding_from_hf_mask(attention_mask, hidden_states.shape[1])
+        return self.mixer(hidden_states, key_padding_mask=pad), None
+
+
+def _gpt2_attention_class() -> tuple[Optional[type], int]:
+    """``(GPT2Attention, transformers major version)``, or ``(None, 0)`` without transformers."""
+    try:
+        import transformers
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    except ImportError:
+        return None, 0
+    return GPT2Attention, int(transformers.__version__.split(".")[0])
+
+
+def _gpt2_l_max(config) -> Optional[int]:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+# ------------------------------------------------------------------------------- the call --
+def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
+    param = next(reference.parameters(), None)
+    return module if param is None else module.to(device=param.device, dtype=param.dtype)
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+
+
+def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] = None, **mixer_options) -> SwapReport:
+    """Replace the self-attention layers of ``model`` in place by ``mixer`` layers; return a report.
+
+    Args:
+        model: a model containing ``nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` or
+            Hugging Face GPT-2 blocks (or one such layer itself).
+        mixer: ``"h3"``, ``"longconv"`` or ``"butterfly"``.
+        l_max: longest sequence the new mixers accept (required for torch layers; GPT-2 defaults
+            to ``config.n_positions``).
+        **mixer_options: passed to every mixer (e.g. ``head_dim=2`` for H3, ``bidirectional=True``).
+
+    Raises ValueError naming the problem when the mixer is unknown, ``l_max`` is missing, a
+    non-causal mixer is asked for causal GPT-2 attention, or nothing in the model can be swapped.
+    See the module docstring for what is kept and what is checked per call.
+    """
+    choices = [name for name in MIXERS if name != "attention"]
+    if mixer not in choices:
+        raise ValueError(f"swap_attention: unknown mixer {mixer!r}; choose one of {', '.join(map(repr, choices))}")
+    report = SwapReport(mixer)
+    gpt2_attention, transformers_major = _gpt2_attention_class()
+    torch_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    handled: set[int] = set()
+    plans: list[tuple[str, nn.Module, nn.Module]] = []  # (path, original, replacement)
+
+    for path, module in list(model.named_modules()):
+        prefix = f"{path}." if path else ""
+        if isinstance(module, torch_layers):
+            attn = module.self_attn
+            if not attn._qkv_same_embed_dim:
+                raise ValueError(f"swap_attention: {prefix}self_attn has kdim/vdim != embed_dim; not a self-attention")
+            if l_max is None:
+                raise ValueError(
+                    f"swap_attention: l_max is required for {type(module).__name__} at {path or '<model>'} "
+                    "(torch transformer layers have no maximum length); pass l_max=<longest sequence>"
+                )
+            new = _like(make_mixer(mixer, attn.embed_dim, l_max, **mixer_options), attn)
+            wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
+            plans.append((prefix + "self_attn", attn, wrapped))
+            report.swapped.append(
+                SwappedModule(prefix + "self_attn", type(attn).__name__, type(new).__name__,
+                              f"checked per call ({'causal' if new.is_causal else 'non-causal'} mixer)")
+            )
+            handled.add(id(attn))
+            if isinstance(module, nn.TransformerDecoderLayer):
+                report.kept.append((prefix + "multihead_attn", "cross-attention (queries and keys from different sequences)"))
+                handled.add(id(module.multihead_attn))
+        elif gpt2_attention is not None and isinstance(module, gpt2_attention):
+            handled.add(id(module))
+            if transformers_major < 5:
+                raise ValueError(
+                    f"swap_attention: GPT-2 at {path} comes from transformers {transformers_major}.x; "
+                    "the replacement follows the transformers >= 5 attention call (past_key_values, (out, weights))"
+                )
+            if module.is_cross_attention:
+                report.kept.append((path, "cross-attention (queries and keys from different sequences)"))
+                continue
+            layer_l_max = l_max if l_max is not None else _gpt2_l_max(module.config)
+            new = _like(make_mixer(mixer, module.embed_dim, layer_l_max, **mixer_options), module)
+            if not new.is_causal:
+                raise ValueError(
+                    f"swap_attention: GPT-2 attention at {path} is causal but mixer {mixer!r} with options "
+                    f"{mixer_options} is not (learned butterfly factors or bidirectional); use a causal configuration"
+                )
+            plans.append((path, module, GPT2SelfMixer(new, getattr(module, "layer_idx", None))))
+            report.swapped.append(SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
+
+    for path, module in model.named_modules():
+        if id(module) in handled or isinstance(module, (MultiheadSelfMixer, GPT2SelfMixer)):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            report.kept.append((path or "<model>", "nn.MultiheadAttention outside TransformerEncoderLayer/DecoderLayer: "
+                                "cannot tell self- from cross-attention; swap the enclosing layer"))
+        elif type(module).__name__.endswith("Attention") and not isinstance(module, tuple(MIXERS.values())):
+            report.kept.append((path or "<model>", f"unsupported attention class {type(module).__name__}"))
+
+    if not plans:
+        kept = "; ".join(f"{p}: {r}" for p, r in report.kept) or "no attention modules"
+        raise ValueError(f"swap_attention: nothing to swap in {type(model).__name__} ({kept})")
+
+    for path, _, new in plans:
+        if path == "":
+            raise ValueError("swap_attention: pass the model or layer that contains the attention, not the attention")
+        _replace(model, path, new)
+
+    for path, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            report.notes.append(f"{path or '<model>'}: nested-tensor fast path switched off")
+    gpt2_configs = {id(orig.config): orig.config for _, orig, new in plans if isinstance(new, GPT2SelfMixer)}
+    for config in gpt2_configs.values():
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
+            report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
+    generation_config = getattr(model, "generation_config", None)
+    if gpt2_configs and generation_config is not None and getattr(generation_config, "use_cache", False):
+        generation_config.use_cache = False
+        report.notes.append("generation_config.use_cache set to False")
+    return report

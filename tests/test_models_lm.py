@@ -1,0 +1,104 @@
+"""models/lm.py and models/attention.py: the LM with every mixer, causality, tying, training, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcconv_compile.models import MIXERS, Attention, LongConvLM, make_mixer
+
+CAUSAL_CONFIGS = [
+    ("h3", {}),
+    ("h3", {"head_dim": 2}),
+    ("longconv", {}),
+    ("butterfly", {"learn_butterfly": False}),
+    ("attention", {}),
+]
+
+
+@pytest.mark.parametrize("mixer,options", CAUSAL_CONFIGS)
+def test_lm_shapes_and_causality(mixer, options):
+    model = LongConvLM(50, d_model=16, n_layers=2, l_max=32, mixer=mixer, mixer_options=options).double()
+    for block in model.blocks:
+        if hasattr(block.mixer, "reset_butterfly"):
+            block.mixer.reset_butterfly()  # exact factors in float64, not float32 ones cast up
+    ids = torch.randint(0, 50, (2, 32))
+    logits = model(ids)
+    assert logits.shape == (2, 32, 50) and logits.dtype == torch.float64
+    ids2 = ids.clone()
+    ids2[:, 20:] = torch.randint(0, 50, (2, 12))
+    ids2[:, 20] = (ids[:, 20] + 1) % 50  # certainly different
+    diff = model(ids2) - logits
+    assert diff[:, :20].abs().max() < 1e-10 and diff[:, 20:].abs().max() > 1e-6
+
+
+def test_head_is_tied_and_every_parameter_gets_a_gradient():
+    model = LongConvLM(30, d_model=16, n_layers=2, l_max=16, mixer="h3")
+    assert model.head.weight is model.embedding.weight
+    ids = torch.randint(0, 30, (3, 16))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mixer", ["h3", "attention"])
+def test_a_few_steps_reduce_the_loss(mixer):
+    model = LongConvLM(20, d_model=32, n_layers=1, l_max=24, mixer=mixer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 20, (8, 25))  # a fixed batch: the loss must go down on it
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_compiled_lm_equals_eager():
+    model = LongConvLM(40, d_model=16, n_layers=2, l_max=32, mixer="longconv")
+    ids = torch.randint(0, 40, (2, 32))
+    logits_c = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(logits_c, model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_non_causal_mixer_needs_causal_false():
+    with pytest.raises(ValueError, match="mixer 'butterfly' .* is not causal"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="butterfly")
+    with pytest.raises(ValueError, match="mixer 'longconv' with options \\{'bidirectional': True\\} is not causal"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="longconv", mixer_options={"bidirectional": True})
+    model = LongConvLM(10, d_model=8, l_max=8, mixer="butterfly", causal=False)
+    assert not model.causal
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="unknown mixer 'mamba'; choose one of 'h3', 'longconv', 'butterfly', 'attention'"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="mamba")
+    with pytest.raises(ValueError, match="d_model = 12 is not divisible by head_dim = 5"):
+        LongConvLM(10, d_model=12, l_max=8, mixer="h3", mixer_options={"head_dim": 5})
+    with pytest.raises(TypeError, match="mixer 'h3' \\(H3\\): .*bidirectional"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="h3", mixer_options={"bidirectional": True})
+    with pytest.raises(ValueError, match="vocab_size must be a positive integer, got 0"):
+        LongConvLM(0, d_model=8, l_max=8)
+    model = LongConvLM(10, d_model=8, l_max=8)
+    with pytest.raises(ValueError, match="L = 9 exceeds l_max = 8"):
+        model(torch.randint(0, 10, (1, 9)))
+    with pytest.raises(ValueError, match="needs l_max"):
+        make_mixer("h3", 8, None)
+    assert set(MIXERS) == {"h3", "longconv", "butterfly", "attention"}
+
+
+def test_attention_mixer_padding_and_bidirectional():
+    layer = Attention(16, n_heads=2).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[0, :3] = True
+    x2 = x.clone()
+    x2[pad] = torch.randn_like(x2[pad])
+    torch.testing.assert_close(layer(x, pad)[~pad], layer(x2, pad)[~pad])
+    bidirectional = Attention(16, n_heads=2, causal=False).double()
+    x3 = x.clone()
+    x3[:, 6:] = torch.randn_like(x3[:, 6:])
+    assert (bidirectional(x3) - bidirectional(x))[:, :6].abs().max() > 1e-6
+    with pytest.raises(ValueError, match="even head_dim"):
+        Attention(6, n_heads=2)

@@ -1,0 +1,214 @@
+"""models/swap.py: swap_attention on torch transformer layers and Hugging Face GPT-2."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcconv_compile.models import H3, LongConv, SwapReport, swap_attention
+from lcconv_compile.models.swap import GPT2SelfMixer, MultiheadSelfMixer
+
+
+def encoder(batch_first, d_model=16, layers=2):
+    layer = nn.TransformerEncoderLayer(d_model, 2, 32, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, layers)
+
+
+def causal_mask(n):
+    return nn.Transformer.generate_square_subsequent_mask(n)
+
+
+# ---------------------------------------------------------------------------- torch layers --
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_encoder_swap_keeps_shapes_and_is_causal(batch_first):
+    model = encoder(batch_first).double()
+    report = swap_attention(model, "h3", l_max=32)
+    assert isinstance(report, SwapReport)
+    assert [s.path for s in report.swapped] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(s.original == "MultiheadAttention" and s.replacement == "H3" for s in report.swapped)
+    assert isinstance(model.layers[0].self_attn, MultiheadSelfMixer)
+    assert model.layers[0].self_attn.mixer.q_proj.weight.dtype == torch.float64
+    shape = (3, 20, 16) if batch_first else (20, 3, 16)
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = model(x, mask=causal_mask(20).double(), is_causal=True)
+    assert y.shape == x.shape
+    # Causal: redraw the inputs after position 9.
+    x2 = x.clone()
+    later = (slice(None), slice(10, None)) if batch_first else (slice(10, None),)
+    x2[later] = torch.randn_like(x2[later])
+    y2 = model(x2, mask=causal_mask(20).double(), is_causal=True)
+    early = (slice(None), slice(None, 10)) if batch_first else (slice(None, 10),)
+    assert (y2 - y)[early].abs().max() < 1e-12 and (y2 - y)[later].abs().max() > 1e-6
+    # A layer called directly with the causal mask only (no is_causal hint) is accepted too.
+    assert model.layers[0](x, src_mask=causal_mask(20).double()).shape == x.shape
+
+
+def test_encoder_key_padding_mask():
+    model = encoder(True).double()
+    swap_attention(model, "longconv", l_max=16)
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[0, 8:] = True
+    pad[1, :2] = True
+    x2 = x.clone()
+    x2[pad] = torch.randn_like(x2[pad])
+    mask = causal_mask(12).double()
+    y = model(x, mask=mask, src_key_padding_mask=pad)
+    y2 = model(x2, mask=mask, src_key_padding_mask=pad)
+    torch.testing.assert_close(y[~pad], y2[~pad])
+    model.eval()  # eval + no_grad + padding would take the nested-tensor fast path: switched off
+    with torch.no_grad():
+        assert model(x, mask=mask, src_key_padding_mask=pad).shape == x.shape
+
+
+def test_causality_must_match():
+    model = encoder(True)
+    swap_attention(model, "h3", l_max=16)
+    x = torch.randn(2, 10, 16)
+    with pytest.raises(ValueError, match="H3 is causal .* called without a causal mask .* bidirectional=True"):
+        model(x)
+    bad_mask = torch.zeros(10, 10)
+    bad_mask[0, 5] = float("-inf")
+    with pytest.raises(ValueError, match="attn_mask of shape \\(10, 10\\) is not the causal mask of length 10"):
+        model.layers[0](x, src_mask=bad_mask)
+    bidirectional = encoder(True)
+    report = swap_attention(bidirectional, "longconv", l_max=16, bidirectional=True)
+    assert "non-causal mixer" in report.swapped[0].causality
+    assert bidirectional(x).shape == x.shape
+    with pytest.raises(ValueError, match="LongConv is not causal .* called causally"):
+        bidirectional(x, mask=causal_mask(10), is_causal=True)
+
+
+def test_decoder_keeps_cross_attention():
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerDecoder(layer, 2)
+    report = swap_attention(model, "h3", l_max=16, head_dim=2)
+    assert [s.path for s in report.swapped] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert [p for p, _ in report.kept] == ["layers.0.multihead_attn", "layers.1.multihead_attn"]
+    assert all("cross-attention" in reason for _, reason in report.kept)
+    assert isinstance(model.layers[0].multihead_attn, nn.MultiheadAttention)
+    assert "kept    layers.0.multihead_attn: cross-attention" in str(report)
+    tgt, memory = torch.randn(2, 9, 16), torch.randn(2, 5, 16)
+    assert model(tgt, memory, tgt_mask=causal_mask(9), tgt_is_causal=True).shape == tgt.shape
+    with pytest.raises(ValueError, match="cross-attention"):
+        model.layers[0].self_attn(tgt, memory, memory)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="unknown mixer 'attention'; choose one of 'h3', 'longconv', 'butterfly'"):
+        swap_attention(encoder(True), "attention", l_max=8)
+    with pytest.raises(ValueError, match="l_max is required for TransformerEncoderLayer at layers.0"):
+        swap_attention(encoder(True), "h3")
+    with pytest.raises(ValueError, match="nothing to swap in Sequential .*outside TransformerEncoderLayer"):
+        swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), "h3", l_max=8)
+    with pytest.raises(ValueError, match="nothing to swap in Linear \\(no attention modules\\)"):
+        swap_attention(nn.Linear(4, 4), "h3", l_max=8)
+    with pytest.raises(ValueError, match="d_model = 16 is not divisible by head_dim = 3"):
+        swap_attention(encoder(True), "h3", l_max=8, head_dim=3)
+
+
+class TinyCausalEncoderLM(nn.Module):
+    def __init__(self, vocab=20, d_model=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.encoder = encoder(True, d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, ids):
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
+        return self.head(self.encoder(self.embed(ids), mask=mask, is_causal=True))
+
+
+def test_swapped_encoder_compiles_and_trains():
+    model = TinyCausalEncoderLM()
+    swap_attention(model, "longconv", l_max=24)
+    compiled = torch.compile(model, fullgraph=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 20, (8, 17))
+    losses = []
+    for _ in range(6):
+        logits = compiled(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    torch.testing.assert_close(compiled(ids[:, :-1]), model(ids[:, :-1]), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- GPT-2 --
+transformers = pytest.importorskip("transformers", reason="Hugging Face transformers is not installed")
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    settings = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(**{**settings, **overrides})
+    return GPT2LMHeadModel(config)
+
+
+def test_gpt2_swap_report_shapes_and_causality():
+    model = tiny_gpt2().double()
+    report = swap_attention(model, "h3")
+    assert [s.path for s in report.swapped] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(s.original == "GPT2Attention" and s.causality == "causal" for s in report.swapped)
+    assert isinstance(model.transformer.h[0].attn, GPT2SelfMixer)
+    assert model.transformer.h[0].attn.mixer.l_max == 32  # from config.n_positions
+    assert model.config.use_cache is False and any("use_cache" in note for note in report.notes)
+    ids = torch.randint(0, 64, (2, 20))
+    logits = model(ids).logits
+    assert logits.shape == (2, 20, 64)
+    ids2 = ids.clone()
+    ids2[:, 12:] = (ids[:, 12:] + 1) % 64
+    diff = model(ids2).logits - logits
+    assert diff[:, :12].abs().max() < 1e-10 and diff[:, 12:].abs().max() > 1e-6
+
+
+def test_gpt2_padding_mask():
+    model = tiny_gpt2().double()
+    swap_attention(model, "longconv")
+    ids = torch.randint(0, 64, (2, 16))
+    attention_mask = torch.ones(2, 16, dtype=torch.long)
+    attention_mask[0, :4] = 0  # left padding
+    ids2 = ids.clone()
+    ids2[0, :4] = (ids[0, :4] + 7) % 64
+    real = attention_mask.bool()
+    # Position embeddings still see the pads' positions; their content must not matter.
+    a = model(ids, attention_mask=attention_mask).logits
+    b = model(ids2, attention_mask=attention_mask).logits
+    torch.testing.assert_close(a[real], b[real])
+    assert (model(ids2).logits - a)[real].abs().max() > 1e-6
+
+
+def test_gpt2_refusals_and_cross_attention():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="GPT-2 attention at transformer.h.0.attn is causal but mixer 'butterfly'"):
+        swap_attention(model, "butterfly")
+    swap_attention(model, "butterfly", learn_butterfly=False)
+    with pytest.raises(ValueError, match="keeps no KV cache; call the model with use_cache=False"):
+        model(torch.randint(0, 64, (1, 8)), use_cache=True)
+    cross = tiny_gpt2(add_cross_attention=True)
+    report = swap_attention(cross, "h3")
+    assert len(report.swapped) == 2
+    assert [p for p, _ in report.kept] == ["transformer.h.0.crossattention", "transformer.h.1.crossattention"]
+
+
+def test_gpt2_swapped_compiles_and_trains():
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=1)
+    swap_attention(model, "h3", head_dim=2)
+    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 24))
+    losses = []
+    for _ in range(6):
+        loss = compiled(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
