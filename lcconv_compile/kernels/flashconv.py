@@ -135,6 +135,26 @@ def _load_gated_pairs(u_ptr, gate_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
     return xa, xb
 
 
+@triton.jit
+def _channel_constants(spec_ptr, scales_ptr, d_ptr, h, N1: tl.constexpr, N2: tl.constexpr,
+                       HAS_D: tl.constexpr):
+    """Channel h's spectrum planes, its two scales (1/max, output scale) and its skip weight."""
+    k_inv = tl.load(scales_ptr + 2 * h)
+    k_out = tl.load(scales_ptr + 2 * h + 1)
+    d = 0.0
+    if HAS_D:
+        d = tl.load(d_ptr + h).to(tl.float32)
+    return spec_ptr + h * 2 * N1 * N2, k_inv, k_out, d
+
+
+@triton.jit
+def _stack_rows(group, it, stacks_per_program, p, batch, P: tl.constexpr):
+    """Batch rows of the pairs of a program's it-th stack: (first, second, first valid, second valid)."""
+    b_a = 2 * ((group * stacks_per_program + it) * P + p)  # (P*N2, 1)
+    b_b = b_a + 1
+    return b_a, b_b, b_a < batch, b_b < batch
+
+
 # ----------------------------------------------------------------------------------- spectrum --
 @triton.jit
 def _spectrum_kernel(
@@ -199,18 +219,10 @@ def _fftconv_fwd_kernel(
     HALF: tl.constexpr = N1 // 2
     t, p = stack_times(P, N2, HALF)
     in_seq = t < seqlen
-    spec_h = spec_ptr + h * 2 * N1 * N2
-    k_inv = tl.load(scales_ptr + 2 * h)
-    k_out = tl.load(scales_ptr + 2 * h + 1)
-    d = 0.0
-    if HAS_D:
-        d = tl.load(d_ptr + h).to(tl.float32)
+    spec_h, k_inv, k_out, d = _channel_constants(spec_ptr, scales_ptr, d_ptr, h, N1, N2, HAS_D)
 
     for it in tl.range(0, stacks_per_program):
-        b_a = 2 * ((group * stacks_per_program + it) * P + p)  # (P*N2, 1): first row of each pair
-        b_b = b_a + 1
-        valid_a = b_a < batch
-        valid_b = b_b < batch
+        b_a, b_b, valid_a, valid_b = _stack_rows(group, it, stacks_per_program, p, batch, P)
         xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                    su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         sa = row_max(xa, P, N2, HALF, PRECISION)
@@ -288,22 +300,14 @@ def _fftconv_bwd_kernel(
     HALF: tl.constexpr = N1 // 2
     t, p = stack_times(P, N2, HALF)
     in_seq = t < seqlen
-    spec_h = spec_ptr + h * 2 * N1 * N2
-    k_inv = tl.load(scales_ptr + 2 * h)
-    k_out = tl.load(scales_ptr + 2 * h + 1)
+    spec_h, k_inv, k_out, d = _channel_constants(spec_ptr, scales_ptr, d_ptr, h, N1, N2, HAS_D)
     # This program's slice of the partial dk spectrum: (2, N1, N2), zero-initialised by the launcher.
     s_ptr = dk_spec_part_ptr + (h * num_groups + group) * 2 * N1 * N2
-    d = 0.0
-    if HAS_D:
-        d = tl.load(d_ptr + h).to(tl.float32)
     dd_acc = tl.zeros((P * N2, HALF), dtype=tl.float32)
     f2 = load_f2(f2_ptr, N2, PRECISION)
 
     for it in tl.range(0, stacks_per_program):
-        b_a = 2 * ((group * stacks_per_program + it) * P + p)
-        b_b = b_a + 1
-        valid_a = b_a < batch
-        valid_b = b_b < batch
+        b_a, b_b, valid_a, valid_b = _stack_rows(group, it, stacks_per_program, p, batch, P)
         ua = load_stack(u_ptr, b_a * su_b + h * su_h, valid_a, t, seqlen, su_l)
         ub = load_stack(u_ptr, b_b * su_b + h * su_h, valid_b, t, seqlen, su_l)
         xa, xb = ua, ub

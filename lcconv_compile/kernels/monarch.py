@@ -50,13 +50,7 @@ class MonarchPlan:
     fft_size: int  # N, a power of two >= 2 * seqlen
     n1: int  # rows of the N1 x N2 view; the first DFT is over n1
     n2: int  # columns; the second DFT is over n2
-    chunk: int  # rows of k1 handled per step of the chunk loop
     max_pairs: int  # row pairs stacked per program (at most; fewer if the batch is small)
-
-    @property
-    def half_rows(self) -> int:
-        """Rows of the input/output view that hold the sequence (N1/2)."""
-        return self.n1 // 2
 
     def pairs_per_stack(self, batch: int) -> int:
         """Row pairs stacked per program: max_pairs, or fewer (a power of two) for small batches."""
@@ -80,7 +74,7 @@ def plan_for(seqlen: int) -> MonarchPlan:
     n1 = fft_size // n2
     # Registers hold about 2 * P * N floats per stacked complex tensor: keep P * N/2 <= 2048.
     max_pairs = max(1, STACK_ELEMENTS // (fft_size // 2))
-    return MonarchPlan(fft_size, n1, n2, chunk=16, max_pairs=max_pairs)
+    return MonarchPlan(fft_size, n1, n2, max_pairs=max_pairs)
 
 
 @lru_cache(maxsize=64)
