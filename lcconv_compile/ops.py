@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .kernels import flashconv
+from .kernels import select
 from .validation import check_fftconv_args
 
 __all__ = ["fftconv", "fftconv_op", "fftconv_bwd_op"]
@@ -45,17 +45,12 @@ def fftconv_op(
     gelu: bool = False,
     dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    # Default implementation for every device without a kernel of its own: the reference.
+    # Every device: the kernel family that kernels.select picks, else the reference.
     check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
-    return reference.fftconv_ref(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-
-
-@fftconv_op.register_kernel("cuda")
-def _fftconv_cuda(u, k, D=None, gate_in=None, gate_out=None, gelu=False, dropout_mask=None):
-    check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
-    if flashconv.supports(u, k):
-        return flashconv.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-    # Longer than the single-pass kernel's limit, or float64: the reference (tested path).
+    family = select(u, k)
+    if family is not None:
+        return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    # No kernel covers these inputs (CPU, float64, past every kernel's length): the reference.
     return reference.fftconv_ref(u, k, D, gate_in, gate_out, gelu, dropout_mask)
 
 
@@ -83,14 +78,9 @@ def fftconv_bwd_op(
     gelu: bool,
     dropout_mask: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = reference.fftconv_bwd_ref(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask)
-    return tuple(g.contiguous() if g is not None else _absent_grad(u) for g in grads)
-
-
-@fftconv_bwd_op.register_kernel("cuda")
-def _fftconv_bwd_cuda(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask):
-    if flashconv.supports(u, k):
-        grads = flashconv.fftconv_bwd(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    family = select(u, k)  # the forward's choice: select reads devices, dtypes and shapes only
+    if family is not None:
+        grads = family.fftconv_bwd(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask)
     else:
         grads = reference.fftconv_bwd_ref(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return tuple(g.contiguous() if g is not None else _absent_grad(u) for g in grads)

@@ -133,8 +133,3 @@ def compile_once(fn: Callable[..., Any], *inputs: torch.Tensor, train: bool = Fa
         rewrites=_delta(before[REWRITE_COUNTERS], counters[REWRITE_COUNTERS]),
         rejections=_delta(before[REJECTION_COUNTERS], counters[REJECTION_COUNTERS]),
     )
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()

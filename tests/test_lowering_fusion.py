@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lcconv_compile import fftconv, reference
-from lowering_helpers import compile_once, rel_err
+from inputs import rel_err
+from lowering_helpers import compile_once
 
 B, H, L = 2, 4, 24
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import lcconv_compile
 from lcconv_compile import reference
-from lowering_helpers import compile_once, rel_err
+from inputs import rel_err
+from lowering_helpers import compile_once
 
 B, H, L, LK = 2, 4, 24, 20
 

@@ -17,7 +17,8 @@ from torch._inductor import custom_graph_pass
 
 import lcconv_compile
 from lcconv_compile.lowering import install
-from lowering_helpers import GraphRecorder, compile_once, no_compile_caches, rel_err
+from inputs import rel_err
+from lowering_helpers import GraphRecorder, compile_once, no_compile_caches
 
 B, H, L = 2, 3, 16
 

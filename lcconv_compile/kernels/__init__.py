@@ -1,1 +1,37 @@
-"""Triton kernels and their launchers. Knows torch and Triton only: no torch.library, no Inductor."""
+"""Triton kernels and their launchers, and :func:`select`: the one place that picks a kernel.
+
+Knows torch and Triton only: no torch.library, no Inductor. The op's forward and backward
+(``ops.py``) both ask :func:`select` which kernel family runs a call, so the two directions can
+never disagree. Adding a family is one module with ``supports``, ``fftconv_fwd`` and
+``fftconv_bwd`` (same signatures as :mod:`.flashconv`) and one entry in :data:`FAMILIES`, ahead
+of the families it should win against.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import flashconv
+
+__all__ = ["FAMILIES", "select"]
+
+# Tried in order; the first whose ``supports(u, k)`` is true runs the call. Each ``supports``
+# says only whether its kernels compute the op correctly for these inputs: where two families
+# could, the one listed first is the one measured faster there.
+FAMILIES: tuple[ModuleType, ...] = (flashconv,)
+
+
+def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:
+    """The kernel family for ``fftconv(u, k, ...)`` (forward and backward alike), or None.
+
+    None means no kernel covers these inputs (CPU tensors, float64, lengths past every kernel's
+    limit): the caller runs the reference. The choice depends on devices, dtypes and shapes
+    only, never on values, so a forward and its backward always select the same family.
+    """
+    for family in FAMILIES:
+        if family.supports(u, k):
+            return family
+    return None

@@ -1,0 +1,60 @@
+"""kernels.select, the one dispatch point: the op's forward and backward always agree on it."""
+
+import types
+
+import pytest
+import torch
+
+import lcconv_compile.kernels as kernels
+from inputs import random_args, rel_err
+from lcconv_compile import fftconv, reference
+
+
+def recording_family(claimed_length):
+    """A kernel family that claims inputs of one length and computes them with the reference."""
+    calls = []
+
+    def fftconv_fwd(*args):
+        calls.append("forward")
+        return reference.fftconv_ref(*args)
+
+    def fftconv_bwd(*args):
+        calls.append("backward")
+        return reference.fftconv_bwd_ref(*args)
+
+    family = types.SimpleNamespace(
+        supports=lambda u, k: u.shape[-1] == claimed_length,
+        fftconv_fwd=fftconv_fwd,
+        fftconv_bwd=fftconv_bwd,
+    )
+    return family, calls
+
+
+@pytest.mark.parametrize("seqlen, claimed", [(12, True), (13, False)])
+def test_forward_and_backward_take_the_same_family(monkeypatch, seqlen, claimed):
+    family, calls = recording_family(claimed_length=12)
+    monkeypatch.setattr(kernels, "FAMILIES", (family,) + kernels.FAMILIES)
+    args = random_args(2, 3, seqlen, 5)
+    leaves = {name: t.requires_grad_() for name, t in args.items() if isinstance(t, torch.Tensor)}
+    y = fftconv(args["u"], args["k"], args["D"], gate_in=args["gate_in"], gate_out=args["gate_out"],
+                gelu=args["gelu"], dropout_mask=args["dropout_mask"].detach())
+    y.backward(torch.randn_like(y))
+    assert calls == (["forward", "backward"] if claimed else [])
+    want = reference.fftconv_ref(**{n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in args.items()})
+    assert rel_err(y, want) < 1e-12
+    assert all(leaves[name].grad is not None for name in ("u", "k", "D", "gate_in", "gate_out"))
+
+
+def test_first_family_that_supports_wins(monkeypatch):
+    first, _ = recording_family(claimed_length=8)
+    second, _ = recording_family(claimed_length=8)
+    monkeypatch.setattr(kernels, "FAMILIES", (first, second))
+    u, k = torch.randn(1, 2, 8), torch.randn(2, 3)
+    assert kernels.select(u, k) is first
+    assert kernels.select(torch.randn(1, 2, 9), k) is None
+
+
+def test_cpu_and_float64_inputs_select_no_kernel():
+    u, k = torch.randn(2, 3, 16), torch.randn(3, 16)
+    assert kernels.select(u, k) is None
+    assert kernels.select(u.double(), k.double()) is None
