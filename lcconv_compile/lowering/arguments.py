@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch._inductor.pattern_matcher import Ignored, KeywordArg, PatternExpr
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fft_idiom import value
 
@@ -59,12 +60,15 @@ OpenArguments = dict[Any, dict[str, Any]]
 
 
 def _same_value(arg: Any, expected: Any) -> bool:
+    """Whether ``arg`` is ``expected``, without adding a guard on a symbolic value."""
     arg = value(arg)
-    if isinstance(arg, torch.Tensor) or type(arg) is bool and type(expected) is not bool:
+    if isinstance(arg, torch.Tensor) or (type(arg) is bool) != (type(expected) is bool):
         return False
+    if isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return statically_known_true(arg == expected)
     try:
         return bool(arg == expected)
-    except Exception:  # symbolic or odd values: not provably the expected one
+    except Exception:  # odd values: not provably the expected one
         return False
 
 

@@ -8,6 +8,11 @@ the kernel's shape (the op takes one kernel per channel, shared over the batch),
 shapes (the op does not broadcast them), dtypes and devices. Sizes that are symbolic must be
 provably right without adding guards, or the match is refused.
 
+Before any of that, every argument of every node a match absorbs goes through
+:func:`.arguments.check_arguments` (the matcher itself ignores keywords such as ``alpha`` that a
+pattern does not spell); each family's table of the arguments its patterns leave open sits
+beside its check below.
+
 :func:`check_idiom` guards the idiom rewrite; :func:`check_fusion` guards folding a neighbour
 into an ``lcconv::fftconv`` call. Both return the ``extra_check`` the pattern matcher calls and
 report what they decided to :mod:`.events`. Nothing here edits graphs.
