@@ -207,6 +207,10 @@ def idiom_output_scaled_by_tensor(u, k, D, g):
     return rfft_conv(u, k) * D[:, None]
 
 
+def idiom_then_floor_division(u, k, D, g):  # div with rounding_mode is div.Tensor_mode: not a scale
+    return torch.div(rfft_conv(u, k), 1000.0, rounding_mode="floor")
+
+
 # name -> (function, rewrites, refusals)
 LOOKALIKES = {
     skip_alpha_one_as_float: ({"fold_skip": 1}, {}),
@@ -249,6 +253,7 @@ LOOKALIKES = {
     idiom_extra_output_factor: ({"rfft_conv_scaled_output_inference": 1}, {"gate_shape": 1}),
     idiom_inverse_of_another_size: ({}, {}),
     idiom_output_scaled_by_tensor: ({"rfft_conv_inference": 1}, {"gate_shape": 1}),
+    idiom_then_floor_division: ({"rfft_conv_inference": 1}, {}),
 }
 HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format}
 
