@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 
 import expecttest
+import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor import config as inductor_config
 
 import lcconv_compile
 from lcconv_compile import ExplainReport
@@ -68,3 +70,52 @@ graph breaks (0):""")
         assert report.graph_count == 2 and report.graph_break_count == 1
         assert len(report.break_reasons) == 1
         assert [r.pattern for r in report.rewritten] == ["rfft_conv_inference"] * 2
+
+
+# ------------------------------------------------------------------------- passes switched off --
+def explain_conv():
+    return lcconv_compile.explain(lambda u, k: conv(u, k, 2 * L), torch.randn(B, H, L), torch.randn(H, L))
+
+
+def assert_reports_passes_off(report, words):
+    assert words in report.passes_off, report.passes_off
+    assert report.rewritten == [] and report.fused == [] and report.rejected == []
+    text = str(report)
+    assert "the lcconv_compile passes are OFF" in text and words in text
+    assert "rewritten into" not in text and "fused into" not in text
+    assert report.graph_count == 1  # Dynamo's part of the report is still there
+
+
+class PassesOffTest(expecttest.TestCase):
+    def test_after_disable(self):
+        try:
+            lcconv_compile.disable()
+            report = explain_conv()
+            assert not lcconv_compile.lowering.passes_active()  # explain did not switch them on
+        finally:
+            lcconv_compile.enable()
+        assert_reports_passes_off(report, "lcconv_compile.disable() was called")
+        assert [r.pattern for r in explain_conv().rewritten] == ["rfft_conv_inference"]
+
+    def test_with_the_environment_variable(self):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv(lcconv_compile.lowering.DISABLE_ENV, "1")
+            with lcconv_compile.passes_enabled(True):  # the environment wins here too
+                report = explain_conv()
+        assert_reports_passes_off(report, "LCCONV_COMPILE_DISABLE=1 is set")
+        self.assertExpectedInline(str(report), """\
+lcconv_compile.explain: 1 graph(s), 0 graph break(s)
+the lcconv_compile passes are OFF: LCCONV_COMPILE_DISABLE=1 is set.
+torch.compile leaves every FFT convolution and its neighbours as written; nothing was rewritten.
+graph breaks (0):""")
+
+    def test_inside_passes_enabled_false(self):
+        with lcconv_compile.passes_enabled(False):
+            report = explain_conv()
+        assert_reports_passes_off(report, "passes_enabled(False)")
+
+    def test_when_a_hook_was_reassigned_after_import(self):
+        with inductor_config.patch(post_grad_custom_post_pass=None):
+            report = explain_conv()
+            assert inductor_config.post_grad_custom_post_pass is None  # explain installed nothing
+        assert_reports_passes_off(report, "post_grad_custom_post_pass no longer chains them")

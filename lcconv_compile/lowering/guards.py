@@ -8,6 +8,11 @@ the kernel's shape (the op takes one kernel per channel, shared over the batch),
 shapes (the op does not broadcast them), dtypes and devices. Sizes that are symbolic must be
 provably right without adding guards, or the match is refused.
 
+Before any of that, every argument of every node a match absorbs goes through
+:func:`.arguments.check_arguments` (the matcher itself ignores keywords such as ``alpha`` that a
+pattern does not spell); each family's table of the arguments its patterns leave open sits
+beside its check below.
+
 :func:`check_idiom` guards the idiom rewrite; :func:`check_fusion` guards folding a neighbour
 into an ``lcconv::fftconv`` call. Both return the ``extra_check`` the pattern matcher calls and
 report what they decided to :mod:`.events`. Nothing here edits graphs.
@@ -25,6 +30,7 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import events
+from .arguments import READ, Only, OpenArguments, check_arguments
 from .fft_idiom import FFTConvIdiom, Spectrum, parse_fft_conv, value
 
 log = logging.getLogger(__name__)
@@ -161,6 +167,23 @@ def _check_transform_dims(node: Node, what: str) -> None:
         _refuse("transform_dim", f"{what} transforms dims {list(dims)}, not the last (time) dim")
 
 
+# What the idiom patterns leave open (sizes, dims, normalisations, scalar factors: traced at
+# placeholder values) and who checks it; every other argument is held to the pattern by
+# :mod:`.arguments` (e.g. a slice's step must be 1).
+IDIOM_OPEN_ARGUMENTS: OpenArguments = {
+    aten.constant_pad_nd.default: {"pad": READ, "value": READ},  # _check_padding
+    aten._fft_r2c.default: {"dim": READ, "normalization": READ},  # _check_transform_dims, _net_scale
+    aten._fft_c2r.default: {"dim": READ, "normalization": READ, "last_dim_size": READ},  # + fft_size
+    aten._fft_c2c.default: {"dim": READ, "normalization": READ},
+    aten.slice.Tensor: {"dim": READ, "start": READ, "end": READ},  # the crop checks
+    aten.select.int: {"dim": READ, "index": READ},  # the real-part checks
+    aten.mul.Tensor: {"other": READ},  # scale factors: _net_scale
+    aten.div.Tensor: {"other": READ},
+    # The replacement takes the kernel from before the unsqueeze and squeezes dim 0 only.
+    aten.unsqueeze.default: {"dim": Only((0,), "the kernel is unsqueezed elsewhere than in front")},
+}
+
+
 def _check_idiom(idiom: FFTConvIdiom) -> str:
     """Refuse unless ``idiom`` computes exactly ``fftconv(u, k)``; return a one-line summary."""
     u = _tensor(idiom.signal.source, "the signal")
@@ -283,6 +306,9 @@ def _check_result_dtype(match, op_out: torch.Tensor) -> None:
         _refuse("dtype", f"the neighbour changes the dtype to {result.dtype}; the op returns {op_out.dtype}")
 
 
+SKIP_OPEN_ARGUMENTS: OpenArguments = {aten.unsqueeze.default: {"dim": READ}}  # the (H, 1) shape check
+
+
 def _check_skip(match) -> None:
     op = _the_op(match)
     op_args = op_arguments(op)
@@ -318,22 +344,27 @@ def _check_gate_in(match) -> None:
     _check_same_device(u, gate)
 
 
-_GELU_CONSTANTS = {0.5, 1.0 / math.sqrt(2.0)}
+# The exact GELU, y * 0.5 * (1 + erf(y * 1/sqrt(2))): the pattern leaves its three scalars open.
+GELU_OPEN_ARGUMENTS: OpenArguments = {aten.mul.Tensor: {"other": READ}, aten.add.Tensor: {"other": READ}}
+
+
+def _is_number(arg: Any, expected: float) -> bool:
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool) and math.isclose(arg, expected, rel_tol=1e-12)
 
 
 def _check_gelu(match) -> None:
     op = _the_op(match)
     _require_unset(op_arguments(op), ("gate_out", "dropout_mask"),
                    "GELU applies before the output gate and the mask")
-    constants = sorted(
-        float(n.args[1]) for n in match.nodes
-        if n.target == aten.mul.Tensor and isinstance(n.args[1], (int, float))
-    )
-    offsets = [n.args[1] for n in match.nodes if n.target == aten.add.Tensor]
-    expected = sorted(_GELU_CONSTANTS)
-    if len(constants) != 2 or not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(constants, expected)) \
-            or offsets != [1]:
-        _refuse("gelu", f"not the exact erf GELU (constants {constants}, offset {offsets})")
+    # Each scalar is read where it sits: swapping 0.5 and 1/sqrt(2) is another function.
+    result = match.output_node()
+    halved, one_plus_erf = result.args
+    erf_input = one_plus_erf.args[0].args[0]
+    scalars = {"y * 0.5": halved.args[1], "erf(y * 1/sqrt(2))": erf_input.args[1], "1 + erf": one_plus_erf.args[1]}
+    expected = {"y * 0.5": 0.5, "erf(y * 1/sqrt(2))": 1.0 / math.sqrt(2.0), "1 + erf": 1.0}
+    wrong = [f"{where} has {scalars[where]!r}" for where in scalars if not _is_number(scalars[where], expected[where])]
+    if wrong:
+        _refuse("gelu", "not the exact erf GELU y * 0.5 * (1 + erf(y / sqrt(2))): " + ", ".join(wrong))
     _check_result_dtype(match, _tensor(op, "the op"))
 
 
@@ -372,6 +403,9 @@ def _casts(match) -> list[Node]:
     return [n for n in match.nodes if n.target == prims.convert_element_type.default]
 
 
+CAST_OPEN_ARGUMENTS: OpenArguments = {prims.convert_element_type.default: {"dtype": READ}}  # the dtype checks
+
+
 def _check_signal_cast(match) -> None:
     op = _the_op(match)
     op_args = op_arguments(op)
@@ -402,14 +436,23 @@ def _check_kernel_cast(match) -> None:
                          "the op only upcasts a kernel of the signal's half dtype")
 
 
-_FUSION_CHECKS: dict[str, Callable[[Any], None]] = {
-    "skip": _check_skip,
-    "gate_in": _check_gate_in,
-    "gelu": _check_gelu,
-    "output_multiplier": _check_output_multiplier,
-    "signal_cast": _check_signal_cast,
-    "kernel_cast": _check_kernel_cast,
+# kind -> (its check, the arguments its patterns leave open for that check to read)
+_FUSION_CHECKS: dict[str, tuple[Callable[[Any], None], OpenArguments]] = {
+    "skip": (_check_skip, SKIP_OPEN_ARGUMENTS),
+    "gate_in": (_check_gate_in, {}),
+    "gelu": (_check_gelu, GELU_OPEN_ARGUMENTS),
+    "output_multiplier": (_check_output_multiplier, {}),
+    "signal_cast": (_check_signal_cast, CAST_OPEN_ARGUMENTS),
+    "kernel_cast": (_check_kernel_cast, CAST_OPEN_ARGUMENTS),
 }
+
+
+def _check_match_arguments(match, open_arguments: OpenArguments) -> None:
+    """Refuse a match that absorbs a node with an argument its pattern does not account for
+    (an ``alpha``, a slice step, a cast's extra keyword...): see :mod:`.arguments`."""
+    problem = check_arguments(match, open_arguments)
+    if problem is not None:
+        _refuse(*problem)
 
 
 # ------------------------------------------------------------------------- extra_check hooks --
@@ -440,17 +483,26 @@ def check_idiom(pattern: str) -> Callable[[Any], bool]:
             # scale's place: that is no FFT convolution of this spelling, not a refusal.
             return False
         events.mark_explained(idiom.inverse)
-        return _run("idiom", pattern, anchor, lambda: _check_idiom(idiom))
+
+        def check() -> str:
+            _check_match_arguments(match, IDIOM_OPEN_ARGUMENTS)
+            return _check_idiom(idiom)
+
+        return _run("idiom", pattern, anchor, check)
 
     return extra_check
 
 
 def check_fusion(kind: str, pattern: str) -> Callable[[Any], bool]:
     """``extra_check`` for folding a neighbour (``kind``) into an ``lcconv::fftconv`` call."""
-    check_kind = _FUSION_CHECKS[kind]
+    check_kind, open_arguments = _FUSION_CHECKS[kind]
 
     def extra_check(match) -> bool:
-        return _run("fusion", pattern, match.output_node(), lambda: check_kind(match))
+        def check() -> None:
+            _check_match_arguments(match, open_arguments)
+            check_kind(match)
+
+        return _run("fusion", pattern, match.output_node(), check)
 
     return extra_check
 

@@ -50,10 +50,25 @@ def _env_disabled() -> bool:
 
 
 def passes_active() -> bool:
-    """Whether a compilation starting now gets our rewrites."""
+    """Whether a compilation starting now gets our rewrites (when they are on the hooks)."""
     if _env_disabled():
         return False
     return _override if _override is not None else _enabled
+
+
+def passes_off_reason() -> Optional[str]:
+    """Why a compilation starting now would not get our rewrites, in words; None when it would."""
+    if _env_disabled():
+        return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} is set"
+    if _override is False:
+        return "inside `with lcconv_compile.passes_enabled(False)`"
+    if _override is None and not _enabled:
+        return "lcconv_compile.disable() was called (lcconv_compile.enable() turns them back on)"
+    missing = [hook for hook in _STAGES if not _is_ours(getattr(inductor_config, hook))]
+    if missing:
+        return (f"Inductor's {', '.join(missing)} no longer chains them (the hook was assigned after "
+                "import; lcconv_compile.enable() chains them in again)")
+    return None
 
 
 def pass_version() -> bytes:
@@ -143,14 +158,6 @@ def install_passes() -> None:
         current = getattr(inductor_config, hook)
         if not _is_ours(current):
             setattr(inductor_config, hook, chained_type(hook, stage, current))
-
-
-def uninstall_passes() -> None:
-    """Put back the passes that were on the hooks before :func:`install_passes` (where ours is on top)."""
-    for hook in _STAGES:
-        current = getattr(inductor_config, hook)
-        if isinstance(current, ChainedPass):
-            setattr(inductor_config, hook, current.previous)
 
 
 def enable() -> None:
