@@ -396,17 +396,18 @@ def butterfly_conv_bwd_ref(
     if gelu:
         dc = dc * _gelu_grad(fwd.c)
 
+    # conj_physical, not conj(): see causal_corr (a lazy conjugate bit is lost in compiled code).
     dv = butterfly_columns(dc, n1, n2, dtype).to(fwd.w.dtype)  # c = Re(v)[:L]: dv is dc, zero-padded
-    dw = torch.einsum("cik,bhic->bhkc", fwd.out_factor.conj(), dv)
-    d_out = torch.einsum("bhic,bhkc->cik", dv, fwd.w.conj())
+    dw = torch.einsum("cik,bhic->bhkc", fwd.out_factor.conj_physical(), dv)
+    d_out = torch.einsum("bhic,bhkc->cik", dv, fwd.w.conj_physical())
 
     dw_spectrum = torch.fft.fft(dw, dim=-1)
-    dz = torch.fft.ifft(dw_spectrum * fwd.kernel_rows.conj(), dim=-1)
-    d_rows = (dw_spectrum / n2 * fwd.z_spectrum.conj()).sum(0)  # (H, N1, N2) in [k1, k2]
+    dz = torch.fft.ifft(dw_spectrum * fwd.kernel_rows.conj_physical(), dim=-1)
+    d_rows = (dw_spectrum / n2 * fwd.z_spectrum.conj_physical()).sum(0)  # (H, N1, N2) in [k1, k2]
     d_spectrum = d_rows.transpose(1, 2).reshape(channels, n)  # back to the order k1 + N1*k2
     dk = (torch.fft.ifft(d_spectrum, dim=-1).real * n)[..., : k.shape[-1]]
 
-    dx = torch.einsum("cki,bhkc->bhic", fwd.in_factor.conj(), dz).real
+    dx = torch.einsum("cki,bhkc->bhic", fwd.in_factor.conj_physical(), dz).real
     dx = dx.reshape(u.shape[0], channels, n)[..., : u.shape[-1]]
     d_in = torch.einsum("bhkc,bhic->cki", dz, fwd.x.to(dz.dtype))
     dD = None
