@@ -297,6 +297,23 @@ def butterfly_step3(w: Tensor, out_factor: Tensor) -> Tensor:
     return torch.einsum("cik,bhkc->bhic", out_factor, w)
 
 
+def butterfly_step2_bwd(dw: Tensor, z_spectrum: Tensor, kernel_rows: Tensor, kernel_len: int) -> tuple[Tensor, Tensor]:
+    """Backward of step 2 (``w = ifft(z_spectrum * K)`` along n2): ``(dz, dk)``.
+
+    ``dz = ifft(fft(dw) conj(K))``; ``dK = sum_b fft(dw)/N2 * conj(z_spectrum)`` (the adjoint of
+    ``ifft`` is ``fft / N2``), put back in the order ``k1 + N1*k2``, and since ``K = F_N k`` with
+    k real, ``dk = Re(F_N^H dK)[:Lk] = Re(N ifft_N(dK))[:Lk]``.
+    """
+    channels, n1, n2 = kernel_rows.shape
+    # conj_physical, not conj(): see causal_corr (a lazy conjugate bit is lost in compiled code).
+    dw_spectrum = torch.fft.fft(dw, dim=-1)
+    dz = torch.fft.ifft(dw_spectrum * kernel_rows.conj_physical(), dim=-1)
+    d_rows = (dw_spectrum / n2 * z_spectrum.conj_physical()).sum(0)  # (H, N1, N2) in [k1, k2]
+    d_spectrum = d_rows.transpose(1, 2).reshape(channels, n1 * n2)
+    dk = (torch.fft.ifft(d_spectrum, dim=-1).real * (n1 * n2))[..., :kernel_len]
+    return dz, dk
+
+
 class _ButterflyForward(NamedTuple):
     """What the backward needs of the forward: factors and x, step 1's spectrum, w, and c."""
 
@@ -387,7 +404,6 @@ def butterfly_conv_bwd_ref(
     dtype = compute_dtype(grad_y, u, k, in_factor, out_factor, D)
     n2, n1 = in_factor.shape[0], in_factor.shape[1]
     n = n1 * n2
-    channels = u.shape[1]
     fwd = _butterfly_forward(u, k, in_factor, out_factor, D, dtype)
 
     dc = grad_y.to(dtype)
@@ -401,14 +417,10 @@ def butterfly_conv_bwd_ref(
     dw = torch.einsum("cik,bhic->bhkc", fwd.out_factor.conj_physical(), dv)
     d_out = torch.einsum("bhic,bhkc->cik", dv, fwd.w.conj_physical())
 
-    dw_spectrum = torch.fft.fft(dw, dim=-1)
-    dz = torch.fft.ifft(dw_spectrum * fwd.kernel_rows.conj_physical(), dim=-1)
-    d_rows = (dw_spectrum / n2 * fwd.z_spectrum.conj_physical()).sum(0)  # (H, N1, N2) in [k1, k2]
-    d_spectrum = d_rows.transpose(1, 2).reshape(channels, n)  # back to the order k1 + N1*k2
-    dk = (torch.fft.ifft(d_spectrum, dim=-1).real * n)[..., : k.shape[-1]]
+    dz, dk = butterfly_step2_bwd(dw, fwd.z_spectrum, fwd.kernel_rows, k.shape[-1])
 
     dx = torch.einsum("cki,bhkc->bhic", fwd.in_factor.conj_physical(), dz).real
-    dx = dx.reshape(u.shape[0], channels, n)[..., : u.shape[-1]]
+    dx = dx.reshape(u.shape[0], u.shape[1], n)[..., : u.shape[-1]]
     d_in = torch.einsum("bhkc,bhic->cki", dz, fwd.x.to(dz.dtype))
     dD = None
     if D is not None:
