@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .flashconv import _gelu, _gelu_grad, _strides
 
 __all__ = [
     "Tuning",
@@ -86,14 +87,17 @@ def _split_of(factor: torch.Tensor) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- shared pieces --
 @triton.jit
-def _gelu(c):
-    return 0.5 * c * (1.0 + tl.math.erf(c * 0.7071067811865476))
+def _columns(N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's columns n2 and the times ``t[n1, c] = n1*N2 + n2`` of its tile."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, tl.arange(0, N1)[:, None] * N2 + cols[None, :]
 
 
 @triton.jit
-def _gelu_grad(c):
-    cdf = 0.5 * (1.0 + tl.math.erf(c * 0.7071067811865476))
-    return cdf + c * tl.exp(-0.5 * c * c) * 0.3989422804014327
+def _row(row, rows, channels, t, seqlen):
+    """(valid, batch index, channel, in-sequence mask of the tile) of a (batch, channel) row."""
+    valid = row < rows
+    return valid, row // channels, row % channels, valid & (t < seqlen)
 
 
 @triton.jit
@@ -145,14 +149,12 @@ def _k1_fwd_kernel(
     u_ptr, in_ptr, z_ptr, rows, channels, seqlen, su_b, su_h, su_l,
     ROWS_PER_PROGRAM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
     ar, ai = _factor_tile(in_ptr, cols, N1)  # [k1, n1, c]
-    t = tl.arange(0, N1)[:, None] * N2 + cols[None, :]  # [n1, c]
     for r in tl.range(0, ROWS_PER_PROGRAM):
         row = tl.program_id(1) * ROWS_PER_PROGRAM + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=valid & (t < seqlen), other=0.0)
+        valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
+        x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=in_seq, other=0.0)
         x = x.to(tl.float32)[None, :, :]
         # x is real: z = A x needs two real products, not four.
         _store_plane(z_ptr, _plane_offsets(row, cols, N1, N2), tl.sum(ar * x, axis=1),
@@ -190,14 +192,11 @@ def _k3_fwd_kernel(
     HAS_D: tl.constexpr, GELU: tl.constexpr, HAS_MASK: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
     br, bi = _factor_tile(out_ptr, cols, N1)  # [n1, k1, c]
-    t = tl.arange(0, N1)[:, None] * N2 + cols[None, :]  # [n1, c]
     for r in tl.range(0, ROWS_PER_PROGRAM):
         row = tl.program_id(1) * ROWS_PER_PROGRAM + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        in_seq = valid & (t < seqlen)
+        valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
         c, unused_wr, unused_wi = _step3_real(br, bi, w_ptr, _plane_offsets(row, cols, N1, N2), valid)
         if HAS_D:
             x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=in_seq, other=0.0).to(tl.float32)
@@ -207,10 +206,6 @@ def _k3_fwd_kernel(
         if HAS_MASK:
             c *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * seqlen + t, c.to(y_ptr.dtype.element_ty), mask=in_seq)
-
-
-def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
 
 
 def k3_forward(
@@ -243,16 +238,13 @@ def _k3_bwd_kernel(
     N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     block, group = tl.program_id(0), tl.program_id(1)
-    cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
     br, bi = _factor_tile(out_ptr, cols, N1)  # [n1, k1, c]
-    t = tl.arange(0, N1)[:, None] * N2 + cols[None, :]  # [n1, c]
     acc_r = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     acc_i = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     for r in tl.range(0, rows_per_group):
         row = group * rows_per_group + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        in_seq = valid & (t < seqlen)
+        valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
         offs = _plane_offsets(row, cols, N1, N2)
         dc = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t * sdy_l, mask=in_seq, other=0.0).to(tl.float32)
         if HAS_MASK:
@@ -324,16 +316,13 @@ def _k1_bwd_kernel(
     HAS_D: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     block, group = tl.program_id(0), tl.program_id(1)
-    cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
     ar, ai = _factor_tile(in_ptr, cols, N1)  # [k1, n1, c]
-    t = tl.arange(0, N1)[:, None] * N2 + cols[None, :]  # [n1, c]
     acc_r = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     acc_i = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     for r in tl.range(0, rows_per_group):
         row = group * rows_per_group + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        in_seq = valid & (t < seqlen)
+        valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
         dzr, dzi = _load_plane(dz_ptr, _plane_offsets(row, cols, N1, N2), valid)
         dzr3, dzi3 = dzr[:, None, :], dzi[:, None, :]
         # dx = Re(in^H dz): dx[n1, c] = sum_k1 Re(conj(in[c, k1, n1]) dz[k1, c]).
