@@ -3,11 +3,13 @@
 Importing the package registers the ``lcconv::fftconv`` ops and chains our Inductor passes onto
 its custom-pass hooks (unless ``LCCONV_COMPILE_DISABLE=1``): ``torch.compile`` then rewrites
 hand-written FFT convolutions into the op and folds their neighbours into it. The user-facing
-API is :func:`fftconv` (the op), :mod:`lcconv_compile.models` (modules built on it),
+API is :func:`fftconv` (the op), :func:`butterfly_conv` (FlashButterfly with learned factors,
+op ``lcconv::butterfly_conv``), :mod:`lcconv_compile.models` (modules built on them),
 :func:`explain`, and the switches :func:`enable`, :func:`disable`, :func:`passes_enabled`.
 """
 
-from . import ops
+from . import butterfly_ops, ops
+from .butterfly_ops import butterfly_conv
 from .lowering import ExplainReport, disable, enable, explain, passes_enabled
 from .lowering.install import _env_disabled, install_passes as _install_passes
 from .ops import fftconv
@@ -17,6 +19,7 @@ if not _env_disabled():
 
 __version__ = "0.1.0"
 __all__ = [
+    "butterfly_conv",
     "ExplainReport",
     "disable",
     "enable",

@@ -8,6 +8,14 @@ Schema (the one place it is written down)::
     lcconv::fftconv_bwd(Tensor grad_y, Tensor u, Tensor k, Tensor? D, Tensor? gate_in,
                         Tensor? gate_out, bool gelu, Tensor? dropout_mask)
         -> (Tensor du, Tensor dk, Tensor dD, Tensor dgate_in, Tensor dgate_out)
+    lcconv::butterfly_conv(Tensor u, Tensor k, Tensor in_factor, Tensor out_factor,
+                           Tensor? D=None, bool gelu=False, Tensor? dropout_mask=None) -> Tensor
+    lcconv::butterfly_conv_bwd(Tensor grad_y, Tensor u, Tensor k, Tensor in_factor,
+                               Tensor out_factor, Tensor? D, bool gelu, Tensor? dropout_mask)
+        -> (Tensor du, Tensor dk, Tensor d_in_factor, Tensor d_out_factor, Tensor dD)
+
+The butterfly ops (learned FlashButterfly factors, real pairs ``(N2, N1, N1, 2)``) are registered
+in :mod:`lcconv_compile.butterfly_ops`, which documents their arguments.
 
 The math is in :mod:`lcconv_compile.reference`. ``fftconv_bwd`` returns an empty tensor of shape
 ``(0,)`` in place of the gradient of an input that was None, so that the backward is one op with a

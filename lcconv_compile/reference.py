@@ -32,6 +32,11 @@ __all__ = [
     "fftconv_bwd_ref",
     "FFTConvGrads",
     "direct_causal_conv",
+    "butterfly_split",
+    "butterfly_exact_factors",
+    "butterfly_conv_ref",
+    "butterfly_conv_bwd_ref",
+    "ButterflyConvGrads",
 ]
 
 
@@ -193,3 +198,238 @@ def direct_causal_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None) -> Tens
     if D is not None:
         y += D.double()[:, None] * u64
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashButterfly: the three-step algorithm with arbitrary (learned) factors
+# ---------------------------------------------------------------------------------------------
+# Form (the one models/butterfly.py, the op lcconv::butterfly_conv and kernels/flashbutterfly.py
+# share). N = N1 * N2; a length-N signal is indexed n = n1*N2 + n2 (viewed as an (N1, N2) matrix,
+# row-major = memory order) and its spectrum k = k1 + N1*k2. The factors are (N2, N1, N1)
+# complex, stored as real pairs (N2, N1, N1, 2), one N1 x N1 matrix per column n2:
+#
+#   step 1   z[k1, n2] = sum_n1 in_factor[n2, k1, n1] x[n1, n2]        (x = u zero-padded to N)
+#   step 2   w[k1, :]  = ifft_N2(fft_N2(z[k1, :]) * K[k1 + N1*k2])     (K = fft_N(k): N1 circular
+#                                                                       convolutions of length N2)
+#   step 3   v[n1, n2] = sum_k1 out_factor[n2, n1, k1] w[k1, n2]
+#   c = Re(v)[:L] + D * u,  y = gelu?(c) * dropout_mask[..., None]
+#
+# At the exact factors (butterfly_exact_factors: DFT_N1 with the twiddles w_N^(n2 k1) folded in,
+# and its inverse) steps 1-2-3 are F_N^-1 diag(F_N k) F_N: the causal convolution of fftconv.
+# Gates are not part of this op (multiply them outside it).
+
+BUTTERFLY_ON_CHIP_N2 = 8192  # the circular convolutions of step 2 run on chip up to this length
+BUTTERFLY_MIN_N1 = 16  # below N = 16 * 8192 keep N1 = 16 (tl.dot needs >= 16), or sqrt(N) if smaller
+
+
+def butterfly_split(n: int) -> tuple[int, int]:
+    """``(N1, N2)`` with ``N1 * N2 = n`` (a power of two): the kernels' split of FlashButterfly.
+
+    ``N2`` is the on-chip length (8192) once ``n >= 16 * 8192``, so ``N1 = n / 8192`` stays small
+    (16 at n = 128K, i.e. L = 64K; 256 at n = 2M, L = 1M): steps 1 and 3 cost ``8 N1`` FLOPs per
+    sample and a factor holds ``n * N1`` complex numbers. Smaller sizes keep
+    ``N1 = min(16, 2^floor(log2(n)/2))`` so the factors still mix rows. The one split used by the
+    op, the kernels and ``ButterflyLongConv``.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"butterfly_split: the FFT size must be a power of two >= 1, got {n}")
+    sqrt_n1 = 1 << ((n.bit_length() - 1) // 2)
+    n1 = max(n // BUTTERFLY_ON_CHIP_N2, min(BUTTERFLY_MIN_N1, sqrt_n1))
+    return n1, n // n1
+
+
+def butterfly_exact_factors(
+    n: int,
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device] = None,
+    split: Optional[tuple[int, int]] = None,
+) -> tuple[Tensor, Tensor]:
+    """The exact ``(in_factor, out_factor)`` for FFT size n, as real pairs ``(N2, N1, N1, 2)``.
+
+    ``split = (N1, N2)`` defaults to :func:`butterfly_split` (tests use others: the reference
+    takes any split).
+
+    ``in[n2, k1, n1] = w_N^(n2 k1) w_N1^(n1 k1)`` (twiddle times DFT_N1), ``w_M = exp(-2 pi i / M)``;
+    ``out[n2, n1, k1] = (1/N1) w_N1^(-n1 k1) w_N^(-n2 k1)``, its inverse for each n2. Computed in
+    float64 and then cast to ``dtype`` (a real dtype).
+    """
+    n1, n2 = split or butterfly_split(n)
+    if n1 * n2 != n:
+        raise ValueError(f"butterfly_exact_factors: split {split} does not multiply to n = {n}")
+    idx1 = torch.arange(n1, dtype=torch.float64, device=device)
+    idx2 = torch.arange(n2, dtype=torch.float64, device=device)
+    dft_phase = -2 * math.pi * torch.outer(idx1, idx1) / n1  # [k1, n1]
+    twiddle_phase = -2 * math.pi * idx2[:, None, None] * idx1[None, :, None] / n  # [n2, k1, 1]
+    phase = dft_phase.unsqueeze(0) + twiddle_phase  # [n2, k1, n1]
+    in_factor = torch.polar(torch.ones_like(phase), phase)
+    out_factor = in_factor.conj().transpose(1, 2) / n1  # unitary up to 1/N1: the inverse
+    return tuple(torch.view_as_real(f.resolve_conj().contiguous()).to(dtype) for f in (in_factor, out_factor))
+
+
+def butterfly_factor_as_complex(factor: Tensor, real_dtype: torch.dtype) -> Tensor:
+    """A real-pair factor ``(N2, N1, N1, 2)`` as a complex ``(N2, N1, N1)`` tensor of ``real_dtype``."""
+    return torch.view_as_complex(factor.to(real_dtype).contiguous())
+
+
+def butterfly_columns(u: Tensor, n1: int, n2: int, dtype: torch.dtype) -> Tensor:
+    """``u (B, H, L)`` zero-padded to ``N = n1 * n2`` and viewed as ``(B, H, N1, N2)`` (n = n1*N2 + n2)."""
+    batch, channels, seqlen = u.shape
+    return torch.nn.functional.pad(u.to(dtype), (0, n1 * n2 - seqlen)).view(batch, channels, n1, n2)
+
+
+def butterfly_kernel_rows(k: Tensor, n1: int, n2: int, dtype: torch.dtype) -> Tensor:
+    """Step 2's kernel: ``K[h, k1, k2] = fft_N(k[h])[k1 + N1*k2]``, complex ``(H, N1, N2)``."""
+    return torch.fft.fft(k.to(dtype), n=n1 * n2).view(k.shape[0], n2, n1).transpose(1, 2)
+
+
+def butterfly_step1(x: Tensor, in_factor: Tensor) -> Tensor:
+    """``z[b, h, k1, n2] = sum_n1 in_factor[n2, k1, n1] x[b, h, n1, n2]`` (complex factor)."""
+    return torch.einsum("cki,bhic->bhkc", in_factor, x.to(in_factor.dtype))
+
+
+def butterfly_step2(z: Tensor, kernel_rows: Tensor) -> Tensor:
+    """The N1 circular convolutions of length N2: ``ifft(fft(z) * K)`` along the last dim."""
+    return torch.fft.ifft(torch.fft.fft(z, dim=-1) * kernel_rows, dim=-1)
+
+
+def butterfly_step3(w: Tensor, out_factor: Tensor) -> Tensor:
+    """``v[b, h, n1, n2] = sum_k1 out_factor[n2, n1, k1] w[b, h, k1, n2]``."""
+    return torch.einsum("cik,bhkc->bhic", out_factor, w)
+
+
+def butterfly_step2_bwd(dw: Tensor, z_spectrum: Tensor, kernel_rows: Tensor, kernel_len: int) -> tuple[Tensor, Tensor]:
+    """Backward of step 2 (``w = ifft(z_spectrum * K)`` along n2): ``(dz, dk)``.
+
+    ``dz = ifft(fft(dw) conj(K))``; ``dK = sum_b fft(dw)/N2 * conj(z_spectrum)`` (the adjoint of
+    ``ifft`` is ``fft / N2``), put back in the order ``k1 + N1*k2``, and since ``K = F_N k`` with
+    k real, ``dk = Re(F_N^H dK)[:Lk] = Re(N ifft_N(dK))[:Lk]``.
+    """
+    channels, n1, n2 = kernel_rows.shape
+    # conj_physical, not conj(): see causal_corr (a lazy conjugate bit is lost in compiled code).
+    dw_spectrum = torch.fft.fft(dw, dim=-1)
+    dz = torch.fft.ifft(dw_spectrum * kernel_rows.conj_physical(), dim=-1)
+    d_rows = (dw_spectrum / n2 * z_spectrum.conj_physical()).sum(0)  # (H, N1, N2) in [k1, k2]
+    d_spectrum = d_rows.transpose(1, 2).reshape(channels, n1 * n2)
+    dk = (torch.fft.ifft(d_spectrum, dim=-1).real * (n1 * n2))[..., :kernel_len]
+    return dz, dk
+
+
+class _ButterflyForward(NamedTuple):
+    """What the backward needs of the forward: factors and x, step 1's spectrum, w, and c."""
+
+    in_factor: Tensor  # complex (N2, N1, N1)
+    out_factor: Tensor
+    x: Tensor  # real (B, H, N1, N2): u zero-padded
+    kernel_rows: Tensor  # complex (H, N1, N2)
+    z_spectrum: Tensor  # fft_N2 of step 1's output
+    w: Tensor  # step 2's output
+    c: Tensor  # real (B, H, L): Re(step 3)[:L] + D u
+
+
+def _butterfly_forward(u, k, in_factor, out_factor, D, dtype) -> _ButterflyForward:
+    n2, n1 = in_factor.shape[0], in_factor.shape[1]
+    batch, channels, seqlen = u.shape
+    in_c = butterfly_factor_as_complex(in_factor, dtype)
+    out_c = butterfly_factor_as_complex(out_factor, dtype)
+    x = butterfly_columns(u, n1, n2, dtype)
+    kernel_rows = butterfly_kernel_rows(k, n1, n2, dtype)
+    # Step 2 spelled out (not butterfly_step2) to keep fft(z) for the backward's dk.
+    z_spectrum = torch.fft.fft(butterfly_step1(x, in_c), dim=-1)
+    w = torch.fft.ifft(z_spectrum * kernel_rows, dim=-1)
+    c = butterfly_step3(w, out_c).real.reshape(batch, channels, n1 * n2)[..., :seqlen]
+    if D is not None:
+        c = c + u.to(dtype) * D.to(dtype).unsqueeze(-1)
+    return _ButterflyForward(in_c, out_c, x, kernel_rows, z_spectrum, w, c)
+
+
+def butterfly_conv_ref(
+    u: Tensor,
+    k: Tensor,
+    in_factor: Tensor,
+    out_factor: Tensor,
+    D: Optional[Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference of ``lcconv::butterfly_conv``: the three steps above with arbitrary factors.
+
+    ``u (B, H, L)``, ``k (H, Lk)``, factors real pairs ``(N2, N1, N1, 2)`` with any split
+    ``N1 * N2 = N >= L + Lk - 1`` (the op insists on :func:`butterfly_split`), ``D (H,)`` and
+    ``dropout_mask (B, H)`` optional. Computes in float64 if any input is float64, else float32
+    (complex64); returns u's dtype, contiguous. Differentiable by torch autograd (tests use that
+    to check :func:`butterfly_conv_bwd_ref`).
+    """
+    dtype = compute_dtype(u, k, in_factor, out_factor, D)
+    a = _butterfly_forward(u, k, in_factor, out_factor, D, dtype).c
+    if gelu:
+        a = torch.nn.functional.gelu(a)
+    if dropout_mask is not None:
+        a = a * dropout_mask.to(dtype).unsqueeze(-1)
+    return a.to(u.dtype).contiguous()
+
+
+class ButterflyConvGrads(NamedTuple):
+    """Gradients of ``butterfly_conv``; ``dD`` is None where D was None."""
+
+    du: Tensor
+    dk: Tensor
+    d_in_factor: Tensor
+    d_out_factor: Tensor
+    dD: Optional[Tensor]
+
+
+def butterfly_conv_bwd_ref(
+    grad_y: Tensor,
+    u: Tensor,
+    k: Tensor,
+    in_factor: Tensor,
+    out_factor: Tensor,
+    D: Optional[Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[Tensor] = None,
+) -> ButterflyConvGrads:
+    """Explicit reference backward of :func:`butterfly_conv_ref` (recomputes the forward).
+
+    For a linear complex step ``Z = F X`` and a real loss, with gradients ``dZ = dL/dRe Z +
+    i dL/dIm Z`` (torch's convention): ``dX = F^H dZ`` and ``dF = sum over rows of dZ X^H``.
+    Applied step by step, backwards:
+
+    * step 3 (``c = Re v``, so ``dv = dc``, real): ``dw = out^H dv``, ``d_out = sum_bh dv w^H``;
+    * step 2 (``w = ifft(fft(z) K)``): ``dz = ifft(fft(dw) conj(K))``,
+      ``dK = sum_b fft(dw)/N2 * conj(fft(z))``, then ``dk = Re(N ifft_N(dK in k order))[:Lk]``;
+    * step 1 (``x`` real): ``dx = Re(in^H dz)``, ``d_in = sum_bh dz x^T``.
+
+    Every sum over batch and channels is one torch reduction over fixed dims: deterministic.
+    """
+    dtype = compute_dtype(grad_y, u, k, in_factor, out_factor, D)
+    n2, n1 = in_factor.shape[0], in_factor.shape[1]
+    n = n1 * n2
+    fwd = _butterfly_forward(u, k, in_factor, out_factor, D, dtype)
+
+    dc = grad_y.to(dtype)
+    if dropout_mask is not None:
+        dc = dc * dropout_mask.to(dtype).unsqueeze(-1)
+    if gelu:
+        dc = dc * _gelu_grad(fwd.c)
+
+    # conj_physical, not conj(): see causal_corr (a lazy conjugate bit is lost in compiled code).
+    dv = butterfly_columns(dc, n1, n2, dtype).to(fwd.w.dtype)  # c = Re(v)[:L]: dv is dc, zero-padded
+    dw = torch.einsum("cik,bhic->bhkc", fwd.out_factor.conj_physical(), dv)
+    d_out = torch.einsum("bhic,bhkc->cik", dv, fwd.w.conj_physical())
+
+    dz, dk = butterfly_step2_bwd(dw, fwd.z_spectrum, fwd.kernel_rows, k.shape[-1])
+
+    dx = torch.einsum("cki,bhkc->bhic", fwd.in_factor.conj_physical(), dz).real
+    dx = dx.reshape(u.shape[0], u.shape[1], n)[..., : u.shape[-1]]
+    d_in = torch.einsum("bhkc,bhic->cki", dz, fwd.x.to(dz.dtype))
+    dD = None
+    if D is not None:
+        dx = dx + dc * D.to(dtype).unsqueeze(-1)
+        dD = (dc * u.to(dtype)).sum(dim=(0, 2)).to(D.dtype)
+    return ButterflyConvGrads(
+        dx.to(u.dtype).contiguous(),
+        dk.to(k.dtype).contiguous(),
+        torch.view_as_real(d_in).to(in_factor.dtype).contiguous(),
+        torch.view_as_real(d_out).to(out_factor.dtype).contiguous(),
+        dD,
+    )

@@ -1,38 +1,36 @@
-"""models/butterfly.py: exact factors are the FFT, init equals LongConv, learned factors, compile."""
+"""models/butterfly.py: the kernels' split, init equals LongConv, learned factors (gradcheck through
+the op), old checkpoints refused clearly, compile."""
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from lcconv_compile import reference
 from lcconv_compile.models import ButterflyLongConv, LongConv
-from lcconv_compile.models.butterfly import butterfly_conv, exact_fft_factors, monarch_sizes
+from lcconv_compile.reference import butterfly_split
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 32, 128])
-def test_exact_in_factor_then_row_ffts_is_the_fft(n):
-    """Step 1 (in_factor) followed by length-N2 FFTs along the rows is F_N, in the k1 + N1*k2 order."""
-    n1, n2 = monarch_sizes(n)
-    assert n1 * n2 == n and n1 <= n2
-    in_factor, out_factor = exact_fft_factors(n)
-    x = torch.randn(n, dtype=torch.complex128)
-    z = torch.einsum("cki,ic->kc", in_factor, x.view(n1, n2))
-    spectrum = torch.fft.fft(z, dim=-1)  # [k1, k2]
-    torch.testing.assert_close(spectrum.transpose(0, 1).reshape(n), torch.fft.fft(x))
-    # out_factor inverts in_factor column by column.
-    eye = torch.eye(n1, dtype=torch.complex128).expand(n2, n1, n1)
-    torch.testing.assert_close(out_factor @ in_factor, eye)
+@pytest.mark.parametrize("l_max,shape", [(1, (1, 1, 1, 2)), (64, (16, 8, 8, 2)), (300, (64, 16, 16, 2)),
+                                         (5000, (1024, 16, 16, 2))])
+def test_factors_have_the_kernels_split(l_max, shape):
+    layer = ButterflyLongConv(2, l_max)
+    assert layer.in_factor.shape == layer.out_factor.shape == shape
+    n1, n2 = butterfly_split(layer.fft_size)
+    assert shape == (n2, n1, n1, 2)
+    assert f"({n1}x{n2})" in repr(layer)
 
 
-def test_butterfly_conv_with_exact_factors_is_the_causal_convolution():
-    u, k = torch.randn(2, 3, 45, dtype=torch.float64), torch.randn(3, 30, dtype=torch.float64)
-    factors = exact_fft_factors(reference.fft_size(45, 45))
-    expected = reference.direct_causal_conv(u, k)
-    torch.testing.assert_close(butterfly_conv(u, k, *factors), expected, rtol=1e-10, atol=1e-12)
+def test_split_at_64k_is_16_by_8192():
+    """l_max = 64K: N = 128K = 16 x 8192, a 16 MB factor (the old sqrt(N) split made it 268 MB)."""
+    layer = ButterflyLongConv(1, 1 << 16, learn_butterfly=False)
+    assert layer.in_factor.shape == (8192, 16, 16, 2)
 
 
-def test_monarch_sizes_rejects_non_powers_of_two():
-    with pytest.raises(ValueError, match="power of two, got 12"):
-        monarch_sizes(12)
+def test_forward_is_one_butterfly_conv_op():
+    layer = ButterflyLongConv(4, 16)
+    gm = make_fx(layer)(torch.randn(2, 16, 4))
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "lcconv.butterfly_conv.default" in targets
+    assert not any(t.startswith("aten._fft") for t in targets), targets
 
 
 @pytest.mark.parametrize("options", [{}, {"bidirectional": True}, {"smooth_radius": 2, "dropout": 0.2}])
@@ -106,3 +104,28 @@ def test_compiled_equals_eager():
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_of_learned_factors_through_the_model():
+    """float64, small N (l_max 12: N = 32 = 4 x 8), factors moved off the exact FFT."""
+    layer = ButterflyLongConv(3, 12, dtype=torch.float64, activation="gelu").eval()
+    with torch.no_grad():
+        layer.in_factor.add_(0.1 * torch.randn_like(layer.in_factor))
+        layer.out_factor.add_(0.1 * torch.randn_like(layer.out_factor))
+    x = torch.randn(2, 10, 3, dtype=torch.float64)
+    in_f, out_f = (layer.in_factor.detach().clone().requires_grad_(), layer.out_factor.detach().clone().requires_grad_())
+
+    def f(in_factor, out_factor):
+        return torch.func.functional_call(layer, {"in_factor": in_factor, "out_factor": out_factor}, (x,))
+
+    assert torch.autograd.gradcheck(f, (in_f, out_f))
+
+
+def test_old_split_checkpoint_is_refused_clearly():
+    layer = ButterflyLongConv(4, 300)  # N = 1024: now 16 x 64; the old split was 32 x 32
+    state = layer.state_dict()
+    state["in_factor"] = torch.zeros(32, 32, 32, 2)
+    with pytest.raises(ValueError, match=r"checkpoint `in_factor` has shape \(32, 32, 32, 2\) but this layer's is "
+                                         r"\(64, 16, 16, 2\).*butterfly_split\(1024\).*reset_butterfly"):
+        layer.load_state_dict(state)
+    layer.load_state_dict(layer.state_dict())  # same split: loads
