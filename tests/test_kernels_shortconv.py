@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from inputs import as_float64, random_args, rel_err
+from inputs import as_float64, poisoned, random_args, rel_err
 from lcconv_compile import reference
 from lcconv_compile.kernels import shortconv
 
@@ -20,10 +20,6 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (realistic sizes)")
 # Issue 9: relative error vs float64 <= 1e-4 (float32 inputs), <= 2e-3 (half inputs).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
-
-
-def poisoned(shape, dtype, device):
-    return torch.full(shape, math.nan, dtype=dtype, device=device)
 
 
 def tolerance(want, dtype):

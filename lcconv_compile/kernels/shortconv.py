@@ -17,9 +17,11 @@ operand split into a high and a low bf16 part (``v = hi + lo`` keeps 16 signific
 without an input gate). Relative error ~1e-5 before the output is rounded to u's dtype. float32
 inputs may instead use ``tf32x3`` or ``ieee`` dots (``Tuning.precision``).
 
-Backward (one launch): per tile of input blocks, ``dc`` of the tile and of the NC blocks after
-it (recomputing ``c`` where GELU or the output gate needs it), ``du = sum_m dC_{+m} @ F_m^T``
-(+ D dc, times the input gate), and ``G_m += X^T @ dC_{+m}``; ``dk[j]`` is the sum of the
+Backward (one launch; where a channel is split over several programs, its arrival counters
+are a zeroed workspace, i.e. one memset before it): per tile of input blocks, ``dc`` of the
+tile and of the NC blocks after it (recomputing ``c`` where GELU or the output gate needs it),
+``du = sum_m dC_{+m} @ F_m^T`` (+ D dc, times the input gate), and ``G_m += X^T @ dC_{+m}``;
+``dk[j]`` is the sum of the
 diagonals ``t - s + m T = j`` of the G_m. Each program writes its G_m and its ``dD`` partial to
 a workspace; the last program of a channel to finish (an integer acq_rel counter) sums them in
 a fixed order. ``dk`` and ``dD`` are bit-identical across runs; no float atomics.
