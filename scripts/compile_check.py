@@ -1,6 +1,8 @@
-"""Compile the FlashConv kernels for Hopper (sm_90) without a GPU and report their resources.
+"""Compile the FlashConv and short-kernel kernels for Hopper (sm_90) without a GPU and report
+their resources.
 
     python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8]
+    python scripts/compile_check.py --short [--kernel-lens 1 4 16 64]   # kernels/shortconv.py
 
 Catches compile errors (which Triton's interpreter does not) and prints registers per thread,
 spilled bytes and shared memory per program for each kernel and plan, so launch choices can be
@@ -22,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lcconv_compile.kernels import flashconv  # noqa: E402
+from lcconv_compile.kernels import flashconv, shortconv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -34,15 +36,20 @@ def _signature(fn, pointer_types: dict, constexprs: dict):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = pointer_types.get(name, "*fp32")
-        elif name == "sqrt_n":
+        elif name in ("sqrt_n",):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     return signature
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps):
-    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs)
+def compile_kernel(fn, pointer_types, constexprs, num_warps, divisible=()):
+    """``divisible``: argument names that a real launch sees as multiples of 16 (Triton
+    specialises on that, e.g. to vectorise loads), as it would for contiguous power-of-two shapes."""
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible
+             if name not in constexprs}
+    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs,
+                    attrs=attrs)
     compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
     return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
 
@@ -62,6 +69,46 @@ def _ptxas_report(ptx: str) -> dict:
                 spill_bytes=int(spill_stores.group(1)) if spill_stores else None)
 
 
+def check_short(kernel_lens, batch, seqlen):
+    """Every fused-option combination of the short kernels' default configurations, bf16 and fp32.
+
+    Returns False if any kernel spills."""
+    clean = True
+    for dtype in (torch.bfloat16, torch.float32):
+        ty = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+        for kernel_len in kernel_lens:
+            u = torch.empty(batch, 4, seqlen, dtype=dtype)
+            for backward in (False, True):
+                cfg = shortconv._launch_config(u, kernel_len, backward, shortconv.Tuning())
+                for on in (False, True):
+                    for gated_in in ((False, True) if dtype == torch.bfloat16 else (on,)):
+                        options = dict(HAS_D=True, HAS_GATE_IN=gated_in, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
+                        constexprs = dict(options, T=cfg.block, BM=cfg.rows, NC=cfg.context_blocks,
+                                          A_SPLIT=not (dtype == torch.bfloat16 and not gated_in),
+                                          PRECISION=cfg.precision)
+                        pointers = {"u_ptr": ty, "y_ptr": ty, "dy_ptr": ty, "du_ptr": ty, "k_ptr": "*fp32",
+                                    "arrivals_ptr": "*i32"}
+                        if not gated_in:
+                            constexprs.update(gate_in_ptr=None, dgate_in_ptr=None)
+                        if not on:
+                            constexprs.update(gate_out_ptr=None, mask_ptr=None, dgate_out_ptr=None)
+                        kernel = shortconv._shortconv_bwd_kernel if backward else shortconv._shortconv_fwd_kernel
+                        if backward:
+                            constexprs.update(LAGS=cfg.lags, SPLIT_CHANNEL=True)
+                        # A launch on contiguous tensors: unit time strides (Triton passes 1 as a
+                        # constant), everything else a multiple of 16 (L = 4096, Lk 16 or 64).
+                        constexprs.update({n: 1 for n in kernel.arg_names if n.endswith("_l")})
+                        constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
+                        divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n == "seqlen"
+                                     or n.endswith(("_b", "_h")) and (n != "sk_h" or kernel_len % 16 == 0)]
+                        report = compile_kernel(kernel, pointers, constexprs, cfg.num_warps, divisible)
+                        clean &= not report["spill_bytes"]
+                        print(f"short {'bwd' if backward else 'fwd'} {str(dtype)[6:]:8s} Lk={kernel_len:<4d} "
+                              f"T={cfg.block} BM={cfg.rows} NC={cfg.context_blocks} warps={cfg.num_warps} "
+                              f"gate_in={gated_in:d} options={on:d}: {report}")
+    return clean
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
@@ -74,7 +121,11 @@ def main():
     parser.add_argument("--gauss", action="store_true")
     parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
+    parser.add_argument("--short", action="store_true", help="the short-kernel family (shortconv.py)")
+    parser.add_argument("--kernel-lens", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     args = parser.parse_args()
+    if args.short:
+        raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths)) else 1)
     tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision,
                               gauss=args.gauss)
     for seqlen in args.lengths:

@@ -28,3 +28,8 @@ def as_float64(args):
 def rel_err(got, want):
     """||got - want|| / ||want|| in float64."""
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
+
+
+def poisoned(shape, dtype, device):
+    """An ``alloc=`` for kernel launchers: outputs start as NaN, so an unwritten element shows."""
+    return torch.full(shape, math.nan, dtype=dtype, device=device)

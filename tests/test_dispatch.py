@@ -58,3 +58,13 @@ def test_cpu_and_float64_inputs_select_no_kernel():
     u, k = torch.randn(2, 3, 16), torch.randn(3, 16)
     assert kernels.select(u, k) is None
     assert kernels.select(u.double(), k.double()) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (families claim CUDA tensors)")
+def test_short_kernels_take_the_short_family_and_long_ones_the_fft():
+    from lcconv_compile.kernels import flashconv, shortconv
+
+    u = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
+    assert kernels.select(u, torch.randn(3, 4, device="cuda")) is shortconv
+    assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is flashconv

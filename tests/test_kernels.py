@@ -5,12 +5,11 @@ at small sizes; on a GPU the same tests run on CUDA tensors, plus realistic size
 Outputs are poisoned with NaN before launch so an unwritten element fails.
 """
 
-import math
 
 import pytest
 import torch
 
-from inputs import as_float64, random_args, rel_err
+from inputs import as_float64, poisoned, random_args, rel_err
 from lcconv_compile import reference
 from lcconv_compile.kernels import flashconv, monarch
 
@@ -19,10 +18,6 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (realistic sizes)")
 # Accuracy targets (issue 3): relative error vs float64 <= 1e-3 for float32, 1e-2 for half inputs.
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def poisoned(shape, dtype, device):
-    return torch.full(shape, math.nan, dtype=dtype, device=device)
 
 
 def make_inputs(B, H, L, Lk, dtype, options):

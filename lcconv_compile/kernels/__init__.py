@@ -14,14 +14,15 @@ from typing import Optional
 
 import torch
 
-from . import flashconv
+from . import flashconv, shortconv
 
 __all__ = ["FAMILIES", "select"]
 
 # Tried in order; the first whose ``supports(u, k)`` is true runs the call. Each ``supports``
 # says only whether its kernels compute the op correctly for these inputs: where two families
-# could, the one listed first is the one measured faster there.
-FAMILIES: tuple[ModuleType, ...] = (flashconv,)
+# could, the one listed first is the one measured faster there. shortconv claims only kernels up
+# to its SHORT_MAX_KERNEL_LEN, where it beats the FFT (benchmarks/sweep_shortconv.py).
+FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:

@@ -1,0 +1,557 @@
+"""Short kernels (Lk <= SHORT_MAX_KERNEL_LEN): a direct causal convolution on tensor cores.
+
+For short kernels an FFT does far more work than the sum itself, so this family computes
+``c[t] = sum_{j<Lk} k[j] x[t-j]`` directly, as a Toeplitz product over blocks of T samples.
+A tile holds BM consecutive blocks of one channel (blocks of consecutive batch rows follow each
+other, so short sequences waste nothing); with ``X_m`` the tile shifted back by m blocks,
+
+    C = sum_{m=0..NC} X_m @ F_m,     F_m[s, t] = k[t - s + m T]  (zero outside [0, Lk)),
+
+NC = ceil((Lk - 1) / T). T is the smaller of 16 and 32 that holds Lk - 1 (32 beyond), so a
+4-tap kernel multiplies 16 x 16 matrices. The F_m are gathered from k once per program and
+shared by every tile the program walks (programs are persistent over their channel's tiles).
+
+Accuracy: every product runs on bf16 tensor-core operands with float32 accumulation, each float
+operand split into a high and a low bf16 part (``v = hi + lo`` keeps 16 significant bits):
+``A_hi B_hi + A_hi B_lo + A_lo B_hi``, and the first term alone where A is exactly bf16 (bf16 u
+without an input gate). Relative error ~1e-5 before the output is rounded to u's dtype. float32
+inputs may instead use ``tf32x3`` or ``ieee`` dots (``Tuning.precision``).
+
+Backward (one launch; where a channel is split over several programs, its arrival counters
+are a zeroed workspace, i.e. one memset before it): per tile of input blocks, ``dc`` of the
+tile and of the NC blocks after it (recomputing ``c`` where GELU or the output gate needs it),
+``du = sum_m dC_{+m} @ F_m^T`` (+ D dc, times the input gate), and ``G_m += X^T @ dC_{+m}``;
+``dk[j]`` is the sum of the
+diagonals ``t - s + m T = j`` of the G_m. Each program writes its G_m and its ``dD`` partial to
+a workspace; the last program of a channel to finish (an integer acq_rel counter) sums them in
+a fixed order. ``dk`` and ``dD`` are bit-identical across runs; no float atomics.
+
+NaN semantics (part of the contract): a NaN or Inf in x at time s affects only c at
+s .. s+Lk-1, exactly as the direct sum does. A dense block product would spread it over the
+whole block (0 * NaN = NaN), so each tile first checks whether any x it loaded is non-finite and,
+if so, computes that tile with a float32 FMA loop over the taps instead. The backward does the
+same for ``du`` (a non-finite dc at t reaches du only at t-Lk+1 .. t). ``dk`` sums over all
+times: a non-finite value reaches every lag it pairs with, and possibly others.
+
+Must not: register ops, import Inductor, or run torch ops other than allocating outputs and
+workspaces. Launches go through ``launch(kernel)`` so a caller can wrap them
+(``torch.library.wrap_triton``). Sizes: see :func:`supports`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .flashconv import _gelu, _gelu_grad
+
+__all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv_bwd"]
+
+# Longest kernel this family claims in kernels.select. A starting value: the lead sets it from
+# benchmarks/sweep_shortconv.py (the Lk where the FFT family becomes faster).
+SHORT_MAX_KERNEL_LEN = 64
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels handle the inputs: CUDA, half or float32 u, k float32 or u's dtype,
+    Lk <= SHORT_MAX_KERNEL_LEN (any L)."""
+    return (
+        u.is_cuda
+        and u.dtype in INPUT_DTYPES
+        and k.dtype in (torch.float32, u.dtype)
+        and k.shape[-1] <= SHORT_MAX_KERNEL_LEN
+    )
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch parameters a caller may override (benchmarks explore them); None = the default."""
+
+    block: Optional[int] = None  # T: samples per block (16, 32 or 64)
+    rows: Optional[int] = None  # BM: blocks per tile (a power of two >= 16)
+    num_warps: Optional[int] = None
+    precision: Optional[str] = None  # "bf16" (split operands), "tf32x3" or "ieee" (float32 u only)
+    programs_per_sm: Optional[int] = None
+
+
+def _direct(kernel):
+    return kernel
+
+
+# Triton's interpreter (CPU tests) multiplies bf16 tl.dot operands wrongly (triton 3.6: errors of
+# 1e10 on a 16 x 16 product), so there the same bf16-rounded values go in as float32 operands.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class _Config:
+    block: int
+    rows: int
+    context_blocks: int  # NC: blocks before (forward) / after (backward) a tile that it needs
+    lags: int  # power of two >= Lk: the backward's dk vector
+    precision: str
+    num_warps: int
+    nblocks: int  # blocks per (b, h) row
+    tiles: int  # tiles per channel
+    groups: int  # programs per channel
+
+
+@functools.lru_cache(maxsize=64)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=512)
+def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torch.dtype,
+            sms: int, backward: bool, tuning: Tuning) -> _Config:
+    # T = 64 operands spill on sm_90 (ptxas): longer kernels take more blocks of 32 instead.
+    block = tuning.block or min(32, max(16, triton.next_power_of_2(max(kernel_len - 1, 1))))
+    # 2K samples per forward tile, 1K per backward tile: larger tiles spill on sm_90 (ptxas,
+    # scripts/compile_check.py --short).
+    rows = tuning.rows or max(16, (1024 if backward else 2048) // block)
+    precision = tuning.precision or "bf16"
+    if precision != "bf16" and dtype != torch.float32:
+        raise ValueError(f"shortconv: precision {precision!r} needs float32 u, got {dtype}")
+    nblocks = triton.cdiv(seqlen, block)
+    tiles = triton.cdiv(batch * nblocks, rows)
+    per_sm = tuning.programs_per_sm or (2 if backward else 4)
+    groups = max(1, min(tiles, triton.cdiv(per_sm * sms, channels), 65535))
+    if precision == "bf16" and _INTERPRETED:
+        precision = "bf16emu"
+    return _Config(
+        block=block, rows=rows, context_blocks=triton.cdiv(kernel_len - 1, block),
+        lags=triton.next_power_of_2(kernel_len), precision=precision,
+        num_warps=tuning.num_warps or 4, nblocks=nblocks, tiles=tiles, groups=groups,
+    )
+
+
+def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning) -> _Config:
+    batch, channels, seqlen = u.shape
+    sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
+        if u.is_cuda else 4
+    return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning)
+
+
+def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+# ------------------------------------------------------------------------------ shared pieces --
+@triton.jit
+def _split(v, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Tensor-core operands of float32 v: (hi, lo) bf16 with v ~ hi + lo, or v itself (tf32/ieee)."""
+    if PRECISION == "bf16" or PRECISION == "bf16emu":
+        hi = v.to(tl.bfloat16)
+        if SPLIT:
+            lo = (v - hi.to(tl.float32)).to(tl.bfloat16)
+        else:
+            lo = hi
+        if PRECISION == "bf16emu":  # the same values as float32 operands (see _INTERPRETED)
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+    else:
+        hi = v
+        lo = v
+    return hi, lo
+
+
+@triton.jit
+def _mma(acc, a_hi, a_lo, b_hi, b_lo, A_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + A @ B from split operands (B always split; A split unless exactly bf16)."""
+    if PRECISION == "bf16" or PRECISION == "bf16emu":
+        # Small terms first: they are added to the accumulator before the large one.
+        if A_SPLIT:
+            acc = _dot(a_lo, b_hi, acc, PRECISION)
+        acc = _dot(a_hi, b_lo, acc, PRECISION)
+        acc = _dot(a_hi, b_hi, acc, PRECISION)
+    else:
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "bf16":
+        return tl.dot(a, b, acc)
+    elif PRECISION == "bf16emu":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _toeplitz(k_row, kernel_len, sk_l, offset, T: tl.constexpr, TRANSPOSED: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Split operands of F[s, t] = k[offset + t - s] (or its transpose), zero outside [0, Lk)."""
+    a = tl.arange(0, T)[:, None]
+    b = tl.arange(0, T)[None, :]
+    if TRANSPOSED:
+        lag = offset + a - b
+    else:
+        lag = offset + b - a
+    taps = tl.load(k_row + lag * sk_l, mask=(lag >= 0) & (lag < kernel_len), other=0.0)
+    return _split(taps.to(tl.float32), True, PRECISION)
+
+
+@triton.jit
+def _load_row(ptr, row, t, ok, seqlen, stride_l):
+    """Values of ptr at times t of the tile's rows, 0 outside [0, L) and past the last row."""
+    return tl.load(ptr + row + t * stride_l, mask=ok & (t >= 0) & (t < seqlen), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_x(u_ptr, gate_ptr, u_row, g_row, t, ok, seqlen, su_l, sg_l, HAS_GATE: tl.constexpr):
+    x = _load_row(u_ptr, u_row, t, ok, seqlen, su_l)
+    if HAS_GATE:
+        x *= _load_row(gate_ptr, g_row, t, ok, seqlen, sg_l)
+    return x
+
+
+@triton.jit
+def _causal_conv(u_ptr, gate_ptr, k_row, u_row, g_row, t, ok, seqlen, kernel_len, su_l, sg_l, sk_l,
+                 f0_hi, f0_lo, f1_hi, f1_lo,
+                 HAS_GATE: tl.constexpr, A_SPLIT: tl.constexpr, NC: tl.constexpr, T: tl.constexpr,
+                 PRECISION: tl.constexpr, HOIST: tl.constexpr):
+    """(sum_j k[j] x[t-j], x[t]) at the tile's times t (BM, T), exact in its NaN semantics.
+
+    With HOIST the F_0, F_1 operands come from the caller (built once per program); else every
+    F_m is gathered from k here (L1 hits), which keeps registers free for large T."""
+    x_now = _load_x(u_ptr, gate_ptr, u_row, g_row, t, ok, seqlen, su_l, sg_l, HAS_GATE)
+    acc = tl.zeros(t.shape, dtype=tl.float32)
+    probe = x_now * 0.0  # NaN exactly where a loaded value is NaN or Inf
+    for m in tl.static_range(NC + 1):
+        if m == 0:
+            xm = x_now
+        else:
+            xm = _load_x(u_ptr, gate_ptr, u_row, g_row, t - m * T, ok, seqlen, su_l, sg_l, HAS_GATE)
+            probe += xm * 0.0
+        if HOIST and m == 0:
+            b_hi, b_lo = f0_hi, f0_lo
+        elif HOIST and m == 1:
+            b_hi, b_lo = f1_hi, f1_lo
+        else:
+            b_hi, b_lo = _toeplitz(k_row, kernel_len, sk_l, m * T, T, False, PRECISION)
+        a_hi, a_lo = _split(xm, A_SPLIT, PRECISION)
+        acc = _mma(acc, a_hi, a_lo, b_hi, b_lo, A_SPLIT, PRECISION)
+    # A non-finite input: the block product would spread it to earlier outputs of its block.
+    # Redo this tile as the direct sum, which touches only taps j < Lk. (A loop of 0 or Lk
+    # steps rather than an `if`: Triton 3.6's pipeliner fails on tl.dot followed by that if.)
+    not_finite = tl.sum(tl.sum(probe, axis=1), axis=0) != 0.0
+    acc = tl.where(not_finite, 0.0, acc)
+    for j in range(0, tl.where(not_finite, kernel_len, 0)):
+        tap = tl.load(k_row + j * sk_l).to(tl.float32)
+        acc += tap * _load_x(u_ptr, gate_ptr, u_row, g_row, t - j, ok, seqlen, su_l, sg_l, HAS_GATE)
+    return acc, x_now
+
+
+@triton.jit
+def _tile_rows(tile, nblocks, total_blocks, h, su_b, su_h, sg_b, sg_h, channels, seqlen,
+               BM: tl.constexpr, T: tl.constexpr):
+    """Row offsets (BM, 1) and times (BM, T) of a tile: BM consecutive blocks of channel h."""
+    g = tile * BM + tl.arange(0, BM)
+    b = g // nblocks
+    blk = g - b * nblocks
+    b64 = b.to(tl.int64)[:, None]
+    ok = (g < total_blocks)[:, None]
+    t = blk[:, None] * T + tl.arange(0, T)[None, :]
+    out_row = (b64 * channels + h) * seqlen  # contiguous outputs
+    return b64, ok, t, b64 * su_b + h * su_h, b64 * sg_b + h * sg_h, out_row
+
+
+# ------------------------------------------------------------------------------------ forward --
+@triton.jit
+def _shortconv_fwd_kernel(
+    u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr,
+    batch, channels, seqlen, kernel_len, nblocks, tiles, groups,
+    su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
+    HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
+    GELU: tl.constexpr, HAS_MASK: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr, A_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    k_row = k_ptr + h * sk_h
+    HOIST: tl.constexpr = T <= 32  # T = 64 operands would hold ~64 registers through the loop
+    f0_hi, f0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, False, PRECISION)
+    f1_hi, f1_lo = f0_hi, f0_lo
+    if NC >= 1:
+        f1_hi, f1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, False, PRECISION)
+    d = 0.0
+    if HAS_D:
+        d = tl.load(d_ptr + h).to(tl.float32)
+    for tile in range(group, tiles, groups):
+        b, ok, t, u_row, gi_row, y_row = _tile_rows(tile, nblocks, batch * nblocks, h, su_b, su_h,
+                                                    sgi_b, sgi_h, channels, seqlen, BM, T)
+        c, x = _causal_conv(u_ptr, gate_in_ptr, k_row, u_row, gi_row, t, ok, seqlen, kernel_len,
+                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
+                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOIST)
+        c += d * x
+        if GELU:
+            c = _gelu(c)
+        if HAS_MASK:
+            c *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=ok, other=0.0).to(tl.float32)
+        if HAS_GATE_OUT:
+            c *= _load_row(gate_out_ptr, b * sgo_b + h * sgo_h, t, ok, seqlen, sgo_l)
+        tl.store(y_ptr + y_row + t, c.to(y_ptr.dtype.element_ty), mask=ok & (t < seqlen))
+
+
+def fftconv_fwd(
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    gate_in: Optional[torch.Tensor] = None,
+    gate_out: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty,
+    tuning: Tuning = Tuning(),
+    launch: Callable = _direct,
+) -> torch.Tensor:
+    """Launch the forward kernel (one launch). Inputs are assumed valid (the op validates them).
+
+    ``alloc(shape, dtype=, device=)`` makes the output (tests pass one that poisons it);
+    ``launch(kernel)`` returns what is indexed with the grid (e.g. ``torch.library.wrap_triton``).
+    """
+    batch, channels, seqlen = u.shape
+    kernel_len = k.shape[-1]
+    cfg = _launch_config(u, kernel_len, False, tuning)
+    y = alloc(u.shape, dtype=u.dtype, device=u.device)
+    launch(_shortconv_fwd_kernel)[(channels, cfg.groups)](
+        u, k, D, gate_in, gate_out, dropout_mask, y,
+        batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
+        *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
+        *_strides(dropout_mask, 2),
+        HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
+        GELU=gelu, HAS_MASK=dropout_mask is not None,
+        T=cfg.block, BM=cfg.rows, NC=cfg.context_blocks,
+        A_SPLIT=not (u.dtype == torch.bfloat16 and gate_in is None), PRECISION=cfg.precision,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------- backward --
+@triton.jit
+def _grad_pre_activation(
+    dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row, row_scale,
+    t, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
+    HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr, GELU: tl.constexpr,
+    A_SPLIT: tl.constexpr, NC: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr,
+    HOIST: tl.constexpr,
+):
+    """(dc, dy * activation * mask) at times t; dc is 0 outside [0, L) and past the last row."""
+    valid = ok & (t >= 0) & (t < seqlen)
+    dc = _load_row(dy_ptr, dy_row, t, ok, seqlen, sdy_l) * row_scale
+    act = dc
+    if GELU or HAS_GATE_OUT:
+        # Recompute the pre-activation rather than store it: a few products per tile.
+        c, x = _causal_conv(u_ptr, gate_in_ptr, k_row, u_row, gi_row, t, ok, seqlen, kernel_len,
+                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
+                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOIST)
+        c += d * x
+        if HAS_GATE_OUT:
+            act = _gelu(c) if GELU else c
+            act = dc * act  # dgate_out = dy * a * mask
+            dc *= _load_row(gate_out_ptr, go_row, t, ok, seqlen, sgo_l)
+        if GELU:
+            dc *= _gelu_grad(c)
+    return tl.where(valid, dc, 0.0), act
+
+
+@triton.jit
+def _shortconv_bwd_kernel(
+    dy_ptr, u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr,
+    du_ptr, dk_ptr, dd_ptr, dgate_in_ptr, dgate_out_ptr, g_part_ptr, dd_part_ptr, arrivals_ptr,
+    batch, channels, seqlen, kernel_len, nblocks, tiles, groups,
+    sdy_b, sdy_h, sdy_l, su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l,
+    sm_b, sm_h, sdk_h, sdk_l,
+    HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
+    GELU: tl.constexpr, HAS_MASK: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr, LAGS: tl.constexpr, A_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT_CHANNEL: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    k_row = k_ptr + h * sk_h
+    # F_m for the recomputed forward, F_m^T for du = sum_m dC_{+m} @ F_m^T.
+    HOIST: tl.constexpr = T <= 32  # as in the forward
+    f0_hi, f0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, False, PRECISION)
+    f1_hi, f1_lo = f0_hi, f0_lo
+    b0_hi, b0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, True, PRECISION)
+    b1_hi, b1_lo = b0_hi, b0_lo
+    if NC >= 1:
+        if GELU or HAS_GATE_OUT:
+            f1_hi, f1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, False, PRECISION)
+        b1_hi, b1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, True, PRECISION)
+    d = 0.0
+    if HAS_D:
+        d = tl.load(d_ptr + h).to(tl.float32)
+    # This program's G_m = sum over its tiles of X^T @ dC_{+m}: (NC + 1, T, T) in the workspace.
+    g_part = g_part_ptr + (h * groups + group) * (NC + 1) * T * T
+    g_offs = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
+    g0 = tl.zeros((T, T), dtype=tl.float32)
+    g1 = tl.zeros((T, T), dtype=tl.float32)
+    dd_acc = tl.zeros((BM, T), dtype=tl.float32)
+    for m in tl.static_range(2, NC + 1):
+        tl.store(g_part + m * T * T + g_offs, g0)
+
+    for tile in range(group, tiles, groups):
+        b, ok, t, u_row, gi_row, out_row = _tile_rows(tile, nblocks, batch * nblocks, h, su_b, su_h,
+                                                      sgi_b, sgi_h, channels, seqlen, BM, T)
+        dy_row = b * sdy_b + h * sdy_h
+        go_row = b * sgo_b + h * sgo_h
+        row_scale = 1.0
+        if HAS_MASK:
+            row_scale = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=ok, other=0.0).to(tl.float32)
+        u_now = _load_row(u_ptr, u_row, t, ok, seqlen, su_l)
+        x_now = u_now
+        if HAS_GATE_IN:
+            gate_now = _load_row(gate_in_ptr, gi_row, t, ok, seqlen, sgi_l)
+            x_now = u_now * gate_now
+        xt_hi, xt_lo = _split(tl.trans(x_now), A_SPLIT, PRECISION)
+        dx = tl.zeros((BM, T), dtype=tl.float32)
+        probe = tl.zeros((BM, T), dtype=tl.float32)
+        for m in tl.static_range(NC + 1):
+            dc, act = _grad_pre_activation(
+                dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row,
+                row_scale, t + m * T, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l,
+                f0_hi, f0_lo, f1_hi, f1_lo, HAS_GATE_IN, HAS_GATE_OUT, GELU, A_SPLIT, NC, T, PRECISION, HOIST)
+            probe += dc * 0.0
+            dc_hi, dc_lo = _split(dc, True, PRECISION)
+            if HOIST and m == 0:
+                bm_hi, bm_lo = b0_hi, b0_lo
+            elif HOIST and m == 1:
+                bm_hi, bm_lo = b1_hi, b1_lo
+            else:
+                bm_hi, bm_lo = _toeplitz(k_row, kernel_len, sk_l, m * T, T, True, PRECISION)
+            dx = _mma(dx, dc_hi, dc_lo, bm_hi, bm_lo, True, PRECISION)
+            if m == 0:
+                if HAS_GATE_OUT:
+                    tl.store(dgate_out_ptr + out_row + t, act.to(dgate_out_ptr.dtype.element_ty),
+                             mask=ok & (t < seqlen))
+                if HAS_D:
+                    dd_acc += dc * x_now
+                dx += d * dc
+                g0 = _mma(g0, xt_hi, xt_lo, dc_hi, dc_lo, A_SPLIT, PRECISION)
+            elif m == 1:
+                g1 = _mma(g1, xt_hi, xt_lo, dc_hi, dc_lo, A_SPLIT, PRECISION)
+            else:  # kernels longer than 2T: G_m accumulated in place in the workspace
+                gm = _mma(tl.load(g_part + m * T * T + g_offs), xt_hi, xt_lo, dc_hi, dc_lo,
+                          A_SPLIT, PRECISION)
+                tl.store(g_part + m * T * T + g_offs, gm)
+                tl.debug_barrier()
+        # A non-finite dc: the direct correlation keeps it to du[t - Lk + 1 .. t] (a loop of
+        # 0 or Lk steps, as in _causal_conv).
+        not_finite = tl.sum(tl.sum(probe, axis=1), axis=0) != 0.0
+        dx = tl.where(not_finite, 0.0, dx)
+        for j in range(0, tl.where(not_finite, kernel_len, 0)):
+            tap = tl.load(k_row + j * sk_l).to(tl.float32)
+            dc_j, unused_act = _grad_pre_activation(
+                dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row,
+                row_scale, t + j, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l,
+                f0_hi, f0_lo, f1_hi, f1_lo, HAS_GATE_IN, HAS_GATE_OUT, GELU, A_SPLIT, NC, T, PRECISION, HOIST)
+            dx += (tap + tl.where(j == 0, d, 0.0)) * dc_j  # the skip term rides on tap 0
+        if HAS_GATE_IN:
+            tl.store(dgate_in_ptr + out_row + t, (dx * u_now).to(dgate_in_ptr.dtype.element_ty),
+                     mask=ok & (t < seqlen))
+            dx *= gate_now
+        tl.store(du_ptr + out_row + t, dx.to(du_ptr.dtype.element_ty), mask=ok & (t < seqlen))
+
+    tl.store(g_part + g_offs, g0)
+    if NC >= 1:
+        tl.store(g_part + T * T + g_offs, g1)
+    if HAS_D:
+        tl.store(dd_part_ptr + h * groups + group, tl.sum(tl.sum(dd_acc, axis=1), axis=0))
+    # Every thread's partials are written before this program reports (and, if it is the last
+    # of its channel, before it reads them back).
+    tl.debug_barrier()
+    is_last = True
+    if SPLIT_CHANNEL:
+        # acq_rel: the release publishes this program's partials; the last arrival's acquire
+        # makes every other program's partials visible to it.
+        is_last = tl.atomic_add(arrivals_ptr + h, 1, sem="acq_rel") == groups - 1
+    if is_last:
+        _reduce_channel(g_part_ptr, dd_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
+                        HAS_D, T, NC, LAGS)
+
+
+@triton.jit
+def _reduce_channel(g_part_ptr, dd_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
+                    HAS_D: tl.constexpr, T: tl.constexpr, NC: tl.constexpr, LAGS: tl.constexpr):
+    """dk[h, j] = sum over programs (in order) and m of the diagonal t - s + m T = j of G_m."""
+    CHUNK: tl.constexpr = 64 if LAGS > 64 else LAGS
+    s = tl.arange(0, T)[:, None]
+    for j0 in tl.static_range(0, LAGS, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)[None, :]
+        dk = tl.zeros((CHUNK,), dtype=tl.float32)
+        for grp in range(0, groups):
+            part = g_part_ptr + (h * groups + grp) * (NC + 1) * T * T
+            for m in tl.static_range(NC + 1):
+                # Only the G_m whose lags (m T - T, m T + T) meet this chunk of lags.
+                if (m * T - T < j0 + CHUNK) and (m * T + T > j0):
+                    col = j - m * T + s
+                    ok = (col >= 0) & (col < T) & (j < kernel_len)
+                    # .cg: other programs wrote these; read them from L2, never a stale L1 line.
+                    dk += tl.sum(tl.load(part + m * T * T + s * T + col, mask=ok, other=0.0,
+                                         cache_modifier=".cg"), axis=0)
+        jj = j0 + tl.arange(0, CHUNK)
+        tl.store(dk_ptr + h * sdk_h + jj * sdk_l, dk.to(dk_ptr.dtype.element_ty), mask=jj < kernel_len)
+    if HAS_D:
+        dd = tl.load(dd_part_ptr + h * groups, cache_modifier=".cg")
+        for grp in range(1, groups):
+            dd += tl.load(dd_part_ptr + h * groups + grp, cache_modifier=".cg")
+        tl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
+
+
+def fftconv_bwd(
+    grad_y: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    gate_in: Optional[torch.Tensor] = None,
+    gate_out: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty,
+    tuning: Tuning = Tuning(),
+    launch: Callable = _direct,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the backward kernel (one launch); returns (du, dk, dD, dgate_in, dgate_out)."""
+    batch, channels, seqlen = u.shape
+    kernel_len = k.shape[-1]
+    cfg = _launch_config(u, kernel_len, True, tuning)
+    T, NC = cfg.block, cfg.context_blocks
+    du = alloc(u.shape, dtype=u.dtype, device=u.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=u.device)
+    dD = alloc(D.shape, dtype=D.dtype, device=u.device) if D is not None else None
+    dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
+    dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
+    # Workspaces: every program writes all of its slice before anything reads it.
+    g_part = torch.empty(channels * cfg.groups * (NC + 1) * T * T, dtype=torch.float32, device=u.device)
+    dd_part = torch.empty(channels * cfg.groups, dtype=torch.float32, device=u.device) if D is not None else None
+    # The arrival counters must start at zero: a fresh zeroed workspace per call (a memset), so
+    # concurrent calls on other streams never share one. One program per channel needs none.
+    split_channel = cfg.groups > 1
+    arrivals = torch.zeros(channels, dtype=torch.int32, device=u.device) if split_channel else None
+    launch(_shortconv_bwd_kernel)[(channels, cfg.groups)](
+        grad_y, u, k, D, gate_in, gate_out, dropout_mask,
+        du, dk, dD, dgate_in, dgate_out, g_part, dd_part, arrivals,
+        batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
+        *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
+        *_strides(dropout_mask, 2), *dk.stride(),
+        HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
+        GELU=gelu, HAS_MASK=dropout_mask is not None,
+        T=T, BM=cfg.rows, NC=NC, LAGS=cfg.lags,
+        A_SPLIT=not (u.dtype == torch.bfloat16 and gate_in is None), PRECISION=cfg.precision,
+        SPLIT_CHANNEL=split_channel,
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    return du, dk, dD, dgate_in, dgate_out
