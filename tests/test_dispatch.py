@@ -58,3 +58,15 @@ def test_cpu_and_float64_inputs_select_no_kernel():
     u, k = torch.randn(2, 3, 16), torch.randn(3, 16)
     assert kernels.select(u, k) is None
     assert kernels.select(u.double(), k.double()) is None
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 12), (2, 0, 12)])
+def test_kernels_never_see_empty_inputs(monkeypatch, shape):
+    family, calls = recording_family(claimed_length=12)
+    monkeypatch.setattr(kernels, "FAMILIES", (family,) + kernels.FAMILIES)
+    u = torch.randn(*shape, requires_grad=True)
+    k = torch.randn(shape[1], 5, requires_grad=True)
+    y = fftconv(u, k)
+    y.sum().backward()
+    assert calls == [] and y.shape == shape
+    assert u.grad.shape == shape and torch.equal(k.grad, torch.zeros_like(k))
