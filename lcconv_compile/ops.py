@@ -165,8 +165,8 @@ def _redispatch_below_autograd(overload, keyset, *args):
 @contextlib.contextmanager
 def _derivatives_recorded():
     """Reverse and forward AD on, for the torch.func levels beneath this one: apply switches them
-    off around a Function's forward and jvp, and without them a nested transform (grad of grad,
-    jacfwd of jacfwd) would see this op as a constant, silently. torch.func's own single-level
+    off around a Function's forward, and without them a nested transform (grad of grad,
+    jacrev of jacfwd) would see this op as a constant, silently. torch.func's own single-level
     Functions switch them back on the same way."""
     with torch.enable_grad(), torch.autograd.forward_ad._set_fwd_grad_enabled(True):
         yield
