@@ -12,7 +12,9 @@ The function, for ``u: (B, H, L)``, ``k: (H, Lk)`` with ``1 <= Lk <= L``::
     y      = a * dropout_mask[..., None] * gate_out        (both optional)
 
 The convolution is computed with a zero-padded real FFT of size ``fft_size(L, Lk)``, which is
-large enough that the circular convolution equals the linear one on the first L outputs.
+large enough that the circular convolution equals the linear one on the first L outputs. Empty
+batches (B = 0 or H = 0) never reach the FFT backend, which refuses them: the result is empty and
+the batch-summed gradients (dk, dD) are zeros.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ __all__ = [
     "fftconv_ref",
     "fftconv_bwd_ref",
     "FFTConvGrads",
-    "direct_causal_conv",
+    "gelu_grad",
+    "output_scale",
     "butterfly_split",
     "butterfly_exact_factors",
     "butterfly_conv_ref",
@@ -52,6 +55,16 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float32
 
 
+def _empty_fft_result(a: Tensor, b: Tensor, out_len: int) -> Tensor:
+    """The (empty) result of a convolution of ``a`` and ``b`` when one of them holds no rows.
+
+    MKL's (and cuFFT's) plans refuse a batch of zero transforms, so empty inputs are answered
+    here; the result still has the broadcast shape, so sums over an empty batch come out zero.
+    """
+    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1]) + (out_len,)
+    return a.new_zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype))
+
+
 def causal_conv(x: Tensor, k: Tensor) -> Tensor:
     """``out[..., t] = sum_{s<=t} k[..., t-s] * x[..., s]`` for the first ``x.shape[-1]`` outputs.
 
@@ -59,6 +72,8 @@ def causal_conv(x: Tensor, k: Tensor) -> Tensor:
     suitable for computation (the result has their common dtype).
     """
     seqlen, kernel_len = x.shape[-1], k.shape[-1]
+    if x.numel() == 0 or k.numel() == 0:
+        return _empty_fft_result(x, k, seqlen)
     n = fft_size(seqlen, kernel_len)
     spectrum = torch.fft.rfft(x, n=n) * torch.fft.rfft(k, n=n)
     return torch.fft.irfft(spectrum, n=n)[..., :seqlen]
@@ -70,6 +85,8 @@ def causal_corr(g: Tensor, x: Tensor, out_len: int) -> Tensor:
     This is the adjoint of :func:`causal_conv`: with ``g = dL/dc`` it gives ``dL/dk`` (x = input)
     and ``dL/dx`` (x = kernel, out_len = L).
     """
+    if g.numel() == 0 or x.numel() == 0:
+        return _empty_fft_result(g, x, out_len)
     # A negative lag t - j wraps to N + t - j, which must fall outside x's support [0, len(x)).
     n = fft_size(max(g.shape[-1], x.shape[-1] + out_len - 1), 1)
     # conj_physical, not conj(): a lazy conjugate bit is dropped when this runs as an opaque op
@@ -90,7 +107,7 @@ def _pre_activation(x: Tensor, k: Tensor, D: Optional[Tensor], dtype: torch.dtyp
     return c
 
 
-def _output_scale(
+def output_scale(
     gate_out: Optional[Tensor], dropout_mask: Optional[Tensor], dtype: torch.dtype
 ) -> Optional[Tensor]:
     """The product of everything multiplied onto the activation, or None."""
@@ -118,7 +135,7 @@ def fftconv_ref(
     a = _pre_activation(x, k, D, dtype)
     if gelu:
         a = torch.nn.functional.gelu(a)
-    scale = _output_scale(gate_out, dropout_mask, dtype)
+    scale = output_scale(gate_out, dropout_mask, dtype)
     if scale is not None:
         a = a * scale
     return a.to(u.dtype).contiguous()
@@ -134,7 +151,7 @@ class FFTConvGrads(NamedTuple):
     dgate_out: Optional[Tensor]
 
 
-def _gelu_grad(c: Tensor) -> Tensor:
+def gelu_grad(c: Tensor) -> Tensor:
     """d/dc of the exact GELU c * Phi(c): Phi(c) + c * phi(c)."""
     cdf = 0.5 * (1.0 + torch.erf(c * (1.0 / math.sqrt(2.0))))
     pdf = torch.exp(-0.5 * c * c) * (1.0 / math.sqrt(2.0 * math.pi))
@@ -169,10 +186,10 @@ def fftconv_bwd_ref(
             a = a * dropout_mask.to(dtype).unsqueeze(-1)
         dgate_out = (g * a).to(gate_out.dtype)
 
-    scale = _output_scale(gate_out, dropout_mask, dtype)
+    scale = output_scale(gate_out, dropout_mask, dtype)
     dc = g * scale if scale is not None else g
     if gelu:
-        dc = dc * _gelu_grad(_pre_activation(x, k, D, dtype))
+        dc = dc * gelu_grad(_pre_activation(x, k, D, dtype))
 
     seqlen, kernel_len = u.shape[-1], k.shape[-1]
     dx = causal_corr(dc, k.to(dtype), seqlen)
@@ -183,21 +200,6 @@ def fftconv_bwd_ref(
     du = dx * gate_in.to(dtype) if gate_in is not None else dx
     dgate_in = (dx * u.to(dtype)).to(gate_in.dtype) if gate_in is not None else None
     return FFTConvGrads(du.to(u.dtype), dk.to(k.dtype), dD, dgate_in, dgate_out)
-
-
-def direct_causal_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None) -> Tensor:
-    """``y[b,h,t] = sum_{s<=t} k[h,t-s] u[b,h,s] + D[h] u[b,h,t]`` as an O(L * Lk) sum in float64.
-
-    An oracle independent of the FFT, for tests only: shifts u by each tap and accumulates.
-    """
-    u64, k64 = u.double(), k.double()
-    seqlen, kernel_len = u.shape[-1], k.shape[-1]
-    y = torch.zeros_like(u64)
-    for tap in range(kernel_len):
-        y[..., tap:] += k64[:, tap, None] * u64[..., : seqlen - tap]
-    if D is not None:
-        y += D.double()[:, None] * u64
-    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +412,7 @@ def butterfly_conv_bwd_ref(
     if dropout_mask is not None:
         dc = dc * dropout_mask.to(dtype).unsqueeze(-1)
     if gelu:
-        dc = dc * _gelu_grad(fwd.c)
+        dc = dc * gelu_grad(fwd.c)
 
     # conj_physical, not conj(): see causal_corr (a lazy conjugate bit is lost in compiled code).
     dv = butterfly_columns(dc, n1, n2, dtype).to(fwd.w.dtype)  # c = Re(v)[:L]: dv is dc, zero-padded

@@ -139,7 +139,7 @@ def main():
         ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
         bf16 = {"u_ptr": ty, "y_ptr": ty, "dy_ptr": ty, "du_ptr": ty}
         builds = {
-            "spectrum": lambda: compile_kernel(flashconv._spectrum_kernel, {}, dict(shape, CHUNK=plan.chunk_for(1)),
+            "spectrum": lambda: compile_kernel(flashconv._spectrum_kernel, {}, dict(shape, CHUNK=plan.chunk),
                                                4 if plan.fft_size <= 4096 else 8),
             "forward": lambda: compile_kernel(flashconv._fftconv_fwd_kernel, bf16,
                                               dict(shape, P=launch.pairs, **options, **none_args), launch.num_warps),

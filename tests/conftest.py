@@ -26,3 +26,12 @@ def pytest_report_header(config):
     import lcconv_compile
 
     return f"torch {torch.__version__}, lcconv_compile {lcconv_compile.__version__}"
+
+
+@pytest.fixture
+def fresh_compile():
+    """A clean torch.compile state around the test: no graphs, guards or recompile counts from
+    earlier tests (which would hide a recompilation or serve a graph compiled for other code)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -16,7 +16,8 @@ def random_args(B, H, L, Lk, dtype=torch.float64, options=True, device="cpu", k_
     args = dict(u=rand(B, H, L), k=rand(H, Lk, dt=k_dtype) / math.sqrt(Lk), D=rand(H, dt=k_dtype))
     if options:
         mask = (torch.rand(B, H, device=device) > 0.25).to(dtype) / 0.75
-        mask[0, 0] = 1 / 0.75  # an all-zero mask would make every gradient vanish
+        if mask.numel():
+            mask[0, 0] = 1 / 0.75  # an all-zero mask would make every gradient vanish
         args.update(gate_in=rand(B, H, L), gate_out=rand(B, H, L), gelu=True, dropout_mask=mask)
     return args
 

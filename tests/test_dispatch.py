@@ -68,3 +68,15 @@ def test_short_kernels_take_the_short_family_and_long_ones_the_fft():
     u = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
     assert kernels.select(u, torch.randn(3, 4, device="cuda")) is shortconv
     assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is flashconv
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 12), (2, 0, 12)])
+def test_kernels_never_see_empty_inputs(monkeypatch, shape):
+    family, calls = recording_family(claimed_length=12)
+    monkeypatch.setattr(kernels, "FAMILIES", (family,) + kernels.FAMILIES)
+    u = torch.randn(*shape, requires_grad=True)
+    k = torch.randn(shape[1], 5, requires_grad=True)
+    y = fftconv(u, k)
+    y.sum().backward()
+    assert calls == [] and y.shape == shape
+    assert u.grad.shape == shape and torch.equal(k.grad, torch.zeros_like(k))

@@ -130,9 +130,7 @@ def test_monarch_plan_and_spectrum_roundtrip():
         plan = monarch.plan_for(seqlen)
         assert plan.fft_size >= 2 * seqlen and plan.n1 * plan.n2 == plan.fft_size
         assert plan.n1 // 2 >= 16 and plan.n2 >= 16
-        for pairs in (1, plan.max_pairs):
-            chunk = plan.chunk_for(pairs)
-            assert plan.n1 % chunk == 0 and chunk >= 16
+        assert plan.n1 % plan.chunk == 0 and plan.chunk >= 16
     plan = monarch.plan_for(300)
     k = torch.randn(3, 300, dtype=torch.float64)
     spectrum = monarch.kernel_spectrum_reference(k, plan) * plan.fft_size**0.5  # fft(k)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lcconv_compile import reference
 from lcconv_compile.models import H3
+from oracles import direct_causal_conv
 
 
 def make(d_model=8, l_max=40, **kw):
@@ -27,7 +27,7 @@ def test_forward_is_the_h3_formula(head_dim):
     layer = make(head_dim=head_dim, shift_len=3)
     x = torch.randn(2, 21, 8, dtype=torch.float64)
     q, k, v = (proj(x).transpose(1, 2) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
-    k = reference.direct_causal_conv(k, layer.shift_kernel, layer.shift_D)
+    k = direct_causal_conv(k, layer.shift_kernel, layer.shift_D)
     kernel = layer.ssm_kernel(21)
     heads, hd = layer.n_heads, head_dim
     y = torch.zeros(2, heads, hd, 21, dtype=torch.float64)
@@ -35,7 +35,7 @@ def test_forward_is_the_h3_formula(head_dim):
         for i in range(hd):
             for j in range(hd):
                 kv = k[:, h * hd + i] * v[:, h * hd + j]
-                s = reference.direct_causal_conv(kv[:, None], kernel[h : h + 1], layer.D[h : h + 1])[:, 0]
+                s = direct_causal_conv(kv[:, None], kernel[h : h + 1], layer.D[h : h + 1])[:, 0]
                 y[:, h, j] += q[:, h * hd + i] * s
     expected = layer.out_proj(y.reshape(2, 8, 21).transpose(1, 2))
     torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-11)

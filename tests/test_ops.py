@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import lcconv_compile
 from lcconv_compile import fftconv, reference
 from inputs import random_args, rel_err
-from test_reference import direct_fftconv
+from oracles import direct_causal_conv, direct_fftconv
 
 op = torch.ops.lcconv.fftconv.default
 bwd_op = torch.ops.lcconv.fftconv_bwd.default
@@ -39,7 +39,7 @@ def test_non_contiguous_inputs():
     D = torch.randn(2 * H)[::2]
     y = fftconv(u, k, D)
     assert y.is_contiguous()
-    assert rel_err(y, reference.direct_causal_conv(u, k, D)) < 1e-5
+    assert rel_err(y, direct_causal_conv(u, k, D)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------- opcheck --
@@ -129,8 +129,7 @@ def test_vmap_gradients_flow():
 
 
 # ---------------------------------------------------------------------- compile and export --
-def test_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
+def test_compile_fullgraph_matches_eager(fresh_compile):
 
     def block(u, k, D, g):
         return fftconv(u.relu(), k, D, gate_out=g, gelu=True) * 2.0 + u
@@ -141,8 +140,7 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(*args), block(*args))
 
 
-def test_compile_training_step_matches_eager():
-    torch._dynamo.reset()
+def test_compile_training_step_matches_eager(fresh_compile):
     u = torch.randn(2, 4, 32)
     k = torch.randn(4, 32, requires_grad=True)
 
@@ -205,8 +203,7 @@ def test_bad_input_gets_clear_error(change, exc, message):
         fftconv(**args)
 
 
-def test_bad_input_errors_under_compile_too():
-    torch._dynamo.reset()
+def test_bad_input_errors_under_compile_too(fresh_compile):
     with pytest.raises(Exception, match=r"Lk = 11 must satisfy"):
         torch.compile(fftconv, fullgraph=True)(torch.randn(2, 3, 10), torch.randn(3, 11))
 
@@ -229,6 +226,210 @@ def forward(self, u_1, k_1, D_1, g_1):
 def test_package_exports():
     assert lcconv_compile.fftconv is fftconv
     assert "y[b,h,t]" in fftconv.__doc__
+
+
+# ------------------------------------------------------------------------------ empty inputs --
+@pytest.mark.parametrize("shape", [(0, 3, 8, 5), (2, 0, 8, 5), (0, 0, 8, 8), (2, 3, 1, 1)])
+def test_empty_batch_or_channels_forward_backward_and_compiled(shape, fresh_compile):
+    B, H, L, Lk = shape
+    args = op_args(B, H, L, Lk, options=True)
+    leaves = {n: v.requires_grad_() for n, v in args.items() if isinstance(v, torch.Tensor)}
+    y = fftconv(**args)
+    assert y.shape == (B, H, L) and y.is_contiguous()
+    grads = torch.autograd.grad(y.sum(), list(leaves.values()), allow_unused=False)
+    for (name, leaf), grad in zip(leaves.items(), grads):
+        assert grad.shape == leaf.shape, name
+    if B * H == 0:  # sums over an empty batch are zero, not missing
+        assert torch.equal(grads[1], torch.zeros_like(args["k"]))
+    else:  # L = Lk = 1, the smallest length validation allows
+        assert rel_err(y, direct_fftconv(**args)) < 1e-5
+    compiled = torch.compile(lambda a: fftconv(**a).square().sum(), fullgraph=True)
+    loss = compiled(args)
+    torch.testing.assert_close(loss, fftconv(**args).square().sum())
+    assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(loss, list(leaves.values())), leaves.values()))
+    torch.library.opcheck(op, (), {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in args.items()})
+
+
+# ------------------------------------------------------------------- dropout-mask gradient --
+def test_dropout_mask_gradient_is_computed():
+    args = op_args(2, 3, 12, 5, dtype=torch.float64, options=True)
+    names = ["u", "k", "D", "gate_in", "gate_out", "dropout_mask"]
+    inputs = tuple(args[n].requires_grad_(True) for n in names)
+
+    def f(*tensors):
+        return fftconv(**dict(zip(names, tensors)), gelu=True)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    grad_y = torch.randn(2, 3, 12, dtype=torch.float64)
+    (dmask,) = torch.autograd.grad(f(*inputs), inputs[-1], grad_y)
+    unmasked = direct_fftconv(**{n: t.detach() for n, t in zip(names[:-1], inputs)}, gelu=True)
+    torch.testing.assert_close(dmask, (grad_y * unmasked).sum(-1))
+
+
+def test_dropout_mask_gradient_only_when_asked_for():
+    args = op_args(2, 3, 12, 5, options=True)
+    args["u"].requires_grad_(True)
+
+    def count_forward_calls(fn):
+        gm = make_fx(fn)(args["u"], args["dropout_mask"])
+        return [n.target for n in gm.graph.nodes].count(op)
+
+    def step(u, mask):
+        return torch.autograd.grad(fftconv(u, args["k"], gelu=True, dropout_mask=mask).sum(), u)
+
+    assert count_forward_calls(step) == 1  # the mask does not require grad: no extra forward
+    args["dropout_mask"].requires_grad_(True)
+
+    def step_with_mask(u, mask):
+        return torch.autograd.grad(fftconv(u, args["k"], gelu=True, dropout_mask=mask).sum(), (u, mask))
+
+    assert count_forward_calls(step_with_mask) == 2
+
+
+# --------------------------------------------------------- second order, torch.func, forward AD --
+_NAMES = ("u", "k", "D", "gate_in", "gate_out", "dropout_mask")
+
+
+def _float64_primals(options=True):
+    args = op_args(2, 3, 10, 4, dtype=torch.float64, options=True)
+    return tuple(args[n] for n in _NAMES)
+
+
+def _op_fn(*tensors):
+    return fftconv(**dict(zip(_NAMES, tensors)), gelu=True)
+
+
+def _reference_fn(*tensors):
+    kw = dict(zip(_NAMES, tensors))
+    return reference.fftconv_ref(kw.pop("u"), kw.pop("k"), kw.pop("D"), gelu=True, **kw)
+
+
+def test_double_backward_gradgradcheck():
+    inputs = tuple(t.requires_grad_(True) for t in _float64_primals())
+    assert torch.autograd.gradgradcheck(_op_fn, inputs)
+
+
+def _compiled_training_graphs(step, *args):
+    """Targets of the forward and backward graphs AOTAutograd hands to the compiler."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    graphs = {}
+
+    def recorder(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    out = torch.compile(step, backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")))(*args)
+    out.backward()
+    return graphs
+
+
+def test_training_graph_keeps_op_and_bwd_op_after_autograd_changes(fresh_compile):
+    args = op_args(2, 3, 16, 8, options=True)
+    for name in ("u", "k", "D", "gate_in", "gate_out"):
+        args[name].requires_grad_(True)
+    graphs = _compiled_training_graphs(lambda a: fftconv(**a).square().sum(), args)
+    assert op in graphs["fw"] and bwd_op in graphs["bw"], graphs
+    assert not any(str(t).startswith("aten._fft") for t in graphs["fw"] + graphs["bw"]), graphs
+
+
+def test_torch_func_reverse_mode_matches_reference():
+    primals = _float64_primals()
+    argnums = tuple(range(len(_NAMES)))
+    got = torch.func.grad(lambda *t: _op_fn(*t).square().sum(), argnums)(*primals)
+    want = torch.func.grad(lambda *t: _reference_fn(*t).square().sum(), argnums)(*primals)
+    for name, g, w in zip(_NAMES, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+    cotangent = torch.randn_like(primals[0])
+    got = torch.func.vjp(_op_fn, *primals)[1](cotangent)
+    want = torch.func.vjp(_reference_fn, *primals)[1](cotangent)
+    for name, g, w in zip(_NAMES, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+    torch.testing.assert_close(torch.func.jacrev(_op_fn, argnums=1)(*primals),
+                               torch.func.jacrev(_reference_fn, argnums=1)(*primals))
+
+
+def test_forward_mode_matches_reference():
+    primals = _float64_primals()
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    want = torch.func.jvp(_reference_fn, primals, tangents)[1]
+    torch.testing.assert_close(torch.func.jvp(_op_fn, primals, tangents)[1], want)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(_op_fn(*duals)).tangent, want)
+    # One input at a time: each term of the product rule on its own.
+    for i, name in enumerate(_NAMES):
+        only = tuple(t if j == i else torch.zeros_like(t) for j, t in enumerate(tangents))
+        torch.testing.assert_close(torch.func.jvp(_op_fn, primals, only)[1],
+                                   torch.func.jvp(_reference_fn, primals, only)[1], msg=name)
+    torch.testing.assert_close(torch.func.jacfwd(_op_fn, argnums=0)(*primals),
+                               torch.func.jacfwd(_reference_fn, argnums=0)(*primals))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: conj_physical under vmap
+@pytest.mark.parametrize("argnum", [0, 1, 5])
+def test_torch_func_second_order_matches_reference(argnum):
+    primals = _float64_primals()
+
+    def loss(fn):
+        return lambda x: fn(*primals[:argnum], x, *primals[argnum + 1:]).square().sum()
+
+    want = torch.func.hessian(loss(_reference_fn))(primals[argnum])
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(loss(_op_fn)))(primals[argnum]), want)
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(loss(_op_fn)))(primals[argnum]), want)
+    grad_of_sum = torch.func.grad(lambda x: torch.func.grad(loss(_op_fn))(x).sum())(primals[argnum])
+    torch.testing.assert_close(grad_of_sum, want.sum(tuple(range(primals[argnum].dim()))))
+
+
+@pytest.mark.parametrize("transform,message", [
+    (lambda f: torch.func.jacfwd(torch.func.jacfwd(f)), r"forward-mode AD over forward-mode AD"),
+    (lambda f: torch.func.jacfwd(torch.func.jacrev(f)), r"forward-mode AD of its backward.*jacrev\(jacrev"),
+    (torch.func.hessian, r"forward-mode AD of its backward"),
+])
+def test_unsupported_second_order_modes_refuse_clearly(transform, message):
+    u, k = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=message):
+        transform(lambda k: fftconv(u, k, gelu=True).square().sum())(k)
+
+
+def test_vmap_of_grad_matches_loop():
+    u = torch.randn(4, 2, 3, 12)
+    k = torch.randn(3, 6)
+    mask = torch.rand(2, 3)
+
+    def loss(u, k):
+        return fftconv(u, k, gelu=True, dropout_mask=mask).square().sum()
+
+    got = torch.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None))(u, k)
+    want = [torch.func.grad(loss, argnums=(0, 1))(u[i], k) for i in range(4)]
+    torch.testing.assert_close(got[0], torch.stack([w[0] for w in want]))
+    torch.testing.assert_close(got[1], torch.stack([w[1] for w in want]))
+
+
+# ------------------------------------------------------------------------------ NaN and Inf --
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["u", "gate_in", "k", "gate_out", "D"])
+def test_nan_semantics_of_the_fft_path(bad, where):
+    """Pins the documented semantics: a non-finite value in the convolution's input row (u or
+    gate_in, any t) makes that whole (b, h) row NaN, earlier steps too; in k[h] every row of
+    channel h; D[h] every output of channel h; gate_out only its own output."""
+    B, H, L, Lk, t_bad = 3, 4, 16, 6, 9
+    args = op_args(B, H, L, Lk, options=True)
+    index = {"u": (1, 2, t_bad), "gate_in": (1, 2, t_bad), "gate_out": (1, 2, t_bad), "k": (2, 3), "D": (2,)}[where]
+    args[where][index] = bad
+    y = fftconv(**args)
+    poisoned = torch.zeros(B, H, L, dtype=torch.bool)
+    if where in ("u", "gate_in"):
+        poisoned[1, 2, :] = True
+    elif where in ("k", "D"):
+        poisoned[:, 2, :] = True
+    else:
+        poisoned[1, 2, t_bad] = True
+    assert torch.isnan(y[poisoned]).all() if bad != bad or where != "gate_out" else not torch.isfinite(y[poisoned]).any()
+    assert torch.isfinite(y[~poisoned]).all()
 
 
 # --------------------------------------------------------------------------------------- GPU --
@@ -258,8 +459,7 @@ def test_cuda_opcheck(options):
 
 @pytest.mark.cuda
 @requires_cuda
-def test_cuda_compile_matches_eager():
-    torch._dynamo.reset()
+def test_cuda_compile_matches_eager(fresh_compile):
     u, k, D = torch.randn(2, 16, 512, device="cuda"), torch.randn(16, 512, device="cuda"), torch.randn(16, device="cuda")
 
     def block(u, k, D):

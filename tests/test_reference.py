@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from inputs import random_args, rel_err
 from lcconv_compile import reference
+from oracles import direct_fftconv
 
 SHAPES = [  # (B, H, L, Lk): odd and prime L, Lk < L, Lk == L, B = 1, H = 1, L = 1
     (1, 1, 1, 1),
@@ -20,19 +21,6 @@ SHAPES = [  # (B, H, L, Lk): odd and prime L, Lk < L, Lk == L, B = 1, H = 1, L =
     (1, 2, 257, 129),
     (2, 8, 1024, 1024),
 ]
-
-
-def direct_fftconv(u, k, D=None, gate_in=None, gate_out=None, gelu=False, dropout_mask=None):
-    """The documented formula, with the convolution as a direct sum (float64)."""
-    x = u.double() * gate_in.double() if gate_in is not None else u.double()
-    y = reference.direct_causal_conv(x, k, D)
-    if gelu:
-        y = torch.nn.functional.gelu(y)
-    if dropout_mask is not None:
-        y = y * dropout_mask.double()[..., None]
-    if gate_out is not None:
-        y = y * gate_out.double()
-    return y
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -118,3 +106,28 @@ def test_causal_corr_is_adjoint_of_causal_conv():
     lhs = (g * reference.causal_conv(x, k)).sum()
     assert torch.allclose(lhs, (reference.causal_corr(g, k, 50) * x).sum())
     assert torch.allclose(lhs, (reference.causal_corr(g, x, 20) * k).sum())
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8, 5), (2, 0, 8, 5), (0, 0, 4, 4)])
+def test_empty_batch_or_channels_need_no_fft(shape):
+    B, H, L, Lk = shape
+    args = random_args(B, H, L, Lk)
+    y = reference.fftconv_ref(**args)
+    assert y.shape == (B, H, L) and y.dtype == torch.float64
+    grads = reference.fftconv_bwd_ref(torch.randn(B, H, L, dtype=torch.float64), **args)
+    assert grads.du.shape == (B, H, L) and grads.dgate_in.shape == grads.dgate_out.shape == (B, H, L)
+    # Gradients summed over an empty batch are zeros of their input's shape.
+    assert torch.equal(grads.dk, torch.zeros(H, Lk, dtype=torch.float64))
+    assert torch.equal(grads.dD, torch.zeros(H, dtype=torch.float64))
+
+
+def test_nan_at_one_step_poisons_its_whole_row_only():
+    """The FFT spreads a NaN over every output of its row, before it in time too; other rows
+    (and other channels) stay finite. This is the documented semantics of the FFT path."""
+    args = random_args(2, 3, 20, 7, options=False)
+    args["u"][1, 2, 13] = float("nan")
+    y = reference.fftconv_ref(**args)
+    assert torch.isnan(y[1, 2]).all()
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[1, 2] = False
+    assert torch.isfinite(y[finite]).all()

@@ -91,7 +91,7 @@ def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int) -> _Launch:
     batch, channels, seqlen = u.shape
     plan = plan_for(seqlen)
     pairs = tuning.pairs or plan.pairs_per_stack(batch)
-    chunk = tuning.chunk or plan.chunk_for(pairs)
+    chunk = tuning.chunk or plan.chunk
     # Half inputs: float16 operands on row-scaled data (twice the tf32 rate, same 11-bit
     # significand). float32 inputs: 3xtf32 (fp16 operands reach only ~1e-3 on their gradients).
     precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
@@ -196,7 +196,7 @@ def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan, precision: str,
     scales = torch.empty(channels, 2, dtype=torch.float32, device=k.device)
     _spectrum_kernel[(channels,)](
         k, spec, scales, f1, f2, tw, kernel_len, *k.stride(), float(plan.fft_size) ** 0.5,
-        N1=plan.n1, N2=plan.n2, CHUNK=plan.chunk_for(1), GAUSS=gauss, PRECISION=precision,
+        N1=plan.n1, N2=plan.n2, CHUNK=plan.chunk, GAUSS=gauss, PRECISION=precision,
         num_warps=4 if plan.fft_size <= 4096 else 8, num_stages=1,
     )
     return spec, scales
@@ -229,7 +229,7 @@ def _fftconv_fwd_kernel(
         sb = row_max(xb, P, N2, HALF, PRECISION)
         yr, yi = conv_stack(operand(xa / to_stack(sa, P, N2, HALF), PRECISION),
                             operand(xb / to_stack(sb, P, N2, HALF), PRECISION), spec_h, k_inv,
-                            f1_ptr, f2_ptr, tw_ptr, False, P, N1, N2, CHUNK, GAUSS, PRECISION)
+                            f1_ptr, f2_ptr, tw_ptr, P, N1, N2, CHUNK, GAUSS, PRECISION)
         # Reload x for the skip term (an L1/L2 hit) rather than hold it in registers through the loop.
         xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                    su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
@@ -327,7 +327,7 @@ def _fftconv_bwd_kernel(
             mb = tl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(tl.float32)
         if GELU or HAS_GATE_OUT:
             # Recompute the pre-activation c = conv(x, k) + D x rather than storing it.
-            yr, yi = conv_stack(zxr, zxi, spec_h, k_inv, f1_ptr, f2_ptr, tw_ptr, False,
+            yr, yi = conv_stack(zxr, zxi, spec_h, k_inv, f1_ptr, f2_ptr, tw_ptr,
                                 P, N1, N2, CHUNK, GAUSS, PRECISION)
             ca = yr * (sxa * k_out) + d * xa
             cb = yi * (sxb * k_out) + d * xb

@@ -56,8 +56,10 @@ class MonarchPlan:
         """Row pairs stacked per program: max_pairs, or fewer (a power of two) for small batches."""
         return min(self.max_pairs, triton.next_power_of_2((batch + 1) // 2))
 
-    def chunk_for(self, pairs: int) -> int:
-        """Spectrum rows per chunk (32 measured best at L = 1K and 4K on H100, see NOTES.md)."""
+    @property
+    def chunk(self) -> int:
+        """Spectrum rows per chunk, whatever the stack (32 measured best at L = 1K and 4K on
+        H100, see NOTES.md)."""
         return min(self.n1, 32)
 
 
@@ -282,13 +284,13 @@ def multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K: tl.conste
 
 
 @triton.jit
-def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.constexpr,
+def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr,
                P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CHUNK: tl.constexpr,
                GAUSS: tl.constexpr, PRECISION: tl.constexpr):
     """U^H (U z * K / k_scale) for an operand stack z (P*N2, HALF); returns the float32 stack.
 
-    Real part = conv of the pairs' first rows, imaginary part = of their second rows. With CONJ_K
-    the spectrum is conjugated (correlation, for the backward pass).
+    Real part = conv of the pairs' first rows, imaginary part = of their second rows. (The
+    backward's correlation multiplies by conj(K) with multiply_spectrum directly.)
     """
     HALF: tl.constexpr = N1 // 2
     f2 = load_f2(f2_ptr, N2, PRECISION)
@@ -297,7 +299,7 @@ def conv_stack(zr, zi, k_ptr, k_inv_scale, f1_ptr, f2_ptr, tw_ptr, CONJ_K: tl.co
     for chunk_start in tl.range(0, N1, CHUNK):
         f1, g1, twr, twi = chunk_constants(f1_ptr, tw_ptr, chunk_start, N1, N2, CHUNK, PRECISION)
         cr, ci = stack_forward_chunk(zr, zi, f1, twr, twi, f2, P, N2, CHUNK, GAUSS, PRECISION)
-        cr, ci = multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, CONJ_K, P, N1, N2, CHUNK)
+        cr, ci = multiply_spectrum(cr, ci, k_ptr, chunk_start, k_inv_scale, False, P, N1, N2, CHUNK)
         pr, pi = stack_inverse_chunk(cr, ci, twr, twi, f2, g1, P, N2, CHUNK, GAUSS, PRECISION)
         yr += pr
         yi += pi
