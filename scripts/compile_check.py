@@ -1,6 +1,6 @@
 """Compile the FlashConv kernels for Hopper (sm_90) without a GPU and report their resources.
 
-    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8]
+    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--family v5]
 
 Catches compile errors (which Triton's interpreter does not) and prints registers per thread,
 spilled bytes and shared memory per program for each kernel and plan, so launch choices can be
@@ -22,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lcconv_compile.kernels import flashconv  # noqa: E402
+from lcconv_compile.kernels import flashconv, flashconv3  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -34,17 +34,23 @@ def _signature(fn, pointer_types: dict, constexprs: dict):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = pointer_types.get(name, "*fp32")
-        elif name == "sqrt_n":
+        elif name in ("sqrt_n",):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     return signature
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps):
+def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None):
     src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
-    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+    ptx = compiled.asm["ptx"]
+    report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
+                  wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                  waits=ptx.count("wgmma.wait_group"))
+    if want_asm:
+        report["asm"] = dict(compiled.asm)
+    return report
 
 
 def _ptxas_report(ptx: str) -> dict:
@@ -62,6 +68,36 @@ def _ptxas_report(ptx: str) -> dict:
                 spill_bytes=int(spill_stores.group(1)) if spill_stores else None)
 
 
+def check_v5(args):
+    """FlashConv v5 (flashconv3.py): the forward kernel for each length, default launch."""
+    tuning = flashconv3.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
+                               precision=args.precision,
+                               variant=args.variant)
+    on = args.all_options
+    options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
+    none_args = {} if on else dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
+    ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
+    operand_ty = "*fp32" if args.dtype == "float32" else "*fp16"
+    pointers = {"u_ptr": ty, "y_ptr": ty, **{f"{w}_ptr": operand_ty for w in ("w1", "w1i", "w2", "w2i", "w3", "w3i")}}
+    for seqlen in args.lengths:
+        u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
+        launch = flashconv3._launch(u, tuning)
+        plan = launch.plan
+        constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs,
+                          PRECISION=launch.precision, VARIANT=tuning.variant, **options, **none_args)
+        report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
+                                want_asm=args.asm)
+        asm = report.pop("asm", None)
+        print(f"v5 L={seqlen} plan={plan} pairs={launch.pairs} warps={launch.num_warps} "
+              f"precision={launch.precision}\n    forward   {report}")
+        if asm is not None:
+            path = f"{args.asm}/v5_fwd_L{seqlen}"
+            for kind, text in asm.items():
+                if isinstance(text, str):
+                    with open(f"{path}.{kind}", "w") as f:
+                        f.write(text)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
@@ -74,7 +110,12 @@ def main():
     parser.add_argument("--gauss", action="store_true")
     parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
+    parser.add_argument("--family", default="v3", choices=["v3", "v5"])
+    parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
+    parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
     args = parser.parse_args()
+    if args.family == "v5":
+        return check_v5(args)
     tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision,
                               gauss=args.gauss)
     for seqlen in args.lengths:

@@ -1,0 +1,236 @@
+"""FlashConv v5: single-launch forward of ``lcconv::fftconv`` on the three-level block FFT
+(:mod:`.blockfft3`), with the kernel's spectrum computed on chip. Same interface as
+:mod:`.flashconv` (``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``).
+
+Forward: one program per (channel, group of stacks); a stack is P row pairs of one channel,
+each pair packed as one complex row ``z = a + i b`` (k is real, so ``U^H(U z * K)`` carries
+both rows' convolutions in its real and imaginary parts). For every chunk of spectrum
+columns k1 the program transforms the chunk of k (one extra complex row, imaginary part zero)
+and of the stack, multiplies them, and accumulates the chunk's inverse into the output
+tile: the spectrum of k never leaves registers and there is no separate launch. Zero padding
+is implicit (masked loads); the skip term, GELU, dropout mask and gates are applied in
+registers and y is written once in u's dtype.
+
+Backward: the v3/v4 kernels of :mod:`.flashconv` (v5 has no backward of its own yet).
+
+Precision: half inputs use float16 operands on max-scaled rows (float32 accumulation);
+float32 inputs use 3xtf32 (float32 operands split by the compiler).
+
+Knows torch and Triton only; the op (ops.py) validates inputs and picks the family through
+kernels.select. Not registered in kernels.FAMILIES until measured faster on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import flashconv
+from .blockfft3 import (
+    BlockFFTPlan,
+    block_fft_constants,
+    deinterleave,
+    forward_chunk,
+    interleave,
+    inverse_chunk,
+    load_chunk_constants,
+    load_stage_constants,
+    multiply_spectra,
+    plan_for,
+)
+from .flashconv import _gelu, _load_gated_pairs, _stack_rows
+from .monarch import load_stack, row_max, stack_times, to_stack
+
+# Longest sequence per input dtype the forward handles: N = 2L <= 16384 (the largest block-FFT
+# plan) for half inputs; float32 operands (3xtf32) double every tile, which fits up to N = 8192.
+FORWARD_MAX_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 4096}
+# A family runs both directions (kernels.select), and the backward is flashconv's: the
+# family's limit is the smaller of the two.
+MAX_SEQLEN = {dtype: min(n, flashconv.MAX_SEQLEN[dtype]) for dtype, n in FORWARD_MAX_SEQLEN.items()}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STACK_ELEMENTS = 2048  # P * N/2: complex samples of the stack held in registers per program
+# Benchmark-only variants that skip work to show what bounds the kernel (results are wrong):
+# "io" loads and stores only, "forward" skips the inverse transform, "no_kernel_spectrum"
+# multiplies by 1 instead of transforming k.
+VARIANTS = ("full", "io", "forward", "no_kernel_spectrum")
+
+
+def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the v5 forward handles these inputs (else the caller uses another family)."""
+    return (
+        u.is_cuda
+        and u.dtype in MAX_SEQLEN
+        and k.dtype in KERNEL_DTYPES
+        and u.shape[-1] <= MAX_SEQLEN[u.dtype]
+    )
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch parameters a caller may override (tests and benchmarks); None = the default."""
+
+    pairs: Optional[int] = None  # row pairs per stack (a power of two)
+    num_warps: Optional[int] = None
+    chunk: Optional[int] = None  # k1 values per step of the chunk loop
+    factors: Optional[tuple[int, int, int]] = None  # (N1, N2, N3); tests use small ones
+    precision: Optional[str] = None  # "fp16" or "tf32x3" (or "ieee" in the interpreter)
+    programs_per_sm: Optional[int] = None
+    variant: str = "full"  # see VARIANTS: anything but "full" is for benchmarks only
+
+
+@dataclass(frozen=True)
+class _Launch:
+    plan: BlockFFTPlan
+    pairs: int
+    precision: str
+    num_warps: int
+    groups: int  # programs per channel
+    stacks_per_program: int
+
+
+def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int = 4) -> _Launch:
+    batch, channels, seqlen = u.shape
+    if tuning.variant not in VARIANTS:
+        raise ValueError(f"tuning.variant={tuning.variant!r}: expected one of {VARIANTS}")
+    plan = plan_for(seqlen, tuning.factors, tuning.chunk)
+    max_pairs = max(1, STACK_ELEMENTS // (plan.fft_size // 2))
+    pairs = tuning.pairs or min(max_pairs, triton.next_power_of_2(triton.cdiv(batch, 2)))
+    if pairs & (pairs - 1):
+        raise ValueError(f"tuning.pairs={pairs}: expected a power of two")
+    precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
+    # Registers hold ~6 bytes per stacked time sample (operand + accumulator) plus the chunk's
+    # working set: one warpgroup per 2048 samples keeps that near 64-100 registers per thread.
+    num_warps = tuning.num_warps or min(16, max(4, 4 * pairs * plan.fft_size // 4096))
+    stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
+    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
+    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
+    # A divisor of the stack count, so every program has the same number of stacks.
+    groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g >= wanted), stacks)
+    return _Launch(plan, pairs, precision, num_warps, groups, stacks // groups)
+
+
+def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+@triton.jit
+def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M: tl.constexpr, HALF: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Channel h's kernel as a stack of one complex row (imaginary part 0), scaled by its max
+    magnitude (returned) so its spectrum fits float16."""
+    t, unused_pair = stack_times(1, M, HALF)
+    kx = tl.load(k_ptr + h * sk_h + t * sk_l, mask=t < kernel_len, other=0.0).to(tl.float32)
+    k_scale = tl.max(row_max(kx, 1, M, HALF, PRECISION), axis=0)
+    return interleave(kx / k_scale, tl.zeros_like(kx), PRECISION), k_scale
+
+
+@triton.jit
+def _fftconv_fwd_kernel(
+    u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr,
+    w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw1_ptr, tw2_ptr,
+    batch, channels, seqlen, kernel_len, stacks_per_program, sqrt_n,
+    su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
+    HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
+    GELU: tl.constexpr, HAS_MASK: tl.constexpr, VARIANT: tl.constexpr,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    group = tl.program_id(0)
+    h = tl.program_id(1)
+    M: tl.constexpr = N2 * N3
+    HALF: tl.constexpr = N1 // 2
+    t, p = stack_times(P, M, HALF)  # element [(p, m), n1] is time n1 * M + m of pair p
+    in_seq = t < seqlen
+    k0, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M, HALF, PRECISION)
+    d = 0.0
+    if HAS_D:
+        d = tl.load(d_ptr + h).to(tl.float32)
+    stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw2_ptr, N2, N3)
+
+    for it in tl.range(0, stacks_per_program):
+        b_a, b_b, valid_a, valid_b = _stack_rows(group, it, stacks_per_program, p, batch, P)
+        xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                   su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        sa = row_max(xa, P, M, HALF, PRECISION)
+        sb = row_max(xb, P, M, HALF, PRECISION)
+        x0 = interleave(xa / to_stack(sa, P, M, HALF), xb / to_stack(sb, P, M, HALF), PRECISION)
+        acc = tl.zeros((P * M, N1), dtype=tl.float32)
+        if VARIANT == "io":
+            acc = x0.to(tl.float32)
+        else:
+            for chunk_start in tl.range(0, N1, CHUNK):
+                w1, w1i, tw1r, tw1i = load_chunk_constants(w1_ptr, w1i_ptr, tw1_ptr, chunk_start, N1, M, CHUNK)
+                sr, si = forward_chunk(x0, w1, tw1r, tw1i, stage, P, N2, N3, CHUNK, PRECISION)
+                if VARIANT != "no_kernel_spectrum":
+                    kr, ki = forward_chunk(k0, w1, tw1r, tw1i, stage, 1, N2, N3, CHUNK, PRECISION)
+                    sr, si = multiply_spectra(sr, si, kr, ki, P, False)
+                if VARIANT == "forward":
+                    acc += tl.sum(sr) + tl.sum(si)
+                else:
+                    acc = inverse_chunk(sr, si, acc, w1i, tw1r, tw1i, stage, P, N2, N3, CHUNK, PRECISION)
+        yr, yi = deinterleave(acc)
+        if HAS_D:
+            # Reload x for the skip term (an L1/L2 hit) rather than hold it through the loop.
+            xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                       su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        # conv(x, k) = sqrt(N) * s_x * s_k * U^H(U(x / s_x) * U(k / s_k)), U unitary.
+        ca = yr * to_stack(sa * (sqrt_n * k_scale), P, M, HALF) + d * xa
+        cb = yi * to_stack(sb * (sqrt_n * k_scale), P, M, HALF) + d * xb
+        if GELU:
+            ca, cb = _gelu(ca), _gelu(cb)
+        if HAS_MASK:
+            ca *= tl.load(mask_ptr + b_a * sm_b + h * sm_h, mask=valid_a, other=0.0).to(tl.float32)
+            cb *= tl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(tl.float32)
+        if HAS_GATE_OUT:
+            ca *= load_stack(gate_out_ptr, b_a * sgo_b + h * sgo_h, valid_a, t, seqlen, sgo_l)
+            cb *= load_stack(gate_out_ptr, b_b * sgo_b + h * sgo_h, valid_b, t, seqlen, sgo_l)
+        y_ty = y_ptr.dtype.element_ty
+        tl.store(y_ptr + (b_a * channels + h) * seqlen + t, ca.to(y_ty), mask=valid_a & in_seq)
+        tl.store(y_ptr + (b_b * channels + h) * seqlen + t, cb.to(y_ty), mask=valid_b & in_seq)
+
+
+def _operand_dtype(precision: str) -> torch.dtype:
+    return torch.float16 if precision == "fp16" else torch.float32
+
+
+def fftconv_fwd(
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    gate_in: Optional[torch.Tensor] = None,
+    gate_out: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty,
+    tuning: Tuning = Tuning(),
+) -> torch.Tensor:
+    """One launch: y = fftconv(u, k, ...) (inputs assumed valid: the op validates them).
+
+    ``alloc(shape, dtype=, device=)`` makes the output (tests pass one that poisons it).
+    """
+    batch, channels, seqlen = u.shape
+    launch = _launch(u, tuning)
+    plan = launch.plan
+    consts = block_fft_constants(plan, _operand_dtype(launch.precision), u.device)
+    y = alloc(u.shape, dtype=u.dtype, device=u.device)
+    _fftconv_fwd_kernel[(launch.groups, channels)](
+        u, k, D, gate_in, gate_out, dropout_mask, y, *consts,
+        batch, channels, seqlen, k.shape[-1], launch.stacks_per_program, float(plan.fft_size) ** 0.5,
+        *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
+        HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
+        GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
+        P=launch.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
+        PRECISION=launch.precision, num_warps=launch.num_warps, num_stages=1,
+    )
+    return y
+
+
+def fftconv_bwd(grad_y, u, k, D=None, gate_in=None, gate_out=None, gelu=False, dropout_mask=None,
+                alloc: Callable[..., torch.Tensor] = torch.empty, tuning: Tuning = Tuning()):
+    """The backward of :mod:`.flashconv` (v5 has none of its own yet); ``tuning`` is v5's and
+    is not forwarded. Returns (du, dk, dD, dgate_in, dgate_out), None for absent inputs."""
+    return flashconv.fftconv_bwd(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask, alloc=alloc)
