@@ -41,13 +41,27 @@ def _signature(fn, pointer_types: dict, constexprs: dict):
     return signature
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None):
-    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs)
+def _launch_specialisation(fn, constexprs: dict, unit: tuple, divisible: tuple):
+    """What a launch at power-of-two sizes tells the compiler: arguments equal to 1 become
+    constants, pointers and the named integers are multiples of 16 (Triton specialises on both
+    at launch; without them loads and stores compile unvectorised)."""
+    constexprs = dict(constexprs, **{n: 1 for n in unit if n in fn.arg_names and n not in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in constexprs and (n.endswith("_ptr") or n in divisible)}
+    return constexprs, attrs
+
+
+def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=()):
+    constexprs, attrs = _launch_specialisation(fn, constexprs, unit, divisible)
+    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs,
+                    attrs=attrs)
     compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
     ptx = compiled.asm["ptx"]
     report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-                  waits=ptx.count("wgmma.wait_group"))
+                  waits=ptx.count("wgmma.wait_group"),
+                  scalar_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z]+)*\.b(?:16|32)\b", ptx)),
+                  vector_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z]+)*\.v[248]", ptx)))
     if want_asm:
         report["asm"] = dict(compiled.asm)
     return report
@@ -84,9 +98,11 @@ def check_v5(args):
         launch = flashconv3._launch(u, tuning)
         plan = launch.plan
         constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs,
-                          PRECISION=launch.precision, VARIANT=tuning.variant, **options, **none_args)
+                          PRECISION=launch.precision, VARIANT=tuning.variant, FAST_TRIG=True, **options, **none_args)
         report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
-                                want_asm=args.asm)
+                                want_asm=args.asm, unit=("su_l", "sk_l", "sgi_l", "sgo_l", "sm_h"),
+                                divisible=("channels", "seqlen", "kernel_len", "su_b", "su_h", "sk_h",
+                                           "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sm_b"))
         asm = report.pop("asm", None)
         print(f"v5 L={seqlen} plan={plan} pairs={launch.pairs} warps={launch.num_warps} "
               f"precision={launch.precision}\n    forward   {report}")

@@ -129,10 +129,6 @@ def interleaved(matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _planes(z: torch.Tensor) -> torch.Tensor:
-    return torch.stack([z.real, z.imag]).to(torch.float32).contiguous()
-
-
 @lru_cache(maxsize=32)
 def _constants_cached(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, device: str):
     fft_size, rows = n1 * n2 * n3, n2 * n3
@@ -143,20 +139,13 @@ def _constants_cached(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, dev
         interleaved(_dft(n2, n2, n2, -1.0)), interleaved(_dft(n2, n2, n2, +1.0)),
         interleaved(_dft(n3, n3, n3, -1.0)), interleaved(_dft(n3, n3, n3, +1.0)),
     )
-    mats = tuple(m.to(operand_dtype).contiguous().to(device) for m in mats)
-    m = torch.arange(rows, dtype=torch.float64)[:, None]
-    tw1 = torch.exp(-2j * math.pi * m * torch.arange(n1, dtype=torch.float64)[None, :] / fft_size)
-    n3_idx = torch.arange(n3, dtype=torch.float64)[:, None]
-    tw2 = torch.exp(-2j * math.pi * n3_idx * torch.arange(n2, dtype=torch.float64)[None, :] / rows)
-    return mats + (_planes(tw1).to(device), _planes(tw2).to(device))
+    return tuple(m.to(operand_dtype).contiguous().to(device) for m in mats)
 
 
 def block_fft_constants(plan: BlockFFTPlan, operand_dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """(W1, W1inv, W2, W2inv, W3, W3inv, Tw1, Tw2), cached per size, dtype and device (read-only).
-
-    W*: interleaved stage matrices in the operand dtype (float16, or float32 for 3xtf32);
-    Tw1: float32 planes (2, M, N1) of w_N^(m k1); Tw2: planes (2, N3, N2) of w_M^(n3 k2).
-    """
+    """(W1, W1inv, W2, W2inv, W3, W3inv): the interleaved stage matrices in the operand dtype
+    (float16, or float32 for 3xtf32), cached per size, dtype and device (read-only). Twiddles
+    have no table: the kernels compute them in registers (:func:`twiddle`)."""
     return _constants_cached(plan.n1, plan.n2, plan.n3, operand_dtype, str(device))
 
 
@@ -226,51 +215,81 @@ def load_square(ptr, SIZE: tl.constexpr):
 
 
 @triton.jit
-def load_planes(ptr, offs, plane_stride):
-    return tl.load(ptr + offs), tl.load(ptr + plane_stride + offs)
+def _cos_sin_approx(angle):
+    """(cos, sin) by the SFU (|error| < 1e-6 on [-pi, pi]); one instruction each."""
+    c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [angle], dtype=tl.float32,
+                                  is_pure=True, pack=1)
+    s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [angle], dtype=tl.float32,
+                                  is_pure=True, pack=1)
+    return c, s
 
 
 @triton.jit
-def load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw2_ptr, N2: tl.constexpr, N3: tl.constexpr):
-    """The chunk-independent constants: W2, W2inv, W3, W3inv and the twiddles Tw2 (N3, N2)."""
-    n2 = tl.arange(0, N2)
-    n3 = tl.arange(0, N3)
-    tw2r, tw2i = load_planes(tw2_ptr, n3[:, None] * N2 + n2[None, :], N2 * N3)
+def twiddle(a, b, SIZE: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """w_SIZE^(a b) = exp(-2 pi i a b / SIZE) for integer index tensors a, b (broadcast), as
+    (re, im), computed in registers where it is used: no table, no load, no layout copy.
+    The exponent is reduced mod SIZE to [-SIZE/2, SIZE/2) first, so the angle is in [-pi, pi)."""
+    e = (a * b) & (SIZE - 1)
+    e = tl.where(e >= SIZE // 2, e - SIZE, e)
+    angle = e.to(tl.float32) * (-6.283185307179586 / SIZE)
+    if FAST_TRIG:
+        return _cos_sin_approx(angle)
+    else:  # the interpreter has no inline assembly
+        return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2: tl.constexpr, N3: tl.constexpr):
+    """The chunk-independent stage matrices: W2, W2inv, W3, W3inv."""
     return (load_square(w2_ptr, 2 * N2), load_square(w2i_ptr, 2 * N2),
-            load_square(w3_ptr, 2 * N3), load_square(w3i_ptr, 2 * N3), tw2r, tw2i)
+            load_square(w3_ptr, 2 * N3), load_square(w3i_ptr, 2 * N3))
 
 
 @triton.jit
-def load_chunk_constants(w1_ptr, w1i_ptr, tw1_ptr, chunk_start, N1: tl.constexpr, M: tl.constexpr,
-                         CHUNK: tl.constexpr):
-    """Stage-1 constants of spectrum columns k1 in [chunk_start, +CHUNK): W1's (N1, 2*CHUNK)
-    column block, W1inv's (2*CHUNK, N1) row block, and Tw1 (M, CHUNK) as planes."""
+def load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1: tl.constexpr, CHUNK: tl.constexpr):
+    """Stage-1 matrices of spectrum columns k1 in [chunk_start, +CHUNK): W1's (N1, 2*CHUNK)
+    column block and W1inv's (2*CHUNK, N1) row block."""
     HALF: tl.constexpr = N1 // 2
     ins = tl.arange(0, 2 * HALF)
     outs = 2 * chunk_start + tl.arange(0, 2 * CHUNK)
     w1 = tl.load(w1_ptr + ins[:, None] * (2 * N1) + outs[None, :])
     w1i = tl.load(w1i_ptr + outs[:, None] * (2 * HALF) + ins[None, :])
-    k1 = chunk_start + tl.arange(0, CHUNK)
-    tw1r, tw1i = load_planes(tw1_ptr, tl.arange(0, M)[:, None] * N1 + k1[None, :], M * N1)
-    return w1, w1i, tw1r, tw1i
+    return w1, w1i
 
 
 @triton.jit
-def forward_chunk(x0, w1, tw1r, tw1i, stage, P: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
-                  CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def twiddle1(chunk_start, M: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """w_N^(m k1) for the chunk, (1, M, CHUNK)."""
+    m = tl.arange(0, M)[None, :, None]
+    k1 = chunk_start + tl.arange(0, CHUNK)[None, None, :]
+    return twiddle(m, k1, N, FAST_TRIG)
+
+
+@triton.jit
+def twiddle2(N2: tl.constexpr, N3: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """w_M^(n3 k2), (1, N3, N2)."""
+    n3 = tl.arange(0, N3)[None, :, None]
+    k2 = tl.arange(0, N2)[None, None, :]
+    return twiddle(n3, k2, N2 * N3, FAST_TRIG)
+
+
+@triton.jit
+def forward_chunk(x0, w1, chunk_start, stage, P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                  N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
     """Spectrum columns of one k1 chunk for every row of a stack, as (P*CHUNK*N2, N3) planes,
     element [(p, c, k2), k3]. x0: the stack's interleaved operand (P*M, N1)."""
     M: tl.constexpr = N2 * N3
-    w2, unused_w2i, w3, unused_w3i, tw2r, tw2i = stage
+    w2, unused_w2i, w3, unused_w3i = stage
     acc = tl.zeros((P * M, 2 * CHUNK), dtype=tl.float32)
     br, bi = deinterleave(mma(x0, w1, acc, PRECISION))  # (P*M, CHUNK): [(p, n2, n3), c]
-    br, bi = cmul(tl.reshape(br, (P, M, CHUNK)), tl.reshape(bi, (P, M, CHUNK)), tw1r[None], tw1i[None])
+    tw1r, tw1i = twiddle1(chunk_start, M, N1 * M, CHUNK, FAST_TRIG)
+    br, bi = cmul(tl.reshape(br, (P, M, CHUNK)), tl.reshape(bi, (P, M, CHUNK)), tw1r, tw1i)
     # Bring n2 last: (p, n2, n3, c) -> (p, c, n3, n2).
     br = tl.reshape(tl.permute(tl.reshape(br, (P, N2, N3, CHUNK)), (0, 3, 2, 1)), (P * CHUNK * N3, N2))
     bi = tl.reshape(tl.permute(tl.reshape(bi, (P, N2, N3, CHUNK)), (0, 3, 2, 1)), (P * CHUNK * N3, N2))
     cr, ci = complex_stage(br, bi, w2, PRECISION)  # [(p, c, n3), k2]
-    cr, ci = cmul(tl.reshape(cr, (P * CHUNK, N3, N2)), tl.reshape(ci, (P * CHUNK, N3, N2)),
-                  tw2r[None], tw2i[None])
+    tw2r, tw2i = twiddle2(N2, N3, FAST_TRIG)
+    cr, ci = cmul(tl.reshape(cr, (P * CHUNK, N3, N2)), tl.reshape(ci, (P * CHUNK, N3, N2)), tw2r, tw2i)
     # Bring n3 last: (pc, n3, k2) -> (pc, k2, n3).
     cr = tl.reshape(tl.permute(cr, (0, 2, 1)), (P * CHUNK * N2, N3))
     ci = tl.reshape(tl.permute(ci, (0, 2, 1)), (P * CHUNK * N2, N3))
@@ -278,22 +297,25 @@ def forward_chunk(x0, w1, tw1r, tw1i, stage, P: tl.constexpr, N2: tl.constexpr, 
 
 
 @triton.jit
-def inverse_chunk(sr, si, acc, w1i, tw1r, tw1i, stage, P: tl.constexpr, N2: tl.constexpr,
-                  N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def inverse_chunk(sr, si, acc, w1i, chunk_start, stage, P: tl.constexpr, N1: tl.constexpr,
+                  N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                  FAST_TRIG: tl.constexpr):
     """acc (P*M, N1 interleaved) + the time samples n1 < N1/2 contributed by one chunk's
     spectrum columns (P*CHUNK*N2, N3): the adjoint of forward_chunk."""
     M: tl.constexpr = N2 * N3
-    unused_w2, w2i, unused_w3, w3i, tw2r, tw2i = stage
+    unused_w2, w2i, unused_w3, w3i = stage
     dr, di = complex_stage(sr, si, w3i, PRECISION)  # [(p, c, k2), n3]
     dr = tl.permute(tl.reshape(dr, (P * CHUNK, N2, N3)), (0, 2, 1))  # (pc, n3, k2)
     di = tl.permute(tl.reshape(di, (P * CHUNK, N2, N3)), (0, 2, 1))
-    dr, di = cmul(dr, di, tw2r[None], -tw2i[None])
+    tw2r, tw2i = twiddle2(N2, N3, FAST_TRIG)
+    dr, di = cmul(dr, di, tw2r, -tw2i)
     er, ei = complex_stage(tl.reshape(dr, (P * CHUNK * N3, N2)), tl.reshape(di, (P * CHUNK * N3, N2)),
                            w2i, PRECISION)  # [(p, c, n3), n2]
     # Back to the stack's order: (p, c, n3, n2) -> (p, n2, n3, c).
     er = tl.reshape(tl.permute(tl.reshape(er, (P, CHUNK, N3, N2)), (0, 3, 2, 1)), (P, M, CHUNK))
     ei = tl.reshape(tl.permute(tl.reshape(ei, (P, CHUNK, N3, N2)), (0, 3, 2, 1)), (P, M, CHUNK))
-    er, ei = cmul(er, ei, tw1r[None], -tw1i[None])
+    tw1r, tw1i = twiddle1(chunk_start, M, N1 * M, CHUNK, FAST_TRIG)
+    er, ei = cmul(er, ei, tw1r, -tw1i)
     x = interleave(tl.reshape(er, (P * M, CHUNK)), tl.reshape(ei, (P * M, CHUNK)), PRECISION)
     return mma(x, w1i, acc, PRECISION)
 
@@ -311,9 +333,9 @@ def multiply_spectra(sr, si, kr, ki, P: tl.constexpr, CONJ_K: tl.constexpr):
 
 # ------------------------------------------------------- a stand-alone transform (for tests) --
 @triton.jit
-def _block_fft_kernel(x_ptr, out_ptr, w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw1_ptr,
-                      tw2_ptr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
-                      CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def _block_fft_kernel(x_ptr, out_ptr, w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr,
+                      N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
+                      PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
     """out[row] = U x[row] in the chunked spectrum order; x: planes (2, rows, N/2)."""
     row = tl.program_id(0)
     rows = tl.num_programs(0)
@@ -323,12 +345,12 @@ def _block_fft_kernel(x_ptr, out_ptr, w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, 
     xr = tl.load(x_ptr + row * (M * HALF) + t)
     xi = tl.load(x_ptr + (rows + row) * (M * HALF) + t)
     x0 = interleave(xr, xi, PRECISION)
-    stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw2_ptr, N2, N3)
+    stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
     size: tl.constexpr = CHUNK * N2 * N3
     offs = tl.arange(0, CHUNK * N2)[:, None] * N3 + tl.arange(0, N3)[None, :]
     for chunk_start in tl.range(0, N1, CHUNK):
-        w1, unused_w1i, tw1r, tw1i = load_chunk_constants(w1_ptr, w1i_ptr, tw1_ptr, chunk_start, N1, M, CHUNK)
-        sr, si = forward_chunk(x0, w1, tw1r, tw1i, stage, 1, N2, N3, CHUNK, PRECISION)
+        w1, unused_w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
+        sr, si = forward_chunk(x0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         base = (chunk_start // CHUNK) * size
         tl.store(out_ptr + row * (N1 * M) + base + offs, sr)
         tl.store(out_ptr + (rows + row) * (N1 * M) + base + offs, si)
@@ -344,7 +366,8 @@ def block_fft(x: torch.Tensor, plan: BlockFFTPlan, precision: str = "ieee") -> t
     consts = block_fft_constants(plan, operand_dtype, x.device)
     out = torch.full((2, rows, plan.fft_size), math.nan, dtype=torch.float32, device=x.device)
     _block_fft_kernel[(rows,)](padded, out, *consts, N1=plan.n1, N2=plan.n2, N3=plan.n3,
-                               CHUNK=plan.chunk, PRECISION=precision, num_warps=4)
+                               CHUNK=plan.chunk, PRECISION=precision, FAST_TRIG=x.is_cuda,
+                               num_warps=4)
     natural = torch.empty(rows, plan.fft_size, dtype=torch.complex64, device=x.device)
     natural[:, spectrum_order(plan).to(x.device)] = torch.complex(out[0], out[1])
     return natural

@@ -43,7 +43,7 @@ from .blockfft3 import (
     plan_for,
 )
 from .flashconv import _gelu, _load_gated_pairs, _stack_rows
-from .monarch import load_stack, row_max, stack_times, to_stack
+from .monarch import load_stack
 
 # Longest sequence per input dtype the forward handles: N = 2L <= 16384 (the largest block-FFT
 # plan) for half inputs; float32 operands (3xtf32) double every tile, which fits up to N = 8192.
@@ -102,9 +102,9 @@ def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int = 4) -> _Launch
     if pairs & (pairs - 1):
         raise ValueError(f"tuning.pairs={pairs}: expected a power of two")
     precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
-    # Registers hold ~6 bytes per stacked time sample (operand + accumulator) plus the chunk's
-    # working set: one warpgroup per 2048 samples keeps that near 64-100 registers per thread.
-    num_warps = tuning.num_warps or min(16, max(4, 4 * pairs * plan.fft_size // 4096))
+    # One warpgroup up to N = 8192, two at 16384: measured fastest on the H100 (NOTES.md, v5),
+    # although fewer warps mean more registers per thread (more warps were 1.3-2.3x slower).
+    num_warps = tuning.num_warps or (4 if plan.fft_size <= 8192 else 8)
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
     wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
@@ -118,68 +118,107 @@ def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
 
 
 @triton.jit
+def _natural_times(P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """Time t = n1 * M + m of every element [p, n1, m] of a stack in memory order (P, N1/2, M),
+    and the pair index p (P, 1, 1). Loads and stores use this order: contiguous along m, so
+    they vectorise and coalesce; the transform uses the stack order [(p, m), n1] (to_stack)."""
+    n1 = tl.arange(0, HALF)[None, :, None]
+    m = tl.arange(0, M)[None, None, :]
+    return n1 * M + m, tl.arange(0, P)[:, None, None]
+
+
+@triton.jit
+def _to_stack(x, P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """(P, N1/2, M) memory order -> (P*M, N1/2) stack order (a register permute)."""
+    return tl.reshape(tl.permute(x, (0, 2, 1)), (P * M, HALF))
+
+
+@triton.jit
+def _to_memory(x, P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """(P*M, N1/2) stack order -> (P, N1/2, M) memory order."""
+    return tl.permute(tl.reshape(x, (P, M, HALF)), (0, 2, 1))
+
+
+@triton.jit
+def _row_scale(x, PRECISION: tl.constexpr):
+    """(P, 1, 1) scale of each row of a (P, N1/2, M) tile: max |x| in the fp16 mode, else 1."""
+    if PRECISION == "fp16":
+        row = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        row = tl.where(row > 0, row, 1.0)
+    else:
+        row = tl.full((x.shape[0],), 1.0, tl.float32)
+    return row[:, None, None]
+
+
+@triton.jit
 def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M: tl.constexpr, HALF: tl.constexpr,
                     PRECISION: tl.constexpr):
     """Channel h's kernel as a stack of one complex row (imaginary part 0), scaled by its max
     magnitude (returned) so its spectrum fits float16."""
-    t, unused_pair = stack_times(1, M, HALF)
+    t, unused_pair = _natural_times(1, M, HALF)
     kx = tl.load(k_ptr + h * sk_h + t * sk_l, mask=t < kernel_len, other=0.0).to(tl.float32)
-    k_scale = tl.max(row_max(kx, 1, M, HALF, PRECISION), axis=0)
-    return interleave(kx / k_scale, tl.zeros_like(kx), PRECISION), k_scale
+    k_scale = _row_scale(kx, PRECISION)
+    kx = _to_stack(kx / k_scale, 1, M, HALF)
+    return interleave(kx, tl.zeros_like(kx), PRECISION), tl.max(tl.reshape(k_scale, (1,)), axis=0)
 
 
 @triton.jit
 def _fftconv_fwd_kernel(
     u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr,
-    w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw1_ptr, tw2_ptr,
+    w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr,
     batch, channels, seqlen, kernel_len, stacks_per_program, sqrt_n,
     su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
     GELU: tl.constexpr, HAS_MASK: tl.constexpr, VARIANT: tl.constexpr,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     group = tl.program_id(0)
     h = tl.program_id(1)
     M: tl.constexpr = N2 * N3
     HALF: tl.constexpr = N1 // 2
-    t, p = stack_times(P, M, HALF)  # element [(p, m), n1] is time n1 * M + m of pair p
+    t, p = _natural_times(P, M, HALF)
     in_seq = t < seqlen
     k0, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M, HALF, PRECISION)
     d = 0.0
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
-    stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, tw2_ptr, N2, N3)
+    stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
 
     for it in tl.range(0, stacks_per_program):
         b_a, b_b, valid_a, valid_b = _stack_rows(group, it, stacks_per_program, p, batch, P)
         xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                    su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
-        sa = row_max(xa, P, M, HALF, PRECISION)
-        sb = row_max(xb, P, M, HALF, PRECISION)
-        x0 = interleave(xa / to_stack(sa, P, M, HALF), xb / to_stack(sb, P, M, HALF), PRECISION)
+        sa = _row_scale(xa, PRECISION)
+        sb = _row_scale(xb, PRECISION)
+        x0 = interleave(_to_stack(xa / sa, P, M, HALF), _to_stack(xb / sb, P, M, HALF), PRECISION)
         acc = tl.zeros((P * M, N1), dtype=tl.float32)
         if VARIANT == "io":
             acc = x0.to(tl.float32)
         else:
             for chunk_start in tl.range(0, N1, CHUNK):
-                w1, w1i, tw1r, tw1i = load_chunk_constants(w1_ptr, w1i_ptr, tw1_ptr, chunk_start, N1, M, CHUNK)
-                sr, si = forward_chunk(x0, w1, tw1r, tw1i, stage, P, N2, N3, CHUNK, PRECISION)
+                w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
+                sr, si = forward_chunk(x0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
                 if VARIANT != "no_kernel_spectrum":
-                    kr, ki = forward_chunk(k0, w1, tw1r, tw1i, stage, 1, N2, N3, CHUNK, PRECISION)
+                    kr, ki = forward_chunk(k0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
                     sr, si = multiply_spectra(sr, si, kr, ki, P, False)
                 if VARIANT == "forward":
-                    acc += tl.sum(sr) + tl.sum(si)
+                    # Keep the transforms alive with a store that never fires (no reduction, no traffic).
+                    spec_offs = tl.reshape(tl.arange(0, P * CHUNK * N2 * N3), (P * CHUNK * N2, N3))
+                    tl.store(y_ptr + spec_offs, sr.to(y_ptr.dtype.element_ty), mask=(sr + si) > 3.0e38)
                 else:
-                    acc = inverse_chunk(sr, si, acc, w1i, tw1r, tw1i, stage, P, N2, N3, CHUNK, PRECISION)
+                    acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, P, N1, N2, N3, CHUNK,
+                                        PRECISION, FAST_TRIG)
         yr, yi = deinterleave(acc)
+        yr = _to_memory(yr, P, M, HALF)
+        yi = _to_memory(yi, P, M, HALF)
         if HAS_D:
             # Reload x for the skip term (an L1/L2 hit) rather than hold it through the loop.
             xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                        su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         # conv(x, k) = sqrt(N) * s_x * s_k * U^H(U(x / s_x) * U(k / s_k)), U unitary.
-        ca = yr * to_stack(sa * (sqrt_n * k_scale), P, M, HALF) + d * xa
-        cb = yi * to_stack(sb * (sqrt_n * k_scale), P, M, HALF) + d * xb
+        ca = yr * (sa * (sqrt_n * k_scale)) + d * xa
+        cb = yi * (sb * (sqrt_n * k_scale)) + d * xb
         if GELU:
             ca, cb = _gelu(ca), _gelu(cb)
         if HAS_MASK:
@@ -224,7 +263,7 @@ def fftconv_fwd(
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
         P=launch.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=launch.precision, num_warps=launch.num_warps, num_stages=1,
+        PRECISION=launch.precision, FAST_TRIG=u.is_cuda, num_warps=launch.num_warps, num_stages=1,
     )
     return y
 
