@@ -3,9 +3,10 @@ memory floor, with variants that skip stages (what bounds the kernel) and a few 
 
     python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192]
 
-Shapes: B=8, H=1024, u bf16, k and D float32, forward only (v5 has no backward of its own).
-The floor is (u read + k read + y write) / the device-to-device copy bandwidth measured in the
-same run. Times are medians of ``triton.testing.do_bench``. Variants other than "full" compute
+Shapes: B=8, H=1024, u bf16, k and D float32; forward, and forward + backward (kernels called
+directly; torch.fft through autograd). The floor is (u read + k read + y write) / the
+device-to-device copy bandwidth measured in the same run; forward + backward adds dy, u, k read
+and du, dk written. Times are medians of ``triton.testing.do_bench``. Variants other than "full" compute
 wrong results on purpose (their error is not reported). The table is printed last; the JSON is
 rewritten after every row, so a run cut short keeps what it measured.
 """
@@ -66,18 +67,21 @@ def main():
         k = torch.randn(H, L, device="cuda") / math.sqrt(L)
         D = torch.randn(H, device="cuda")
         want = reference.fftconv_ref(u.double(), k.double(), D.double())
-        floor_ms = (2 * u.numel() * u.element_size() + k.numel() * 4) / bandwidth * 1e3
+        dy = torch.randn_like(u)
+        u_bytes, k_bytes = u.numel() * u.element_size(), k.numel() * 4
+        floor_ms = (2 * u_bytes + k_bytes) / bandwidth * 1e3
+        floor_fb_ms = (5 * u_bytes + 3 * k_bytes) / bandwidth * 1e3
         plan = blockfft3.plan_for(L)
         flops = plan.tensor_core_flops() * triton.cdiv(B, 2) * H
 
-        def measure(name, fn, check=True, **extra):
-            row = dict(L=L, name=name, floor_ms=floor_ms, **extra)
+        def measure(name, fn, check=True, floor=floor_ms, **extra):
+            row = dict(L=L, name=name, floor_ms=floor, **extra)
             try:
                 y = fn()
                 if check:
                     row["rel_err"] = ((y.double() - want).norm() / want.norm()).item()
                 row["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-                row["x_floor"] = row["ms"] / floor_ms
+                row["x_floor"] = row["ms"] / floor
             except Exception as exc:  # noqa: BLE001 - a configuration may not fit (shared memory)
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             record(row)
@@ -93,21 +97,38 @@ def main():
             tuning = flashconv3.Tuning(variant=variant)
             measure(f"v5 variant={variant}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning), check=False)
         launch = flashconv3._launch(u, flashconv3.Tuning())
-        tunings = [flashconv3.Tuning(num_warps=launch.num_warps * 2), flashconv3.Tuning(chunk=16)]
-        if launch.num_warps > 4:
-            tunings.append(flashconv3.Tuning(num_warps=launch.num_warps // 2))
+        tunings = [flashconv3.Tuning(chunk=16)]
+        tunings.append(flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8))
         if L <= 2048:
             tunings += [flashconv3.Tuning(pairs=p) for p in (1, 4) if p != launch.pairs]
-        else:  # two pairs per stack halve the per-pair cost of k's on-chip spectrum
-            tunings.append(flashconv3.Tuning(pairs=2, num_warps=16))
         for tuning in tunings:
             changed = {f: v for f, v in vars(tuning).items() if v is not None and f != "variant"}
             measure(f"v5 {changed}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning))
+
+        # Forward + backward (the backward's dk/du accuracy is in the GPU tests).
+        ut, kt, Dt = (t.detach().clone().requires_grad_(True) for t in (u, k, D))
+
+        def torch_fwd_bwd():
+            torch.autograd.grad(torch_fft_conv(ut, kt, Dt), [ut, kt, Dt], dy)
+
+        measure("fwd+bwd torch.fft", torch_fwd_bwd, check=False, floor=floor_fb_ms)
+        if L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
+            measure("fwd+bwd flashconv v3/v4", lambda: (flashconv.fftconv_fwd(u, k, D),
+                                                       flashconv.fftconv_bwd(dy, u, k, D)),
+                    check=False, floor=floor_fb_ms)
+        for name, tuning in (("fwd+bwd v5 default", flashconv3.Tuning()),
+                             ("fwd+bwd v5 bwd warps x2", flashconv3.Tuning(num_warps=2 * launch.num_warps))):
+            measure(name, lambda: (flashconv3.fftconv_fwd(u, k, D),
+                                   flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning)),
+                    check=False, floor=floor_fb_ms)
+        measure("bwd only v5 default", lambda: flashconv3.fftconv_bwd(dy, u, k, D), check=False,
+                floor=floor_fb_ms - floor_ms)
+        del ut, kt, Dt, dy
         del u, k, D, want
         torch.cuda.empty_cache()
 
-    print(f"\n# {header['device']}, copy {bandwidth / 1e12:.2f} TB/s, B={B}, H={H}, bf16 u, fp32 k, "
-          f"forward; {time.time() - started:.0f} s")
+    print(f"\n# {header['device']}, copy {bandwidth / 1e12:.2f} TB/s, B={B}, H={H}, bf16 u, fp32 k; "
+          f"{time.time() - started:.0f} s (x floor: against the fwd or fwd+bwd floor)")
     print(f"{'L':>6} {'name':44s} {'ms':>8} {'x floor':>8} {'rel err':>9}")
     for r in rows:
         ms = f"{r['ms']:.4f}" if "ms" in r else r.get("error", "")[:40]

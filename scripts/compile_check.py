@@ -83,7 +83,7 @@ def _ptxas_report(ptx: str) -> dict:
 
 
 def check_v5(args):
-    """FlashConv v5 (flashconv3.py): the forward kernel for each length, default launch."""
+    """FlashConv v5 (flashconv3.py): the forward (or --backward) kernel per length, default launch."""
     tuning = flashconv3.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
                                precision=args.precision,
                                variant=args.variant)
@@ -99,15 +99,24 @@ def check_v5(args):
         plan = launch.plan
         constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs,
                           PRECISION=launch.precision, VARIANT=tuning.variant, FAST_TRIG=True, **options, **none_args)
-        report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
-                                want_asm=args.asm, unit=("su_l", "sk_l", "sgi_l", "sgo_l", "sm_h"),
-                                divisible=("channels", "seqlen", "kernel_len", "su_b", "su_h", "sk_h",
-                                           "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sm_b"))
+        unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sm_h", "sdy_l")
+        divisible = ("channels", "seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h",
+                     "sgo_b", "sgo_h", "sm_b", "sdy_b", "sdy_h", "sdk_h")
+        if args.backward:
+            pointers.update(dy_ptr=ty, du_ptr=ty)
+            grads = {} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None)
+            constexprs = {n: v for n, v in constexprs.items() if n != "VARIANT"}
+            report = compile_kernel(flashconv3._fftconv_bwd_kernel, pointers, dict(constexprs, **grads),
+                                    launch.num_warps, want_asm=args.asm, unit=unit, divisible=divisible)
+        else:
+            report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
+                                    want_asm=args.asm, unit=unit, divisible=divisible)
         asm = report.pop("asm", None)
+        direction = "backward" if args.backward else "forward"
         print(f"v5 L={seqlen} plan={plan} pairs={launch.pairs} warps={launch.num_warps} "
-              f"precision={launch.precision}\n    forward   {report}")
+              f"precision={launch.precision}\n    {direction:9s} {report}")
         if asm is not None:
-            path = f"{args.asm}/v5_fwd_L{seqlen}"
+            path = f"{args.asm}/v5_{'bwd' if args.backward else 'fwd'}_L{seqlen}"
             for kind, text in asm.items():
                 if isinstance(text, str):
                     with open(f"{path}.{kind}", "w") as f:
@@ -127,6 +136,7 @@ def main():
     parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     parser.add_argument("--family", default="v3", choices=["v3", "v5"])
+    parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
     parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
     parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
     args = parser.parse_args()

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .monarch import operand  # float16 in the "fp16" mode (rows are max-scaled), else as is
+
 # (N1, N2, N3) per FFT size. N1 is the chunked axis; it is the largest factor because stage 1
 # and its inverse contract only half of it. Every dimension of every product stays >= 16 for
 # tensor cores: stage 1 contracts 2 * N1/2 = N1 >= 16, stages 2 and 3 contract 2 * N2, 2 * N3 >= 16.
@@ -160,15 +162,6 @@ def spectrum_order(plan: BlockFFTPlan) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- Triton helpers --
 # A stack holds P complex rows; element [(p, m), n1] of its (P*M, N1/2) tile is time n1*M + m.
-@triton.jit
-def operand(x, PRECISION: tl.constexpr):
-    """A tensor-core operand: float16 in the "fp16" mode (rows are max-scaled), else float32."""
-    if PRECISION == "fp16":
-        return x.to(tl.float16)
-    else:
-        return x
-
-
 @triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "fp16":
@@ -329,6 +322,26 @@ def multiply_spectra(sr, si, kr, ki, P: tl.constexpr, CONJ_K: tl.constexpr):
         ki = -ki
     pr, pi = cmul(tl.reshape(sr, (P, R, C)), tl.reshape(si, (P, R, C)), kr[None], ki[None])
     return tl.reshape(pr, (P * R, C)), tl.reshape(pi, (P * R, C))
+
+
+@triton.jit
+def convolve_stack(x0, k0, w1_ptr, w1i_ptr, stage, USE_K: tl.constexpr, CONJ_K: tl.constexpr,
+                   P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+                   CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """U^H (U x * U k) for a stack operand x0 (P*M, N1) and one row's operand k0 (M, N1):
+    the interleaved float32 accumulator (P*M, N1). k's spectrum is formed chunk by chunk
+    (never stored); with CONJ_K it is conjugated (correlation). Without USE_K the spectrum
+    is not formed and the product is skipped (a benchmark variant)."""
+    M: tl.constexpr = N2 * N3
+    acc = tl.zeros((P * M, N1), dtype=tl.float32)
+    for chunk_start in tl.range(0, N1, CHUNK):
+        w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
+        sr, si = forward_chunk(x0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        if USE_K:
+            kr, ki = forward_chunk(k0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            sr, si = multiply_spectra(sr, si, kr, ki, P, CONJ_K)
+        acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+    return acc
 
 
 # ------------------------------------------------------- a stand-alone transform (for tests) --
