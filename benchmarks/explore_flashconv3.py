@@ -97,7 +97,8 @@ def main():
             tuning = flashconv3.Tuning(variant=variant)
             measure(f"v5 variant={variant}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning), check=False)
         launch = flashconv3._launch(u, flashconv3.Tuning())
-        tunings = [flashconv3.Tuning(chunk=16)]
+        # programs_per_sm=16: one stack per program (more, shorter programs; same binary).
+        tunings = [flashconv3.Tuning(chunk=16), flashconv3.Tuning(programs_per_sm=16)]
         tunings.append(flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8))
         if L <= 2048:
             tunings += [flashconv3.Tuning(pairs=p) for p in (1, 4) if p != launch.pairs]
