@@ -95,7 +95,7 @@ def check_v5(args):
     pointers = {"u_ptr": ty, "y_ptr": ty, **{f"{w}_ptr": operand_ty for w in ("w1", "w1i", "w2", "w2i", "w3", "w3i")}}
     for seqlen in args.lengths:
         u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
-        launch = flashconv3._launch(u, tuning)
+        launch = flashconv3._launch(u, tuning, backward=args.backward)
         plan = launch.plan
         constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs,
                           PRECISION=launch.precision, VARIANT=tuning.variant, FAST_TRIG=True, **options, **none_args)

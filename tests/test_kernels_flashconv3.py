@@ -106,6 +106,19 @@ def test_plan_sizes_and_refusals():
         flashconv3._launch(torch.empty(2, 1, 8), flashconv3.Tuning(variant="fast"))
 
 
+def test_launch_defaults_per_direction():
+    """The measured defaults: a wider N1 for the forward at N >= 8192, the table's plan and more
+    warps for the backward; explicit tunings win."""
+    u = torch.empty(8, 4, 4096, dtype=torch.bfloat16)
+    fwd, bwd = flashconv3._launch(u, flashconv3.Tuning()), flashconv3._launch(u, flashconv3.Tuning(), backward=True)
+    assert (fwd.plan.n1, fwd.plan.n2, fwd.plan.n3, fwd.num_warps) == (64, 16, 8, 4)
+    assert (bwd.plan.n1, bwd.plan.n2, bwd.plan.n3, bwd.num_warps) == (32, 16, 16, 8)
+    assert flashconv3._launch(torch.empty(8, 4, 1024), flashconv3.Tuning()).pairs == 4
+    assert flashconv3._launch(torch.empty(2, 4, 1024), flashconv3.Tuning()).pairs == 1  # one pair in the batch
+    mine = flashconv3._launch(u, flashconv3.Tuning(factors=(32, 16, 16), num_warps=16, pairs=2))
+    assert (mine.plan.n1, mine.num_warps, mine.pairs) == (32, 16, 2)
+
+
 # ------------------------------------------------------------------------------ the forward --
 # Small factors in the interpreter (fast); (16, 8, 8) is the smallest compiled plan.
 SMALL = [

@@ -58,6 +58,12 @@ from .monarch import load_stack
 MAX_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 2048}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STACK_ELEMENTS = 2048  # P * N/2: complex samples of the stack held in registers per program
+# Defaults measured fastest on the H100 (benchmarks/NOTES.md, v5 second run), per FFT size:
+# the forward prefers a wider N1 at 8K/16K (half the chunk's working set, ~15% more FLOPs) and
+# 4 pairs per stack at 2K; the backward keeps blockfft3.FACTORS and wants 8 warps at 8K.
+FORWARD_FACTORS = {8192: (64, 16, 8), 16384: (64, 16, 16)}
+FORWARD_PAIRS = {2048: 4}
+BACKWARD_WARPS = {8192: 8, 16384: 8}
 # Benchmark-only variants that skip work to show what bounds the kernel (results are wrong):
 # "io" loads and stores only, "forward" skips the inverse transform, "no_kernel_spectrum"
 # multiplies by 1 instead of transforming k.
@@ -97,19 +103,26 @@ class _Launch:
     stacks_per_program: int
 
 
-def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int = 4) -> _Launch:
+def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False, default_per_sm: int = 4) -> _Launch:
     batch, channels, seqlen = u.shape
     if tuning.variant not in VARIANTS:
         raise ValueError(f"tuning.variant={tuning.variant!r}: expected one of {VARIANTS}")
     plan = plan_for(seqlen, tuning.factors, tuning.chunk)
+    if tuning.factors is None and not backward and plan.fft_size in FORWARD_FACTORS:
+        plan = plan_for(seqlen, FORWARD_FACTORS[plan.fft_size], tuning.chunk)
     max_pairs = max(1, STACK_ELEMENTS // (plan.fft_size // 2))
+    if not backward:
+        max_pairs = FORWARD_PAIRS.get(plan.fft_size, max_pairs)
     pairs = tuning.pairs or min(max_pairs, triton.next_power_of_2(triton.cdiv(batch, 2)))
     if pairs & (pairs - 1):
         raise ValueError(f"tuning.pairs={pairs}: expected a power of two")
     precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
-    # One warpgroup up to N = 8192, two at 16384: measured fastest on the H100 (NOTES.md, v5),
-    # although fewer warps mean more registers per thread (more warps were 1.3-2.3x slower).
-    num_warps = tuning.num_warps or (4 if plan.fft_size <= 8192 else 8)
+    # One warpgroup up to N = 8192, two at 16384 (the forward); more warps were 1.3-2.3x
+    # slower although fewer warps mean more registers per thread (small per-chunk products).
+    num_warps = 4 if plan.fft_size <= 8192 else 8
+    if backward:
+        num_warps = BACKWARD_WARPS.get(plan.fft_size, num_warps)
+    num_warps = tuning.num_warps or num_warps
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
     sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
     wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
@@ -419,7 +432,7 @@ def fftconv_bwd(
     """One launch: (du, dk, dD, dgate_in, dgate_out), None for absent inputs. One program per
     channel owns all its rows, so dk and dD are summed in a fixed order (bit-identical runs)."""
     batch, channels, seqlen = u.shape
-    launch = _launch(u, tuning)
+    launch = _launch(u, tuning, backward=True)
     plan = launch.plan
     consts = block_fft_constants(plan, _operand_dtype(launch.precision), u.device)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
