@@ -1,7 +1,7 @@
 """Compile the FlashConv and short-kernel kernels for Hopper (sm_90) without a GPU and report
 their resources.
 
-    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8]
+    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--family v5]
     python scripts/compile_check.py --short [--kernel-lens 1 4 16 64]   # kernels/shortconv.py
 
 Catches compile errors (which Triton's interpreter does not) and prints registers per thread,
@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lcconv_compile.kernels import flashconv, shortconv  # noqa: E402
+from lcconv_compile.kernels import flashconv, flashconv3, shortconv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -43,15 +43,30 @@ def _signature(fn, pointer_types: dict, constexprs: dict):
     return signature
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps, divisible=()):
-    """``divisible``: argument names that a real launch sees as multiples of 16 (Triton
-    specialises on that, e.g. to vectorise loads), as it would for contiguous power-of-two shapes."""
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible
-             if name not in constexprs}
+def _launch_specialisation(fn, constexprs: dict, unit: tuple, divisible: tuple):
+    """What a launch at power-of-two sizes tells the compiler: arguments equal to 1 become
+    constants, pointers and the named integers are multiples of 16 (Triton specialises on both
+    at launch; without them loads and stores compile unvectorised)."""
+    constexprs = dict(constexprs, **{n: 1 for n in unit if n in fn.arg_names and n not in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in constexprs and (n.endswith("_ptr") or n in divisible)}
+    return constexprs, attrs
+
+
+def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=()):
+    constexprs, attrs = _launch_specialisation(fn, constexprs, unit, divisible)
     src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs,
                     attrs=attrs)
     compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
-    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+    ptx = compiled.asm["ptx"]
+    report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
+                  wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                  waits=ptx.count("wgmma.wait_group"),
+                  scalar_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z]+)*\.b(?:16|32)\b", ptx)),
+                  vector_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z]+)*\.v[248]", ptx)))
+    if want_asm:
+        report["asm"] = dict(compiled.asm)
+    return report
 
 
 def _ptxas_report(ptx: str) -> dict:
@@ -101,12 +116,53 @@ def check_short(kernel_lens, batch, seqlen):
                         constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}
                         divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n == "seqlen"
                                      or n.endswith(("_b", "_h")) and (n != "sk_h" or kernel_len % 16 == 0)]
-                        report = compile_kernel(kernel, pointers, constexprs, cfg.num_warps, divisible)
+                        report = compile_kernel(kernel, pointers, constexprs, cfg.num_warps, divisible=divisible)
                         clean &= not report["spill_bytes"]
                         print(f"short {'bwd' if backward else 'fwd'} {str(dtype)[6:]:8s} Lk={kernel_len:<4d} "
                               f"T={cfg.block} BM={cfg.rows} NC={cfg.context_blocks} warps={cfg.num_warps} "
                               f"gate_in={gated_in:d} options={on:d}: {report}")
     return clean
+
+
+def check_v5(args):
+    """FlashConv v5 (flashconv3.py): the forward (or --backward) kernel per length, default launch."""
+    tuning = flashconv3.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
+                               precision=args.precision,
+                               variant=args.variant)
+    on = args.all_options
+    options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
+    none_args = {} if on else dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
+    ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
+    operand_ty = "*fp32" if args.dtype == "float32" else "*fp16"
+    pointers = {"u_ptr": ty, "y_ptr": ty, **{f"{w}_ptr": operand_ty for w in ("w1", "w1i", "w2", "w2i", "w3", "w3i")}}
+    for seqlen in args.lengths:
+        u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
+        launch = flashconv3._launch(u, tuning, backward=args.backward)
+        plan = launch.plan
+        constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs,
+                          PRECISION=launch.precision, VARIANT=tuning.variant, FAST_TRIG=True, **options, **none_args)
+        unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sm_h", "sdy_l")
+        divisible = ("channels", "seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h",
+                     "sgo_b", "sgo_h", "sm_b", "sdy_b", "sdy_h", "sdk_h")
+        if args.backward:
+            pointers.update(dy_ptr=ty, du_ptr=ty)
+            grads = {} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None)
+            constexprs = {n: v for n, v in constexprs.items() if n != "VARIANT"}
+            report = compile_kernel(flashconv3._fftconv_bwd_kernel, pointers, dict(constexprs, **grads),
+                                    launch.num_warps, want_asm=args.asm, unit=unit, divisible=divisible)
+        else:
+            report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
+                                    want_asm=args.asm, unit=unit, divisible=divisible)
+        asm = report.pop("asm", None)
+        direction = "backward" if args.backward else "forward"
+        print(f"v5 L={seqlen} plan={plan} pairs={launch.pairs} warps={launch.num_warps} "
+              f"precision={launch.precision}\n    {direction:9s} {report}")
+        if asm is not None:
+            path = f"{args.asm}/v5_{'bwd' if args.backward else 'fwd'}_L{seqlen}"
+            for kind, text in asm.items():
+                if isinstance(text, str):
+                    with open(f"{path}.{kind}", "w") as f:
+                        f.write(text)
 
 
 def main():
@@ -123,9 +179,15 @@ def main():
     parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     parser.add_argument("--short", action="store_true", help="the short-kernel family (shortconv.py)")
     parser.add_argument("--kernel-lens", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--family", default="v3", choices=["v3", "v5"])
+    parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
+    parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
+    parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
     args = parser.parse_args()
     if args.short:
         raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths)) else 1)
+    if args.family == "v5":
+        return check_v5(args)
     tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision,
                               gauss=args.gauss)
     for seqlen in args.lengths:

@@ -1,0 +1,146 @@
+"""FlashConv v5 forward on the GPU: against today's kernels (flashconv v3/v4), torch.fft and the
+memory floor, with variants that skip stages (what bounds the kernel) and a few Tuning choices.
+
+    python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192]
+
+Shapes: B=8, H=1024, u bf16, k and D float32; forward, and forward + backward (kernels called
+directly; torch.fft through autograd). The floor is (u read + k read + y write) / the
+device-to-device copy bandwidth measured in the same run; forward + backward adds dy, u, k read
+and du, dk written. Times are medians of ``triton.testing.do_bench``. Variants other than "full" compute
+wrong results on purpose (their error is not reported). The table is printed last; the JSON is
+rewritten after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+
+from lcconv_compile import reference
+from lcconv_compile.kernels import blockfft3, flashconv, flashconv3
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.randn(256 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def torch_fft_conv(u, k, D):
+    """The idiom people write by hand (the eager baseline)."""
+    L = u.shape[-1]
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+    return (y + u.float() * D.unsqueeze(-1)).to(u.dtype)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=1024)
+    parser.add_argument("--out", default="explore_flashconv3.json")
+    args = parser.parse_args()
+    B, H = args.batch, args.channels
+    started = time.time()
+    bandwidth = copy_bandwidth()
+    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
+    print(header, flush=True)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print("  ", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(header, rows=rows), f, indent=1)
+
+    for L in args.lengths:
+        u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(H, L, device="cuda") / math.sqrt(L)
+        D = torch.randn(H, device="cuda")
+        want = reference.fftconv_ref(u.double(), k.double(), D.double())
+        dy = torch.randn_like(u)
+        u_bytes, k_bytes = u.numel() * u.element_size(), k.numel() * 4
+        floor_ms = (2 * u_bytes + k_bytes) / bandwidth * 1e3
+        floor_fb_ms = (5 * u_bytes + 3 * k_bytes) / bandwidth * 1e3
+        plan = blockfft3.plan_for(L)
+        flops = plan.tensor_core_flops() * triton.cdiv(B, 2) * H
+
+        def measure(name, fn, check=True, floor=floor_ms, **extra):
+            row = dict(L=L, name=name, floor_ms=floor, **extra)
+            try:
+                y = fn()
+                if check:
+                    row["rel_err"] = ((y.double() - want).norm() / want.norm()).item()
+                row["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                row["x_floor"] = row["ms"] / floor
+            except Exception as exc:  # noqa: BLE001 - a configuration may not fit (shared memory)
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            record(row)
+            return row
+
+        measure("torch.fft", lambda: torch_fft_conv(u, k, D))
+        if L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
+            measure("flashconv v3/v4", lambda: flashconv.fftconv_fwd(u, k, D))
+        base = measure("v5 default", lambda: flashconv3.fftconv_fwd(u, k, D), plan=str(plan))
+        if "ms" in base:
+            base["tflops"] = flops / base["ms"] / 1e9  # tensor-core work of the data rows
+        for variant in ("io", "forward", "no_kernel_spectrum"):
+            tuning = flashconv3.Tuning(variant=variant)
+            measure(f"v5 variant={variant}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning), check=False)
+        launch = flashconv3._launch(u, flashconv3.Tuning())
+        # programs_per_sm=16: one stack per program (more, shorter programs; same binary).
+        tunings = [flashconv3.Tuning(chunk=16), flashconv3.Tuning(programs_per_sm=16)]
+        tunings.append(flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8))
+        if L <= 2048:
+            tunings += [flashconv3.Tuning(pairs=p) for p in (1, 4) if p != launch.pairs]
+        # A larger N1 halves the chunk's working set (rows M = N / N1) for ~15% more FLOPs.
+        wide = {2048: (32, 8, 8), 8192: (64, 16, 8), 16384: (64, 16, 16)}.get(plan.fft_size)
+        if wide:
+            tunings += [flashconv3.Tuning(factors=wide), flashconv3.Tuning(factors=wide, num_warps=8)]
+        for tuning in tunings:
+            changed = {f: v for f, v in vars(tuning).items() if v is not None and f != "variant"}
+            measure(f"v5 {changed}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning))
+
+        # Forward + backward (the backward's dk/du accuracy is in the GPU tests).
+        ut, kt, Dt = (t.detach().clone().requires_grad_(True) for t in (u, k, D))
+
+        def torch_fwd_bwd():
+            torch.autograd.grad(torch_fft_conv(ut, kt, Dt), [ut, kt, Dt], dy)
+
+        measure("fwd+bwd torch.fft", torch_fwd_bwd, check=False, floor=floor_fb_ms)
+        if L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
+            measure("fwd+bwd flashconv v3/v4", lambda: (flashconv.fftconv_fwd(u, k, D),
+                                                       flashconv.fftconv_bwd(dy, u, k, D)),
+                    check=False, floor=floor_fb_ms)
+        for name, tuning in (("fwd+bwd v5 default", flashconv3.Tuning()),
+                             ("fwd+bwd v5 bwd warps x2", flashconv3.Tuning(num_warps=2 * launch.num_warps))):
+            measure(name, lambda: (flashconv3.fftconv_fwd(u, k, D),
+                                   flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning)),
+                    check=False, floor=floor_fb_ms)
+        measure("bwd only v5 default", lambda: flashconv3.fftconv_bwd(dy, u, k, D), check=False,
+                floor=floor_fb_ms - floor_ms)
+        del ut, kt, Dt, dy
+        del u, k, D, want
+        torch.cuda.empty_cache()
+
+    print(f"\n# {header['device']}, copy {bandwidth / 1e12:.2f} TB/s, B={B}, H={H}, bf16 u, fp32 k; "
+          f"{time.time() - started:.0f} s (x floor: against the fwd or fwd+bwd floor)")
+    print(f"{'L':>6} {'name':44s} {'ms':>8} {'x floor':>8} {'rel err':>9}")
+    for r in rows:
+        ms = f"{r['ms']:.4f}" if "ms" in r else r.get("error", "")[:40]
+        ratio = f"{r['x_floor']:.1f}" if "x_floor" in r else ""
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['L']:>6} {r['name'][:44]:44s} {ms:>8} {ratio:>8} {err:>9}")
+
+
+if __name__ == "__main__":
+    main()

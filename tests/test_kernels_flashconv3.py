@@ -1,0 +1,270 @@
+"""FlashConv v5 (kernels/flashconv3.py, kernels/blockfft3.py) against torch.fft and the float64
+reference.
+
+On a CPU-only machine the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET)
+at small sizes, with small block-FFT factors (N = 64..1024); on a GPU the same tests run on
+CUDA tensors, plus realistic sizes (marked cuda). Outputs are poisoned with NaN before launch
+so an unwritten element fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from inputs import as_float64, random_args, rel_err
+from lcconv_compile import reference
+from lcconv_compile.kernels import blockfft3, flashconv3
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (realistic sizes)")
+# Relative error vs float64: half outputs are dominated by their own rounding (~1.7e-3 for
+# bf16, measured); 3xtf32 on float32 inputs must stay under 1e-4. Gradients of half inputs go
+# through GELU' and the gates at bf16 precision (~3-7e-3 measured, as for flashconv v3/v4).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+
+def check_forward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
+    args = random_args(B, H, L, Lk, dtype=dtype, options=options, device=DEVICE, k_dtype=torch.float32)
+    y = flashconv3.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
+    assert y.dtype == dtype and y.shape == (B, H, L)
+    assert not torch.isnan(y).any(), "kernel left output elements unwritten"
+    err = rel_err(y, reference.fftconv_ref(**as_float64(args)))
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    return err
+
+
+def check_backward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
+    args = random_args(B, H, L, Lk, dtype=dtype, options=options, device=DEVICE, k_dtype=torch.float32)
+    grad_y = torch.randn(B, H, L, device=DEVICE).to(dtype)
+    got = flashconv3.fftconv_bwd(grad_y, **args, alloc=poisoned, tuning=tuning)
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    inputs = dict(du="u", dk="k", dD="D", dgate_in="gate_in", dgate_out="gate_out")
+    for name, g, w in zip(want._fields, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.shape == w.shape and g.dtype == args[inputs[name]].dtype, name
+        assert not torch.isnan(g).any(), f"{name}: unwritten elements"
+        err = rel_err(g, w)
+        assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+# --------------------------------------------------------------- the three-level transform --
+@pytest.mark.parametrize("factors,chunk", [((4, 4, 4), 2), ((8, 8, 4), 4), ((4, 2, 8), 4), ((16, 8, 8), 8)])
+def test_block_fft_matches_torch_fft(factors, chunk):
+    plan = blockfft3.plan_for(1, factors=factors, chunk=chunk)
+    x = torch.randn(3, plan.fft_size // 2, dtype=torch.complex64, device=DEVICE)
+    got = blockfft3.block_fft(x, plan)
+    want = torch.fft.fft(x.cpu().to(torch.complex128), n=plan.fft_size) / math.sqrt(plan.fft_size)
+    assert rel_err(torch.view_as_real(got.cpu()), torch.view_as_real(want)) < 1e-6
+
+
+def test_block_fft_fp16_operands_stay_accurate():
+    plan = blockfft3.plan_for(1, factors=(16, 8, 8))
+    x = torch.randn(2, plan.fft_size // 2, dtype=torch.complex64, device=DEVICE)
+    x = x / x.abs().amax(dim=1, keepdim=True)  # the kernels feed max-scaled rows
+    got = blockfft3.block_fft(x, plan, precision="fp16")
+    want = torch.fft.fft(x.cpu().to(torch.complex128), n=plan.fft_size) / math.sqrt(plan.fft_size)
+    assert rel_err(torch.view_as_real(got.cpu()), torch.view_as_real(want)) < 2e-3
+
+
+def test_stage_matrices_are_unitary_and_interleaved():
+    plan = blockfft3.plan_for(100)
+    w1, w1i, w2, w2i, w3, w3i = blockfft3.block_fft_constants(plan, torch.float32, "cpu")
+    for fwd, inv in ((w2, w2i), (w3, w3i)):
+        torch.testing.assert_close(fwd.double() @ inv.double(), torch.eye(fwd.shape[0], dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+    # W1 keeps only n1 < N1/2 inputs and W1inv only those outputs: W1 W1inv is the identity there.
+    torch.testing.assert_close(w1.double() @ w1i.double(), torch.eye(plan.n1, dtype=torch.float64), atol=1e-6, rtol=0)
+    z = torch.randn(5, 3, dtype=torch.complex128)
+    f = torch.randn(3, 4, dtype=torch.complex128)
+    prod = torch.view_as_real(z).reshape(5, 6) @ blockfft3.interleaved(f)
+    torch.testing.assert_close(torch.view_as_complex(prod.reshape(5, 4, 2).contiguous()), z @ f)
+
+
+def test_plan_sizes_and_refusals():
+    for seqlen in (1, 5, 512, 513, 1000, 4096, 8192):
+        plan = blockfft3.plan_for(seqlen)
+        assert plan.fft_size >= 2 * seqlen and plan.n1 * plan.n2 * plan.n3 == plan.fft_size
+        assert plan.n1 >= 16 and min(plan.n2, plan.n3) >= 8 and 2 * plan.chunk >= 16
+    with pytest.raises(ValueError, match="seqlen=8193"):
+        blockfft3.plan_for(8193)
+    with pytest.raises(ValueError, match="factors"):
+        blockfft3.plan_for(100, factors=(4, 4, 4))  # N = 64 < 200
+    with pytest.raises(ValueError, match="factors"):
+        blockfft3.plan_for(10, factors=(4, 3, 4))
+    with pytest.raises(ValueError, match="chunk"):
+        blockfft3.plan_for(10, factors=(4, 4, 4), chunk=8)
+    with pytest.raises(ValueError, match="variant"):
+        flashconv3._launch(torch.empty(2, 1, 8), flashconv3.Tuning(variant="fast"))
+
+
+def test_launch_defaults_per_direction():
+    """The measured defaults: a wider N1 for the forward at N >= 8192, the table's plan and more
+    warps for the backward; explicit tunings win."""
+    u = torch.empty(8, 4, 4096, dtype=torch.bfloat16)
+    fwd, bwd = flashconv3._launch(u, flashconv3.Tuning()), flashconv3._launch(u, flashconv3.Tuning(), backward=True)
+    assert (fwd.plan.n1, fwd.plan.n2, fwd.plan.n3, fwd.num_warps) == (64, 16, 8, 4)
+    assert (bwd.plan.n1, bwd.plan.n2, bwd.plan.n3, bwd.num_warps) == (32, 16, 16, 8)
+    assert flashconv3._launch(torch.empty(8, 4, 1024), flashconv3.Tuning()).pairs == 4
+    assert flashconv3._launch(torch.empty(2, 4, 1024), flashconv3.Tuning()).pairs == 1  # one pair in the batch
+    mine = flashconv3._launch(u, flashconv3.Tuning(factors=(32, 16, 16), num_warps=16, pairs=2))
+    assert (mine.plan.n1, mine.num_warps, mine.pairs) == (32, 16, 2)
+
+
+# ------------------------------------------------------------------------------ the forward --
+# Small factors in the interpreter (fast); (16, 8, 8) is the smallest compiled plan.
+SMALL = [
+    # B, H, L, Lk, factors, chunk
+    (2, 2, 5, 5, (4, 4, 4), 2),
+    (3, 2, 5, 1, (4, 4, 4), 4),
+    (1, 3, 32, 17, (4, 4, 4), 2),
+    (3, 2, 100, 37, (8, 8, 4), 4),
+    (2, 1, 100, 100, (4, 8, 8), 4),
+    (4, 2, 256, 256, (8, 8, 8), 8),
+    (5, 2, 255, 1, (16, 8, 8), 8),
+]
+
+
+@pytest.mark.parametrize("shape", SMALL)
+@pytest.mark.parametrize("options", [False, True])
+def test_forward_small_float32(shape, options):
+    B, H, L, Lk, factors, chunk = shape
+    check_forward(B, H, L, Lk, torch.float32, options, flashconv3.Tuning(factors=factors, chunk=chunk))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3], SMALL[5]])
+def test_forward_small_half(dtype, shape):
+    B, H, L, Lk, factors, chunk = shape
+    check_forward(B, H, L, Lk, dtype, True, flashconv3.Tuning(factors=factors, chunk=chunk))
+
+
+def test_forward_default_plan_half():
+    """The smallest compiled plan (N = 1024), default launch, odd L and Lk < L."""
+    check_forward(3, 2, 301, 150, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 4])
+def test_forward_stack_sizes_agree(pairs):
+    """Odd batch (a lone row in the last pair) and stacks of several pairs."""
+    check_forward(7, 2, 60, 30, torch.float32, True, flashconv3.Tuning(pairs=pairs, factors=(8, 4, 4), chunk=4))
+
+
+def test_forward_channel_scales_are_independent():
+    """Rows and kernels of very different magnitudes (per-row / per-channel max scaling)."""
+    args = random_args(4, 3, 100, 80, dtype=torch.bfloat16, options=False, device=DEVICE, k_dtype=torch.float32)
+    args["u"] = (args["u"].float() * torch.tensor([1e-3, 1.0, 1e3], device=DEVICE)[:, None]).bfloat16()
+    args["k"] = args["k"] * torch.tensor([[1e2], [1e-4], [1.0]], device=DEVICE)
+    y = flashconv3.fftconv_fwd(**args, alloc=poisoned, tuning=flashconv3.Tuning(factors=(8, 8, 4), chunk=4))
+    want = reference.fftconv_ref(**as_float64(args))
+    for h in range(3):
+        assert rel_err(y[:, h], want[:, h]) < TOL[torch.bfloat16], f"channel {h}"
+
+
+def test_kernel_spectrum_is_recomputed_every_call():
+    """A changed k (new data, same tensor) must never reuse a stale spectrum."""
+    args = random_args(2, 2, 64, 64, dtype=torch.float32, options=False, device=DEVICE)
+    tuning = flashconv3.Tuning(factors=(8, 4, 4), chunk=4)
+    y1 = flashconv3.fftconv_fwd(**args, tuning=tuning)
+    args["k"].copy_(torch.randn_like(args["k"]))
+    y2 = flashconv3.fftconv_fwd(**args, tuning=tuning)
+    assert rel_err(y2, reference.fftconv_ref(**as_float64(args))) < TOL[torch.float32]
+    assert not torch.allclose(y1, y2)
+
+
+@pytest.mark.parametrize("shape", [SMALL[0], SMALL[1], SMALL[3], SMALL[6]])
+@pytest.mark.parametrize("options", [False, True])
+def test_backward_small_float32(shape, options):
+    B, H, L, Lk, factors, chunk = shape
+    check_backward(B, H, L, Lk, torch.float32, options, flashconv3.Tuning(factors=factors, chunk=chunk))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_small_half(dtype):
+    check_backward(3, 2, 120, 90, dtype, True, flashconv3.Tuning(factors=(8, 8, 4), chunk=4))
+
+
+def test_backward_default_plan_half():
+    check_backward(3, 2, 301, 1, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_backward_stacks_agree_and_dk_is_deterministic(pairs):
+    """One program per channel sums dk and dD over its stacks in a fixed order."""
+    args = random_args(7, 2, 60, 40, dtype=torch.float32, options=True, device=DEVICE)
+    grad_y = torch.randn(7, 2, 60, device=DEVICE)
+    tuning = flashconv3.Tuning(pairs=pairs, factors=(8, 4, 4), chunk=4)
+    first = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    second = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    for name, got, ref in zip(want._fields, first, want):
+        assert rel_err(got, ref) < GRAD_TOL[torch.float32], name
+
+
+def test_supports():
+    u, k = torch.randn(1, 1, 16), torch.randn(1, 16)
+    assert not flashconv3.supports(u, k)  # CPU tensors: another family or the reference
+    if HAS_CUDA:
+        assert flashconv3.supports(u.cuda(), k.cuda())
+        too_long = torch.randn(1, 1, flashconv3.MAX_SEQLEN[torch.float32] + 1, device="cuda")
+        assert not flashconv3.supports(too_long, k.cuda())
+        assert flashconv3.supports(too_long.bfloat16(), k.cuda())
+
+
+# ----------------------------------------------------------------------------- on the GPU --
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("L", [1, 16, 100, 511, 1024, 2048, 4095, 4096, 8192])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_gpu_lengths(L, dtype):
+    if L > flashconv3.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {flashconv3.MAX_SEQLEN[dtype]}: not a v5 size")
+    check_forward(4, 64, L, max(1, L // 3 if L % 2 else L), dtype, options=True)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("B,H,L", [(8, 1024, 1024), (8, 1024, 4096), (8, 256, 8192), (1, 7, 8191), (5, 33, 2000)])
+@pytest.mark.parametrize("options", [False, True])
+def test_forward_gpu_large(B, H, L, options):
+    check_forward(B, H, L, L, torch.bfloat16, options)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("tuning", [flashconv3.Tuning(num_warps=8), flashconv3.Tuning(pairs=1),
+                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)])
+def test_forward_gpu_tunings_agree(tuning):
+    check_forward(8, 64, 1024, 1024, torch.bfloat16, True, tuning)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("L", [16, 333, 1024, 2048, 4096, 8192])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [False, True])
+def test_backward_gpu(L, dtype, options):
+    if L > flashconv3.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {flashconv3.MAX_SEQLEN[dtype]}: not a v5 size")
+    check_backward(6, 48, L, max(1, L // 2), dtype, options)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_backward_gpu_large_batch_is_deterministic():
+    args = random_args(16, 256, 2048, 2048, dtype=torch.bfloat16, options=True, device="cuda",
+                       k_dtype=torch.float32)
+    grad_y = torch.randn(16, 256, 2048, device="cuda", dtype=torch.bfloat16)
+    first = flashconv3.fftconv_bwd(grad_y, **args)
+    second = flashconv3.fftconv_bwd(grad_y, **args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
