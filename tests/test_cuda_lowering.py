@@ -200,8 +200,8 @@ def test_generated_forward_launches_our_kernels():
     args = _cuda_args(2, 4, 1024, 1024, torch.bfloat16, options=True)
     got, code = _compiled_code(lambda a: _call(a) * 2, args)
     assert "_fftconv_fwd_kernel" in code and "_spectrum_kernel" in code
-    assert "lcconv.fftconv" not in code, "the compiled code still calls the Python op"
-    torch.testing.assert_close(got, _call(args) * 2, rtol=0, atol=0)
+    assert "torch.ops.lcconv" not in code, "the compiled code still calls the Python op"
+    assert rel_err(got, _call(args) * 2) < 1e-6  # the same kernels: equal up to rounding order
 
 
 @pytest.mark.cuda
@@ -216,9 +216,9 @@ def test_generated_training_step_launches_our_kernels():
 
     got, code = _compiled_code(step, args)
     assert "_fftconv_fwd_kernel" in code and "_fftconv_bwd_kernel" in code
-    assert "lcconv.fftconv" not in code
+    assert "torch.ops.lcconv" not in code
     for g, w in zip(got, step(args)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        assert rel_err(g, w) < 1e-6
 
 
 @pytest.mark.cuda
@@ -233,7 +233,7 @@ def test_reduce_overhead_captures_our_kernels_in_cuda_graphs():
     want = _call(args) + 1
     for _ in range(3):  # warm-up, record, replay
         got = compiled(args)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rel_err(got, want) < 1e-6
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
@@ -247,7 +247,7 @@ def test_reduce_overhead_captures_our_kernels_in_cuda_graphs():
 def test_compiled_equals_eager(B, H, L, Lk, dtype, options):
     args = _cuda_args(B, H, L, Lk, dtype, options)
     got, code = _compiled_code(_call, args)
-    assert "lcconv.fftconv" not in code
+    assert "torch.ops.lcconv" not in code
     want = _call(args)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(got, want) < tol
