@@ -142,7 +142,8 @@ def _gpu_us(step):
         return triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events"
 
 
-def _host_and_wall_us(step, calls):
+def host_and_wall_us(step, calls):
+    """(host us, wall us) per call of ``step``: issued back to back, one synchronisation at the end."""
     for _ in range(10):
         step()
     torch.cuda.synchronize()
@@ -170,7 +171,7 @@ def host_overhead(calls=200, device="cuda"):
                 step = _host_step(mode, backward, u, k, D, grad)
                 row = dict(B=B, H=H, L=L, dtype="bf16", pass_="fwd+bwd" if backward else "fwd", mode=mode)
                 try:
-                    row["host_us"], row["wall_us"] = _host_and_wall_us(step, calls)
+                    row["host_us"], row["wall_us"] = host_and_wall_us(step, calls)
                     row["gpu_us"], row["gpu_timing"] = _gpu_us(step) if mode != "reduce-overhead" else (
                         triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events")
                 except Exception as exc:  # report and go on: one broken mode must not hide the rest

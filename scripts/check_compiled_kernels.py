@@ -17,20 +17,14 @@ import sys
 import time
 
 HOST_BREAKDOWN = r'''
-import math, time, torch, triton, lcconv_compile
-from lcconv_compile.kernels import flashconv, launch
+import math, sys, torch, lcconv_compile
+from lcconv_compile.kernels import flashconv
 from lcconv_compile import ops
+sys.path.insert(0, "benchmarks")
+from bench_fftconv import host_and_wall_us
 
-def per_call_us(fn, calls=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter()
-    torch.cuda.synchronize()
-    return (issued - start) / calls * 1e6
+def per_call_us(fn):
+    return host_and_wall_us(fn, 300)[0]
 
 B, H, L = 2, 4, 1024
 u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
