@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from torch._dynamo.utils import counters
+
 import lcconv_compile  # noqa: F401  (registers the op)
 from lcconv_compile.kernels import flashconv
 
@@ -168,6 +170,7 @@ def host_overhead(calls=200, device="cuda"):
                 t.requires_grad_(backward)
             for mode in HOST_MODES:
                 torch._dynamo.reset()
+                counters.clear()
                 step = _host_step(mode, backward, u, k, D, grad)
                 row = dict(B=B, H=H, L=L, dtype="bf16", pass_="fwd+bwd" if backward else "fwd", mode=mode)
                 try:
@@ -176,6 +179,8 @@ def host_overhead(calls=200, device="cuda"):
                         triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events")
                 except Exception as exc:  # report and go on: one broken mode must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                # Graphs Inductor refused to put in CUDA graphs (reduce-overhead), with its reasons.
+                row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
                 rows.append(row)
                 print_host_row(row)
                 sys.stdout.flush()
@@ -183,7 +188,8 @@ def host_overhead(calls=200, device="cuda"):
     return rows
 
 
-HOST_HEADER = f"{'B,H,L':>14} {'pass':>8} {'mode':>16} {'host_us':>8} {'wall_us':>8} {'gpu_us':>8} {'wall/gpu':>8}"
+HOST_HEADER = (f"{'B,H,L':>14} {'pass':>8} {'mode':>16} {'host_us':>8} {'wall_us':>8} {'gpu_us':>8} "
+               f"{'wall/gpu':>8} {'cg_skips':>6}")
 
 
 def print_host_row(r):
@@ -192,7 +198,7 @@ def print_host_row(r):
         print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16}  error: {r['error']}")
         return
     print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16} {r['host_us']:8.1f} {r['wall_us']:8.1f} "
-          f"{r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f}")
+          f"{r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f} {r['cudagraph_skips']:>6}")
 
 
 def git_commit() -> str:

@@ -114,7 +114,8 @@ def run_part(name: str, argv: list[str], limit: float, out: str) -> None:
         f.write(text)
     print(f"== {name}: rc {rc}, {time.time() - start:.0f} s (log {log})")
     keep = [line for line in text.splitlines()
-            if line.startswith(("host ", "code ", "    ", "PASSED", "FAILED", "ERROR", "SKIPPED", "E ", "=", "rc "))
+            if line.startswith(("host ", "code ", "    ", "PASSED", "FAILED", "ERROR", "SKIPPED", "E ", "=", "rc ",
+                                "tests/"))
             or " passed" in line or " failed" in line or "Error" in line or "|" in line]
     print("\n".join(keep[-80:]))
     sys.stdout.flush()
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--bench", action="store_true", help="also the host-overhead benchmark table")
     parser.add_argument("--no-code", action="store_true", help="skip the generated-code dump")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the eager host-time breakdown")
+    parser.add_argument("--test-share", type=float, default=0.6, help="fraction of the budget for the tests")
     parser.add_argument("--tests", default="tests/test_cuda_lowering.py tests/test_ops.py")
     args = parser.parse_args()
     out = os.environ.setdefault("OUT", "gpu_results")
@@ -142,9 +145,10 @@ def main() -> None:
     py = sys.executable
     parts = []
     if not args.skip_tests:
-        parts.append(("tests", [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-m", "cuda",
-                                "--durations=8", *args.tests.split()], 0.6))
-    parts.append(("host_breakdown", [py, "-c", HOST_BREAKDOWN], 0.1))
+        parts.append(("tests", [py, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", "-m", "cuda",
+                                "--durations=8", *args.tests.split()], args.test_share))
+    if not args.no_breakdown:
+        parts.append(("host_breakdown", [py, "-c", HOST_BREAKDOWN], 0.1))
     if not args.no_code:
         parts.append(("generated_code", [py, "-c", CODE_DUMP], 0.15))
     if args.bench:
