@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,12 +104,15 @@ for i, code in enumerate(codes):
 def run_part(name: str, argv: list[str], limit: float, out: str) -> None:
     start = time.time()
     log = os.path.join(out, f"{name}.log")
+    # Own process group: on timeout its compile workers die too (left alive, they skew later timings).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=max(limit, 1))
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        text += "\n[timed out]"
+        text, _ = proc.communicate(timeout=max(limit, 1))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text = (proc.communicate()[0] or "") + "\n[timed out]"
         rc = "timeout"
     with open(log, "w") as f:
         f.write(text)
