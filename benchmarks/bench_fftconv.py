@@ -1,7 +1,14 @@
 """Op-level benchmark of ``lcconv::fftconv`` on a GPU: ours vs torch.fft (eager and compiled),
-SDPA causal attention and the memory floor. Prints a table and writes JSON.
+SDPA causal attention and the memory floor; and a host-overhead table. Prints tables and writes JSON.
 
-    python benchmarks/bench_fftconv.py --out results.json [--lengths 1024 4096] [--dtypes bf16]
+    python benchmarks/bench_fftconv.py --out results.json [--tables ops host] [--lengths 1024 4096]
+
+Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, forward and
+forward+backward, for eager, ``torch.compile`` (default) and ``mode="reduce-overhead"``:
+``host_us`` = host time to issue one call (many calls back to back, timed before the single
+synchronisation), ``wall_us`` = the same including it (what a training loop sees), ``gpu_us`` =
+GPU time of one call (CUDA events around a CUDA-graph replay of it, so host gaps do not count;
+plain CUDA events where capture fails). wall/gpu near 1 means the GPU is kept busy.
 
 Shapes: B=8, H=1024 (issue 3); u in the given dtype, k and D in float32. The memory floor is
 (bytes that must be read + written) / the device-to-device copy bandwidth measured in the same
@@ -14,11 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from torch._dynamo.utils import counters
 
 import lcconv_compile  # noqa: F401  (registers the op)
 from lcconv_compile.kernels import flashconv
@@ -98,6 +110,108 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
                 copy_bandwidth_Bps=bandwidth, rows=rows)
 
 
+# ----------------------------------------------------------------------------- host overhead --
+HOST_SHAPES = ((2, 4, 1024), (8, 1024, 1024))
+HOST_MODES = ("eager", "compile", "reduce-overhead")
+
+
+def _host_step(mode, backward, u, k, D, grad):
+    """One call of the op (forward, or forward + backward) as the given mode runs it."""
+    conv = ours if mode == "eager" else torch.compile(
+        ours, mode="reduce-overhead" if mode == "reduce-overhead" else None, dynamic=False)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
+    if backward:
+        def step():
+            mark_step()
+            return torch.autograd.grad(conv(u, k, D), (u, k, D), grad)
+    else:
+        def step():
+            mark_step()
+            with torch.no_grad():
+                return conv(u, k, D)
+    return step
+
+
+def _gpu_us(step):
+    """GPU time of one call: a CUDA graph of it replayed (no host gaps), else plain CUDA events."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3, "graph"
+    except Exception:  # reduce-overhead steps are graphs already; some steps cannot be captured
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events"
+
+
+def host_and_wall_us(step, calls):
+    """(host us, wall us) per call of ``step``: issued back to back, one synchronisation at the end."""
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
+
+
+def host_overhead(calls=200, device="cuda"):
+    rows = []
+    for B, H, L in HOST_SHAPES:
+        u = torch.randn(B, H, L, device=device, dtype=torch.bfloat16)
+        k = torch.randn(H, L, device=device) / math.sqrt(L)
+        D = torch.randn(H, device=device)
+        grad = torch.randn_like(u)
+        for backward in (False, True):
+            for t in (u, k, D):
+                t.requires_grad_(backward)
+            for mode in HOST_MODES:
+                torch._dynamo.reset()
+                counters.clear()
+                step = _host_step(mode, backward, u, k, D, grad)
+                row = dict(B=B, H=H, L=L, dtype="bf16", pass_="fwd+bwd" if backward else "fwd", mode=mode)
+                try:
+                    row["host_us"], row["wall_us"] = host_and_wall_us(step, calls)
+                    row["gpu_us"], row["gpu_timing"] = _gpu_us(step) if mode != "reduce-overhead" else (
+                        triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events")
+                except Exception as exc:  # report and go on: one broken mode must not hide the rest
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                # Graphs Inductor refused to put in CUDA graphs (reduce-overhead), with its reasons.
+                row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+                rows.append(row)
+                print_host_row(row)
+                sys.stdout.flush()
+    torch._dynamo.reset()
+    return rows
+
+
+HOST_HEADER = (f"{'B,H,L':>14} {'pass':>8} {'mode':>16} {'host_us':>8} {'wall_us':>8} {'gpu_us':>8} "
+               f"{'wall/gpu':>8} {'cg_skips':>6}")
+
+
+def print_host_row(r):
+    shape = f"{r['B']},{r['H']},{r['L']}"
+    if "error" in r:
+        print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16}  error: {r['error']}")
+        return
+    print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16} {r['host_us']:8.1f} {r['wall_us']:8.1f} "
+          f"{r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f} {r['cudagraph_skips']:>6}")
+
+
+def git_commit() -> str:
+    """The commit measured: $LCCONV_COMMIT (a copied tree has no .git), else git, else unknown."""
+    if os.environ.get("LCCONV_COMMIT"):
+        return os.environ["LCCONV_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 HEADER = (f"{'L':>6} {'dtype':>5} {'pass':>8} {'ours':>8} {'fft':>8} {'compiled':>8} {'sdpa':>8} "
           f"{'floor':>7} | {'fft/ours':>8} {'cmp/ours':>8} {'sdpa/ours':>9} {'ours/floor':>10}")
 
@@ -117,20 +231,29 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tables", nargs="+", default=["ops", "host"], choices=["ops", "host"],
+                        help="ops: ours vs baselines per length; host: host overhead (wall vs GPU time)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
+    parser.add_argument("--host-calls", type=int, default=200, help="calls per host-overhead measurement")
     parser.add_argument("--out", default="bench_fftconv.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_fftconv needs a CUDA GPU")
-    print(HEADER)
-    result = run(args.lengths, args.dtypes, args.batch, args.channels, not args.no_compile)
-    print("\n" + HEADER)
-    for r in result["rows"]:
-        print_row(r)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  commit=git_commit())
+    if "ops" in args.tables:
+        print(HEADER)
+        result.update(run(args.lengths, args.dtypes, args.batch, args.channels, not args.no_compile))
+        print("\n" + HEADER)
+        for r in result["rows"]:
+            print_row(r)
+    if "host" in args.tables:
+        print("\n# host overhead (us per call)\n" + HOST_HEADER)
+        result["host_rows"] = host_overhead(args.host_calls)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"# wrote {args.out}")

@@ -43,7 +43,7 @@ from . import reference
 from .kernels import select
 from .validation import check_fftconv_args
 
-__all__ = ["fftconv", "fftconv_op", "fftconv_bwd_op"]
+__all__ = ["fftconv", "fftconv_backward_impl", "fftconv_bwd_op", "fftconv_forward_impl", "fftconv_op"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,15 +59,21 @@ def fftconv_op(
     gelu: bool = False,
     dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    # Every device: the kernel family that kernels.select picks, else the reference.
     check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
+    return fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+
+
+def fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> Tensor:
+    """The op's implementation on every device, for validated arguments: the kernel family that
+    kernels.select picks, else the reference. The compiler's CUDA stage traces this same function
+    into compiled graphs (lowering/cuda_lowering.py), so eager and compiled calls run one code."""
     # Empty batches (B = 0 or H = 0) go to the reference, which answers them without an FFT:
     # no kernel ever sees an empty input.
     family = select(u, k) if u.numel() else None
     if family is not None:
         return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     # No kernel covers these inputs (CPU, float64, past every kernel's length): the reference.
-    return reference.fftconv_ref(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    return reference.fftconv_ref(u, k, D, gate_in, gate_out, gelu, dropout_mask).contiguous()
 
 
 @fftconv_op.register_fake
@@ -94,6 +100,11 @@ def fftconv_bwd_op(
     gelu: bool,
     dropout_mask: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return fftconv_backward_impl(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask)
+
+
+def fftconv_backward_impl(grad_y, u, k, D, gate_in, gate_out, gelu, dropout_mask):
+    """The backward op's implementation on every device (traced by the CUDA stage, like the forward)."""
     # The forward's choice: select reads devices, dtypes and shapes only (empty inputs: reference).
     family = select(u, k) if u.numel() else None
     if family is not None:

@@ -21,6 +21,7 @@ Knows torch and Triton only. Sizes: see :func:`supports`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_constants, launch
 from .monarch import (
     MonarchPlan,
     chunk_constants,
@@ -88,24 +90,44 @@ class _Launch:
 
 
 def _launch(u: torch.Tensor, tuning: Tuning, default_per_sm: int) -> _Launch:
-    batch, channels, seqlen = u.shape
+    return _launch_for(tuple(u.shape), u.dtype, u.device, tuning, default_per_sm)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, tuning: Tuning,
+                default_per_sm: int) -> _Launch:
+    # Cached per (shape, dtype, device, tuning): a call pays one dict look-up, not this arithmetic.
+    batch, channels, seqlen = shape
     plan = plan_for(seqlen)
     pairs = tuning.pairs or plan.pairs_per_stack(batch)
     chunk = tuning.chunk or plan.chunk
     # Half inputs: float16 operands on row-scaled data (twice the tf32 rate, same 11-bit
     # significand). float32 inputs: 3xtf32 (fp16 operands reach only ~1e-3 on their gradients).
-    precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
+    precision = tuning.precision or ("tf32x3" if dtype == torch.float32 else "fp16")
     # One warpgroup unless the tile is large: measured faster at L = 1K and 4K (NOTES.md).
     num_warps = tuning.num_warps or (4 if plan.fft_size <= 8192 else 8)
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
-    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
+    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * _sm_count(device), channels)
     # A divisor of the stack count, so every program has the same number of stacks.
     groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g >= wanted), stacks)
     # Four products by default: the configuration measured on the H100 (NOTES.md, v3). Gauss's
     # three-product form compiles for sm_90 and passes the interpreter tests but is unmeasured.
     gauss = bool(tuning.gauss)
     return _Launch(plan, pairs, chunk, precision, gauss, num_warps, groups, stacks // groups)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # Queried once per device. Without a CUDA runtime (CPU tests that trace launches on fake
+    # CUDA tensors) nothing is launched and any count will do.
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dft_tiles(plan: MonarchPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(F1, F2, Tw) for the plan: made once per size and device (see launch.cached_constants)."""
+    return cached_constants(("monarch_dft", plan.n1, plan.n2), device, lambda dev: dft_constants(plan, dev))
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
@@ -191,10 +213,11 @@ def kernel_spectrum(k: torch.Tensor, plan: MonarchPlan, precision: str,
                     gauss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(spectrum planes (H, 2, N1, N2), scales (H, 2)) of k for the convolution kernels."""
     channels, kernel_len = k.shape
-    f1, f2, tw = dft_constants(plan, k.device)
+    f1, f2, tw = _dft_tiles(plan, k.device)
     spec = torch.empty(channels, 2, plan.n1, plan.n2, dtype=torch.float32, device=k.device)
     scales = torch.empty(channels, 2, dtype=torch.float32, device=k.device)
-    _spectrum_kernel[(channels,)](
+    launch(
+        _spectrum_kernel, (channels,),
         k, spec, scales, f1, f2, tw, kernel_len, *k.stride(), float(plan.fft_size) ** 0.5,
         N1=plan.n1, N2=plan.n2, CHUNK=plan.chunk, GAUSS=gauss, PRECISION=precision,
         num_warps=4 if plan.fft_size <= 4096 else 8, num_stages=1,
@@ -264,20 +287,21 @@ def fftconv_fwd(
     ``alloc(shape, dtype=, device=)`` makes the output (tests pass one that poisons it).
     """
     batch, channels, seqlen = u.shape
-    launch = _launch(u, tuning, default_per_sm=4)
-    plan = launch.plan
-    f1, f2, tw = dft_constants(plan, u.device)
-    spec, scales = kernel_spectrum(k, plan, launch.precision, launch.gauss)
+    params = _launch(u, tuning, default_per_sm=4)
+    plan = params.plan
+    f1, f2, tw = _dft_tiles(plan, u.device)
+    spec, scales = kernel_spectrum(k, plan, params.precision, params.gauss)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
-    _fftconv_fwd_kernel[(launch.groups, channels)](
+    launch(
+        _fftconv_fwd_kernel, (params.groups, channels),
         u, spec, scales, D, gate_in, gate_out, dropout_mask, y, f1, f2, tw,
-        batch, channels, seqlen, launch.stacks_per_program,
+        batch, channels, seqlen, params.stacks_per_program,
         *u.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, GAUSS=launch.gauss,
-        PRECISION=launch.precision,
-        num_warps=launch.num_warps, num_stages=1,
+        P=params.pairs, N1=plan.n1, N2=plan.n2, CHUNK=params.chunk, GAUSS=params.gauss,
+        PRECISION=params.precision,
+        num_warps=params.num_warps, num_stages=1,
     )
     return y
 
@@ -411,26 +435,27 @@ def fftconv_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernels; returns (du, dk, dD, dgate_in, dgate_out), None for absent inputs."""
     batch, channels, seqlen = u.shape
-    launch = _launch(u, tuning, default_per_sm=2)
-    plan = launch.plan
-    f1, f2, tw = dft_constants(plan, u.device)
-    spec, scales = kernel_spectrum(k, plan, launch.precision, launch.gauss)
+    params = _launch(u, tuning, default_per_sm=2)
+    plan = params.plan
+    f1, f2, tw = _dft_tiles(plan, u.device)
+    spec, scales = kernel_spectrum(k, plan, params.precision, params.gauss)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
-    dk_spec_part = torch.zeros(channels, launch.groups, 2, plan.n1, plan.n2, dtype=torch.float32, device=u.device)
-    dd_part = torch.empty(channels, launch.groups, dtype=torch.float32, device=u.device) if D is not None else None
-    _fftconv_bwd_kernel[(launch.groups, channels)](
+    dk_spec_part = torch.zeros(channels, params.groups, 2, plan.n1, plan.n2, dtype=torch.float32, device=u.device)
+    dd_part = torch.empty(channels, params.groups, dtype=torch.float32, device=u.device) if D is not None else None
+    launch(
+        _fftconv_bwd_kernel, (params.groups, channels),
         grad_y, u, spec, scales, D, gate_in, gate_out, dropout_mask,
         du, dgate_in, dgate_out, dk_spec_part, dd_part, f1, f2, tw,
-        batch, channels, seqlen, launch.stacks_per_program, launch.groups,
+        batch, channels, seqlen, params.stacks_per_program, params.groups,
         *grad_y.stride(), *u.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
         *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, GAUSS=launch.gauss,
-        PRECISION=launch.precision,
-        num_warps=launch.num_warps, num_stages=1,
+        P=params.pairs, N1=plan.n1, N2=plan.n2, CHUNK=params.chunk, GAUSS=params.gauss,
+        PRECISION=params.precision,
+        num_warps=params.num_warps, num_stages=1,
     )
     # Fixed-order reductions over the programs: deterministic dk and dD. The kernel summed
     # U dc * conj(U x) with unitary U; the correlation is N * ifft of that.

@@ -72,9 +72,12 @@ def passes_off_reason() -> Optional[str]:
 
 
 def pass_version() -> bytes:
-    """Hash of the sources that decide what the passes produce: the lowering package and ops.py."""
+    """Hash of the sources that decide what the passes produce: the lowering package, ops.py, and
+    the kernels and reference that the CUDA stage traces into compiled code."""
     package = pathlib.Path(__file__).resolve().parent
-    files = sorted(str(p) for p in package.glob("*.py")) + [str(package.parent / "ops.py")]
+    root = package.parent
+    files = (sorted(str(p) for p in package.glob("*.py")) + sorted(str(p) for p in (root / "kernels").glob("*.py"))
+             + [str(root / "ops.py"), str(root / "reference.py")])
     return get_hash_for_files(tuple(files))
 
 

@@ -13,7 +13,8 @@
   neighbour changes only the forward computation of values the backward does not read (the
   pattern matcher refuses a match whose intermediate has other users, e.g. one saved for the
   backward), so it is done per graph, after partitioning, for inference and training alike.
-  Device-specific stages (e.g. a CUDA lowering to the Triton kernel) are appended to the list.
+  Last, :func:`.cuda_lowering.lower_cuda_calls` replaces op calls on CUDA tensors by the Triton
+  launches (or reference FFT ops) the op would run, so Inductor launches our kernels itself.
 
 Patterns are registered lazily, on the first graph that has something for them to match, under
 a fresh fake mode. This module wires patterns to guards and hooks nothing into Inductor (that
@@ -39,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx import Graph, Node
 
 from . import events, guards
+from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
 from .patterns_fusion import fusion_pattern_specs
 from .patterns_idiom import PatternSpec, idiom_pattern_specs
@@ -172,9 +174,10 @@ def fuse_neighbours(graph: Graph) -> int:
     return total
 
 
-# The post-grad stages, in order. A device-specific stage (e.g. lowering the op to the CUDA
-# Triton kernel) is appended here; each takes the graph and returns how many nodes it changed.
-POST_GRAD_STAGES: list[Callable[[Graph], int]] = [fuse_neighbours]
+# The post-grad stages, in order; each takes the graph and returns how many nodes it changed.
+# The CUDA stage comes last: it replaces op calls on CUDA tensors by their Triton launches, so
+# every fold must have happened before it (see cuda_lowering.py).
+POST_GRAD_STAGES: list[Callable[[Graph], int]] = [fuse_neighbours, lower_cuda_calls]
 
 
 def post_grad_stage(graph: Graph) -> int:

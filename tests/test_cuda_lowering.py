@@ -1,0 +1,284 @@
+"""The CUDA stage (lowering/cuda_lowering.py) and the launch helper (kernels/launch.py).
+
+CPU: the launch helper in Triton's interpreter (plain launches; tracing refuses interpreter
+kernels; discovery launches nothing), the bounded constant cache, the stage leaving CPU graphs
+and symbolic sizes alone, and, in a subprocess without the interpreter, the stage's trace of a
+forward call on fake CUDA tensors (Triton launches as graph nodes, DFT tiles as graph constants).
+GPU (marked cuda): our kernels in Inductor's generated code for a forward and a training step,
+CUDA graphs (reduce-overhead), compiled == eager at several shapes including the reference
+fallback, and AOTInductor packages of H3 and LongConv run in a fresh process that never
+imports lcconv_compile.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import lcconv_compile  # noqa: F401  (registers the op, installs the passes)
+from inputs import random_args, rel_err
+from lcconv_compile import fftconv
+from lcconv_compile.kernels import flashconv, launch
+from lcconv_compile.lowering import cuda_lowering, events
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * factor, mask=i < n)
+
+
+# ------------------------------------------------------------------------------ launch helper --
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs where there is no GPU")
+def test_launch_is_a_plain_launch_under_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    x = torch.randn(37)
+    y = torch.full_like(x, math.nan)
+    launch.launch(_scale_kernel, (3,), x, y, x.numel(), 2.5, BLOCK=16)
+    torch.testing.assert_close(y, x * 2.5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs where there is no GPU")
+def test_tracing_refuses_interpreter_kernels_with_a_clear_error():
+    x = torch.randn(8)
+    with launch.tracing({}), pytest.raises(RuntimeError, match="only @triton.jit kernels can be traced"):
+        launch.launch(_scale_kernel, (1,), x, torch.empty_like(x), 8, 1.0, BLOCK=16)
+
+
+def test_discovery_launches_nothing_and_records_constants():
+    x = torch.randn(8)
+    y = torch.full_like(x, math.nan)
+    made = []
+
+    def make(device):
+        made.append(device)
+        return (torch.arange(4.0, device=device),)
+
+    with launch.discovering() as recorded:
+        launch.launch(_scale_kernel, (1,), x, y, 8, 1.0, BLOCK=16)
+        tiles = launch.cached_constants(("test_tiles", 4), torch.device("cpu"), make)
+    assert torch.isnan(y).all(), "a discovery run must not launch"
+    assert list(recorded) == [(("test_tiles", 4), torch.device("cpu"))]
+    assert recorded[(("test_tiles", 4), torch.device("cpu"))] is tiles
+    with launch.tracing(recorded):  # the tracer hands back what it was given
+        assert launch.cached_constants(("test_tiles", 4), torch.device("cpu"), make) is tiles
+    with launch.tracing({}), pytest.raises(RuntimeError, match="not discovered"):
+        launch.cached_constants(("other", 1), torch.device("cpu"), make)
+
+
+def test_constant_cache_reuses_and_is_bounded(monkeypatch):
+    monkeypatch.setattr(launch, "_constant_cache", type(launch._constant_cache)())
+    calls = []
+
+    def make(device):
+        calls.append(1)
+        return (torch.zeros(1),)
+
+    first = launch.cached_constants(("bounded", 0), torch.device("cpu"), make)
+    assert launch.cached_constants(("bounded", 0), torch.device("cpu"), make) is first and len(calls) == 1
+    for i in range(1, launch.MAX_CACHED_CONSTANTS + 1):
+        launch.cached_constants(("bounded", i), torch.device("cpu"), make)
+    assert len(launch._constant_cache) == launch.MAX_CACHED_CONSTANTS
+    assert (("bounded", 0), torch.device("cpu")) not in launch._constant_cache  # oldest evicted
+
+
+def test_launch_parameters_are_cached_per_shape():
+    u = torch.empty(4, 3, 100)
+    first = flashconv._launch(u, flashconv.Tuning(), default_per_sm=4)
+    assert flashconv._launch(torch.empty(4, 3, 100), flashconv.Tuning(), default_per_sm=4) is first
+    assert flashconv._launch(torch.empty(4, 3, 200), flashconv.Tuning(), default_per_sm=4) is not first
+
+
+# ------------------------------------------------------------------------- the stage on CPU --
+def _graph_of(fn, *args, tracing_mode="real"):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode=tracing_mode)(*args)
+
+
+def test_stage_leaves_cpu_graphs_alone():
+    args = random_args(2, 3, 40, 9, dtype=torch.float32)
+    gm = _graph_of(lambda u, k, D, gi, go, m: torch.ops.lcconv.fftconv(u, k, D, gi, go, True, m),
+                   args["u"], args["k"], args["D"], args["gate_in"], args["gate_out"], args["dropout_mask"])
+    before = str(gm.graph)
+    assert cuda_lowering.lower_cuda_calls(gm.graph) == 0
+    assert str(gm.graph) == before
+
+
+def test_stage_leaves_symbolic_sizes_to_the_op(monkeypatch):
+    # This CPU build cannot make fake CUDA tensors with symbolic sizes: a CPU graph stands in.
+    monkeypatch.setattr(cuda_lowering, "_on_cuda", lambda node: True)
+    gm = _graph_of(lambda u, k: torch.ops.lcconv.fftconv(u, k) * 2, torch.randn(2, 3, 64), torch.randn(3, 64),
+                   tracing_mode="symbolic")
+    with events.collect() as recorded:
+        assert cuda_lowering.lower_cuda_calls(gm.graph) == 0
+    assert [e.code for e in recorded] == ["symbolic_shape"]
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.lcconv.fftconv.default)) == 1
+
+
+_TRACE_ON_FAKE_CUDA = textwrap.dedent("""
+    import logging, torch
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+    import lcconv_compile
+    from lcconv_compile.kernels import flashconv, monarch
+    from lcconv_compile.lowering import cuda_lowering
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    # No CUDA here: the DFT tiles become CPU graph constants (only the graph is inspected).
+    flashconv.dft_constants = lambda plan, device: monarch.dft_constants(plan, "cpu")
+    with FakeTensorMode():
+        u = torch.empty(2, 4, 1000, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+        k = torch.empty(4, 300, device="cuda")
+        D = torch.empty(4, device="cuda")
+        gm = make_fx(lambda u, k, D: torch.ops.lcconv.fftconv(u.transpose(0, 1), k, D, gelu=True) + 1)(u, k, D)
+    assert cuda_lowering.lower_cuda_calls(gm.graph) == 1
+    gm.graph.lint()
+    names = []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            names.append(getattr(kernel, "fn", kernel).__name__)
+    print("kernels", names)
+    print("op_calls", sum(n.target is torch.ops.lcconv.fftconv.default for n in gm.graph.nodes))
+    print("constants", sorted(n.target for n in gm.graph.nodes if n.op == "get_attr"))
+    print("copies", sum("copy" in str(n.target) for n in gm.graph.nodes))
+""")
+
+
+def test_stage_traces_forward_launches_on_fake_cuda_tensors():
+    """The stage's trace, on torch of this machine: run without the interpreter, as on a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _TRACE_ON_FAKE_CUDA], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines["kernels"] == "['_spectrum_kernel', '_fftconv_fwd_kernel']"
+    assert lines["op_calls"] == "0"
+    assert lines["constants"].count("_lcconv_monarch_dft_") == 3  # F1, F2, twiddles
+    assert lines["copies"] == "0"  # u's layout (batch-major view, dense) is passed as is
+
+
+# ------------------------------------------------------------------------------------ GPU --
+def _compiled_code(fn, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    result, codes = run_and_get_code(torch.compile(fn), *args)
+    return result, "\n".join(codes)
+
+
+def _cuda_args(B, H, L, Lk, dtype, options, requires_grad=False):
+    args = random_args(B, H, L, Lk, dtype=dtype, options=options, device="cuda", k_dtype=torch.float32)
+    if requires_grad:
+        for name in ("u", "k", "D", "gate_in", "gate_out"):
+            if name in args:
+                args[name].requires_grad_()
+    return args
+
+
+def _call(args):
+    return fftconv(args["u"], args["k"], args.get("D"), gate_in=args.get("gate_in"),
+                   gate_out=args.get("gate_out"), gelu=args.get("gelu", False),
+                   dropout_mask=args.get("dropout_mask"))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_generated_forward_launches_our_kernels():
+    args = _cuda_args(2, 4, 1024, 1024, torch.bfloat16, options=True)
+    got, code = _compiled_code(lambda a: _call(a) * 2, args)
+    assert "_fftconv_fwd_kernel" in code and "_spectrum_kernel" in code
+    assert "torch.ops.lcconv" not in code, "the compiled code still calls the Python op"
+    assert rel_err(got, _call(args) * 2) < 1e-6  # the same kernels: equal up to rounding order
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_generated_training_step_launches_our_kernels():
+    args = _cuda_args(3, 4, 1000, 600, torch.bfloat16, options=False, requires_grad=True)
+    leaves = [args["u"], args["k"], args["D"]]
+    grad_y = torch.randn_like(args["u"])
+
+    def step(a):
+        return torch.autograd.grad(_call(a), leaves, grad_y)
+
+    got, code = _compiled_code(step, args)
+    assert "_fftconv_fwd_kernel" in code and "_fftconv_bwd_kernel" in code
+    assert "torch.ops.lcconv" not in code
+    for g, w in zip(got, step(args)):
+        assert rel_err(g, w) < 1e-6
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_reduce_overhead_captures_our_kernels_in_cuda_graphs():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = _cuda_args(2, 4, 1024, 1024, torch.bfloat16, options=True)
+    compiled = torch.compile(lambda a: _call(a) + 1, mode="reduce-overhead")
+    want = _call(args) + 1
+    for _ in range(3):  # warm-up, record, replay
+        got = compiled(args)
+    assert rel_err(got, want) < 1e-6
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("B,H,L,Lk,dtype,options", [
+    (3, 5, 100, 37, torch.float32, True),  # odd sizes, every option
+    (2, 3, 2048, 2048, torch.float32, False),  # past float32's kernel limit: reference FFT ops
+    (1, 2, 16384, 300, torch.bfloat16, True),  # past every kernel: reference FFT ops
+])
+def test_compiled_equals_eager(B, H, L, Lk, dtype, options):
+    args = _cuda_args(B, H, L, Lk, dtype, options)
+    got, code = _compiled_code(_call, args)
+    assert "torch.ops.lcconv" not in code
+    want = _call(args)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got, want) < tol
+
+
+_LOAD_AND_RUN = textwrap.dedent("""
+    import sys, torch
+    package, inputs, output = sys.argv[1:]
+    model = torch._inductor.aoti_load_package(package)
+    x = torch.load(inputs).cuda()
+    torch.save(model(x).cpu(), output)
+    assert "lcconv_compile" not in sys.modules
+""")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("layer", ["H3", "LongConv"])
+def test_aoti_package_runs_in_a_fresh_process(tmp_path, layer):
+    from lcconv_compile.models import H3, LongConv
+
+    torch.manual_seed(0)
+    model = (H3(64, 512) if layer == "H3" else LongConv(64, 512)).cuda().eval()
+    x = torch.randn(2, 512, 64, device="cuda")
+    with torch.no_grad():
+        want = model(x)
+    exported = torch.export.export(model, (x,))
+    package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "layer.pt2"))
+    torch.save(x.cpu(), tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # torch only, not our package
+    result = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, package, str(tmp_path / "x.pt"),
+                             str(tmp_path / "y.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, f"rc {result.returncode}: {result.stderr[-3000:]}"
+    assert rel_err(torch.load(tmp_path / "y.pt"), want.cpu()) < 1e-5
