@@ -33,7 +33,7 @@ import triton
 from torch._dynamo.utils import counters
 
 import lcconv_compile  # noqa: F401  (registers the op)
-from lcconv_compile.kernels import flashconv
+from lcconv_compile import kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -44,6 +44,12 @@ def torch_fft_conv(u, k, D):
     n = 2 * L
     y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
     return (y + u.float() * D.unsqueeze(-1)).to(u.dtype)
+
+
+def family_name(u, k) -> str:
+    """The kernel family kernels.select picks for these inputs ("reference" if none)."""
+    family = kernels.select(u, k)
+    return family.__name__.rsplit(".", 1)[-1] if family is not None else "reference"
 
 
 def ours(u, k, D):
@@ -91,7 +97,7 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
                 fwd_bytes = u.numel() * u.element_size() * 2 + k.numel() * 4 + D.numel() * 4
                 floor_bytes = fwd_bytes * (2 if backward else 1)  # bwd: read dy, u, k; write du, dk
                 row = dict(L=L, B=b, H=channels, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
-                           floor_ms=floor_bytes / bandwidth * 1e3, single_pass=flashconv.supports(u, k))
+                           floor_ms=floor_bytes / bandwidth * 1e3, kernel_family=family_name(u, k))
                 row["ours_ms"] = bench(ours, backward, (u, k, D), grad)
                 row["torch_fft_ms"] = bench(torch_fft_conv, backward, (u, k, D), grad)
                 if compiled_ref is not None:

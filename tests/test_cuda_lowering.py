@@ -24,7 +24,7 @@ import triton.language as tl
 import lcconv_compile  # noqa: F401  (registers the op, installs the passes)
 from inputs import random_args, rel_err
 from lcconv_compile import fftconv
-from lcconv_compile.kernels import flashconv, launch
+from lcconv_compile.kernels import flashconv, flashconv3, launch
 from lcconv_compile.lowering import cuda_lowering, events
 
 HAS_CUDA = torch.cuda.is_available()
@@ -92,11 +92,11 @@ def test_constant_cache_reuses_and_is_bounded(monkeypatch):
     assert (("bounded", 0), torch.device("cpu")) not in launch._constant_cache  # oldest evicted
 
 
-def test_launch_parameters_are_cached_per_shape():
-    u = torch.empty(4, 3, 100)
-    first = flashconv._launch(u, flashconv.Tuning(), default_per_sm=4)
-    assert flashconv._launch(torch.empty(4, 3, 100), flashconv.Tuning(), default_per_sm=4) is first
-    assert flashconv._launch(torch.empty(4, 3, 200), flashconv.Tuning(), default_per_sm=4) is not first
+@pytest.mark.parametrize("family", [flashconv, flashconv3])
+def test_launch_parameters_are_cached_per_shape(family):
+    first = family._launch(torch.empty(4, 3, 100), family.Tuning(), default_per_sm=4)
+    assert family._launch(torch.empty(4, 3, 100), family.Tuning(), default_per_sm=4) is first
+    assert family._launch(torch.empty(4, 3, 200), family.Tuning(), default_per_sm=4) is not first
 
 
 # ------------------------------------------------------------------------- the stage on CPU --
@@ -130,13 +130,14 @@ _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
     import logging, torch
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
     import lcconv_compile
-    from lcconv_compile.kernels import flashconv, monarch
+    from lcconv_compile.kernels import blockfft3
     from lcconv_compile.lowering import cuda_lowering
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     # No CUDA here: the DFT tiles become CPU graph constants (only the graph is inspected).
-    flashconv.dft_constants = lambda plan, device: monarch.dft_constants(plan, "cpu")
+    make_constants = blockfft3._make_constants
+    blockfft3._make_constants = lambda *args: make_constants(*args[:-1], torch.device("cpu"))
     with FakeTensorMode():
         u = torch.empty(2, 4, 1000, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
         k = torch.empty(4, 300, device="cuda")
@@ -164,9 +165,9 @@ def test_stage_traces_forward_launches_on_fake_cuda_tensors():
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
-    assert lines["kernels"] == "['_spectrum_kernel', '_fftconv_fwd_kernel']"
+    assert lines["kernels"] == "['_fftconv_fwd_kernel']"  # v5: k's spectrum on chip, one launch
     assert lines["op_calls"] == "0"
-    assert lines["constants"].count("_lcconv_monarch_dft_") == 3  # F1, F2, twiddles
+    assert lines["constants"].count("_lcconv_blockfft3_") == 6  # the three stages and their inverses
     assert lines["copies"] == "0"  # u's layout (batch-major view, dense) is passed as is
 
 

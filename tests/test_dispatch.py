@@ -63,11 +63,11 @@ def test_cpu_and_float64_inputs_select_no_kernel():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (families claim CUDA tensors)")
 def test_short_kernels_take_the_short_family_and_long_ones_the_fft():
-    from lcconv_compile.kernels import flashconv, shortconv
+    from lcconv_compile.kernels import flashconv3, shortconv
 
     u = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
     assert kernels.select(u, torch.randn(3, 4, device="cuda")) is shortconv
-    assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is flashconv
+    assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is flashconv3
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 12), (2, 0, 12)])

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import flashconv, shortconv
+from . import flashconv3, shortconv
 
 __all__ = ["FAMILIES", "select"]
 
@@ -22,7 +22,10 @@ __all__ = ["FAMILIES", "select"]
 # says only whether its kernels compute the op correctly for these inputs: where two families
 # could, the one listed first is the one measured faster there. shortconv claims only kernels up
 # to its SHORT_MAX_KERNEL_LEN, where it beats the FFT (benchmarks/sweep_shortconv.py).
-FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv)
+# flashconv3 (FlashConv v5) covers every length flashconv (v3) covers and was measured 1.0-1.9x
+# faster forward and 1.4-1.6x faster forward+backward (benchmarks/NOTES.md, "v5"): v3 stays in
+# the tree only as the benchmarks' baseline and for the helpers v5 shares with it.
+FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import cached_constants
 from .monarch import operand  # float16 in the "fp16" mode (rows are max-scaled), else as is
 
 # (N1, N2, N3) per FFT size. N1 is the chunked axis; it is the largest factor because stage 1
@@ -131,8 +131,7 @@ def interleaved(matrix: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@lru_cache(maxsize=32)
-def _constants_cached(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, device: str):
+def _make_constants(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, device: torch.device):
     fft_size, rows = n1 * n2 * n3, n2 * n3
     half = n1 // 2
     mats = (
@@ -146,9 +145,13 @@ def _constants_cached(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, dev
 
 def block_fft_constants(plan: BlockFFTPlan, operand_dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
     """(W1, W1inv, W2, W2inv, W3, W3inv): the interleaved stage matrices in the operand dtype
-    (float16, or float32 for 3xtf32), cached per size, dtype and device (read-only). Twiddles
-    have no table: the kernels compute them in registers (:func:`twiddle`)."""
-    return _constants_cached(plan.n1, plan.n2, plan.n3, operand_dtype, str(device))
+    (float16, or float32 for 3xtf32), made once per size, dtype and device and read-only
+    (:func:`.launch.cached_constants`, which also lets the compiler's CUDA stage trace them as
+    graph constants). Twiddles have no table: the kernels compute them in registers
+    (:func:`twiddle`)."""
+    key = ("blockfft3", plan.n1, plan.n2, plan.n3, operand_dtype)
+    return cached_constants(key, torch.device(device),
+                            lambda dev: _make_constants(plan.n1, plan.n2, plan.n3, operand_dtype, dev))
 
 
 def spectrum_order(plan: BlockFFTPlan) -> torch.Tensor:

@@ -28,6 +28,7 @@ kernels.select. Not registered in kernels.FAMILIES until measured faster on the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -49,7 +50,8 @@ from .blockfft3 import (
     multiply_spectra,
     plan_for,
 )
-from .flashconv import _gelu, _gelu_grad, _load_gated_pairs, _stack_rows
+from .launch import launch
+from .flashconv import _gelu, _gelu_grad, _load_gated_pairs, _sm_count, _stack_rows
 from .monarch import load_stack
 
 # Longest sequence per input dtype: N = 2L <= 16384 (the largest block-FFT plan) for half
@@ -104,7 +106,14 @@ class _Launch:
 
 
 def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False, default_per_sm: int = 4) -> _Launch:
-    batch, channels, seqlen = u.shape
+    return _launch_for(tuple(u.shape), u.dtype, u.device, tuning, backward, default_per_sm)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, tuning: Tuning,
+                backward: bool, default_per_sm: int) -> _Launch:
+    # Cached per (shape, dtype, device, tuning, direction): a call pays one dict look-up.
+    batch, channels, seqlen = shape
     if tuning.variant not in VARIANTS:
         raise ValueError(f"tuning.variant={tuning.variant!r}: expected one of {VARIANTS}")
     plan = plan_for(seqlen, tuning.factors, tuning.chunk)
@@ -116,7 +125,7 @@ def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False, default_per
     pairs = tuning.pairs or min(max_pairs, triton.next_power_of_2(triton.cdiv(batch, 2)))
     if pairs & (pairs - 1):
         raise ValueError(f"tuning.pairs={pairs}: expected a power of two")
-    precision = tuning.precision or ("tf32x3" if u.dtype == torch.float32 else "fp16")
+    precision = tuning.precision or ("tf32x3" if dtype == torch.float32 else "fp16")
     # One warpgroup up to N = 8192, two at 16384 (the forward); more warps were 1.3-2.3x
     # slower although fewer warps mean more registers per thread (small per-chunk products).
     num_warps = 4 if plan.fft_size <= 8192 else 8
@@ -124,8 +133,7 @@ def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False, default_per
         num_warps = BACKWARD_WARPS.get(plan.fft_size, num_warps)
     num_warps = tuning.num_warps or num_warps
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
-    sms = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 1
-    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * sms, channels)
+    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * _sm_count(device), channels)
     # A divisor of the stack count, so every program has the same number of stacks.
     groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g >= wanted), stacks)
     return _Launch(plan, pairs, precision, num_warps, groups, stacks // groups)
@@ -268,18 +276,19 @@ def fftconv_fwd(
     ``alloc(shape, dtype=, device=)`` makes the output (tests pass one that poisons it).
     """
     batch, channels, seqlen = u.shape
-    launch = _launch(u, tuning)
-    plan = launch.plan
-    consts = block_fft_constants(plan, _operand_dtype(launch.precision), u.device)
+    params = _launch(u, tuning)
+    plan = params.plan
+    consts = block_fft_constants(plan, _operand_dtype(params.precision), u.device)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
-    _fftconv_fwd_kernel[(launch.groups, channels)](
+    launch(
+        _fftconv_fwd_kernel, (params.groups, channels),
         u, k, D, gate_in, gate_out, dropout_mask, y, *consts,
-        batch, channels, seqlen, k.shape[-1], launch.stacks_per_program, float(plan.fft_size) ** 0.5,
+        batch, channels, seqlen, k.shape[-1], params.stacks_per_program, float(plan.fft_size) ** 0.5,
         *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=launch.precision, FAST_TRIG=u.is_cuda, num_warps=launch.num_warps, num_stages=1,
+        P=params.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
     )
     return y
 
@@ -432,24 +441,25 @@ def fftconv_bwd(
     """One launch: (du, dk, dD, dgate_in, dgate_out), None for absent inputs. One program per
     channel owns all its rows, so dk and dD are summed in a fixed order (bit-identical runs)."""
     batch, channels, seqlen = u.shape
-    launch = _launch(u, tuning, backward=True)
-    plan = launch.plan
-    consts = block_fft_constants(plan, _operand_dtype(launch.precision), u.device)
+    params = _launch(u, tuning, backward=True)
+    plan = params.plan
+    consts = block_fft_constants(plan, _operand_dtype(params.precision), u.device)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dk = alloc(k.shape, dtype=k.dtype, device=k.device)
     dD = alloc(D.shape, dtype=D.dtype, device=D.device) if D is not None else None
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
     dk_spectrum = torch.empty(channels, 2, plan.fft_size, dtype=torch.float32, device=u.device)
-    stacks = triton.cdiv(triton.cdiv(batch, 2), launch.pairs)
-    _fftconv_bwd_kernel[(channels,)](
+    stacks = triton.cdiv(triton.cdiv(batch, 2), params.pairs)
+    launch(
+        _fftconv_bwd_kernel, (channels,),
         grad_y, u, k, D, gate_in, gate_out, dropout_mask, du, dk, dD, dgate_in, dgate_out, dk_spectrum,
         *consts, batch, channels, seqlen, k.shape[-1], stacks, float(plan.fft_size) ** 0.5,
         *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
         *_strides(dropout_mask, 2), dk.stride(0),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=launch.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=launch.precision, FAST_TRIG=u.is_cuda, num_warps=launch.num_warps, num_stages=1,
+        P=params.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
     )
     return du, dk, dD, dgate_in, dgate_out
