@@ -28,7 +28,9 @@ What makes it cheap:
   over chunks of ``CHUNK`` values of k1, holding at full size only the input operand and the
   output accumulator (like FlashAttention walks over keys);
 * P complex rows (packed pairs of real rows, see flashconv3.py) are stacked in the M dimension
-  of every product, so the constant tiles are read once per chunk for all of them.
+  of every product, so the constant tiles are read once per chunk for all of them;
+* a sequence of two blocks of N/2 samples (longer than one plan) is two rows of the stack
+  whose spectra are mixed block-Toeplitz-wise (:func:`block_product`), so L reaches N.
 
 Tensor-core work per complex row (forward + inverse): 8 N N1 + 16 N (N2 + N3) real FLOPs,
 about half the two-level plan of monarch.py at the same N.

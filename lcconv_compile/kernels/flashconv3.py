@@ -2,14 +2,19 @@
 (:mod:`.blockfft3`), with the kernel's spectrum computed on chip. Same interface as
 :mod:`.flashconv` (``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``).
 
-Forward: one program per (channel, group of stacks); a stack is P row pairs of one channel,
+Forward: one program per item (a channel's group of stacks), or with ``Tuning(persistent=True)``
+a fixed grid of programs each looping over items; a stack is P row pairs of one channel,
 each pair packed as one complex row ``z = a + i b`` (k is real, so ``U^H(U z * K)`` carries
 both rows' convolutions in its real and imaginary parts). For every chunk of spectrum
-columns k1 the program transforms the chunk of k (one extra complex row, imaginary part zero)
-and of the stack, multiplies them, and accumulates the chunk's inverse into the output
-tile: the spectrum of k never leaves registers and there is no separate launch. Zero padding
-is implicit (masked loads); the skip term, GELU, dropout mask and gates are applied in
-registers and y is written once in u's dtype.
+columns k1 the program transforms the chunk of the stack, multiplies it by k's chunk and
+accumulates the chunk's inverse into the output tile. k's spectrum is either formed once per
+item into a per-program scratch (``kernel_spectrum="scratch"``: 2N values written and re-read
+by the same SM, L2-resident) or formed again for every stack (``"recompute"``, no memory);
+there is no separate launch. Zero padding is implicit (masked loads); the skip term, GELU,
+dropout mask and gates are applied in registers and y is written once in u's dtype.
+
+Sequences longer than one block-FFT plan run as two blocks of N/2 samples per row
+(:func:`.blockfft3.block_product`): both blocks of a pair are rows of the same stack.
 
 Backward: one launch, one program per channel owning all its rows. Per stack it recomputes
 the pre-activation where GELU or the output gate needs it, forms dc, and in one walk over the
@@ -17,7 +22,8 @@ spectrum chunks transforms k, dc and x: ``du = corr(dc, k)`` accumulates like th
 ``sum_pairs q U dc * conj(U x)`` (k's gradient spectrum; two packed rows give
 ``dc_a x_a + dc_b x_b`` in its real part) is read-modify-written in a per-channel scratch
 (L2-resident, no zeroing). At the end the program inverse-transforms it into dk; dD is summed
-in registers. Fixed order throughout: dk and dD are bit-identical across runs.
+in registers. k's spectrum: once per channel into a scratch, or per stack (as the forward).
+Fixed order throughout: dk and dD are bit-identical across runs.
 
 Precision: half inputs use float16 operands on max-scaled rows (float32 accumulation);
 float32 inputs use 3xtf32 (float32 operands split by the compiler).
