@@ -1,7 +1,10 @@
-"""FlashConv v5 forward on the GPU: against today's kernels (flashconv v3/v4), torch.fft and the
-memory floor, with variants that skip stages (what bounds the kernel) and a few Tuning choices.
+"""FlashConv v5 on the GPU: the v5 defaults as first measured ("v5 old": k's spectrum recomputed
+per stack) against the v5.1 knobs one at a time (k's spectrum once per item, persistent grid,
+prefetch, register caps), torch.fft and the memory floor, with variants that skip stages (what
+bounds the kernel); forward, backward and both.
 
-    python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192]
+    python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192 16384]
+                                            [--extra]   # + v3/v4, the "forward" variant, chunk/warp/pair choices
 
 Shapes: B=8, H=1024, u bf16, k and D float32; forward, and forward + backward (kernels called
 directly; torch.fft through autograd). The floor is (u read + k read + y write) / the
@@ -22,7 +25,7 @@ import torch
 import triton
 
 from lcconv_compile import reference
-from lcconv_compile.kernels import blockfft3, flashconv, flashconv3
+from lcconv_compile.kernels import flashconv, flashconv3
 
 
 def copy_bandwidth() -> float:
@@ -43,7 +46,8 @@ def torch_fft_conv(u, k, D):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--extra", action="store_true", help="also v3/v4 and the older Tuning rows")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--out", default="explore_flashconv3.json")
@@ -71,8 +75,9 @@ def main():
         u_bytes, k_bytes = u.numel() * u.element_size(), k.numel() * 4
         floor_ms = (2 * u_bytes + k_bytes) / bandwidth * 1e3
         floor_fb_ms = (5 * u_bytes + 3 * k_bytes) / bandwidth * 1e3
-        plan = blockfft3.plan_for(L)
-        flops = plan.tensor_core_flops() * triton.cdiv(B, 2) * H
+        # Tensor-core work of the data rows (a two-block sequence transforms two blocks per row).
+        default = flashconv3._launch(u, flashconv3.Tuning())
+        flops = default.plan.tensor_core_flops() * default.blocks * triton.cdiv(B, 2) * H
 
         def measure(name, fn, check=True, floor=floor_ms, **extra):
             row = dict(L=L, name=name, floor_ms=floor, **extra)
@@ -88,27 +93,35 @@ def main():
             return row
 
         measure("torch.fft", lambda: torch_fft_conv(u, k, D))
-        if L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
+        if args.extra and L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
             measure("flashconv v3/v4", lambda: flashconv.fftconv_fwd(u, k, D))
-        base = measure("v5 default", lambda: flashconv3.fftconv_fwd(u, k, D), plan=str(plan))
+        launch = flashconv3._launch(u, flashconv3.Tuning())
+        base = measure("v5.1 default", lambda: flashconv3.fftconv_fwd(u, k, D), plan=str(launch.plan),
+                       blocks=launch.blocks, kernel_spectrum=launch.kernel_spectrum)
         if "ms" in base:
             base["tflops"] = flops / base["ms"] / 1e9  # tensor-core work of the data rows
-        for variant in ("io", "forward", "no_kernel_spectrum"):
+        variants = ("io", "no_kernel_spectrum") + (("forward",) if args.extra else ())
+        for variant in variants:
             tuning = flashconv3.Tuning(variant=variant)
-            measure(f"v5 variant={variant}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning), check=False)
-        launch = flashconv3._launch(u, flashconv3.Tuning())
-        # programs_per_sm=16: one stack per program (more, shorter programs; same binary).
-        tunings = [flashconv3.Tuning(chunk=16), flashconv3.Tuning(programs_per_sm=16)]
-        tunings.append(flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8))
-        if L <= 2048:
-            tunings += [flashconv3.Tuning(pairs=p) for p in (1, 4) if p != launch.pairs]
-        # A larger N1 halves the chunk's working set (rows M = N / N1) for ~15% more FLOPs.
-        wide = {2048: (32, 8, 8), 8192: (64, 16, 8), 16384: (64, 16, 16)}.get(plan.fft_size)
-        if wide:
-            tunings += [flashconv3.Tuning(factors=wide), flashconv3.Tuning(factors=wide, num_warps=8)]
+            measure(f"v5.1 variant={variant}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning), check=False)
+        # The v5.1 knobs, each against "v5 old" (the v5 behaviour of the second measurement).
+        old = flashconv3.Tuning(kernel_spectrum="recompute")
+        tunings = [old,
+                   flashconv3.Tuning(persistent=True),
+                   flashconv3.Tuning(persistent=True, prefetch=True),
+                   flashconv3.Tuning(persistent=True, prefetch=True, programs_per_sm=4),
+                   flashconv3.Tuning(maxnreg=168),
+                   flashconv3.Tuning(maxnreg=128, persistent=True, programs_per_sm=4)]
+        if launch.plan.fft_size >= 16384:
+            tunings.append(flashconv3.Tuning(num_warps=16))
+        if args.extra:
+            tunings += [flashconv3.Tuning(chunk=16), flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8)]
+            if L <= 2048:
+                tunings += [flashconv3.Tuning(pairs=p) for p in (1, 2) if p != launch.pairs]
         for tuning in tunings:
             changed = {f: v for f, v in vars(tuning).items() if v is not None and f != "variant"}
-            measure(f"v5 {changed}", lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning))
+            name = "v5 old (kernel_spectrum=recompute)" if tuning is old else f"v5.1 {changed}"
+            measure(name, lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning))
 
         # Forward + backward (the backward's dk/du accuracy is in the GPU tests).
         ut, kt, Dt = (t.detach().clone().requires_grad_(True) for t in (u, k, D))
@@ -117,29 +130,28 @@ def main():
             torch.autograd.grad(torch_fft_conv(ut, kt, Dt), [ut, kt, Dt], dy)
 
         measure("fwd+bwd torch.fft", torch_fwd_bwd, check=False, floor=floor_fb_ms)
-        if L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
+        if args.extra and L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
             measure("fwd+bwd flashconv v3/v4", lambda: (flashconv.fftconv_fwd(u, k, D),
                                                        flashconv.fftconv_bwd(dy, u, k, D)),
                     check=False, floor=floor_fb_ms)
-        for name, tuning in (("fwd+bwd v5 default", flashconv3.Tuning()),
-                             ("fwd+bwd v5 bwd warps x2", flashconv3.Tuning(num_warps=2 * launch.num_warps))):
-            measure(name, lambda: (flashconv3.fftconv_fwd(u, k, D),
-                                   flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning)),
-                    check=False, floor=floor_fb_ms)
-        measure("bwd only v5 default", lambda: flashconv3.fftconv_bwd(dy, u, k, D), check=False,
-                floor=floor_fb_ms - floor_ms)
+        measure("fwd+bwd v5.1 default", lambda: (flashconv3.fftconv_fwd(u, k, D), flashconv3.fftconv_bwd(dy, u, k, D)),
+                check=False, floor=floor_fb_ms)
+        for name, tuning in (("bwd only v5.1 default", flashconv3.Tuning()),
+                             ("bwd only v5 old (kernel_spectrum=recompute)", old)):
+            measure(name, lambda: flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning), check=False,
+                    floor=floor_fb_ms - floor_ms)
         del ut, kt, Dt, dy
         del u, k, D, want
         torch.cuda.empty_cache()
 
     print(f"\n# {header['device']}, copy {bandwidth / 1e12:.2f} TB/s, B={B}, H={H}, bf16 u, fp32 k; "
           f"{time.time() - started:.0f} s (x floor: against the fwd or fwd+bwd floor)")
-    print(f"{'L':>6} {'name':44s} {'ms':>8} {'x floor':>8} {'rel err':>9}")
+    print(f"{'L':>6} {'name':60s} {'ms':>8} {'x floor':>8} {'rel err':>9}")
     for r in rows:
         ms = f"{r['ms']:.4f}" if "ms" in r else r.get("error", "")[:40]
         ratio = f"{r['x_floor']:.1f}" if "x_floor" in r else ""
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"{r['L']:>6} {r['name'][:44]:44s} {ms:>8} {ratio:>8} {err:>9}")
+        print(f"{r['L']:>6} {r['name'][:60]:60s} {ms:>8} {ratio:>8} {err:>9}")
 
 
 if __name__ == "__main__":

@@ -92,11 +92,14 @@ def test_constant_cache_reuses_and_is_bounded(monkeypatch):
     assert (("bounded", 0), torch.device("cpu")) not in launch._constant_cache  # oldest evicted
 
 
-@pytest.mark.parametrize("family", [flashconv, flashconv3])
-def test_launch_parameters_are_cached_per_shape(family):
-    first = family._launch(torch.empty(4, 3, 100), family.Tuning(), default_per_sm=4)
-    assert family._launch(torch.empty(4, 3, 100), family.Tuning(), default_per_sm=4) is first
-    assert family._launch(torch.empty(4, 3, 200), family.Tuning(), default_per_sm=4) is not first
+@pytest.mark.parametrize("launch_params", [
+    lambda u: flashconv._launch(u, flashconv.Tuning(), default_per_sm=4),
+    lambda u: flashconv3._launch(u, flashconv3.Tuning()),
+], ids=["v3", "v5"])
+def test_launch_parameters_are_cached_per_shape(launch_params):
+    first = launch_params(torch.empty(4, 3, 100))
+    assert launch_params(torch.empty(4, 3, 100)) is first
+    assert launch_params(torch.empty(4, 3, 200)) is not first
 
 
 # ------------------------------------------------------------------------- the stage on CPU --

@@ -7,6 +7,7 @@ CUDA tensors, plus realistic sizes (marked cuda). Outputs are poisoned with NaN 
 so an unwritten element fails.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -210,6 +211,110 @@ def test_backward_stacks_agree_and_dk_is_deterministic(pairs):
         assert rel_err(got, ref) < GRAD_TOL[torch.float32], name
 
 
+# -------------------------------------------- v5.1 knobs: k spectrum per item, persistence --
+KNOBS = [
+    flashconv3.Tuning(kernel_spectrum="recompute"),
+    flashconv3.Tuning(kernel_spectrum="scratch"),
+    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True),
+    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True, prefetch=True),
+    flashconv3.Tuning(kernel_spectrum="recompute", persistent=True, prefetch=True),
+    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True, prefetch=True, programs_per_sm=2),
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda t: f"{t.kernel_spectrum}-p{t.persistent}-f{t.prefetch}-g{t.programs_per_sm}")
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_knobs_agree(knobs, channels):
+    """Every program walks several items of several stacks (7 rows, 1 pair per stack: 4 stacks
+    per channel; on the CPU a persistent grid has 2 programs, so a program switches channel
+    mid-way), with the spectrum kept per item or recomputed, and with the next stack prefetched.
+    With one channel and 2 programs per SM the channel's stacks split into 2 groups."""
+    tuning = dataclasses.replace(knobs, pairs=1, factors=(8, 4, 4), chunk=4)
+    check_forward(7, channels, 60, 45, torch.float32, True, tuning)
+    check_forward(7, channels, 60, 45, torch.bfloat16, False, tuning)
+
+
+@pytest.mark.parametrize("kernel_spectrum", flashconv3.KERNEL_SPECTRUM)
+def test_backward_kernel_spectrum_agree(kernel_spectrum):
+    tuning = flashconv3.Tuning(pairs=1, factors=(8, 4, 4), chunk=4, kernel_spectrum=kernel_spectrum)
+    check_backward(5, 2, 60, 33, torch.float32, True, tuning)
+
+
+def test_launch_knob_defaults_and_refusals():
+    u = torch.empty(8, 1024, 4096, dtype=torch.bfloat16, device="meta")
+    launch = flashconv3._launch(u, flashconv3.Tuning())
+    # B=8 at 4K: 4 stacks of 1 pair per channel -> the spectrum is kept per item.
+    assert (launch.kernel_spectrum, launch.stacks_per_item, launch.blocks) == ("scratch", 4, 1)
+    assert (launch.prefetch, launch.programs) == (False, 1024)  # unmeasured knobs stay off
+    # One stack per item (1K: 4 pairs per stack): nothing to share, no scratch round trip.
+    assert flashconv3._launch(u[..., :1024], flashconv3.Tuning()).kernel_spectrum == "recompute"
+    persistent = flashconv3._launch(u, flashconv3.Tuning(persistent=True, programs_per_sm=3))
+    assert persistent.programs == 3 and persistent.groups == 1  # 1 SM on a meta tensor
+    assert flashconv3._launch(u, flashconv3.Tuning(prefetch=True), backward=True).prefetch is False
+    with pytest.raises(ValueError, match="kernel_spectrum"):
+        flashconv3._launch(u, flashconv3.Tuning(kernel_spectrum="cached"))
+    with pytest.raises(ValueError, match="blocks"):
+        flashconv3._launch(u, flashconv3.Tuning(blocks=3))
+
+
+# ---------------------------------------------- two on-chip blocks (L up to 2 x one plan) --
+def test_two_blocks_by_default_beyond_one_plan():
+    for dtype, seqlen, plan_size in ((torch.bfloat16, 16384, 16384), (torch.float16, 9000, 16384),
+                                     (torch.float32, 4096, 4096), (torch.float32, 2049, 4096)):
+        launch = flashconv3._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), flashconv3.Tuning())
+        assert (launch.blocks, launch.plan.fft_size) == (2, plan_size), (dtype, seqlen)
+    for dtype, seqlen in ((torch.bfloat16, 8192), (torch.float32, 2048)):
+        assert flashconv3._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), flashconv3.Tuning()).blocks == 1
+    assert flashconv3.MAX_SEQLEN == {torch.bfloat16: 16384, torch.float16: 16384, torch.float32: 4096}
+
+
+TWO_BLOCKS = [
+    # B, H, L, Lk, factors, chunk: block of T = N/2 samples, L in (T, 2T] (and one L <= T)
+    (2, 2, 64, 64, (4, 4, 4), 2),
+    (3, 2, 61, 40, (4, 4, 4), 2),  # odd L, Lk > T: k1 holds data
+    (3, 1, 50, 20, (4, 4, 4), 4),  # Lk < T: K1 = 0
+    (1, 2, 30, 30, (4, 4, 4), 2),  # L <= T: block 1 all padding
+    (4, 2, 200, 131, (8, 8, 4), 4),
+]
+
+
+@pytest.mark.parametrize("shape", TWO_BLOCKS)
+@pytest.mark.parametrize("options", [False, True])
+def test_forward_two_blocks(shape, options):
+    B, H, L, Lk, factors, chunk = shape
+    for spectrum in flashconv3.KERNEL_SPECTRUM:
+        tuning = flashconv3.Tuning(blocks=2, factors=factors, chunk=chunk, kernel_spectrum=spectrum)
+        check_forward(B, H, L, Lk, torch.float32, options, tuning)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_two_blocks_half(dtype):
+    check_forward(5, 2, 250, 200, dtype, True, flashconv3.Tuning(blocks=2, factors=(8, 8, 4), chunk=4,
+                                                                  persistent=True, prefetch=True))
+
+
+@pytest.mark.parametrize("shape", [TWO_BLOCKS[1], TWO_BLOCKS[2], TWO_BLOCKS[4]])
+@pytest.mark.parametrize("options", [False, True])
+def test_backward_two_blocks(shape, options):
+    B, H, L, Lk, factors, chunk = shape
+    check_backward(B, H, L, Lk, torch.float32, options, flashconv3.Tuning(blocks=2, factors=factors, chunk=chunk))
+
+
+def test_backward_two_blocks_half_and_deterministic():
+    tuning = flashconv3.Tuning(blocks=2, factors=(8, 8, 4), chunk=4, pairs=1)
+    check_backward(5, 2, 250, 250, torch.bfloat16, True, tuning)
+    args = random_args(5, 2, 250, 250, dtype=torch.float32, options=True, device=DEVICE)
+    grad_y = torch.randn(5, 2, 250, device=DEVICE)
+    first = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    second = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+def test_two_blocks_default_compiled_plan_half():
+    """The smallest compiled plan (N = 1024) as two blocks: L up to 1024."""
+    check_forward(3, 1, 1000, 777, torch.bfloat16, True, flashconv3.Tuning(blocks=2, factors=(16, 8, 8)))
+
+
 def test_supports():
     u, k = torch.randn(1, 1, 16), torch.randn(1, 16)
     assert not flashconv3.supports(u, k)  # CPU tensors: another family or the reference
@@ -223,7 +328,7 @@ def test_supports():
 # ----------------------------------------------------------------------------- on the GPU --
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("L", [1, 16, 100, 511, 1024, 2048, 4095, 4096, 8192])
+@pytest.mark.parametrize("L", [1, 16, 100, 511, 1024, 2048, 4095, 4096, 8192, 12000, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_gpu_lengths(L, dtype):
     if L > flashconv3.MAX_SEQLEN[dtype]:
@@ -242,14 +347,16 @@ def test_forward_gpu_large(B, H, L, options):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("tuning", [flashconv3.Tuning(num_warps=8), flashconv3.Tuning(pairs=1),
-                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)])
+                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)] + KNOBS
+                         + [flashconv3.Tuning(maxnreg=128), flashconv3.Tuning(maxnreg=168, persistent=True)])
 def test_forward_gpu_tunings_agree(tuning):
     check_forward(8, 64, 1024, 1024, torch.bfloat16, True, tuning)
+    check_forward(8, 64, 4096, 4096, torch.bfloat16, True, tuning)
 
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("L", [16, 333, 1024, 2048, 4096, 8192])
+@pytest.mark.parametrize("L", [16, 333, 1024, 2048, 3000, 4096, 8192, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", [False, True])
 def test_backward_gpu(L, dtype, options):

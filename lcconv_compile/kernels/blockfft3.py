@@ -28,7 +28,9 @@ What makes it cheap:
   over chunks of ``CHUNK`` values of k1, holding at full size only the input operand and the
   output accumulator (like FlashAttention walks over keys);
 * P complex rows (packed pairs of real rows, see flashconv3.py) are stacked in the M dimension
-  of every product, so the constant tiles are read once per chunk for all of them.
+  of every product, so the constant tiles are read once per chunk for all of them;
+* a sequence of two blocks of N/2 samples (longer than one plan) is two rows of the stack
+  whose spectra are mixed block-Toeplitz-wise (:func:`block_product`), so L reaches N.
 
 Tensor-core work per complex row (forward + inverse): 8 N N1 + 16 N (N2 + N3) real FLOPs,
 about half the two-level plan of monarch.py at the same N.
@@ -317,33 +319,129 @@ def inverse_chunk(sr, si, acc, w1i, chunk_start, stage, P: tl.constexpr, N1: tl.
 
 
 @triton.jit
-def multiply_spectra(sr, si, kr, ki, P: tl.constexpr, CONJ_K: tl.constexpr):
-    """Stack spectra (P*R, C) times one row's spectrum (R, C) (conjugated with CONJ_K)."""
-    R: tl.constexpr = kr.shape[0]
-    C: tl.constexpr = kr.shape[1]
-    if CONJ_K:
-        ki = -ki
-    pr, pi = cmul(tl.reshape(sr, (P, R, C)), tl.reshape(si, (P, R, C)), kr[None], ki[None])
-    return tl.reshape(pr, (P * R, C)), tl.reshape(pi, (P * R, C))
+def _split_blocks(x, R: tl.constexpr, BLOCKS: tl.constexpr, C: tl.constexpr):
+    """(R*2*C_rows, C) planes in [row, block, ...] order -> (block 0, block 1), each (R, C_rows, C)."""
+    ROWS: tl.constexpr = x.shape[0] // (R * BLOCKS)
+    return tl.split(tl.permute(tl.reshape(x, (R, BLOCKS, ROWS, C)), (0, 2, 3, 1)))
 
 
 @triton.jit
-def convolve_stack(x0, k0, w1_ptr, w1i_ptr, stage, USE_K: tl.constexpr, CONJ_K: tl.constexpr,
-                   P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
-                   CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
-    """U^H (U x * U k) for a stack operand x0 (P*M, N1) and one row's operand k0 (M, N1):
-    the interleaved float32 accumulator (P*M, N1). k's spectrum is formed chunk by chunk
-    (never stored); with CONJ_K it is conjugated (correlation). Without USE_K the spectrum
-    is not formed and the product is skipped (a benchmark variant)."""
+def _join_blocks(b0, b1):
+    """The inverse of _split_blocks: (R, C_rows, C) x 2 -> (R*2*C_rows, C)."""
+    R: tl.constexpr = b0.shape[0]
+    ROWS: tl.constexpr = b0.shape[1]
+    C: tl.constexpr = b0.shape[2]
+    return tl.reshape(tl.permute(tl.join(b0, b1), (0, 3, 1, 2)), (R * 2 * ROWS, C))
+
+
+@triton.jit
+def block_product(sr, si, kr, ki, chunk_start, P: tl.constexpr, BLOCKS: tl.constexpr,
+                  CONJ_K: tl.constexpr, N2: tl.constexpr):
+    """Stack spectra (P*BLOCKS*CHUNK*N2, N3), rows [pair, block, (c, k2)], times a kernel's
+    (PK*BLOCKS*CHUNK*N2, N3) with PK = 1 (one row for every pair) or P (one per pair).
+
+    BLOCKS = 1: the product S K (CONJ_K: S conj(K), a correlation).
+    BLOCKS = 2 (a sequence of two blocks of T = N/2 samples, each transformed alone): the block
+    Toeplitz product of a causal convolution of length 2T,
+        Z0 = S0 K0,                 Z1 = S0 K1 + S1 K0 + (-1)^k1 S0 K0
+    (the sign shifts by T: the inverse's first half of (-1)^k X is the second half of X's, i.e.
+    the tail of u0 * k0 that lands in block 1), and with CONJ_K its adjoint
+        Z0 = S0 K0* + S1 K1* + (-1)^k1 S1 K0*,   Z1 = S1 K0*.
+    (-1)^k = (-1)^k1 because N1 is even (k = k1 + N1 k2 + N1 N2 k3)."""
+    C: tl.constexpr = kr.shape[1]
+    CR: tl.constexpr = sr.shape[0] // (P * BLOCKS)  # CHUNK * N2 rows per block
+    PK: tl.constexpr = kr.shape[0] // (BLOCKS * CR)
+    if CONJ_K:
+        ki = -ki
+    if BLOCKS == 1:
+        pr, pi = cmul(tl.reshape(sr, (P, CR, C)), tl.reshape(si, (P, CR, C)),
+                      tl.reshape(kr, (PK, CR, C)), tl.reshape(ki, (PK, CR, C)))
+        return tl.reshape(pr, (P * CR, C)), tl.reshape(pi, (P * CR, C))
+    else:
+        s0r, s1r = _split_blocks(sr, P, BLOCKS, C)
+        s0i, s1i = _split_blocks(si, P, BLOCKS, C)
+        k0r, k1r = _split_blocks(kr, PK, BLOCKS, C)
+        k0i, k1i = _split_blocks(ki, PK, BLOCKS, C)
+        c = chunk_start + tl.arange(0, CR)[None, :, None] // N2
+        sign = (1 - 2 * (c & 1)).to(tl.float32)  # (-1)^k1
+        if CONJ_K:
+            z1r, z1i = cmul(s1r, s1i, k0r, k0i)
+            ar, ai = cmul(s0r, s0i, k0r, k0i)
+            br, bi = cmul(s1r, s1i, k1r, k1i)
+            z0r, z0i = ar + br + sign * z1r, ai + bi + sign * z1i
+        else:
+            z0r, z0i = cmul(s0r, s0i, k0r, k0i)
+            ar, ai = cmul(s0r, s0i, k1r, k1i)
+            br, bi = cmul(s1r, s1i, k0r, k0i)
+            z1r, z1i = ar + br + sign * z0r, ai + bi + sign * z0i
+        return _join_blocks(z0r, z1r), _join_blocks(z0i, z1i)
+
+
+@triton.jit
+def spectrum_offsets(ROWS: tl.constexpr, N3: tl.constexpr):
+    """Offsets of a chunk's (ROWS, N3) spectrum plane in a scratch of consecutive chunks."""
+    return tl.arange(0, ROWS)[:, None] * N3 + tl.arange(0, N3)[None, :]
+
+
+@triton.jit
+def store_kernel_spectrum(k0, kspec_ptr, w1_ptr, w1i_ptr, stage, BLOCKS: tl.constexpr, N1: tl.constexpr,
+                          N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                          FAST_TRIG: tl.constexpr):
+    """U k for a kernel operand k0 (BLOCKS*M, N1) into kspec_ptr: planes (re, im) of BLOCKS*N
+    values, chunk after chunk in forward_chunk's order (the caller owns the barriers)."""
     M: tl.constexpr = N2 * N3
-    acc = tl.zeros((P * M, N1), dtype=tl.float32)
+    offs = spectrum_offsets(BLOCKS * CHUNK * N2, N3)
+    for chunk_start in tl.range(0, N1, CHUNK):
+        w1, unused_w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
+        kr, ki = forward_chunk(k0, w1, chunk_start, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        base = chunk_start * (BLOCKS * M)
+        tl.store(kspec_ptr + base + offs, kr.to(kspec_ptr.dtype.element_ty))
+        tl.store(kspec_ptr + BLOCKS * N1 * M + base + offs, ki.to(kspec_ptr.dtype.element_ty))
+
+
+@triton.jit
+def load_kernel_chunk(kspec_ptr, chunk_start, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                      N3: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk of a spectrum written by store_kernel_spectrum, as float32 (re, im)."""
+    M: tl.constexpr = N2 * N3
+    offs = chunk_start * (BLOCKS * M) + spectrum_offsets(BLOCKS * CHUNK * N2, N3)
+    kr = tl.load(kspec_ptr + offs).to(tl.float32)
+    ki = tl.load(kspec_ptr + BLOCKS * N1 * M + offs).to(tl.float32)
+    return kr, ki
+
+
+@triton.jit
+def kernel_chunk(k0, kspec_ptr, w1, chunk_start, stage, KSPEC_SCRATCH: tl.constexpr, BLOCKS: tl.constexpr,
+                 N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
+                 PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """k's spectrum for one chunk: loaded from the scratch (KSPEC_SCRATCH) or transformed now."""
+    if KSPEC_SCRATCH:
+        return load_kernel_chunk(kspec_ptr, chunk_start, BLOCKS, N1, N2, N3, CHUNK)
+    else:
+        return forward_chunk(k0, w1, chunk_start, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+
+
+@triton.jit
+def convolve_stack(x0, k0, kspec_ptr, w1_ptr, w1i_ptr, stage, USE_K: tl.constexpr, CONJ_K: tl.constexpr,
+                   KSPEC_SCRATCH: tl.constexpr, P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr,
+                   N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                   FAST_TRIG: tl.constexpr):
+    """U^H (U x * U k) for a stack operand x0 (P*BLOCKS*M, N1) of P rows of BLOCKS blocks and a
+    kernel operand k0 (BLOCKS*M, N1) (block product: see block_product): the interleaved float32
+    accumulator (P*BLOCKS*M, N1). k's spectrum is read chunk by chunk from kspec_ptr
+    (KSPEC_SCRATCH) or formed chunk by chunk from k0; with CONJ_K it is conjugated
+    (correlation). Without USE_K the product is skipped (a benchmark variant)."""
+    M: tl.constexpr = N2 * N3
+    R: tl.constexpr = P * BLOCKS
+    acc = tl.zeros((R * M, N1), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
         w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-        sr, si = forward_chunk(x0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        sr, si = forward_chunk(x0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         if USE_K:
-            kr, ki = forward_chunk(k0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-            sr, si = multiply_spectra(sr, si, kr, ki, P, CONJ_K)
-        acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            kr, ki = kernel_chunk(k0, kspec_ptr, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3,
+                                  CHUNK, PRECISION, FAST_TRIG)
+            sr, si = block_product(sr, si, kr, ki, chunk_start, P, BLOCKS, CONJ_K, N2)
+        acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
     return acc
 
 

@@ -2,14 +2,19 @@
 (:mod:`.blockfft3`), with the kernel's spectrum computed on chip. Same interface as
 :mod:`.flashconv` (``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``).
 
-Forward: one program per (channel, group of stacks); a stack is P row pairs of one channel,
+Forward: one program per item (a channel's group of stacks), or with ``Tuning(persistent=True)``
+a fixed grid of programs each looping over items; a stack is P row pairs of one channel,
 each pair packed as one complex row ``z = a + i b`` (k is real, so ``U^H(U z * K)`` carries
 both rows' convolutions in its real and imaginary parts). For every chunk of spectrum
-columns k1 the program transforms the chunk of k (one extra complex row, imaginary part zero)
-and of the stack, multiplies them, and accumulates the chunk's inverse into the output
-tile: the spectrum of k never leaves registers and there is no separate launch. Zero padding
-is implicit (masked loads); the skip term, GELU, dropout mask and gates are applied in
-registers and y is written once in u's dtype.
+columns k1 the program transforms the chunk of the stack, multiplies it by k's chunk and
+accumulates the chunk's inverse into the output tile. k's spectrum is either formed once per
+item into a per-program scratch (``kernel_spectrum="scratch"``: 2N values written and re-read
+by the same SM, L2-resident) or formed again for every stack (``"recompute"``, no memory);
+there is no separate launch. Zero padding is implicit (masked loads); the skip term, GELU,
+dropout mask and gates are applied in registers and y is written once in u's dtype.
+
+Sequences longer than one block-FFT plan run as two blocks of N/2 samples per row
+(:func:`.blockfft3.block_product`): both blocks of a pair are rows of the same stack.
 
 Backward: one launch, one program per channel owning all its rows. Per stack it recomputes
 the pre-activation where GELU or the output gate needs it, forms dc, and in one walk over the
@@ -17,7 +22,8 @@ spectrum chunks transforms k, dc and x: ``du = corr(dc, k)`` accumulates like th
 ``sum_pairs q U dc * conj(U x)`` (k's gradient spectrum; two packed rows give
 ``dc_a x_a + dc_b x_b`` in its real part) is read-modify-written in a per-channel scratch
 (L2-resident, no zeroing). At the end the program inverse-transforms it into dk; dD is summed
-in registers. Fixed order throughout: dk and dD are bit-identical across runs.
+in registers. k's spectrum: once per channel into a scratch, or per stack (as the forward).
+Fixed order throughout: dk and dD are bit-identical across runs.
 
 Precision: half inputs use float16 operands on max-scaled rows (float32 accumulation);
 float32 inputs use 3xtf32 (float32 operands split by the compiler).
@@ -40,26 +46,32 @@ import triton.language as tl
 from .blockfft3 import (
     BlockFFTPlan,
     block_fft_constants,
+    block_product,
     convolve_stack,
     deinterleave,
     forward_chunk,
     interleave,
     inverse_chunk,
+    kernel_chunk,
     load_chunk_constants,
     load_stage_constants,
-    multiply_spectra,
     plan_for,
+    spectrum_offsets,
+    store_kernel_spectrum,
 )
-from .launch import launch
 from .flashconv import _gelu, _gelu_grad, _load_gated_pairs, _sm_count, _stack_rows
-from .monarch import load_stack
+from .launch import launch
+from .monarch import load_stack, operand
 
-# Longest sequence per input dtype: N = 2L <= 16384 (the largest block-FFT plan) for half
-# inputs. float32 operands (3xtf32) double every shared-memory tile: the backward's fit up to
-# N = 4096 (166 KB at L = 2048, 266 KB at 4096 against 227 KB; scripts/compile_check.py).
-MAX_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 2048}
+# Longest sequence per input dtype. One block-FFT plan reaches N = 16384 (L = 8192) for half
+# inputs; float32 operands (3xtf32) double every shared-memory tile, so the backward's fit up
+# to N = 4096 (166 KB at L = 2048, 266 KB at 4096 against 227 KB; scripts/compile_check.py).
+# Beyond one plan a sequence runs as two blocks of N/2 samples (blockfft3.block_product):
+# L = 16384 for half inputs, 4096 for float32.
+SINGLE_BLOCK_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 2048}
+MAX_SEQLEN = {dtype: 2 * n for dtype, n in SINGLE_BLOCK_SEQLEN.items()}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STACK_ELEMENTS = 2048  # P * N/2: complex samples of the stack held in registers per program
+STACK_ELEMENTS = 2048  # P * BLOCKS * N/2: complex samples of the stack held in registers per program
 # Defaults measured fastest on the H100 (benchmarks/NOTES.md, v5 second run), per FFT size:
 # the forward prefers a wider N1 at 8K/16K (half the chunk's working set, ~15% more FLOPs) and
 # 4 pairs per stack at 2K; the backward keeps blockfft3.FACTORS and wants 8 warps at 8K.
@@ -70,6 +82,7 @@ BACKWARD_WARPS = {8192: 8, 16384: 8}
 # "io" loads and stores only, "forward" skips the inverse transform, "no_kernel_spectrum"
 # multiplies by 1 instead of transforming k.
 VARIANTS = ("full", "io", "forward", "no_kernel_spectrum")
+KERNEL_SPECTRUM = ("scratch", "recompute")
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
@@ -84,43 +97,66 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Launch parameters a caller may override (tests and benchmarks); None = the default."""
+    """Launch parameters a caller may override (tests and benchmarks); None = the default.
+    The v5 behaviour (first measured) is kernel_spectrum="recompute", persistent=False,
+    prefetch=False."""
 
     pairs: Optional[int] = None  # row pairs per stack (a power of two)
     num_warps: Optional[int] = None
     chunk: Optional[int] = None  # k1 values per step of the chunk loop
-    factors: Optional[tuple[int, int, int]] = None  # (N1, N2, N3); tests use small ones
+    factors: Optional[tuple[int, int, int]] = None  # (N1, N2, N3) of one block; tests use small ones
     precision: Optional[str] = None  # "fp16" or "tf32x3" (or "ieee" in the interpreter)
     programs_per_sm: Optional[int] = None
     variant: str = "full"  # see VARIANTS: anything but "full" is for benchmarks only
+    # "scratch": k's spectrum once per (channel, group) item into a per-program scratch (L2),
+    # read back by every stack; "recompute": formed again for every stack (v5).
+    kernel_spectrum: Optional[str] = None
+    persistent: Optional[bool] = None  # forward: programs_per_sm x SMs programs loop over items
+    prefetch: Optional[bool] = None  # forward: load the next stack while this one transforms
+    blocks: Optional[int] = None  # 1, or 2 (two on-chip blocks); default: 2 only beyond one plan
+    # Registers per thread cap (ptxas .maxnreg): 128 lets 4 programs of 4 warps share an SM,
+    # at the price of spills (scripts/compile_check.py --maxnreg). None: the compiler's choice.
+    maxnreg: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class _Launch:
-    plan: BlockFFTPlan
+    plan: BlockFFTPlan  # of one block
+    blocks: int
     pairs: int
     precision: str
     num_warps: int
-    groups: int  # programs per channel
-    stacks_per_program: int
+    groups: int  # items per channel (each a run of stacks_per_item stacks)
+    stacks_per_item: int
+    programs: int  # the forward's grid (items = channels * groups when not persistent)
+    kernel_spectrum: str
+    prefetch: bool
+    maxnreg: Optional[int]
 
 
-def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False, default_per_sm: int = 4) -> _Launch:
-    return _launch_for(tuple(u.shape), u.dtype, u.device, tuning, backward, default_per_sm)
+def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False) -> _Launch:
+    return _launch_for(tuple(u.shape), u.dtype, u.device, tuning, backward)
 
 
 @functools.lru_cache(maxsize=256)
 def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, tuning: Tuning,
-                backward: bool, default_per_sm: int) -> _Launch:
+                backward: bool) -> _Launch:
     # Cached per (shape, dtype, device, tuning, direction): a call pays one dict look-up.
     batch, channels, seqlen = shape
     if tuning.variant not in VARIANTS:
         raise ValueError(f"tuning.variant={tuning.variant!r}: expected one of {VARIANTS}")
-    plan = plan_for(seqlen, tuning.factors, tuning.chunk)
+    if tuning.kernel_spectrum not in (None,) + KERNEL_SPECTRUM:
+        raise ValueError(f"tuning.kernel_spectrum={tuning.kernel_spectrum!r}: expected one of {KERNEL_SPECTRUM}")
+    if tuning.blocks not in (None, 1, 2):
+        raise ValueError(f"tuning.blocks={tuning.blocks}: expected 1 or 2")
+    single = SINGLE_BLOCK_SEQLEN.get(dtype, SINGLE_BLOCK_SEQLEN[torch.float32])
+    blocks = tuning.blocks or (2 if seqlen > single else 1)
+    block_len = triton.cdiv(seqlen, blocks)
+    plan = plan_for(block_len, tuning.factors, tuning.chunk)
     if tuning.factors is None and not backward and plan.fft_size in FORWARD_FACTORS:
-        plan = plan_for(seqlen, FORWARD_FACTORS[plan.fft_size], tuning.chunk)
-    max_pairs = max(1, STACK_ELEMENTS // (plan.fft_size // 2))
-    if not backward:
+        plan = plan_for(block_len, FORWARD_FACTORS[plan.fft_size], tuning.chunk)
+    max_pairs = max(1, STACK_ELEMENTS // (blocks * plan.fft_size // 2))
+    if not backward and blocks == 1:
         max_pairs = FORWARD_PAIRS.get(plan.fft_size, max_pairs)
     pairs = tuning.pairs or min(max_pairs, triton.next_power_of_2(triton.cdiv(batch, 2)))
     if pairs & (pairs - 1):
@@ -133,10 +169,34 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
         num_warps = BACKWARD_WARPS.get(plan.fft_size, num_warps)
     num_warps = tuning.num_warps or num_warps
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
-    wanted = triton.cdiv((tuning.programs_per_sm or default_per_sm) * _sm_count(device), channels)
-    # A divisor of the stack count, so every program has the same number of stacks.
-    groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g >= wanted), stacks)
-    return _Launch(plan, pairs, precision, num_warps, groups, stacks // groups)
+    sms = _sm_count(device)
+    # Unmeasured (v5.1): the persistent grid and the prefetch stay off by default until the
+    # device says they pay (both cost registers: compile_check shows more spills).
+    persistent = bool(tuning.persistent) and not backward
+    # Persistent programs: as many as stay resident (~2 per SM at 4 warps and ~255 registers).
+    per_sm = tuning.programs_per_sm or (2 if persistent else 4)
+    wanted = per_sm * sms
+    # A divisor of the stack count, so every item has the same number of stacks.
+    groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g * channels >= wanted), stacks)
+    if backward:
+        groups = 1  # one program per channel owns all its rows (dk and dD in a fixed order)
+    items = channels * groups
+    stacks_per_item = stacks // groups
+    programs = min(items, wanted) if persistent else items
+    # A spectrum kept for one stack only saves nothing and costs its round trip.
+    kernel_spectrum = tuning.kernel_spectrum or ("scratch" if stacks_per_item > 1 else "recompute")
+    prefetch = bool(tuning.prefetch) and not backward
+    return _Launch(plan, blocks, pairs, precision, num_warps, groups, stacks_per_item, programs,
+                   kernel_spectrum, prefetch, tuning.maxnreg)
+
+
+def _compile_options(params: _Launch, on_gpu: bool) -> dict:
+    """Launch keywords beyond the grid: warps, and the register cap where one is asked for (the
+    interpreter has no registers)."""
+    options = dict(num_warps=params.num_warps, num_stages=1)
+    if params.maxnreg is not None and on_gpu:
+        options["maxnreg"] = params.maxnreg
+    return options
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
@@ -144,98 +204,166 @@ def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
 
 
 @triton.jit
-def _natural_times(P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
-    """Time t = n1 * M + m of every element [p, n1, m] of a stack in memory order (P, N1/2, M),
-    and the pair index p (P, 1, 1). Loads and stores use this order: contiguous along m, so
-    they vectorise and coalesce; the transform uses the stack order [(p, m), n1] (to_stack)."""
+def _stack_times(P: tl.constexpr, BLOCKS: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """Time t = block * T + n1 * M + m (T = N/2 = HALF * M) of every element [r, n1, m] of a
+    stack of R = P * BLOCKS rows in memory order (R, N1/2, M), r = pair * BLOCKS + block, and the
+    pair index (R, 1, 1). Loads and stores use this order: contiguous along m, so they vectorise
+    and coalesce; the transform uses the stack order [(r, m), n1] (_to_stack)."""
     n1 = tl.arange(0, HALF)[None, :, None]
     m = tl.arange(0, M)[None, None, :]
-    return n1 * M + m, tl.arange(0, P)[:, None, None]
+    r = tl.arange(0, P * BLOCKS)[:, None, None]
+    return (r % BLOCKS) * (HALF * M) + n1 * M + m, r // BLOCKS
 
 
 @triton.jit
-def _to_stack(x, P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
-    """(P, N1/2, M) memory order -> (P*M, N1/2) stack order (a register permute)."""
-    return tl.reshape(tl.permute(x, (0, 2, 1)), (P * M, HALF))
+def _to_stack(x, R: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """(R, N1/2, M) memory order -> (R*M, N1/2) stack order (a register permute)."""
+    return tl.reshape(tl.permute(x, (0, 2, 1)), (R * M, HALF))
 
 
 @triton.jit
-def _to_memory(x, P: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
-    """(P*M, N1/2) stack order -> (P, N1/2, M) memory order."""
-    return tl.permute(tl.reshape(x, (P, M, HALF)), (0, 2, 1))
+def _to_memory(x, R: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr):
+    """(R*M, N1/2) stack order -> (R, N1/2, M) memory order."""
+    return tl.permute(tl.reshape(x, (R, M, HALF)), (0, 2, 1))
 
 
 @triton.jit
-def _row_scale(x, PRECISION: tl.constexpr):
-    """(P, 1, 1) scale of each row of a (P, N1/2, M) tile: max |x| in the fp16 mode, else 1."""
+def _pair_scale(x, BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+    """(R, 1, 1) scale of each row of a (R, N1/2, M) tile: in the fp16 mode max |x| over the
+    row's BLOCKS blocks (the block product mixes them, so they share one scale), else 1."""
+    R: tl.constexpr = x.shape[0]
     if PRECISION == "fp16":
         row = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        if BLOCKS > 1:
+            whole = tl.max(tl.reshape(row, (R // BLOCKS, BLOCKS)), axis=1)
+            row = tl.reshape(tl.broadcast_to(whole[:, None], (R // BLOCKS, BLOCKS)), (R,))
         row = tl.where(row > 0, row, 1.0)
     else:
-        row = tl.full((x.shape[0],), 1.0, tl.float32)
+        row = tl.full((R,), 1.0, tl.float32)
     return row[:, None, None]
 
 
 @triton.jit
-def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M: tl.constexpr, HALF: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """Channel h's kernel as a stack of one complex row (imaginary part 0), scaled by its max
-    magnitude (returned) so its spectrum fits float16."""
-    t, unused_pair = _natural_times(1, M, HALF)
+def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS: tl.constexpr, M: tl.constexpr,
+                    HALF: tl.constexpr, PRECISION: tl.constexpr):
+    """Channel h's kernel as a stack of one complex row of BLOCKS blocks (imaginary part 0),
+    scaled by its max magnitude (returned) so its spectrum fits float16."""
+    t, unused_pair = _stack_times(1, BLOCKS, M, HALF)
     kx = tl.load(k_ptr + h * sk_h + t * sk_l, mask=t < kernel_len, other=0.0).to(tl.float32)
-    k_scale = _row_scale(kx, PRECISION)
-    kx = _to_stack(kx / k_scale, 1, M, HALF)
-    return interleave(kx, tl.zeros_like(kx), PRECISION), tl.max(tl.reshape(k_scale, (1,)), axis=0)
+    k_scale = _pair_scale(kx, BLOCKS, PRECISION)
+    kx = _to_stack(kx / k_scale, BLOCKS, M, HALF)
+    return interleave(kx, tl.zeros_like(kx), PRECISION), tl.max(tl.reshape(k_scale, (BLOCKS,)), axis=0)
+
+
+@triton.jit
+def _unit_rows(unit, pid, nprog, stacks_per_item, groups, pair, batch, P: tl.constexpr):
+    """A program's unit-th stack: item pid + j * nprog (j = unit // stacks_per_item), i.e.
+    channel h = item // groups and group item % groups; returns (h, index of the stack in its
+    item, first rows, second rows, first valid, second valid)."""
+    item = pid + (unit // stacks_per_item) * nprog
+    it = unit % stacks_per_item
+    b_a, b_b, valid_a, valid_b = _stack_rows(item % groups, it, stacks_per_item, pair, batch, P)
+    return item // groups, it, b_a, b_b, valid_a, valid_b
+
+
+@triton.jit
+def _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr, stage, HAS_D: tl.constexpr,
+                STORE_SPECTRUM: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
+                N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """Channel h's kernel operand, its scale and skip weight; with STORE_SPECTRUM its spectrum
+    written to this program's scratch (between barriers: the previous item's readers are done
+    before it is overwritten, and every thread sees it before reading)."""
+    k_item, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS, M=N2 * N3, HALF=N1 // 2,
+                                      PRECISION=PRECISION)
+    d = 0.0
+    if HAS_D:
+        d = tl.load(d_ptr + h).to(tl.float32)
+    if STORE_SPECTRUM:
+        tl.debug_barrier()
+        store_kernel_spectrum(k_item, kspec, w1_ptr, w1i_ptr, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        tl.debug_barrier()
+    return k_item, k_scale, d
 
 
 @triton.jit
 def _fftconv_fwd_kernel(
-    u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr,
+    u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr, kspec_ptr,
     w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr,
-    batch, channels, seqlen, kernel_len, stacks_per_program, sqrt_n,
+    batch, channels, seqlen, kernel_len, items, groups, stacks_per_item, sqrt_n,
     su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
     GELU: tl.constexpr, HAS_MASK: tl.constexpr, VARIANT: tl.constexpr,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+    KSPEC_SCRATCH: tl.constexpr, PREFETCH: tl.constexpr, ONE_ITEM: tl.constexpr,
+    P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    h = tl.program_id(1)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     M: tl.constexpr = N2 * N3
     HALF: tl.constexpr = N1 // 2
-    t, p = _natural_times(P, M, HALF)
+    R: tl.constexpr = P * BLOCKS  # stack rows: each pair's BLOCKS blocks
+    t, pair = _stack_times(P, BLOCKS, M, HALF)
     in_seq = t < seqlen
-    k0, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M, HALF, PRECISION)
-    d = 0.0
-    if HAS_D:
-        d = tl.load(d_ptr + h).to(tl.float32)
     stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
+    kspec = kspec_ptr + pid * (2 * BLOCKS * N1 * M)  # this program's k spectrum (scratch mode)
+    units = tl.cdiv(items - pid, nprog) * stacks_per_item
+    if ONE_ITEM:
+        # One item per program (not persistent): its kernel before the loop, as in v5.
+        k0, k_scale, d = _start_item(k_ptr, d_ptr, pid // groups, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr,
+                                     stage, HAS_D, KSPEC_SCRATCH and VARIANT != "io", BLOCKS, N1, N2, N3,
+                                     CHUNK, PRECISION, FAST_TRIG)
+    else:
+        k0 = operand(tl.zeros((BLOCKS * M, N1), dtype=tl.float32), PRECISION)
+        k_scale = 1.0
+        d = 0.0
+    if PREFETCH:
+        h, it, b_a, b_b, valid_a, valid_b = _unit_rows(0, pid, nprog, stacks_per_item, groups, pair, batch, P)
+        next_a, next_b = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                           su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
 
-    for it in tl.range(0, stacks_per_program):
-        b_a, b_b, valid_a, valid_b = _stack_rows(group, it, stacks_per_program, p, batch, P)
-        xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
-                                   su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
-        sa = _row_scale(xa, PRECISION)
-        sb = _row_scale(xb, PRECISION)
-        x0 = interleave(_to_stack(xa / sa, P, M, HALF), _to_stack(xb / sb, P, M, HALF), PRECISION)
+    for unit in tl.range(0, units):
+        h, it, b_a, b_b, valid_a, valid_b = _unit_rows(unit, pid, nprog, stacks_per_item, groups, pair, batch, P)
+        if PREFETCH:
+            # Issue the next stack's loads now: they land while this stack transforms.
+            xa, xb = next_a, next_b
+            h_next, unused_it, n_a, n_b, nv_a, nv_b = _unit_rows(unit + 1, pid, nprog, stacks_per_item,
+                                                                  groups, pair, batch, P)
+            more = unit + 1 < units
+            next_a, next_b = _load_gated_pairs(u_ptr, gate_in_ptr, n_a, n_b, nv_a & more, nv_b & more, h_next,
+                                               t, seqlen, su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        else:
+            xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                       su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+        if not ONE_ITEM:
+            if it == 0:
+                # A new item: its channel's kernel and, with KSPEC_SCRATCH, its spectrum, once.
+                k_item, k_scale, d = _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr,
+                                                 stage, HAS_D, KSPEC_SCRATCH and VARIANT != "io", BLOCKS, N1, N2,
+                                                 N3, CHUNK, PRECISION, FAST_TRIG)
+                if not KSPEC_SCRATCH:
+                    k0 = k_item
+        sa = _pair_scale(xa, BLOCKS, PRECISION)
+        sb = _pair_scale(xb, BLOCKS, PRECISION)
+        x0 = interleave(_to_stack(xa / sa, R, M, HALF), _to_stack(xb / sb, R, M, HALF), PRECISION)
         if VARIANT == "io":
             acc = x0.to(tl.float32)
         elif VARIANT == "forward":
-            acc = tl.zeros((P * M, N1), dtype=tl.float32)
+            acc = tl.zeros((R * M, N1), dtype=tl.float32)
             for chunk_start in tl.range(0, N1, CHUNK):
                 w1, unused_w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-                sr, si = forward_chunk(x0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-                kr, ki = forward_chunk(k0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-                sr, si = multiply_spectra(sr, si, kr, ki, P, False)
+                sr, si = forward_chunk(x0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+                kr, ki = kernel_chunk(k0, kspec, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3,
+                                      CHUNK, PRECISION, FAST_TRIG)
+                sr, si = block_product(sr, si, kr, ki, chunk_start, P, BLOCKS, False, N2)
                 # Keep the transforms alive with a store that never fires (no reduction, no traffic).
-                spec_offs = tl.reshape(tl.arange(0, P * CHUNK * N2 * N3), (P * CHUNK * N2, N3))
+                spec_offs = tl.reshape(tl.arange(0, R * CHUNK * N2 * N3), (R * CHUNK * N2, N3))
                 tl.store(y_ptr + spec_offs, sr.to(y_ptr.dtype.element_ty), mask=(sr + si) > 3.0e38)
         else:
-            acc = convolve_stack(x0, k0, w1_ptr, w1i_ptr, stage, VARIANT != "no_kernel_spectrum", False,
-                                 P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            acc = convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, VARIANT != "no_kernel_spectrum", False,
+                                 KSPEC_SCRATCH, P, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         yr, yi = deinterleave(acc)
-        yr = _to_memory(yr, P, M, HALF)
-        yi = _to_memory(yi, P, M, HALF)
+        yr = _to_memory(yr, R, M, HALF)
+        yi = _to_memory(yi, R, M, HALF)
         if HAS_D:
             # Reload x for the skip term (an L1/L2 hit) rather than hold it through the loop.
             xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
@@ -278,17 +406,25 @@ def fftconv_fwd(
     batch, channels, seqlen = u.shape
     params = _launch(u, tuning)
     plan = params.plan
-    consts = block_fft_constants(plan, _operand_dtype(params.precision), u.device)
+    operand_dtype = _operand_dtype(params.precision)
+    consts = block_fft_constants(plan, operand_dtype, u.device)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
+    scratch = params.kernel_spectrum == "scratch"
+    # Per-program k spectrum: float16 like the operands it multiplies in the fp16 mode (its
+    # values are at most sqrt(N)/2 on max-scaled k), else float32. Written before it is read.
+    kspec = torch.empty(params.programs if scratch else 1, 2 * params.blocks * plan.fft_size,
+                        dtype=operand_dtype, device=u.device)
     launch(
-        _fftconv_fwd_kernel, (params.groups, channels),
-        u, k, D, gate_in, gate_out, dropout_mask, y, *consts,
-        batch, channels, seqlen, k.shape[-1], params.stacks_per_program, float(plan.fft_size) ** 0.5,
+        _fftconv_fwd_kernel, (params.programs,),
+        u, k, D, gate_in, gate_out, dropout_mask, y, kspec, *consts,
+        batch, channels, seqlen, k.shape[-1], channels * params.groups, params.groups, params.stacks_per_item,
+        float(plan.fft_size) ** 0.5,
         *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
-        P=params.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
+        KSPEC_SCRATCH=scratch, PREFETCH=params.prefetch, ONE_ITEM=params.programs == channels * params.groups,
+        P=params.pairs, BLOCKS=params.blocks, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, **_compile_options(params, u.is_cuda),
     )
     return y
 
@@ -297,36 +433,43 @@ def fftconv_fwd(
 @triton.jit
 def _fftconv_bwd_kernel(
     dy_ptr, u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr,
-    du_ptr, dk_ptr, dd_ptr, dgate_in_ptr, dgate_out_ptr, dk_spec_ptr,
+    du_ptr, dk_ptr, dd_ptr, dgate_in_ptr, dgate_out_ptr, dk_spec_ptr, kspec_ptr,
     w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr,
     batch, channels, seqlen, kernel_len, stacks, sqrt_n,
     sdy_b, sdy_h, sdy_l, su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l,
     sm_b, sm_h, sdk_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
-    GELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
-    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+    GELU: tl.constexpr, HAS_MASK: tl.constexpr, KSPEC_SCRATCH: tl.constexpr,
+    P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     h = tl.program_id(0)  # one program owns every row of its channel: dk and dD in a fixed order
     M: tl.constexpr = N2 * N3
     HALF: tl.constexpr = N1 // 2
-    t, p = _natural_times(P, M, HALF)
+    R: tl.constexpr = P * BLOCKS
+    t, pair = _stack_times(P, BLOCKS, M, HALF)
     in_seq = t < seqlen
-    k0, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, M, HALF, PRECISION)
+    k0, k_scale = _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS, M, HALF, PRECISION)
     out_scale = sqrt_n * k_scale
     d = 0.0
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
     stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
-    # This channel's dk spectrum S = sum over pairs of U dc * conj(U x), planes (2, N) in the
-    # chunked order; rewritten (not read) by the first stack, so it needs no zeroing.
-    spec_ptr = dk_spec_ptr + h * 2 * N1 * M
-    spec_offs = tl.arange(0, CHUNK * N2)[:, None] * N3 + tl.arange(0, N3)[None, :]
+    kspec = kspec_ptr + h * (2 * BLOCKS * N1 * M)
+    if KSPEC_SCRATCH:
+        # k's spectrum once for all of the channel's stacks (read back by every chunk).
+        store_kernel_spectrum(k0, kspec, w1_ptr, w1i_ptr, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        tl.debug_barrier()
+    # This channel's dk spectrum S = sum over pairs of U dc * conj(U x) (block-mixed, see
+    # blockfft3.block_product), planes (2, BLOCKS * N) in the chunked order; rewritten (not
+    # read) by the first stack, so it needs no zeroing.
+    spec_ptr = dk_spec_ptr + h * 2 * BLOCKS * N1 * M
+    spec_offs = spectrum_offsets(BLOCKS * CHUNK * N2, N3)
     dd = 0.0
     scale_sum = 0.0
 
     for it in tl.range(0, stacks):
-        b_a, b_b, valid_a, valid_b = _stack_rows(0, it, stacks, p, batch, P)
+        b_a, b_b, valid_a, valid_b = _stack_rows(0, it, stacks, pair, batch, P)
         ua = load_stack(u_ptr, b_a * su_b + h * su_h, valid_a, t, seqlen, su_l)
         ub = load_stack(u_ptr, b_b * su_b + h * su_h, valid_b, t, seqlen, su_l)
         xa, xb = ua, ub
@@ -334,9 +477,9 @@ def _fftconv_bwd_kernel(
             gia = load_stack(gate_in_ptr, b_a * sgi_b + h * sgi_h, valid_a, t, seqlen, sgi_l)
             gib = load_stack(gate_in_ptr, b_b * sgi_b + h * sgi_h, valid_b, t, seqlen, sgi_l)
             xa, xb = ua * gia, ub * gib
-        sxa = _row_scale(xa, PRECISION)
-        sxb = _row_scale(xb, PRECISION)
-        x0 = interleave(_to_stack(xa / sxa, P, M, HALF), _to_stack(xb / sxb, P, M, HALF), PRECISION)
+        sxa = _pair_scale(xa, BLOCKS, PRECISION)
+        sxb = _pair_scale(xb, BLOCKS, PRECISION)
+        x0 = interleave(_to_stack(xa / sxa, R, M, HALF), _to_stack(xb / sxb, R, M, HALF), PRECISION)
         dca = load_stack(dy_ptr, b_a * sdy_b + h * sdy_h, valid_a, t, seqlen, sdy_l)
         dcb = load_stack(dy_ptr, b_b * sdy_b + h * sdy_h, valid_b, t, seqlen, sdy_l)
         if HAS_MASK:
@@ -344,10 +487,10 @@ def _fftconv_bwd_kernel(
             mb = tl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(tl.float32)
         if GELU or HAS_GATE_OUT:
             # Recompute the pre-activation c = conv(x, k) + D x rather than storing it.
-            cr, ci = deinterleave(convolve_stack(x0, k0, w1_ptr, w1i_ptr, stage, True, False,
-                                                 P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG))
-            ca = _to_memory(cr, P, M, HALF) * (sxa * out_scale) + d * xa
-            cb = _to_memory(ci, P, M, HALF) * (sxb * out_scale) + d * xb
+            cr, ci = deinterleave(convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, True, False, KSPEC_SCRATCH,
+                                                 P, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG))
+            ca = _to_memory(cr, R, M, HALF) * (sxa * out_scale) + d * xa
+            cb = _to_memory(ci, R, M, HALF) * (sxb * out_scale) + d * xb
             if HAS_GATE_OUT:
                 act_a, act_b = ca, cb
                 if GELU:
@@ -369,35 +512,37 @@ def _fftconv_bwd_kernel(
             dd += tl.sum(tl.sum(tl.sum(dca * xa + dcb * xb, axis=2), axis=1), axis=0)
         # Scale dc's rows so both rows of a pair carry the same product of scales q: the real
         # part of U dc * conj(U x) is then (dc_a x_a + dc_b x_b) / q, what dk needs.
-        q = tl.maximum(_row_scale(dca, PRECISION) * sxa, _row_scale(dcb, PRECISION) * sxb)  # (P, 1, 1)
+        q = tl.maximum(_pair_scale(dca, BLOCKS, PRECISION) * sxa, _pair_scale(dcb, BLOCKS, PRECISION) * sxb)
         dsa = q / sxa
         dsb = q / sxb
-        g0 = interleave(_to_stack(dca / dsa, P, M, HALF), _to_stack(dcb / dsb, P, M, HALF), PRECISION)
-        scale_sum += tl.sum(tl.reshape(q, (P,)), axis=0)
+        g0 = interleave(_to_stack(dca / dsa, R, M, HALF), _to_stack(dcb / dsb, R, M, HALF), PRECISION)
+        scale_sum += tl.sum(tl.reshape(q, (R,)), axis=0)
 
         # One walk over the spectrum: du = corr(dc, k), and q U dc conj(U x) summed into S.
-        acc = tl.zeros((P * M, N1), dtype=tl.float32)
+        acc = tl.zeros((R * M, N1), dtype=tl.float32)
         for chunk_start in tl.range(0, N1, CHUNK):
             w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-            kr, ki = forward_chunk(k0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-            gr, gi = forward_chunk(g0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-            xr, xi = forward_chunk(x0, w1, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-            pr = tl.reshape(gr * xr + gi * xi, (P, CHUNK * N2, N3)) * q
-            pi = tl.reshape(gi * xr - gr * xi, (P, CHUNK * N2, N3)) * q
-            offs = chunk_start * M + spec_offs
+            kr, ki = kernel_chunk(k0, kspec, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3, CHUNK,
+                                  PRECISION, FAST_TRIG)
+            gr, gi = forward_chunk(g0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            xr, xi = forward_chunk(x0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            pr, pi = block_product(gr, gi, xr, xi, chunk_start, P, BLOCKS, True, N2)
+            pr = tl.reshape(tl.reshape(pr, (R, CHUNK * N2, N3)) * q, (P, BLOCKS * CHUNK * N2, N3))
+            pi = tl.reshape(tl.reshape(pi, (R, CHUNK * N2, N3)) * q, (P, BLOCKS * CHUNK * N2, N3))
+            offs = chunk_start * (BLOCKS * M) + spec_offs
             first = it == 0
             sr = tl.load(spec_ptr + offs, mask=(offs >= 0) & ~first, other=0.0) + tl.sum(pr, axis=0)
-            si = tl.load(spec_ptr + N1 * M + offs, mask=(offs >= 0) & ~first, other=0.0) + tl.sum(pi, axis=0)
+            si = tl.load(spec_ptr + BLOCKS * N1 * M + offs, mask=(offs >= 0) & ~first, other=0.0) + tl.sum(pi, axis=0)
             tl.store(spec_ptr + offs, sr)
-            tl.store(spec_ptr + N1 * M + offs, si)
-            er, ei = multiply_spectra(gr, gi, kr, ki, P, True)
-            acc = inverse_chunk(er, ei, acc, w1i, chunk_start, stage, P, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+            tl.store(spec_ptr + BLOCKS * N1 * M + offs, si)
+            er, ei = block_product(gr, gi, kr, ki, chunk_start, P, BLOCKS, True, N2)
+            acc = inverse_chunk(er, ei, acc, w1i, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         # The next stack (and the dk transform below) reads S, possibly from other threads.
         tl.debug_barrier()
 
         yr, yi = deinterleave(acc)
-        dxa = _to_memory(yr, P, M, HALF) * (dsa * out_scale) + d * dca
-        dxb = _to_memory(yi, P, M, HALF) * (dsb * out_scale) + d * dcb
+        dxa = _to_memory(yr, R, M, HALF) * (dsa * out_scale) + d * dca
+        dxb = _to_memory(yi, R, M, HALF) * (dsb * out_scale) + d * dcb
         if HAS_GATE_IN:
             dgi_ty = dgate_in_ptr.dtype.element_ty
             tl.store(dgate_in_ptr + (b_a * channels + h) * seqlen + t, (dxa * ua).to(dgi_ty),
@@ -409,18 +554,18 @@ def _fftconv_bwd_kernel(
         tl.store(du_ptr + (b_a * channels + h) * seqlen + t, dxa.to(du_ty), mask=valid_a & in_seq)
         tl.store(du_ptr + (b_b * channels + h) * seqlen + t, dxb.to(du_ty), mask=valid_b & in_seq)
 
-    # dk = corr(dc, x)[:Lk] summed over the batch = sqrt(N) Re(U^H S); S / sum(q) keeps the
-    # float16 operands in range (each pair's term is at most N/2 in magnitude).
-    acc = tl.zeros((M, N1), dtype=tl.float32)
+    # dk = corr(dc, x)[:Lk] summed over the batch = sqrt(N) Re(U^H S) per block; S / sum(q)
+    # keeps the float16 operands in range (each pair's term is at most N/2 in magnitude).
+    acc = tl.zeros((BLOCKS * M, N1), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
         unused_w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-        offs = chunk_start * M + spec_offs
+        offs = chunk_start * (BLOCKS * M) + spec_offs
         sr = tl.load(spec_ptr + offs) / scale_sum
-        si = tl.load(spec_ptr + N1 * M + offs) / scale_sum
-        acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        si = tl.load(spec_ptr + BLOCKS * N1 * M + offs) / scale_sum
+        acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
     dk_re, unused_dk_im = deinterleave(acc)
-    tk, unused_pair = _natural_times(1, M, HALF)
-    tl.store(dk_ptr + h * sdk_h + tk, (_to_memory(dk_re, 1, M, HALF) * (sqrt_n * scale_sum)).to(dk_ptr.dtype.element_ty),
+    tk, unused_pair = _stack_times(1, BLOCKS, M, HALF)
+    tl.store(dk_ptr + h * sdk_h + tk, (_to_memory(dk_re, BLOCKS, M, HALF) * (sqrt_n * scale_sum)).to(dk_ptr.dtype.element_ty),
              mask=tk < kernel_len)
     if HAS_D:
         tl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
@@ -449,17 +594,19 @@ def fftconv_bwd(
     dD = alloc(D.shape, dtype=D.dtype, device=D.device) if D is not None else None
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
-    dk_spectrum = torch.empty(channels, 2, plan.fft_size, dtype=torch.float32, device=u.device)
-    stacks = triton.cdiv(triton.cdiv(batch, 2), params.pairs)
+    dk_spectrum = torch.empty(channels, 2 * params.blocks * plan.fft_size, dtype=torch.float32, device=u.device)
+    scratch = params.kernel_spectrum == "scratch"
+    kspec = torch.empty(channels if scratch else 1, 2 * params.blocks * plan.fft_size,
+                        dtype=_operand_dtype(params.precision), device=u.device)
     launch(
         _fftconv_bwd_kernel, (channels,),
-        grad_y, u, k, D, gate_in, gate_out, dropout_mask, du, dk, dD, dgate_in, dgate_out, dk_spectrum,
-        *consts, batch, channels, seqlen, k.shape[-1], stacks, float(plan.fft_size) ** 0.5,
+        grad_y, u, k, D, gate_in, gate_out, dropout_mask, du, dk, dD, dgate_in, dgate_out, dk_spectrum, kspec,
+        *consts, batch, channels, seqlen, k.shape[-1], params.stacks_per_item, float(plan.fft_size) ** 0.5,
         *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
         *_strides(dropout_mask, 2), dk.stride(0),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
-        GELU=gelu, HAS_MASK=dropout_mask is not None,
-        P=params.pairs, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
+        GELU=gelu, HAS_MASK=dropout_mask is not None, KSPEC_SCRATCH=scratch,
+        P=params.pairs, BLOCKS=params.blocks, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, **_compile_options(params, u.is_cuda),
     )
     return du, dk, dD, dgate_in, dgate_out
