@@ -72,7 +72,7 @@ def test_non_causal_mixer_needs_causal_false():
 
 
 def test_bad_configuration():
-    with pytest.raises(ValueError, match="unknown mixer 'mamba'; choose one of 'h3', 'longconv', 'butterfly', 'attention'"):
+    with pytest.raises(ValueError, match="unknown mixer 'mamba'; choose one of 'h3', 'h3-longconv', 'longconv', 'butterfly', 'attention'"):
         LongConvLM(10, d_model=8, l_max=8, mixer="mamba")
     with pytest.raises(ValueError, match="d_model = 12 is not divisible by head_dim = 5"):
         LongConvLM(10, d_model=12, l_max=8, mixer="h3", mixer_options={"head_dim": 5})
@@ -83,9 +83,12 @@ def test_bad_configuration():
     model = LongConvLM(10, d_model=8, l_max=8)
     with pytest.raises(ValueError, match="L = 9 exceeds l_max = 8"):
         model(torch.randint(0, 10, (1, 9)))
-    with pytest.raises(ValueError, match="needs l_max"):
-        make_mixer("h3", 8, None)
-    assert set(MIXERS) == {"h3", "longconv", "butterfly", "attention"}
+    for name in ("longconv", "butterfly", "h3-longconv"):
+        with pytest.raises(ValueError, match=r"l_max is required: the learned long kernel .* pass l_max="):
+            make_mixer(name, 8, None)
+    with pytest.raises(ValueError, match="mixer 'h3-longconv' sets kernel='longconv'; got kernel='ssm'"):
+        make_mixer("h3-longconv", 8, 16, kernel="ssm")
+    assert set(MIXERS) == {"h3", "h3-longconv", "longconv", "butterfly", "attention"}
 
 
 def test_attention_mixer_padding_and_bidirectional():

@@ -95,10 +95,11 @@ def test_decoder_keeps_cross_attention():
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="unknown mixer 'attention'; choose one of 'h3', 'longconv', 'butterfly'"):
+    with pytest.raises(ValueError, match="unknown mixer 'attention'; choose one of 'h3', 'h3-longconv', 'longconv', 'butterfly'"):
         swap_attention(encoder(True), "attention", l_max=8)
-    with pytest.raises(ValueError, match="l_max is required for TransformerEncoderLayer at layers.0"):
-        swap_attention(encoder(True), "h3")
+    with pytest.raises(ValueError, match="mixer 'longconv' needs l_max for TransformerEncoderLayer at layers.0.*"
+                       "LongConv: l_max is required"):
+        swap_attention(encoder(True), "longconv")
     with pytest.raises(ValueError, match="nothing to swap in Sequential .*outside TransformerEncoderLayer"):
         swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), "h3", l_max=8)
     with pytest.raises(ValueError, match="nothing to swap in Linear \\(no attention modules\\)"):
