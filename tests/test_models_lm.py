@@ -105,3 +105,45 @@ def test_attention_mixer_padding_and_bidirectional():
     assert (bidirectional(x3) - bidirectional(x))[:, :6].abs().max() > 1e-6
     with pytest.raises(ValueError, match="even head_dim"):
         Attention(6, n_heads=2)
+
+
+def test_attention_step_equals_forward():
+    layer = Attention(16, n_heads=2).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    cache = layer.allocate_state(3, max_len=11)
+    outputs = []
+    for t in range(11):
+        y_t, cache = layer.step(x[:, t], cache)
+        outputs.append(y_t)
+    torch.testing.assert_close(torch.stack(outputs, 1), layer(x), rtol=1e-10, atol=1e-12)
+    assert cache.length == 11
+    with pytest.raises(ValueError, match="the cache holds 11 tokens and is full"):
+        layer.step(x[:, 0], cache)
+    with pytest.raises(ValueError, match="decoding needs causal=True"):
+        Attention(16, n_heads=2, causal=False).allocate_state(1, 4)
+
+
+@pytest.mark.parametrize("mixer,options", [("h3", {"head_dim": 2}), ("attention", {})])
+def test_lm_step_equals_forward(mixer, options):
+    model = LongConvLM(30, d_model=16, n_layers=2, l_max=None, mixer=mixer, mixer_options=options).double()
+    ids = torch.randint(0, 30, (2, 13))
+    states = model.allocate_state(2, max_len=13)
+    logits = []
+    for t in range(13):
+        step_logits, states = model.step(ids[:, t], states)
+        logits.append(step_logits)
+    torch.testing.assert_close(torch.stack(logits, 1), model(ids), rtol=1e-9, atol=1e-10)
+
+
+def test_lm_step_refusals():
+    with pytest.raises(ValueError, match="attention's KV cache needs max_len"):
+        LongConvLM(10, d_model=8, l_max=None, mixer="attention").allocate_state(1)
+    with pytest.raises(ValueError, match="mixer 'longconv' has no recurrent step"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="longconv").allocate_state(1)
+
+
+def test_h3_longconv_lm_compiled_equals_eager():
+    model = LongConvLM(40, d_model=16, n_layers=2, l_max=32, mixer="h3-longconv", mixer_options={"head_dim": 2})
+    assert model.blocks[0].mixer.kernel_type == "longconv"
+    ids = torch.randint(0, 40, (2, 32))
+    torch.testing.assert_close(torch.compile(model)(ids), model(ids), rtol=1e-5, atol=1e-5)

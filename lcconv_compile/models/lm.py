@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import check_positive
+from .attention import Attention
 from .mixers import make_mixer
 
 __all__ = ["LongConvLM", "Block"]
@@ -89,6 +90,32 @@ class LongConvLM(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.embedding.weight  # tied
         nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def allocate_state(self, batch_size: int, max_len: Optional[int] = None) -> list:
+        """Per-layer decoding states for :meth:`step` (``max_len``: the attention KV cache's size)."""
+        states = []
+        for block in self.blocks:
+            mixer = block.mixer
+            if not hasattr(mixer, "step"):
+                raise ValueError(f"LongConvLM.allocate_state: mixer {self.mixer_name!r} has no recurrent step")
+            if isinstance(mixer, Attention):
+                if max_len is None:
+                    raise ValueError("LongConvLM.allocate_state: attention's KV cache needs max_len")
+                states.append(mixer.allocate_state(batch_size, max_len))
+            else:
+                states.append(mixer.allocate_state(batch_size))
+        return states
+
+    def step(self, token_ids: Tensor, states: list) -> tuple[Tensor, list]:
+        """One token per sequence: ``token_ids`` ``(B,)`` -> ``(logits (B, vocab), next states)``."""
+        x = self.embedding(token_ids)
+        next_states = []
+        for block, state in zip(self.blocks, states):
+            y, state = block.mixer.step(block.norm_mixer(x), state)
+            x = x + y
+            x = x + block.mlp(block.norm_mlp(x))
+            next_states.append(state)
+        return self.head(self.norm(x)), next_states
 
     def forward(self, input_ids: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if input_ids.dim() != 2:
