@@ -53,7 +53,7 @@ __all__ = ["H3", "H3State", "vandermonde_chunk"]
 
 KERNELS = ("ssm", "longconv")
 # Options of each kernel and their defaults; an option of the other kernel is refused.
-SSM_OPTIONS = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1, "ssm_init": "lin"}
+SSM_OPTIONS = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1, "ssm_init": "lin", "c_scale": 1.0}
 LONGCONV_OPTIONS = {
     "squash_lambda": 1e-3, "smooth_radius": 0, "kernel_dropout": 0.0, "kernel_init": "geometric", "kernel_std": 0.02,
 }
@@ -93,6 +93,9 @@ class H3(nn.Module):
         dt_min, dt_max: range of the initial step sizes (log-uniform). Default 1e-3, 1e-1.
         ssm_init: ``"lin"`` (S4D-Lin, ``A_n = -1/2 + i pi n``: oscillating modes, as the H3 paper) or
             ``"real"`` (S4D-Real, ``A_n = -(n+1)``: smooth decaying kernels). Default ``"lin"``.
+        c_scale: multiplies the initial C (``C ~ c_scale * CN(0, 1)``). The kernel's amplitude is
+            about ``dt * |C|``, so the long-memory heads (small dt) start nearly silent; a larger C
+            let induction head learn faster at L = 256 on CPU (benchmarks/NOTES.md). Default 1.
 
     Options of ``kernel="longconv"`` (meaning and defaults as in LongConv): squash_lambda,
     smooth_radius, kernel_dropout, kernel_init, kernel_std.
@@ -143,11 +146,13 @@ class H3(nn.Module):
         else:
             self._init_longconv(**options, factory=factory)
 
-    def _init_ssm(self, *, d_state, dt_min, dt_max, ssm_init, factory) -> None:
+    def _init_ssm(self, *, d_state, dt_min, dt_max, ssm_init, c_scale, factory) -> None:
         check_positive("H3", d_state=d_state)
         if d_state % 2:
             raise ValueError(f"H3: d_state must be even (N/2 complex conjugate pairs), got {d_state}")
         check_choice("H3", "ssm_init", ssm_init, ("lin", "real"))
+        if not c_scale > 0:
+            raise ValueError(f"H3: c_scale must be > 0, got {c_scale}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"H3: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.d_state, self.ssm_init = d_state, ssm_init
@@ -164,7 +169,7 @@ class H3(nn.Module):
         self.log_A_real = nn.Parameter(torch.log(a_real))
         self.A_imag = nn.Parameter(a_imag)
         self.B = nn.Parameter(torch.stack([torch.ones(heads, modes, **factory), torch.zeros(heads, modes, **factory)], -1))
-        self.C = nn.Parameter(torch.randn(heads, modes, 2, **factory) * math.sqrt(0.5))
+        self.C = nn.Parameter(torch.randn(heads, modes, 2, **factory) * (c_scale * math.sqrt(0.5)))
 
     def _init_longconv(self, *, squash_lambda, smooth_radius, kernel_dropout, kernel_init, kernel_std, factory) -> None:
         check_kernel_options(
