@@ -107,15 +107,20 @@ def test_attention_mixer_padding_and_bidirectional():
         Attention(6, n_heads=2)
 
 
+def run_steps(step, inputs, state):
+    """Feed ``inputs[:, t]`` to ``step`` one position at a time; stacked outputs and the last state."""
+    outputs = []
+    for t in range(inputs.shape[1]):
+        out, state = step(inputs[:, t], state)
+        outputs.append(out)
+    return torch.stack(outputs, 1), state
+
+
 def test_attention_step_equals_forward():
     layer = Attention(16, n_heads=2).double()
     x = torch.randn(3, 11, 16, dtype=torch.float64)
-    cache = layer.allocate_state(3, max_len=11)
-    outputs = []
-    for t in range(11):
-        y_t, cache = layer.step(x[:, t], cache)
-        outputs.append(y_t)
-    torch.testing.assert_close(torch.stack(outputs, 1), layer(x), rtol=1e-10, atol=1e-12)
+    y, cache = run_steps(layer.step, x, layer.allocate_state(3, max_len=11))
+    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-12)
     assert cache.length == 11
     with pytest.raises(ValueError, match="the cache holds 11 tokens and is full"):
         layer.step(x[:, 0], cache)
@@ -127,12 +132,8 @@ def test_attention_step_equals_forward():
 def test_lm_step_equals_forward(mixer, options):
     model = LongConvLM(30, d_model=16, n_layers=2, l_max=None, mixer=mixer, mixer_options=options).double()
     ids = torch.randint(0, 30, (2, 13))
-    states = model.allocate_state(2, max_len=13)
-    logits = []
-    for t in range(13):
-        step_logits, states = model.step(ids[:, t], states)
-        logits.append(step_logits)
-    torch.testing.assert_close(torch.stack(logits, 1), model(ids), rtol=1e-9, atol=1e-10)
+    logits, _ = run_steps(model.step, ids, model.allocate_state(2, max_len=13))
+    torch.testing.assert_close(logits, model(ids), rtol=1e-9, atol=1e-10)
 
 
 def test_lm_step_refusals():

@@ -39,17 +39,8 @@ def conv_implementation(name: str) -> Iterator[None]:
         _current = outer
 
 
-def long_conv(
-    u: Tensor,
-    k: Tensor,
-    D: Optional[Tensor] = None,
-    *,
-    gate_in: Optional[Tensor] = None,
-    gate_out: Optional[Tensor] = None,
-    gelu: bool = False,
-    dropout_mask: Optional[Tensor] = None,
-) -> Tensor:
-    """``lcconv_compile.fftconv(u, k, D, ...)`` through the current implementation."""
+def long_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, **options) -> Tensor:
+    """``lcconv_compile.fftconv(u, k, D, **options)`` (gates, gelu, dropout_mask) through the current implementation."""
     if _current == "reference":
-        return reference.fftconv_ref(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-    return fftconv(u, k, D, gate_in=gate_in, gate_out=gate_out, gelu=gelu, dropout_mask=dropout_mask)
+        return reference.fftconv_ref(u, k, D, **options)
+    return fftconv(u, k, D, **options)
