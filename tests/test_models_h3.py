@@ -2,13 +2,40 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from lcconv_compile.models import H3
+from lcconv_compile import reference
+from lcconv_compile.models import H3, h3 as h3_module
+from lcconv_compile.models._conv import conv_implementation
+from lcconv_compile.models.longconv import smooth_kernel, squash_kernel
 from oracles import direct_causal_conv
 
 
 def make(d_model=8, l_max=40, **kw):
     return H3(d_model, l_max, **kw).double()
+
+
+def vandermonde_kernel(layer, seqlen):
+    """The S4D kernel through the full (H, N/2, L) Vandermonde matrix, in complex arithmetic."""
+    dt = layer.log_dt.exp()[:, None]
+    A = torch.complex(-layer.log_A_real.exp(), layer.A_imag)
+    B, C = torch.view_as_complex(layer.B), torch.view_as_complex(layer.C)
+    W = C * (torch.exp(dt * A) - 1) / A * B
+    steps = torch.arange(seqlen, dtype=torch.float64)
+    return 2 * (W[..., None] * torch.exp(dt[..., None] * A[..., None] * steps)).sum(1).real
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 def test_ssm_kernel_is_the_zoh_vandermonde_product():
@@ -21,14 +48,54 @@ def test_ssm_kernel_is_the_zoh_vandermonde_product():
     torch.testing.assert_close(layer.ssm_kernel(25), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("seqlen", [1, 2, 5, 64, 100, 1000])
+def test_chunked_kernel_and_its_gradients_equal_the_vandermonde_product(seqlen):
+    layer = make(d_state=10, ssm_init="lin")
+    with torch.no_grad():
+        layer.log_dt.copy_(torch.empty_like(layer.log_dt).uniform_(-7, -1))  # dt from 1e-3 to 0.4
+    params = [layer.log_dt, layer.log_A_real, layer.A_imag, layer.B, layer.C]
+    weights = torch.randn(8, seqlen, dtype=torch.float64)
+    got = layer.ssm_kernel(seqlen)
+    want = vandermonde_kernel(layer, seqlen)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grads_got = torch.autograd.grad((got * weights).sum(), params)
+    grads_want = torch.autograd.grad((want * weights).sum(), params)
+    for name, g, w in zip(["log_dt", "log_A_real", "A_imag", "B", "C"], grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_kernel_never_materialises_the_vandermonde_matrix():
+    heads, modes, seqlen = 8, 32, 4096
+    layer = H3(heads, d_state=2 * modes)
+    with LargestTensor() as mode:
+        kernel = layer.ssm_kernel(seqlen)
+        kernel.sum().backward()
+    assert kernel.shape == (heads, seqlen)
+    # The (H, N/2, L) matrix would hold 32 x more; the chunks' factors hold H*N*2*sqrt(L).
+    assert mode.largest <= heads * seqlen, mode.largest
+
+
+def test_kernel_stays_float32_under_bfloat16_autocast():
+    layer = H3(8, d_state=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernel = layer.ssm_kernel(300)
+    assert kernel.dtype == torch.float32
+    torch.testing.assert_close(kernel, layer.ssm_kernel(300))
+
+
+@pytest.mark.parametrize("kernel_type", ["ssm", "longconv"])
 @pytest.mark.parametrize("head_dim", [1, 2, 4])
-def test_forward_is_the_h3_formula(head_dim):
+def test_forward_is_the_h3_formula(head_dim, kernel_type):
     """q * (diag_conv(shift(k) (outer) v) + D kv), with direct O(L^2) convolutions."""
-    layer = make(head_dim=head_dim, shift_len=3)
+    layer = make(head_dim=head_dim, shift_len=3, kernel=kernel_type)
+    if kernel_type == "longconv":
+        with torch.no_grad():
+            layer.kernel_weight.normal_()  # O(1) taps: the long-kernel part must show in the output
     x = torch.randn(2, 21, 8, dtype=torch.float64)
     q, k, v = (proj(x).transpose(1, 2) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
     k = direct_causal_conv(k, layer.shift_kernel, layer.shift_D)
-    kernel = layer.ssm_kernel(21)
+    kernel = layer.ssm_kernel(21) if kernel_type == "ssm" else layer.kernel_weight[:, :21]
+    kernel = squash_kernel(kernel, layer.squash_lambda) if kernel_type == "longconv" else kernel
     heads, hd = layer.n_heads, head_dim
     y = torch.zeros(2, heads, hd, 21, dtype=torch.float64)
     for h in range(heads):
@@ -92,21 +159,27 @@ def test_float32_matches_float64():
     assert ((y32.double() - y64).norm() / y64.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("head_dim", [1, 2])
-def test_gradients_reach_every_parameter(head_dim):
-    layer = H3(8, 32, head_dim=head_dim)
+@pytest.mark.parametrize("head_dim,kernel_type", [(1, "ssm"), (2, "ssm"), (2, "longconv")])
+def test_gradients_reach_every_parameter(head_dim, kernel_type):
+    layer = H3(8, 32, head_dim=head_dim, kernel=kernel_type)
     layer(torch.randn(2, 32, 8)).square().mean().backward()
     for name, param in layer.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_compiled_equals_eager():
-    layer = H3(8, 32, head_dim=2)
+@pytest.mark.parametrize(
+    "options,kernel_param",
+    [({"head_dim": 2, "l_max": 32}, "log_dt"), ({"head_dim": 2}, "C"),
+     ({"kernel": "longconv", "l_max": 32, "smooth_radius": 1}, "kernel_weight")],
+)
+def test_compiled_equals_eager(options, kernel_param):
+    layer = H3(8, **options)
     x = torch.randn(2, 27, 8, requires_grad=True)
+    params = [x, getattr(layer, kernel_param), layer.shift_kernel]
     y_c = torch.compile(layer, fullgraph=True)(x)
-    grads_c = torch.autograd.grad(y_c.square().sum(), [x, layer.log_dt, layer.shift_kernel])
+    grads_c = torch.autograd.grad(y_c.square().sum(), params)
     y_e = layer(x)
-    grads_e = torch.autograd.grad(y_e.square().sum(), [x, layer.log_dt, layer.shift_kernel])
+    grads_e = torch.autograd.grad(y_e.square().sum(), params)
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
     for g_c, g_e in zip(grads_c, grads_e):
         torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-4)
@@ -132,11 +205,85 @@ def test_key_padding_positions_feed_no_one():
         (dict(d_model=8, d_state=5), "d_state must be even .* got 5"),
         (dict(d_model=8, shift_len=0), "shift_len must be a positive integer, got 0"),
         (dict(d_model=8, dt_min=0.1, dt_max=0.01), "dt_min=0.1, dt_max=0.01"),
+        (dict(d_model=8, c_scale=0.0), "c_scale must be > 0, got 0.0"),
+        (dict(d_model=8, kernel="fir"), "unknown kernel 'fir'; choose one of 'ssm', 'longconv'"),
+        (dict(d_model=8, squash_lambda=0.1), "option 'squash_lambda' belongs to the other kernel; kernel='ssm'"),
+        (dict(d_model=8, kernel="longconv", d_state=8), "option 'd_state' belongs to the other kernel"),
+        (dict(d_model=8, kernel="longconv", smooth_radius=9), "smooth_radius .* l_max = 16, got p = 9"),
     ],
 )
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
         H3(l_max=16, **kwargs)
+
+
+def test_c_scale_scales_the_initial_c():
+    torch.manual_seed(3)
+    plain = H3(8, d_state=16)
+    torch.manual_seed(3)
+    scaled = H3(8, d_state=16, c_scale=10.0)
+    torch.testing.assert_close(scaled.C, 10.0 * plain.C)
+    torch.testing.assert_close(scaled.ssm_kernel(50), 10.0 * plain.ssm_kernel(50))
+
+
+def test_longconv_kernel_needs_l_max_and_has_no_step():
+    with pytest.raises(ValueError, match=r"H3\(kernel='longconv'\): l_max is required"):
+        H3(8, kernel="longconv")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ssm_lr'"):
+        H3(8, ssm_lr=1e-3)
+    layer = H3(8, 16, kernel="longconv")
+    with pytest.raises(ValueError, match="H3.step: the recurrent form needs kernel='ssm'"):
+        layer.step(torch.randn(1, 8), None)
+    with pytest.raises(ValueError, match="H3.allocate_state: the recurrent form needs kernel='ssm'"):
+        layer.allocate_state(1)
+
+
+def test_longconv_kernel_is_the_longconv_parametrisation():
+    layer = make(kernel="longconv", smooth_radius=2, squash_lambda=0.01, kernel_std=0.1)
+    assert layer.kernel_weight.shape == (8, 40)
+    expected = squash_kernel(smooth_kernel(layer.kernel_weight, 2), 0.01)[:, :13]
+    torch.testing.assert_close(layer.kernel(13), expected)
+    # Geometric init, as LongConv: later taps decay for every head.
+    weight = layer.kernel_weight.detach().abs()
+    assert (weight[:, 30:].mean(1) < weight[:, :10].mean(1)).all()
+
+
+def test_l_max_is_optional_for_the_ssm_kernel():
+    unbounded = make(l_max=None, head_dim=2)
+    bounded = make(l_max=30, head_dim=2)
+    bounded.load_state_dict(unbounded.state_dict())
+    x = torch.randn(2, 30, 8, dtype=torch.float64)
+    torch.testing.assert_close(unbounded(x), bounded(x))
+    assert unbounded(torch.randn(1, 200, 8, dtype=torch.float64)).shape == (1, 200, 8)  # any length
+    assert "l_max=None" in repr(unbounded)
+
+
+@pytest.mark.parametrize("seqlen", [3, 40])
+def test_shift_ssm_passes_its_short_kernel(seqlen, monkeypatch):
+    layer = make(shift_len=4)
+    seen = []
+
+    def recording_conv(u, k, D=None, **options):
+        seen.append(k)
+        return reference.fftconv_ref(u, k, D, options.get("gate_in"), options.get("gate_out"))
+
+    monkeypatch.setattr(h3_module, "long_conv", recording_conv)
+    layer(torch.randn(2, seqlen, 8, dtype=torch.float64))
+    assert seen[0].shape == (8, min(4, seqlen))  # the shift taps, never zero-padded to L
+    torch.testing.assert_close(seen[0], layer.shift_kernel[:, :min(4, seqlen)])
+    assert seen[1].shape == (8, seqlen)
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_reference_implementation_switch_gives_the_same_layer(head_dim):
+    layer = make(head_dim=head_dim)
+    x = torch.randn(2, 33, 8, dtype=torch.float64)
+    with conv_implementation("reference"):
+        y_reference = layer(x)
+    torch.testing.assert_close(y_reference, layer(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown implementation 'torch'; choose one of \\('op', 'reference'\\)"):
+        with conv_implementation("torch"):
+            pass
 
 
 def test_bad_inputs():

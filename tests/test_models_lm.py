@@ -72,7 +72,7 @@ def test_non_causal_mixer_needs_causal_false():
 
 
 def test_bad_configuration():
-    with pytest.raises(ValueError, match="unknown mixer 'mamba'; choose one of 'h3', 'longconv', 'butterfly', 'attention'"):
+    with pytest.raises(ValueError, match="unknown mixer 'mamba'; choose one of 'h3', 'h3-longconv', 'longconv', 'butterfly', 'attention'"):
         LongConvLM(10, d_model=8, l_max=8, mixer="mamba")
     with pytest.raises(ValueError, match="d_model = 12 is not divisible by head_dim = 5"):
         LongConvLM(10, d_model=12, l_max=8, mixer="h3", mixer_options={"head_dim": 5})
@@ -83,9 +83,12 @@ def test_bad_configuration():
     model = LongConvLM(10, d_model=8, l_max=8)
     with pytest.raises(ValueError, match="L = 9 exceeds l_max = 8"):
         model(torch.randint(0, 10, (1, 9)))
-    with pytest.raises(ValueError, match="needs l_max"):
-        make_mixer("h3", 8, None)
-    assert set(MIXERS) == {"h3", "longconv", "butterfly", "attention"}
+    for name in ("longconv", "butterfly", "h3-longconv"):
+        with pytest.raises(ValueError, match=r"l_max is required: the learned long kernel .* pass l_max="):
+            make_mixer(name, 8, None)
+    with pytest.raises(ValueError, match="mixer 'h3-longconv' sets kernel='longconv'; got kernel='ssm'"):
+        make_mixer("h3-longconv", 8, 16, kernel="ssm")
+    assert set(MIXERS) == {"h3", "h3-longconv", "longconv", "butterfly", "attention"}
 
 
 def test_attention_mixer_padding_and_bidirectional():
@@ -102,3 +105,46 @@ def test_attention_mixer_padding_and_bidirectional():
     assert (bidirectional(x3) - bidirectional(x))[:, :6].abs().max() > 1e-6
     with pytest.raises(ValueError, match="even head_dim"):
         Attention(6, n_heads=2)
+
+
+def run_steps(step, inputs, state):
+    """Feed ``inputs[:, t]`` to ``step`` one position at a time; stacked outputs and the last state."""
+    outputs = []
+    for t in range(inputs.shape[1]):
+        out, state = step(inputs[:, t], state)
+        outputs.append(out)
+    return torch.stack(outputs, 1), state
+
+
+def test_attention_step_equals_forward():
+    layer = Attention(16, n_heads=2).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    y, cache = run_steps(layer.step, x, layer.allocate_state(3, max_len=11))
+    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-12)
+    assert cache.length == 11
+    with pytest.raises(ValueError, match="the cache holds 11 tokens and is full"):
+        layer.step(x[:, 0], cache)
+    with pytest.raises(ValueError, match="decoding needs causal=True"):
+        Attention(16, n_heads=2, causal=False).allocate_state(1, 4)
+
+
+@pytest.mark.parametrize("mixer,options", [("h3", {"head_dim": 2}), ("attention", {})])
+def test_lm_step_equals_forward(mixer, options):
+    model = LongConvLM(30, d_model=16, n_layers=2, l_max=None, mixer=mixer, mixer_options=options).double()
+    ids = torch.randint(0, 30, (2, 13))
+    logits, _ = run_steps(model.step, ids, model.allocate_state(2, max_len=13))
+    torch.testing.assert_close(logits, model(ids), rtol=1e-9, atol=1e-10)
+
+
+def test_lm_step_refusals():
+    with pytest.raises(ValueError, match="attention's KV cache needs max_len"):
+        LongConvLM(10, d_model=8, l_max=None, mixer="attention").allocate_state(1)
+    with pytest.raises(ValueError, match="mixer 'longconv' has no recurrent step"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="longconv").allocate_state(1)
+
+
+def test_h3_longconv_lm_compiled_equals_eager():
+    model = LongConvLM(40, d_model=16, n_layers=2, l_max=32, mixer="h3-longconv", mixer_options={"head_dim": 2})
+    assert model.blocks[0].mixer.kernel_type == "longconv"
+    ids = torch.randint(0, 40, (2, 32))
+    torch.testing.assert_close(torch.compile(model)(ids), model(ids), rtol=1e-5, atol=1e-5)

@@ -94,11 +94,23 @@ def test_decoder_keeps_cross_attention():
         model.layers[0].self_attn(tgt, memory, memory)
 
 
+@pytest.mark.parametrize("mixer,l_max", [("h3", None), ("h3-longconv", 16)])
+def test_h3_swaps_without_l_max_and_h3_longconv_with_it(mixer, l_max):
+    model = encoder(True)
+    report = swap_attention(model, mixer, l_max=l_max)
+    swapped = model.layers[0].self_attn.mixer
+    assert swapped.l_max == l_max and swapped.kernel_type == ("ssm" if mixer == "h3" else "longconv")
+    assert "H3" in str(report)
+    x = torch.randn(2, 16, 16)
+    assert model(x, mask=causal_mask(16), is_causal=True).shape == x.shape
+
+
 def test_refusals():
-    with pytest.raises(ValueError, match="unknown mixer 'attention'; choose one of 'h3', 'longconv', 'butterfly'"):
+    with pytest.raises(ValueError, match="unknown mixer 'attention'; choose one of 'h3', 'h3-longconv', 'longconv', 'butterfly'"):
         swap_attention(encoder(True), "attention", l_max=8)
-    with pytest.raises(ValueError, match="l_max is required for TransformerEncoderLayer at layers.0"):
-        swap_attention(encoder(True), "h3")
+    with pytest.raises(ValueError, match="mixer 'longconv' needs l_max for TransformerEncoderLayer at layers.0.*"
+                       "LongConv: l_max is required"):
+        swap_attention(encoder(True), "longconv")
     with pytest.raises(ValueError, match="nothing to swap in Sequential .*outside TransformerEncoderLayer"):
         swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), "h3", l_max=8)
     with pytest.raises(ValueError, match="nothing to swap in Linear \\(no attention modules\\)"):

@@ -64,7 +64,7 @@ def test_bad_task_configuration():
         associative_recall(2, 8, vocab_size=3)
 
 
-@pytest.mark.parametrize("mixer", ["h3", "butterfly"])
+@pytest.mark.parametrize("mixer", ["h3", "h3-longconv", "butterfly"])
 def test_training_script_runs_and_writes_json(mixer, tmp_path, capsys):
     out = tmp_path / "result.json"
     result = train_synthetic.main(
@@ -78,3 +78,11 @@ def test_training_script_runs_and_writes_json(mixer, tmp_path, capsys):
     assert saved["answer_accuracy"] == result["answer_accuracy"] and 0.0 <= saved["answer_accuracy"] <= 1.0
     assert saved["train_tokens_per_s"] > 0 and len(saved["history"]) == 4
     assert saved["answer_only_loss"] == (mixer == "butterfly")
+
+
+def test_training_script_passes_longconv_options():
+    args = train_synthetic.parse_args(["--mixer", "h3-longconv", "--seq-len", "16", "--d-model", "16",
+                                       "--head-dim", "4", "--squash-lambda", "0.01", "--smooth-radius", "2"])
+    layer = train_synthetic.build_model(args).blocks[0].mixer
+    assert (layer.kernel_type, layer.head_dim, layer.squash_lambda, layer.smooth_radius) == ("longconv", 4, 0.01, 2)
+    assert layer.kernel_weight.shape == (4, 16)

@@ -12,11 +12,25 @@ For input x (B, L, d_model), with ``H = d_model // head_dim`` heads of ``head_di
 Diagonal SSM (S4D, zero-order hold): per head h and state n (``d_state/2`` complex modes, each
 standing for a conjugate pair), ``A = -exp(log_A_real) + i A_imag``, ``dt = exp(log_dt)``,
 ``A_bar = exp(dt A)``, ``B_bar = (exp(dt A) - 1) / A * B``, and the kernel is the Vandermonde product
-``K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l)``. It is computed here in real arithmetic
-(``exp(dt A l) = exp(Re l) (cos(Im l) + i sin(Im l))``) so that ``torch.compile`` sees only real ops.
+``K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l)``. It is computed in real arithmetic (``torch.compile``
+sees only real ops) and without the ``(H, N/2, L)`` Vandermonde matrix: with ``l = c*T + j`` (chunks
+of T ~ sqrt(L) taps), ``A_bar^l = A_bar^(cT) A_bar^j``, so the kernel is one batched matrix product
+``(H, L/T, N/2) @ (H, N/2, T)`` whose factors hold ``O(H N sqrt(L))`` numbers (real part of a complex
+product: two real products, stacked into one). Autocast is off there: a bfloat16 Vandermonde
+product would lose the kernel's long tail.
 
-Both convolutions go through ``lcconv_compile.fftconv``. With ``head_dim == 1`` the gating is fused
-into the op: ``fftconv(v, K, D, gate_in=k, gate_out=q)`` is exactly ``q * (conv(k*v) + D*k*v)``.
+``kernel="longconv"`` (seed 000's language-model setting) replaces the diagonal SSM's kernel by a
+directly learned ``(H, l_max)`` kernel with Squash, Smooth and kernel dropout: the parametrisation
+of :class:`~lcconv_compile.models.LongConv` (its functions, not a copy). That layer needs ``l_max``
+and has no recurrent ``step``.
+
+Both convolutions go through ``lcconv_compile.fftconv`` (via ``_conv.long_conv``, which benchmarks
+can route through the reference math). The shift SSM passes its ``shift_len`` taps as a short
+kernel (never zero-padded to L: the op picks its short-kernel path). With ``head_dim == 1`` the
+gating is fused into the op: ``fftconv(v, K, D, gate_in=k, gate_out=q)`` is exactly
+``q * (conv(k*v) + D*k*v)``. With ``head_dim > 1`` the ``(B, H*head_dim^2, L)`` outer product is
+materialised: the op's ``(B, channels, L)`` form cannot express two stride-0 broadcasts over one
+channel axis, so fusing the outer product (as the H3 CUDA kernel does) needs a kernel of its own.
 
 ``step`` runs the same layer as a recurrence for generation, O(1) work per token: a shift register
 of the last ``shift_len - 1`` k values and the complex diagonal state ``x <- A_bar x + B_bar kv``.
@@ -29,14 +43,25 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lcconv_compile import fftconv
-
 from ._common import apply_key_padding, check_choice, check_divisible, check_positive, check_seqlen
+from ._conv import long_conv
+from .longconv import check_kernel_options, init_kernel_weight, regularised_kernel
 
-__all__ = ["H3", "H3State"]
+__all__ = ["H3", "H3State", "vandermonde_chunk"]
+
+KERNELS = ("ssm", "longconv")
+# Options of each kernel and their defaults; an option of the other kernel is refused.
+SSM_OPTIONS = {"d_state": 64, "dt_min": 1e-3, "dt_max": 1e-1, "ssm_init": "lin", "c_scale": 1.0}
+LONGCONV_OPTIONS = {
+    "squash_lambda": 1e-3, "smooth_radius": 0, "kernel_dropout": 0.0, "kernel_init": "geometric", "kernel_std": 0.02,
+}
+
+
+def vandermonde_chunk(seqlen: int) -> int:
+    """Taps per chunk of the SSM kernel: the power of two nearest above sqrt(seqlen)."""
+    return 1 << math.ceil(math.log2(seqlen) / 2) if seqlen > 1 else 1
 
 
 class H3State(NamedTuple):
@@ -51,46 +76,61 @@ class H3State(NamedTuple):
 
 
 class H3(nn.Module):
-    """H3 mixer; ``forward`` maps ``(B, L, d_model)`` to ``(B, L, d_model)`` for ``L <= l_max``.
+    """H3 mixer; ``forward`` maps ``(B, L, d_model)`` to ``(B, L, d_model)``.
 
     Args:
         d_model: channels; must be divisible by ``head_dim``.
-        l_max: longest sequence the convolutional forward accepts (``step`` has no limit).
+        l_max: optional longest sequence. With the SSM kernel it is only checked (the kernel is
+            generated for whatever L arrives; ``step`` has no limit); ``kernel="longconv"`` needs it
+            (the learned kernel's length).
         head_dim: channels per head; head_dim > 1 uses H3's outer-product heads.
-        d_state: diagonal-SSM state size N (N/2 complex modes); must be even.
+        kernel: ``"ssm"`` (S4D diagonal SSM, the paper's H3) or ``"longconv"`` (a learned long
+            kernel per head with Squash and Smooth, seed 000).
         shift_len: taps of the shift SSM's FIR filter (its state size).
-        dt_min, dt_max: range of the initial step sizes (log-uniform).
+
+    Options of ``kernel="ssm"``:
+        d_state: diagonal-SSM state size N (N/2 complex modes); must be even. Default 64.
+        dt_min, dt_max: range of the initial step sizes (log-uniform). Default 1e-3, 1e-1.
         ssm_init: ``"lin"`` (S4D-Lin, ``A_n = -1/2 + i pi n``: oscillating modes, as the H3 paper) or
-            ``"real"`` (S4D-Real, ``A_n = -(n+1)``: smooth decaying kernels).
+            ``"real"`` (S4D-Real, ``A_n = -(n+1)``: smooth decaying kernels). Default ``"lin"``.
+        c_scale: multiplies the initial C (``C ~ c_scale * CN(0, 1)``). The kernel's amplitude is
+            about ``dt * |C|``, so the long-memory heads (small dt) start nearly silent; a larger C
+            let induction head learn faster at L = 256 on CPU (benchmarks/NOTES.md). Default 1.
+
+    Options of ``kernel="longconv"`` (meaning and defaults as in LongConv): squash_lambda,
+    smooth_radius, kernel_dropout, kernel_init, kernel_std.
     """
 
     def __init__(
         self,
         d_model: int,
-        l_max: int,
+        l_max: Optional[int] = None,
         *,
         head_dim: int = 1,
-        d_state: int = 64,
+        kernel: str = "ssm",
         shift_len: int = 4,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        ssm_init: str = "lin",
         device=None,
         dtype=None,
+        **kernel_options,
     ):
         super().__init__()
-        check_positive("H3", d_model=d_model, l_max=l_max, d_state=d_state, shift_len=shift_len)
+        check_positive("H3", d_model=d_model, shift_len=shift_len)
+        if l_max is not None:
+            check_positive("H3", l_max=l_max)
         check_divisible("H3", d_model, "head_dim", head_dim)
-        if d_state % 2:
-            raise ValueError(f"H3: d_state must be even (N/2 complex conjugate pairs), got {d_state}")
-        check_choice("H3", "ssm_init", ssm_init, ("lin", "real"))
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"H3: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        check_choice("H3", "kernel", kernel, KERNELS)
+        defaults, other = (SSM_OPTIONS, LONGCONV_OPTIONS) if kernel == "ssm" else (LONGCONV_OPTIONS, SSM_OPTIONS)
+        for name in kernel_options:
+            if name in other:
+                raise ValueError(f"H3: option {name!r} belongs to the other kernel; kernel={kernel!r} takes "
+                                 f"{', '.join(defaults)}")
+            if name not in defaults:
+                raise TypeError(f"H3.__init__() got an unexpected keyword argument {name!r}")
+        options = {**defaults, **kernel_options}
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.l_max, self.head_dim = d_model, l_max, head_dim
+        self.d_model, self.l_max, self.head_dim, self.kernel_type = d_model, l_max, head_dim, kernel
         self.n_heads = d_model // head_dim
-        self.d_state, self.shift_len = d_state, shift_len
-        modes = d_state // 2
+        self.shift_len = shift_len
 
         self.q_proj = nn.Linear(d_model, d_model, **factory)
         self.k_proj = nn.Linear(d_model, d_model, **factory)
@@ -100,12 +140,28 @@ class H3(nn.Module):
         # Shift SSM: the FIR taps are the SSM's C (its A is the shift matrix, B = e_0).
         self.shift_kernel = nn.Parameter(torch.randn(d_model, shift_len, **factory) / math.sqrt(shift_len))
         self.shift_D = nn.Parameter(torch.randn(d_model, **factory))
+        self.D = nn.Parameter(torch.randn(self.n_heads, **factory))
+        if kernel == "ssm":
+            self._init_ssm(**options, factory=factory)
+        else:
+            self._init_longconv(**options, factory=factory)
 
-        # Diagonal SSM. S4D-Lin: A_n = -1/2 + i*pi*n; S4D-Real: A_n = -(n+1). B = 1, C ~ CN(0, 1).
-        heads = self.n_heads
+    def _init_ssm(self, *, d_state, dt_min, dt_max, ssm_init, c_scale, factory) -> None:
+        check_positive("H3", d_state=d_state)
+        if d_state % 2:
+            raise ValueError(f"H3: d_state must be even (N/2 complex conjugate pairs), got {d_state}")
+        check_choice("H3", "ssm_init", ssm_init, ("lin", "real"))
+        if not c_scale > 0:
+            raise ValueError(f"H3: c_scale must be > 0, got {c_scale}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"H3: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_state, self.ssm_init = d_state, ssm_init
+        heads, modes = self.n_heads, d_state // 2
+        # S4D-Lin: A_n = -1/2 + i*pi*n; S4D-Real: A_n = -(n+1). B = 1, C ~ CN(0, 1).
         log_dt = torch.rand(heads, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         self.log_dt = nn.Parameter(log_dt)
-        n = torch.arange(modes, device=device, dtype=dtype or torch.get_default_dtype()).repeat(heads, 1)
+        real = factory["dtype"] or torch.get_default_dtype()
+        n = torch.arange(modes, device=factory["device"], dtype=real).repeat(heads, 1)
         if ssm_init == "lin":
             a_real, a_imag = torch.full_like(n, 0.5), math.pi * n
         else:
@@ -113,8 +169,17 @@ class H3(nn.Module):
         self.log_A_real = nn.Parameter(torch.log(a_real))
         self.A_imag = nn.Parameter(a_imag)
         self.B = nn.Parameter(torch.stack([torch.ones(heads, modes, **factory), torch.zeros(heads, modes, **factory)], -1))
-        self.C = nn.Parameter(torch.randn(heads, modes, 2, **factory) * math.sqrt(0.5))
-        self.D = nn.Parameter(torch.randn(heads, **factory))
+        self.C = nn.Parameter(torch.randn(heads, modes, 2, **factory) * (c_scale * math.sqrt(0.5)))
+
+    def _init_longconv(self, *, squash_lambda, smooth_radius, kernel_dropout, kernel_init, kernel_std, factory) -> None:
+        check_kernel_options(
+            "H3(kernel='longconv')", self.l_max, squash_lambda=squash_lambda, smooth_radius=smooth_radius,
+            kernel_dropout=kernel_dropout, kernel_init=kernel_init,
+        )
+        self.squash_lambda, self.smooth_radius, self.kernel_dropout = squash_lambda, smooth_radius, kernel_dropout
+        self.kernel_init, self.kernel_std = kernel_init, kernel_std
+        self.kernel_weight = nn.Parameter(torch.empty(self.n_heads, self.l_max, **factory))
+        init_kernel_weight(self.kernel_weight, kernel_init, kernel_std)
 
     @property
     def is_causal(self) -> bool:
@@ -141,13 +206,39 @@ class H3(nn.Module):
         return dta_re, dta_im, w_re, w_im
 
     def ssm_kernel(self, seqlen: int) -> Tensor:
-        """The diagonal SSM's kernel ``K[h, l] = 2 Re(sum_n W_n exp(dt A_n l))``, shape ``(H, seqlen)``."""
-        dta_re, dta_im, w_re, w_im = self._discretised()
-        steps = torch.arange(seqlen, device=dta_re.device, dtype=dta_re.dtype)
-        decay = torch.exp(dta_re.unsqueeze(-1) * steps)  # (H, N/2, L)
-        phase = dta_im.unsqueeze(-1) * steps
-        terms = decay * (w_re.unsqueeze(-1) * torch.cos(phase) - w_im.unsqueeze(-1) * torch.sin(phase))
-        return 2.0 * terms.sum(dim=1)
+        """The diagonal SSM's kernel ``K[h, l] = 2 Re(sum_n W_n exp(dt A_n l))``, shape ``(H, seqlen)``.
+
+        Chunked Vandermonde product (module docstring): peak memory O(H*L + H*N*sqrt(L)).
+        """
+        dta_re, dta_im, w_re, w_im = self._discretised()  # (H, M), M = N/2
+        chunk = vandermonde_chunk(seqlen)
+        n_chunks = -(-seqlen // chunk)
+        with torch.autocast(device_type=dta_re.device.type, enabled=False):
+            inner = torch.arange(chunk, device=dta_re.device, dtype=dta_re.dtype)
+            outer = torch.arange(n_chunks, device=dta_re.device, dtype=dta_re.dtype) * chunk
+            # Row factor W * A_bar^(c*T): (H, n_chunks, M), complex as (re, im).
+            row_decay = torch.exp(dta_re.unsqueeze(1) * outer.unsqueeze(-1))
+            row_phase = dta_im.unsqueeze(1) * outer.unsqueeze(-1)
+            row_cos, row_sin = torch.cos(row_phase), torch.sin(row_phase)
+            w_re, w_im = w_re.unsqueeze(1), w_im.unsqueeze(1)
+            row_re = row_decay * (w_re * row_cos - w_im * row_sin)
+            row_im = row_decay * (w_re * row_sin + w_im * row_cos)
+            # Column factor A_bar^j: (H, M, T).
+            col_decay = torch.exp(dta_re.unsqueeze(-1) * inner)
+            col_phase = dta_im.unsqueeze(-1) * inner
+            col_re, col_im = col_decay * torch.cos(col_phase), col_decay * torch.sin(col_phase)
+            # Re(row @ col) = row_re @ col_re - row_im @ col_im, as one product over 2M.
+            blocks = torch.cat([row_re, -row_im], dim=-1) @ torch.cat([col_re, col_im], dim=1)  # (H, n_chunks, T)
+        return 2.0 * blocks.reshape(self.n_heads, n_chunks * chunk)[:, :seqlen]
+
+    def kernel(self, seqlen: int) -> Tensor:
+        """The per-head long kernel for a sequence of ``seqlen``: ``(H, seqlen)`` (SSM or learned)."""
+        if self.kernel_type == "ssm":
+            return self.ssm_kernel(seqlen)
+        return regularised_kernel(
+            self.kernel_weight, seqlen, smooth_radius=self.smooth_radius, squash_lambda=self.squash_lambda,
+            kernel_dropout=self.kernel_dropout, training=self.training,
+        )
 
     # ------------------------------------------------------------------------ parallel form --
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -161,18 +252,19 @@ class H3(nn.Module):
         k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
         v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)  # (B, d_model, L)
 
+        # The shift SSM's taps as a short kernel (Lk = shift_len): the op's short-kernel path.
         shift_taps = self.shift_kernel[:, : min(self.shift_len, seqlen)]
-        k = fftconv(k, shift_taps, self.shift_D)
-        ssm_kernel = self.ssm_kernel(seqlen)  # (H, L)
+        k = long_conv(k, shift_taps, self.shift_D)
+        head_kernel = self.kernel(seqlen)  # (H, L)
         if hd == 1:
-            y = fftconv(v, ssm_kernel, self.D, gate_in=k, gate_out=q)
+            y = long_conv(v, head_kernel, self.D, gate_in=k, gate_out=q)
         else:
             # Outer-product heads: channel (h, i, j) carries k_{h,i} * v_{h,j}; all share head h's kernel.
             kv = k.view(batch, heads, hd, 1, seqlen) * v.view(batch, heads, 1, hd, seqlen)
             pairs = hd * hd
-            kernel = ssm_kernel.unsqueeze(1).expand(heads, pairs, seqlen).reshape(heads * pairs, seqlen)
+            kernel = head_kernel.unsqueeze(1).expand(heads, pairs, seqlen).reshape(heads * pairs, seqlen)
             skip = self.D.unsqueeze(1).expand(heads, pairs).reshape(heads * pairs)
-            s = fftconv(kv.reshape(batch, heads * pairs, seqlen), kernel, skip)
+            s = long_conv(kv.reshape(batch, heads * pairs, seqlen), kernel, skip)
             s = s.view(batch, heads, hd, hd, seqlen)
             y = (q.view(batch, heads, hd, 1, seqlen) * s).sum(dim=2).reshape(batch, self.d_model, seqlen)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
@@ -180,6 +272,7 @@ class H3(nn.Module):
     # ----------------------------------------------------------------------- recurrent form --
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> H3State:
         """The zero state before the first token (dtype: the real dtype of the parameters)."""
+        self._check_recurrent("allocate_state")
         real = dtype or self.q_proj.weight.dtype
         device = device or self.q_proj.weight.device
         complex_dtype = torch.complex128 if real == torch.float64 else torch.complex64
@@ -192,6 +285,7 @@ class H3(nn.Module):
 
     def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
         """One token: ``x_t`` ``(B, d_model)`` -> ``(y_t (B, d_model), next state)``; O(1) in the position."""
+        self._check_recurrent("step")
         if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"H3.step: expected x_t of shape (B, d_model={self.d_model}), got {tuple(x_t.shape)}")
         batch, heads, hd = x_t.shape[0], self.n_heads, self.head_dim
@@ -213,6 +307,13 @@ class H3(nn.Module):
         y = (q.view(batch, heads, hd, 1) * s).sum(dim=2).reshape(batch, self.d_model)
         return self.out_proj(y.to(x_t.dtype)), H3State(next_shift, next_ssm)
 
+    def _check_recurrent(self, method: str) -> None:
+        if self.kernel_type != "ssm":
+            raise ValueError(
+                f"H3.{method}: the recurrent form needs kernel='ssm' (a finite diagonal state); "
+                f"kernel={self.kernel_type!r} has none (generate by running the forward on the prefix)"
+            )
+
     def _b_bar(self) -> Tensor:
         """``B_bar = (exp(dt A) - 1) / A * B`` as a complex ``(H, N/2)`` tensor (for ``step``)."""
         dt = torch.exp(self.log_dt).unsqueeze(-1)
@@ -220,7 +321,11 @@ class H3(nn.Module):
         return (torch.exp(dt * a) - 1.0) / a * torch.view_as_complex(self.B.contiguous())
 
     def extra_repr(self) -> str:
+        if self.kernel_type == "ssm":
+            kernel = f"d_state={self.d_state}, ssm_init={self.ssm_init!r}"
+        else:
+            kernel = f"squash_lambda={self.squash_lambda}, smooth_radius={self.smooth_radius}, kernel_dropout={self.kernel_dropout}"
         return (
-            f"d_model={self.d_model}, l_max={self.l_max}, head_dim={self.head_dim}, "
-            f"d_state={self.d_state}, shift_len={self.shift_len}"
+            f"d_model={self.d_model}, l_max={self.l_max}, head_dim={self.head_dim}, kernel={self.kernel_type!r}, "
+            f"{kernel}, shift_len={self.shift_len}"
         )

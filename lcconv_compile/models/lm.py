@@ -1,8 +1,8 @@
 """``LongConvLM``: a small causal language model whose sequence mixer is selectable by name.
 
 Embedding -> N pre-norm residual blocks (``x + mixer(norm(x))``, ``x + mlp(norm(x))``) -> final
-norm -> head tied to the embedding. Mixers: ``"h3"``, ``"longconv"``, ``"butterfly"``,
-``"attention"`` (see :mod:`lcconv_compile.models.mixers`). Used by the synthetic-task script and
+norm -> head tied to the embedding. Mixers: ``"h3"``, ``"h3-longconv"``, ``"longconv"``,
+``"butterfly"``, ``"attention"`` (see :mod:`lcconv_compile.models.mixers`). Used by the synthetic-task script and
 the model benchmarks; it holds no training logic.
 
 ``causal=True`` (the default) refuses a mixer that is not causal (a bidirectional LongConv, or a
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._common import check_positive
+from .attention import Attention
 from .mixers import make_mixer
 
 __all__ = ["LongConvLM", "Block"]
@@ -46,8 +47,9 @@ class LongConvLM(nn.Module):
 
     Args:
         vocab_size, d_model, n_layers: sizes.
-        l_max: longest sequence (the long-convolution mixers' kernel length).
-        mixer: ``"h3"``, ``"longconv"``, ``"butterfly"`` or ``"attention"``.
+        l_max: longest sequence (the learned-kernel mixers' kernel length); None for mixers without
+            a maximum length (``"h3"``, ``"attention"``).
+        mixer: ``"h3"``, ``"h3-longconv"``, ``"longconv"``, ``"butterfly"`` or ``"attention"``.
         mixer_options: keyword options for every mixer layer (e.g. ``{"head_dim": 2}`` for H3).
         mlp_ratio: MLP hidden size / d_model.
         dropout: residual dropout.
@@ -60,7 +62,7 @@ class LongConvLM(nn.Module):
         *,
         d_model: int = 128,
         n_layers: int = 2,
-        l_max: int = 1024,
+        l_max: Optional[int] = 1024,
         mixer: str = "h3",
         mixer_options: Optional[dict] = None,
         mlp_ratio: int = 4,
@@ -68,7 +70,9 @@ class LongConvLM(nn.Module):
         causal: bool = True,
     ):
         super().__init__()
-        check_positive("LongConvLM", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, l_max=l_max)
+        check_positive("LongConvLM", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
+        if l_max is not None:
+            check_positive("LongConvLM", l_max=l_max)
         self.vocab_size, self.d_model, self.l_max, self.mixer_name = vocab_size, d_model, l_max, mixer
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(
@@ -86,6 +90,32 @@ class LongConvLM(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.embedding.weight  # tied
         nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def allocate_state(self, batch_size: int, max_len: Optional[int] = None) -> list:
+        """Per-layer decoding states for :meth:`step` (``max_len``: the attention KV cache's size)."""
+        states = []
+        for block in self.blocks:
+            mixer = block.mixer
+            if not hasattr(mixer, "step"):
+                raise ValueError(f"LongConvLM.allocate_state: mixer {self.mixer_name!r} has no recurrent step")
+            if isinstance(mixer, Attention):
+                if max_len is None:
+                    raise ValueError("LongConvLM.allocate_state: attention's KV cache needs max_len")
+                states.append(mixer.allocate_state(batch_size, max_len))
+            else:
+                states.append(mixer.allocate_state(batch_size))
+        return states
+
+    def step(self, token_ids: Tensor, states: list) -> tuple[Tensor, list]:
+        """One token per sequence: ``token_ids`` ``(B,)`` -> ``(logits (B, vocab), next states)``."""
+        x = self.embedding(token_ids)
+        next_states = []
+        for block, state in zip(self.blocks, states):
+            y, state = block.mixer.step(block.norm_mixer(x), state)
+            x = x + y
+            x = x + block.mlp(block.norm_mlp(x))
+            next_states.append(state)
+        return self.head(self.norm(x)), next_states
 
     def forward(self, input_ids: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if input_ids.dim() != 2:

@@ -13,6 +13,11 @@ skip ``D``, GELU, channel dropout (one mask per (batch, channel), as H3), output
 call. With ``bidirectional=True`` a second kernel is applied anti-causally (to the reversed
 sequence); the layer is then NOT causal: output t sees inputs after t.
 
+The kernel parametrisation (a learned ``(channels, l_max)`` weight, its initialisations and the
+Smooth/Squash/Dropout regularisation) is written once here as functions: :func:`check_kernel_options`,
+:func:`init_kernel_weight` and :func:`regularised_kernel`; ``H3(kernel="longconv")`` uses the same
+three for its per-head kernels.
+
 This module is plain PyTorch over the op: it must not call ``torch.fft`` itself.
 """
 
@@ -25,11 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lcconv_compile import fftconv
+from ._common import apply_key_padding, check_choice, check_positive, check_seqlen
+from ._conv import long_conv
 
-from ._common import apply_key_padding, check_positive, check_seqlen, check_choice
-
-__all__ = ["LongConv", "smooth_kernel", "squash_kernel"]
+__all__ = [
+    "LongConv",
+    "check_kernel_options",
+    "init_kernel_weight",
+    "regularised_kernel",
+    "smooth_kernel",
+    "squash_kernel",
+]
 
 KERNEL_INITS = ("random", "geometric")
 ACTIVATIONS = ("gelu", "identity")
@@ -56,6 +67,55 @@ def squash_kernel(kernel: Tensor, lam: float) -> Tensor:
     return torch.sign(kernel) * F.relu(kernel.abs() - lam)
 
 
+def check_kernel_options(
+    owner: str, l_max: Optional[int], *, squash_lambda: float, smooth_radius: int, kernel_dropout: float,
+    kernel_init: str,
+) -> None:
+    """Errors for a learned kernel's options, worded for ``owner``; ``l_max`` is required."""
+    if l_max is None:
+        raise ValueError(
+            f"{owner}: l_max is required: the learned long kernel has one weight per tap up to l_max; "
+            "pass l_max=<longest sequence>"
+        )
+    check_positive(owner, l_max=l_max)
+    check_choice(owner, "kernel_init", kernel_init, KERNEL_INITS)
+    if squash_lambda < 0:
+        raise ValueError(f"{owner}: squash_lambda must be >= 0, got {squash_lambda}")
+    if smooth_radius < 0 or 2 * smooth_radius + 1 > l_max:
+        raise ValueError(
+            f"{owner}: smooth_radius must satisfy 0 <= 2*p+1 <= l_max = {l_max}, got p = {smooth_radius}"
+        )
+    if not 0.0 <= kernel_dropout < 1.0:
+        raise ValueError(f"{owner}: kernel_dropout must be in [0, 1), got {kernel_dropout}")
+
+
+@torch.no_grad()
+def init_kernel_weight(weight: Tensor, kernel_init: str, kernel_std: float) -> None:
+    """Fill a ``(..., channels, l_max)`` kernel weight in place (see LongConv's ``kernel_init``)."""
+    weight.normal_(0.0, kernel_std)
+    if kernel_init == "geometric":
+        channels, l_max = weight.shape[-2], weight.shape[-1]
+        max_rate = max(channels / 2, 1.0)
+        rates = max_rate ** (torch.arange(channels, dtype=torch.float64) / max(channels - 1, 1))
+        taps = torch.arange(l_max, dtype=torch.float64) / l_max
+        decay = torch.exp(-rates[:, None] * taps[None, :])  # (channels, l_max)
+        weight.mul_(decay.to(weight))
+
+
+def regularised_kernel(
+    weight: Tensor, seqlen: int, *, smooth_radius: int, squash_lambda: float, kernel_dropout: float,
+    training: bool,
+) -> Tensor:
+    """Smooth, Squash, then Dropout the full ``(..., l_max)`` weight; return its first ``seqlen`` taps.
+
+    Smooth and Squash act on the full kernel, so a shorter sequence sees the same leading taps.
+    """
+    k = smooth_kernel(weight, smooth_radius)
+    k = squash_kernel(k, squash_lambda)
+    k = F.dropout(k, kernel_dropout, training)
+    return k[..., :seqlen]
+
+
 class LongConv(nn.Module):
     """Long-convolution mixer; ``forward`` maps ``(B, L, d_model)`` to ``(B, L, d_model)``, ``L <= l_max``.
 
@@ -79,7 +139,7 @@ class LongConv(nn.Module):
     def __init__(
         self,
         d_model: int,
-        l_max: int,
+        l_max: Optional[int],
         *,
         squash_lambda: float = 1e-3,
         smooth_radius: int = 0,
@@ -95,19 +155,16 @@ class LongConv(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_positive("LongConv", d_model=d_model, l_max=l_max)
-        check_choice("LongConv", "kernel_init", kernel_init, KERNEL_INITS)
-        check_choice("LongConv", "activation", activation, ACTIVATIONS)
-        check_choice("LongConv", "out_proj", out_proj, OUTPUT_PROJECTIONS)
-        if squash_lambda < 0:
-            raise ValueError(f"LongConv: squash_lambda must be >= 0, got {squash_lambda}")
-        if smooth_radius < 0 or 2 * smooth_radius + 1 > l_max:
-            raise ValueError(
-                f"LongConv: smooth_radius must satisfy 0 <= 2*p+1 <= l_max = {l_max}, got p = {smooth_radius}"
-            )
-        for name, p in (("kernel_dropout", kernel_dropout), ("dropout", dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"LongConv: {name} must be in [0, 1), got {p}")
+        owner = type(self).__name__
+        check_positive(owner, d_model=d_model)
+        check_kernel_options(
+            owner, l_max, squash_lambda=squash_lambda, smooth_radius=smooth_radius,
+            kernel_dropout=kernel_dropout, kernel_init=kernel_init,
+        )
+        check_choice(owner, "activation", activation, ACTIVATIONS)
+        check_choice(owner, "out_proj", out_proj, OUTPUT_PROJECTIONS)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{owner}: dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.l_max = d_model, l_max
         self.squash_lambda, self.smooth_radius = squash_lambda, smooth_radius
@@ -126,19 +183,7 @@ class LongConv(nn.Module):
         else:
             self.out_proj = nn.Identity()
         self.kernel_init, self.kernel_std = kernel_init, kernel_std
-        self._init_kernel()
-
-    @torch.no_grad()
-    def _init_kernel(self) -> None:
-        weight = self.kernel_weight
-        weight.normal_(0.0, self.kernel_std)
-        if self.kernel_init == "geometric":
-            channels = self.d_model
-            max_rate = max(channels / 2, 1.0)
-            rates = max_rate ** (torch.arange(channels, dtype=torch.float64) / max(channels - 1, 1))
-            taps = torch.arange(self.l_max, dtype=torch.float64) / self.l_max
-            decay = torch.exp(-rates[:, None] * taps[None, :])  # (H, l_max)
-            weight.mul_(decay.to(weight))
+        init_kernel_weight(self.kernel_weight, kernel_init, kernel_std)
 
     @property
     def is_causal(self) -> bool:
@@ -151,10 +196,11 @@ class LongConv(nn.Module):
         Smooth and Squash act on the full ``l_max`` kernel (so that a shorter sequence sees the
         same leading taps), then the kernel is cut to ``seqlen`` taps.
         """
-        k = smooth_kernel(self.kernel_weight, self.smooth_radius)
-        k = squash_kernel(k, self.squash_lambda)
-        k = F.dropout(k, self.kernel_dropout, self.training)
-        return k[..., :seqlen].reshape(-1, seqlen)
+        k = regularised_kernel(
+            self.kernel_weight, seqlen, smooth_radius=self.smooth_radius, squash_lambda=self.squash_lambda,
+            kernel_dropout=self.kernel_dropout, training=self.training,
+        )
+        return k.reshape(-1, seqlen)
 
     def _channel_dropout_mask(self, u: Tensor) -> Optional[Tensor]:
         if not self.training or self.dropout == 0.0:
@@ -169,7 +215,7 @@ class LongConv(nn.Module):
 
         The one place subclasses change the convolution's implementation (ButterflyLongConv).
         """
-        return fftconv(u, k, D, gelu=gelu, dropout_mask=dropout_mask)
+        return long_conv(u, k, D, gelu=gelu, dropout_mask=dropout_mask)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """``x``: ``(B, L, d_model)``; ``key_padding_mask``: optional ``(B, L)`` bool, True = padding.

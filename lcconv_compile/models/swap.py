@@ -2,14 +2,15 @@
 
 One call, like Liger's ``apply_liger_kernel_to_*``::
 
-    report = swap_attention(model, mixer="h3", l_max=1024, head_dim=1)
+    report = swap_attention(model, mixer="h3", head_dim=1)
     print(report)          # what was swapped where, what was kept and why
 
 Supported:
   * ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``: ``self_attn`` becomes a
     :class:`MultiheadSelfMixer`, which takes ``nn.MultiheadAttention``'s call signature
     (``batch_first`` either way, ``attn_mask``, ``is_causal``, ``key_padding_mask``, ``need_weights``)
-    and returns ``(out, None)``. ``l_max`` must be given (these layers have no maximum length).
+    and returns ``(out, None)``. These layers have no maximum length: ``l_max`` is needed only by
+    mixers with a learned kernel (``longconv``, ``butterfly``, ``h3-longconv``), which say so.
   * Hugging Face ``transformers`` GPT-2 (``GPT2Attention`` self-attention): becomes a
     :class:`GPT2SelfMixer` (``l_max`` defaults to ``config.n_positions``).
 
@@ -232,12 +233,13 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
     Args:
         model: a model containing ``nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` or
             Hugging Face GPT-2 blocks (or one such layer itself).
-        mixer: ``"h3"``, ``"longconv"`` or ``"butterfly"``.
-        l_max: longest sequence the new mixers accept (required for torch layers; GPT-2 defaults
-            to ``config.n_positions``).
+        mixer: ``"h3"``, ``"h3-longconv"``, ``"longconv"`` or ``"butterfly"``.
+        l_max: longest sequence the new mixers accept; needed by the learned-kernel mixers for
+            torch layers (GPT-2 defaults to ``config.n_positions``); H3 needs none.
         **mixer_options: passed to every mixer (e.g. ``head_dim=2`` for H3, ``bidirectional=True``).
 
-    Raises ValueError naming the problem when the mixer is unknown, ``l_max`` is missing, a
+    Raises ValueError naming the problem when the mixer is unknown, ``l_max`` is missing for a
+    mixer that needs it, a
     non-causal mixer is asked for causal GPT-2 attention, or nothing in the model can be swapped.
     See the module docstring for what is kept and what is checked per call.
     """
@@ -256,12 +258,15 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
             attn = module.self_attn
             if not attn._qkv_same_embed_dim:
                 raise ValueError(f"swap_attention: {prefix}self_attn has kdim/vdim != embed_dim; not a self-attention")
-            if l_max is None:
+            try:
+                new = _like(make_mixer(mixer, attn.embed_dim, l_max, **mixer_options), attn)
+            except ValueError as err:
+                if l_max is not None or "l_max" not in str(err):
+                    raise
                 raise ValueError(
-                    f"swap_attention: l_max is required for {type(module).__name__} at {path or '<model>'} "
-                    "(torch transformer layers have no maximum length); pass l_max=<longest sequence>"
-                )
-            new = _like(make_mixer(mixer, attn.embed_dim, l_max, **mixer_options), attn)
+                    f"swap_attention: mixer {mixer!r} needs l_max for {type(module).__name__} at "
+                    f"{path or '<model>'} (torch transformer layers have no maximum length): {err}"
+                ) from err
             wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
             plans.append((prefix + "self_attn", attn, wrapped))
             report.swapped.append(

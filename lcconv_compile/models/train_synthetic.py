@@ -56,6 +56,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-frac", type=float, default=0.1, help="linear LR warm-up, fraction of steps")
     p.add_argument("--head-dim", type=int, default=16, help="H3 head_dim; attention uses d_model/head_dim heads")
     p.add_argument("--ssm-init", choices=["lin", "real"], default="real", help="H3 diagonal-SSM initialisation")
+    p.add_argument("--ssm-c-scale", type=float, default=1.0, help="H3 initial C scale (see H3's c_scale)")
+    p.add_argument("--squash-lambda", type=float, default=None, help="h3-longconv/longconv: Squash threshold")
+    p.add_argument("--smooth-radius", type=int, default=None, help="h3-longconv/longconv: Smooth half-width")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="autocast dtype (default: bf16 on cuda)")
@@ -115,9 +118,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 def build_model(args) -> LongConvLM:
     options = {}
     if args.mixer == "h3":
-        options = {"head_dim": args.head_dim, "ssm_init": args.ssm_init}
+        options = {"head_dim": args.head_dim, "ssm_init": args.ssm_init, "c_scale": args.ssm_c_scale}
+    elif args.mixer == "h3-longconv":
+        options = {"head_dim": args.head_dim}
     elif args.mixer == "attention":
         options = {"n_heads": max(1, args.d_model // args.head_dim)}
+    if args.mixer in ("h3-longconv", "longconv", "butterfly"):
+        for name in ("squash_lambda", "smooth_radius"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
     causal = args.mixer != "butterfly"  # learned butterfly factors are not causal (see butterfly.py)
     return LongConvLM(
         args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, l_max=args.seq_len,
