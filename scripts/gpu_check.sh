@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# `make gpu-check`: on the GPU machine, the test suite (GPU tests included) and the op benchmark
-# in one call. Logs and JSON go under $OUT (the device tool brings that folder back).
-#   GPU_TEST_ARGS  pytest arguments (default: tests)      BENCH_ARGS  extra benchmark arguments
+# `make gpu-check`: on the GPU machine, the GPU tests and the benchmarks in one call. Logs and
+# JSON go under $OUT (the device tool brings that folder back). Each part has its own time limit,
+# so one slow part cannot eat the others' time; the tail of each log is printed as it ends.
+#   GPU_PARTS      parts to run, in order (default: tests bench sweep explore)
+#   GPU_TEST_ARGS  pytest arguments (default: tests)          TEST_LIMIT    seconds (default 300)
+#   BENCH_ARGS     bench_fftconv.py arguments                 BENCH_LIMIT   seconds (default 240)
+#   SWEEP_ARGS     sweep_shortconv.py arguments               SWEEP_LIMIT   seconds (default 150)
+#   EXPLORE_ARGS   explore_flashconv3.py arguments            EXPLORE_LIMIT seconds (default 200)
+#   LCCONV_COMMIT  the commit measured, written into every JSON (a copied tree may have no .git)
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -12,17 +18,37 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-    | tee "$OUT/gpu.txt"
+export LCCONV_COMMIT=${LCCONV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "commit $LCCONV_COMMIT"; } | tee "$OUT/gpu.txt"
+
 status=0
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    # shellcheck disable=SC2086
-    python3 -m pytest -q -p no:cacheprovider ${GPU_TEST_ARGS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-fi
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    # shellcheck disable=SC2086
-    python3 benchmarks/bench_fftconv.py --out "$OUT/bench_fftconv.json" ${BENCH_ARGS:-} 2>&1 \
-        | tee "$OUT/bench_fftconv.txt" || status=1
-fi
+run_part() {  # name, time limit, command...
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - start)) s (limit $limit)"
+    tail -n "${TAIL_LINES:-30}" "$OUT/$name.log" | cut -c1-220
+    [ "$rc" = 0 ] || status=1
+}
+
+for part in ${GPU_PARTS:-tests bench sweep explore}; do
+    case $part in
+        # shellcheck disable=SC2086
+        tests) run_part tests "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider ${GPU_TEST_ARGS:-tests} ;;
+        # shellcheck disable=SC2086
+        bench) run_part bench "${BENCH_LIMIT:-240}" python3 benchmarks/bench_fftconv.py \
+                   --out "$OUT/bench_fftconv.json" ${BENCH_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        sweep) run_part sweep "${SWEEP_LIMIT:-150}" python3 benchmarks/sweep_shortconv.py \
+                   --out "$OUT/sweep_shortconv.json" ${SWEEP_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        explore) run_part explore "${EXPLORE_LIMIT:-200}" python3 benchmarks/explore_flashconv3.py \
+                     --out "$OUT/explore_flashconv3.json" ${EXPLORE_ARGS:-} ;;
+        *) echo "unknown part $part (tests bench sweep explore)"; status=1 ;;
+    esac
+done
 exit $status
