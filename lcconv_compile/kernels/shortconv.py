@@ -110,12 +110,17 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torch.dtype,
-            sms: int, backward: bool, tuning: Tuning) -> _Config:
+            sms: int, backward: bool, tuning: Tuning, recompute: bool = False) -> _Config:
     # T = 64 operands spill on sm_90 (ptxas): longer kernels take more blocks of 32 instead.
     block = tuning.block or min(32, max(16, triton.next_power_of_2(max(kernel_len - 1, 1))))
     # 2K samples per forward tile, 1K per backward tile: larger tiles spill on sm_90 (ptxas,
     # scripts/compile_check.py --short).
     rows = tuning.rows or max(16, (1024 if backward else 2048) // block)
+    if backward and recompute and triton.cdiv(kernel_len - 1, block) >= 2 and not tuning.rows:
+        # The backward that recomputes c (GELU or gate_out) over three blocks: with 32 rows,
+        # Triton 3.6's LLVM miscompiled a tile load's column index (see g_offs in the kernel;
+        # compile_check --short checks every default configuration for the pattern).
+        rows = 64
     precision = tuning.precision or "bf16"
     if precision != "bf16" and dtype != torch.float32:
         raise ValueError(f"shortconv: precision {precision!r} needs float32 u, got {dtype}")
@@ -132,11 +137,13 @@ def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torc
     )
 
 
-def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning) -> _Config:
+def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning,
+                   recompute: bool = False) -> _Config:
+    """``recompute``: the backward recomputes the pre-activation (GELU or an output gate)."""
     batch, channels, seqlen = u.shape
     sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
         if u.is_cuda else 4
-    return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning)
+    return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning, recompute)
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
@@ -455,7 +462,12 @@ def _shortconv_bwd_kernel(
         d = tl.load(d_ptr + h).to(tl.float32)
     # This program's G_m = sum over its tiles of X^T @ dC_{+m}: (NC + 1, T, T) in the workspace.
     g_part = g_part_ptr + (h * groups + group) * (NC + 1) * T * T
-    g_offs = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
+    # Offsets of a (T, T) tile as one arange, not rows * T + cols: with the latter, LLVM (Triton
+    # 3.6) paired this column arange with another thread-index term in a <2 x i32> shift whose
+    # lane 0 overflows, and the NVPTX lowering on one 64-bit register leaked it into the tile
+    # loads' column index (H100: misaligned 16-byte loads, Lk = 64 with every option).
+    # scripts/compile_check.py --short looks for that pattern in every default configuration.
+    g_offs = tl.reshape(tl.arange(0, T * T), (T, T))
     g0 = tl.zeros((T, T), dtype=tl.float32)
     g1 = tl.zeros((T, T), dtype=tl.float32)
     dd_acc = tl.zeros((BM, T), dtype=tl.float32)
@@ -586,7 +598,7 @@ def fftconv_bwd(
     """Launch the backward kernel (one launch); returns (du, dk, dD, dgate_in, dgate_out)."""
     batch, channels, seqlen = u.shape
     kernel_len = k.shape[-1]
-    cfg = _launch_config(u, kernel_len, True, tuning)
+    cfg = _launch_config(u, kernel_len, True, tuning, recompute=gelu or gate_out is not None)
     T, NC = cfg.block, cfg.context_blocks
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dk = alloc(k.shape, dtype=k.dtype, device=u.device)
