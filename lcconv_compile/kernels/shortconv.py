@@ -118,8 +118,9 @@ def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torc
     rows = tuning.rows or max(16, (1024 if backward else 2048) // block)
     if backward and recompute and triton.cdiv(kernel_len - 1, block) >= 2 and not tuning.rows:
         # The backward that recomputes c (GELU or gate_out) over three blocks: with 32 rows,
-        # Triton 3.6's LLVM miscompiled a tile load's column index (see g_offs in the kernel;
-        # compile_check --short checks every default configuration for the pattern).
+        # Triton 3.6's LLVM miscompiled a tile load's column index (an overflowing dead lane
+        # of a <2 x i32> shift lowered on one 64-bit register; misaligned loads on the H100;
+        # benchmarks/NOTES.md). compile_check --short checks every default configuration.
         rows = 64
     precision = tuning.precision or "bf16"
     if precision != "bf16" and dtype != torch.float32:
@@ -462,12 +463,7 @@ def _shortconv_bwd_kernel(
         d = tl.load(d_ptr + h).to(tl.float32)
     # This program's G_m = sum over its tiles of X^T @ dC_{+m}: (NC + 1, T, T) in the workspace.
     g_part = g_part_ptr + (h * groups + group) * (NC + 1) * T * T
-    # Offsets of a (T, T) tile as one arange, not rows * T + cols: with the latter, LLVM (Triton
-    # 3.6) paired this column arange with another thread-index term in a <2 x i32> shift whose
-    # lane 0 overflows, and the NVPTX lowering on one 64-bit register leaked it into the tile
-    # loads' column index (H100: misaligned 16-byte loads, Lk = 64 with every option).
-    # scripts/compile_check.py --short looks for that pattern in every default configuration.
-    g_offs = tl.reshape(tl.arange(0, T * T), (T, T))
+    g_offs = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
     g0 = tl.zeros((T, T), dtype=tl.float32)
     g1 = tl.zeros((T, T), dtype=tl.float32)
     dd_acc = tl.zeros((BM, T), dtype=tl.float32)
