@@ -7,6 +7,10 @@ Outputs are poisoned with NaN before launch so an unwritten element fails.
 
 import itertools
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,9 +222,9 @@ def test_precision_other_than_bf16_needs_float32_inputs():
 def test_launch_hook_receives_every_kernel():
     launched = []
 
-    def launch(kernel):
+    def launch(kernel, grid, *args, **kwargs):
         launched.append(kernel)
-        return kernel
+        return kernel[grid](*args, **kwargs)
 
     args = make_inputs(1, 2, 33, 5, torch.float32, options=False)
     shortconv.fftconv_fwd(**args, launch=launch)
@@ -243,8 +247,10 @@ def test_gpu_realistic_sizes(B, H, L, Lk, options):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("Lk", [1, 2, 3, 16, 17, 32, 33, 63, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_kernel_lengths(Lk, dtype):
+    """Every block size and context of the defaults with every option; bf16 included: its
+    backward with all options at Lk = 64 was miscompiled (misaligned loads on the H100)."""
     args = make_inputs(4, 96, 3000, Lk, dtype, True)
     check_forward(args)
     check_backward(args)
@@ -259,3 +265,18 @@ def test_gpu_backward_is_deterministic():
     for _ in range(2):
         again = shortconv.fftconv_bwd(grad_y, **args)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_compiled_short_backward_has_no_packed_lane_pattern():
+    """The short backward with every option at Lk = 64, compiled for sm_90 as a (8, 1024, 8192)
+    launch specialises it: no 64-bit packed <2 x i32> lane arithmetic in its PTX. Triton 3.6's
+    LLVM let a dead lane overflow into a tile load's column index there (H100: misaligned
+    address); this catches it without a GPU (scripts/compile_check.py, packed_lane_leaks)."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compile_check.py"
+    env = dict(os.environ, PYTHONPATH=str(script.parents[1]))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, str(script), "--short", "--kernel-lens", "64", "--dtypes", "bfloat16",
+                          "--directions", "bwd"], capture_output=True, text=True, env=env, timeout=900)
+    reports = [line for line in out.stdout.splitlines() if line.startswith("short bwd")]
+    assert len(reports) == 4, out.stdout + out.stderr
+    assert all("'packed_lanes': 0" in line for line in reports), "\n".join(reports)

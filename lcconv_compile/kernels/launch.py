@@ -55,11 +55,14 @@ _mode = _Mode()
 _constant_cache: "collections.OrderedDict[ConstantKey, Constants]" = collections.OrderedDict()
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """Launch ``kernel[grid](*args, **kwargs)`` the way the current caller needs (see module doc)."""
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
+    """Launch ``kernel[grid](*args, **kwargs)`` the way the current caller needs (see module doc).
+
+    Returns what a plain launch returns (Triton's compiled kernel: launchers may read its
+    resources) and None when the launch is traced or only discovered."""
     mode = _mode.name
     if mode is None:
-        kernel[grid](*args, **kwargs)
+        return kernel[grid](*args, **kwargs)
     elif mode == "trace":
         if not isinstance(kernel, JITFunction):
             raise RuntimeError(
@@ -67,6 +70,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
                 "kernels can be traced (Triton's interpreter, TRITON_INTERPRET=1, is for eager tests)")
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
     # "discover": nothing runs; the caller only wants the constants the launcher asks for.
+    return None
 
 
 def cached_constants(key: tuple, device: torch.device, make: Callable[[torch.device], Constants]) -> Constants:

@@ -34,8 +34,8 @@ same for ``du`` (a non-finite dc at t reaches du only at t-Lk+1 .. t). ``dk`` su
 times: a non-finite value reaches every lag it pairs with, and possibly others.
 
 Must not: register ops, import Inductor, or run torch ops other than allocating outputs and
-workspaces. Launches go through ``launch(kernel)`` so a caller can wrap them
-(``torch.library.wrap_triton``). Sizes: see :func:`supports`.
+workspaces. Launches go through :func:`.launch.launch` (or a caller's stand-in with its signature)
+so the compiler's CUDA stage can trace them. Sizes: see :func:`supports`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from .flashconv import _gelu, _gelu_grad
+from .launch import launch as launch_kernel
 
 __all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv_bwd"]
 
@@ -81,10 +82,6 @@ class Tuning:
     programs_per_sm: Optional[int] = None
 
 
-def _direct(kernel):
-    return kernel
-
-
 # Triton's interpreter (CPU tests) multiplies bf16 tl.dot operands wrongly (triton 3.6: errors of
 # 1e10 on a 16 x 16 product), so there the same bf16-rounded values go in as float32 operands.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -110,12 +107,18 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torch.dtype,
-            sms: int, backward: bool, tuning: Tuning) -> _Config:
+            sms: int, backward: bool, tuning: Tuning, recompute: bool = False) -> _Config:
     # T = 64 operands spill on sm_90 (ptxas): longer kernels take more blocks of 32 instead.
     block = tuning.block or min(32, max(16, triton.next_power_of_2(max(kernel_len - 1, 1))))
     # 2K samples per forward tile, 1K per backward tile: larger tiles spill on sm_90 (ptxas,
     # scripts/compile_check.py --short).
     rows = tuning.rows or max(16, (1024 if backward else 2048) // block)
+    if backward and recompute and triton.cdiv(kernel_len - 1, block) >= 2 and not tuning.rows:
+        # The backward that recomputes c (GELU or gate_out) over three blocks: with 32 rows,
+        # Triton 3.6's LLVM miscompiled a tile load's column index (an overflowing dead lane
+        # of a <2 x i32> shift lowered on one 64-bit register; misaligned loads on the H100;
+        # benchmarks/NOTES.md). compile_check --short checks every default configuration.
+        rows = 64
     precision = tuning.precision or "bf16"
     if precision != "bf16" and dtype != torch.float32:
         raise ValueError(f"shortconv: precision {precision!r} needs float32 u, got {dtype}")
@@ -132,11 +135,13 @@ def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torc
     )
 
 
-def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning) -> _Config:
+def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning,
+                   recompute: bool = False) -> _Config:
+    """``recompute``: the backward recomputes the pre-activation (GELU or an output gate)."""
     batch, channels, seqlen = u.shape
     sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
         if u.is_cuda else 4
-    return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning)
+    return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning, recompute)
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
@@ -216,13 +221,13 @@ def _load_x(u_ptr, gate_ptr, u_row, g_row, t, ok, seqlen, su_l, sg_l, HAS_GATE: 
 
 @triton.jit
 def _causal_conv(u_ptr, gate_ptr, k_row, u_row, g_row, t, ok, seqlen, kernel_len, su_l, sg_l, sk_l,
-                 f0_hi, f0_lo, f1_hi, f1_lo,
+                 f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo,
                  HAS_GATE: tl.constexpr, A_SPLIT: tl.constexpr, NC: tl.constexpr, T: tl.constexpr,
-                 PRECISION: tl.constexpr, HOIST: tl.constexpr):
+                 PRECISION: tl.constexpr, HOISTED: tl.constexpr):
     """(sum_j k[j] x[t-j], x[t]) at the tile's times t (BM, T), exact in its NaN semantics.
 
-    With HOIST the F_0, F_1 operands come from the caller (built once per program); else every
-    F_m is gathered from k here (L1 hits), which keeps registers free for large T."""
+    F_m for m < HOISTED (at most 3) come from the caller (built once per program); the others
+    are gathered from k here (L1 hits), which keeps registers free."""
     x_now = _load_x(u_ptr, gate_ptr, u_row, g_row, t, ok, seqlen, su_l, sg_l, HAS_GATE)
     acc = tl.zeros(t.shape, dtype=tl.float32)
     probe = x_now * 0.0  # NaN exactly where a loaded value is NaN or Inf
@@ -232,10 +237,12 @@ def _causal_conv(u_ptr, gate_ptr, k_row, u_row, g_row, t, ok, seqlen, kernel_len
         else:
             xm = _load_x(u_ptr, gate_ptr, u_row, g_row, t - m * T, ok, seqlen, su_l, sg_l, HAS_GATE)
             probe += xm * 0.0
-        if HOIST and m == 0:
+        if m == 0 and HOISTED > 0:
             b_hi, b_lo = f0_hi, f0_lo
-        elif HOIST and m == 1:
+        elif m == 1 and HOISTED > 1:
             b_hi, b_lo = f1_hi, f1_lo
+        elif m == 2 and HOISTED > 2:
+            b_hi, b_lo = f2_hi, f2_lo
         else:
             b_hi, b_lo = _toeplitz(k_row, kernel_len, sk_l, m * T, T, False, PRECISION)
         a_hi, a_lo = _split(xm, A_SPLIT, PRECISION)
@@ -279,11 +286,18 @@ def _shortconv_fwd_kernel(
     h = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     k_row = k_ptr + h * sk_h
-    HOIST: tl.constexpr = T <= 32  # T = 64 operands would hold ~64 registers through the loop
+    # The forward's products run on wgmma, which reads F_m from shared memory: hoisting all
+    # of them (up to 3) costs shared memory, not registers; re-gathering F_2 on every tile made
+    # Lk = 33..64 the slowest forward (2.3-2.7x the floor). T = 64 would hold its operands in
+    # ~64 registers.
+    HOISTED: tl.constexpr = 3 if T <= 32 else 0
     f0_hi, f0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, False, PRECISION)
     f1_hi, f1_lo = f0_hi, f0_lo
+    f2_hi, f2_lo = f0_hi, f0_lo
     if NC >= 1:
         f1_hi, f1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, False, PRECISION)
+    if NC >= 2:
+        f2_hi, f2_lo = _toeplitz(k_row, kernel_len, sk_l, 2 * T, T, False, PRECISION)
     d = 0.0
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
@@ -291,8 +305,8 @@ def _shortconv_fwd_kernel(
         b, ok, t, u_row, gi_row, y_row = _tile_rows(tile, nblocks, batch * nblocks, h, su_b, su_h,
                                                     sgi_b, sgi_h, channels, seqlen, BM, T)
         c, x = _causal_conv(u_ptr, gate_in_ptr, k_row, u_row, gi_row, t, ok, seqlen, kernel_len,
-                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
-                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOIST)
+                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo,
+                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOISTED)
         c += d * x
         if GELU:
             c = _gelu(c)
@@ -301,6 +315,50 @@ def _shortconv_fwd_kernel(
         if HAS_GATE_OUT:
             c *= _load_row(gate_out_ptr, b * sgo_b + h * sgo_h, t, ok, seqlen, sgo_l)
         tl.store(y_ptr + y_row + t, c.to(y_ptr.dtype.element_ty), mask=ok & (t < seqlen))
+
+
+# Forward programs that fit on one SM, per launch configuration: read from the compiled kernel
+# (registers, shared memory) after its first launch. The forward has no reduction across
+# programs, so its grid may change between calls; until then, a guess that any forward
+# configuration of scripts/compile_check.py --short meets.
+_FWD_PROGRAMS_PER_SM: dict = {}
+_FWD_GUESS_PER_SM = 3
+_SM90_REGISTERS, _SM90_THREADS, _SM90_SHARED = 65536, 2048, 228 * 1024
+_PROGRAM_SETUP_TILES = 0.3  # building the F_m of a channel costs about a third of a tile
+
+
+def _sms(u: torch.Tensor) -> int:
+    if not u.is_cuda:
+        return 4
+    return _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_groups(channels: int, tiles: int, sms: int, per_sm: int) -> int:
+    """Programs per channel: the count whose grid ends closest to a whole number of waves.
+
+    One program per channel put 1024 channels on 792 resident slots: a second wave with a
+    third of the SMs busy (1.8x the memory floor where 768 channels took 1.5x). The model:
+    time ~ waves * (tiles per program + set-up), for 1..tiles programs per channel."""
+    slots = max(1, sms * per_sm)
+
+    def cost(groups):
+        waves = -(-channels * groups // slots)
+        return waves * (-(-tiles // groups) + _PROGRAM_SETUP_TILES)
+
+    return min(range(1, min(tiles, 64) + 1), key=lambda g: (cost(g), g))
+
+
+def _note_occupancy(key, compiled, num_warps: int) -> None:
+    """Record how many programs of a compiled kernel fit on an SM (registers, threads, shared)."""
+    regs = getattr(compiled, "n_regs", None)
+    if not isinstance(regs, int) or regs <= 0:
+        return
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp, in units of 256
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0) or 0
+    fits = min(_SM90_REGISTERS // (regs_per_warp * num_warps), _SM90_THREADS // (32 * num_warps),
+               _SM90_SHARED // (shared + 1024))
+    _FWD_PROGRAMS_PER_SM[key] = max(1, fits)
 
 
 def fftconv_fwd(
@@ -313,20 +371,26 @@ def fftconv_fwd(
     dropout_mask: Optional[torch.Tensor] = None,
     alloc: Callable[..., torch.Tensor] = torch.empty,
     tuning: Tuning = Tuning(),
-    launch: Callable = _direct,
+    launch: Callable = launch_kernel,
 ) -> torch.Tensor:
     """Launch the forward kernel (one launch). Inputs are assumed valid (the op validates them).
 
     ``alloc(shape, dtype=, device=)`` makes the output (tests pass one that poisons it);
-    ``launch(kernel)`` returns what is indexed with the grid (e.g. ``torch.library.wrap_triton``).
+    ``launch(kernel, grid, *args, **kwargs)`` launches (default: :func:`.launch.launch`, which
+    the compiler's CUDA stage turns into traced launches; tests pass one that records).
     """
     batch, channels, seqlen = u.shape
     kernel_len = k.shape[-1]
     cfg = _launch_config(u, kernel_len, False, tuning)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
-    launch(_shortconv_fwd_kernel)[(channels, cfg.groups)](
+    key = (u.device, u.dtype, k.dtype, cfg, D is not None, gate_in is not None,
+           gate_out is not None, gelu, dropout_mask is not None)
+    groups = cfg.groups if tuning.programs_per_sm else _forward_groups(
+        channels, cfg.tiles, _sms(u), _FWD_PROGRAMS_PER_SM.get(key, _FWD_GUESS_PER_SM))
+    compiled = launch(
+        _shortconv_fwd_kernel, (channels, groups),
         u, k, D, gate_in, gate_out, dropout_mask, y,
-        batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
+        batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, groups,
         *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
         *_strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
@@ -335,6 +399,8 @@ def fftconv_fwd(
         A_SPLIT=not (u.dtype == torch.bfloat16 and gate_in is None), PRECISION=cfg.precision,
         num_warps=cfg.num_warps, num_stages=1,
     )
+    if key not in _FWD_PROGRAMS_PER_SM:
+        _note_occupancy(key, compiled, cfg.num_warps)
     return y
 
 
@@ -354,8 +420,8 @@ def _grad_pre_activation(
     if GELU or HAS_GATE_OUT:
         # Recompute the pre-activation rather than store it: a few products per tile.
         c, x = _causal_conv(u_ptr, gate_in_ptr, k_row, u_row, gi_row, t, ok, seqlen, kernel_len,
-                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
-                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOIST)
+                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f0_hi, f0_lo,
+                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, 2 if HOIST else 0)
         c += d * x
         if HAS_GATE_OUT:
             act = _gelu(c) if GELU else c
@@ -522,12 +588,12 @@ def fftconv_bwd(
     dropout_mask: Optional[torch.Tensor] = None,
     alloc: Callable[..., torch.Tensor] = torch.empty,
     tuning: Tuning = Tuning(),
-    launch: Callable = _direct,
+    launch: Callable = launch_kernel,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel (one launch); returns (du, dk, dD, dgate_in, dgate_out)."""
     batch, channels, seqlen = u.shape
     kernel_len = k.shape[-1]
-    cfg = _launch_config(u, kernel_len, True, tuning)
+    cfg = _launch_config(u, kernel_len, True, tuning, recompute=gelu or gate_out is not None)
     T, NC = cfg.block, cfg.context_blocks
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dk = alloc(k.shape, dtype=k.dtype, device=u.device)
@@ -541,7 +607,8 @@ def fftconv_bwd(
     # concurrent calls on other streams never share one. One program per channel needs none.
     split_channel = cfg.groups > 1
     arrivals = torch.zeros(channels, dtype=torch.int32, device=u.device) if split_channel else None
-    launch(_shortconv_bwd_kernel)[(channels, cfg.groups)](
+    launch(
+        _shortconv_bwd_kernel, (channels, cfg.groups),
         grad_y, u, k, D, gate_in, gate_out, dropout_mask,
         du, dk, dD, dgate_in, dgate_out, g_part, dd_part, arrivals,
         batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
