@@ -163,7 +163,9 @@ def test_backward_dk_dD_bit_identical_across_runs(programs_per_sm):
     second = shortconv.fftconv_bwd(grad_y, **args, tuning=tuning)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
-    assert rel_err(first[1], want.dk) < 1e-4 and rel_err(first[2], want.dD) < 1e-4
+    # The same bound as check_backward's for float32 dk/dD (cancellation in few-channel sums;
+    # 1e-4 failed once in about ten runs): this test is about determinism, not accuracy.
+    assert rel_err(first[1], want.dk) < 5e-4 and rel_err(first[2], want.dD) < 5e-4
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
