@@ -4,7 +4,7 @@
 
 For (B, H, L) in (8, 1024, 4096) and (4, 768, 8192), bf16 u, float32 k and D: forward and
 forward+backward median ms of the short kernels (launchers called directly, Lk limit bypassed),
-the FFT family (flashconv), cuDNN depthwise conv1d (bf16, groups=H, padding Lk-1, cropped) and
+the FFT family (flashconv3, FlashConv v5), cuDNN depthwise conv1d (bf16, groups=H, padding Lk-1, cropped) and
 the memory floor (bytes / device-to-device copy bandwidth measured in this run). The lead sets
 shortconv.SHORT_MAX_KERNEL_LEN from the crossing. Prints a table; writes JSON to --out.
 """
@@ -14,25 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from lcconv_compile.kernels import flashconv, shortconv
+from bench_fftconv import copy_bandwidth, git_commit  # same folder: the shared measures
+from lcconv_compile.kernels import flashconv3, shortconv
 
 SHAPES = [(8, 1024, 4096), (4, 768, 8192)]
 KERNEL_LENS = [1, 2, 3, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
 L2_BYTES = 50 * 2**20  # H100
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.empty(256 * 2**20 // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def median_ms(fn, input_sets) -> float:
@@ -65,11 +57,11 @@ def candidates():
         shortconv.fftconv_bwd(dy, u, k, D)
 
     def fft_fwd(u, k, D, dy):
-        flashconv.fftconv_fwd(u, k, D)
+        flashconv3.fftconv_fwd(u, k, D)
 
     def fft_both(u, k, D, dy):
-        flashconv.fftconv_fwd(u, k, D)
-        flashconv.fftconv_bwd(dy, u, k, D)
+        flashconv3.fftconv_fwd(u, k, D)
+        flashconv3.fftconv_bwd(dy, u, k, D)
 
     def cudnn(u, k, D, dy, backward):
         Lk = k.shape[-1]
@@ -94,11 +86,8 @@ def main():
     parser.add_argument("--kernel-lens", type=int, nargs="+", default=KERNEL_LENS)
     args = parser.parse_args()
     shortconv.SHORT_MAX_KERNEL_LEN = max(args.kernel_lens)  # launchers are called directly anyway
-    bandwidth = copy_bandwidth()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    bandwidth = copy_bandwidth("cuda")
+    commit = git_commit()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=commit, copy_bandwidth_tb_s=bandwidth / 1e12)
     print(f"# {meta}")
