@@ -115,6 +115,14 @@ def plan_for(seqlen: int, factors: Optional[tuple[int, int, int]] = None,
     return BlockFFTPlan(n1 * n2 * n3, n1, n2, n3, chunk)
 
 
+def compiles_on_gpu(plan: BlockFFTPlan) -> bool:
+    """Whether a GPU can compile the kernels for this plan: every complex stage is a ``tl.dot``
+    whose contracted size is twice its factor (n1/2 for stage 1, the chunk for the k1 products),
+    and sm_90 needs it >= 16. Every plan of :data:`FACTORS` does; smaller factors exist for
+    Triton's interpreter (tests) only (seen on the H100: "K >= 16" assertions)."""
+    return plan.n1 >= 16 and plan.n2 >= 8 and plan.n3 >= 8 and plan.chunk >= 8
+
+
 # ------------------------------------------------------------------------------ constants --
 def _dft(rows: int, cols: int, size: int, sign: float) -> torch.Tensor:
     """exp(sign 2 pi i j k / size) / sqrt(size) for j < rows, k < cols (complex128)."""

@@ -46,6 +46,7 @@ import triton.language as tl
 from .blockfft3 import (
     BlockFFTPlan,
     block_fft_constants,
+    compiles_on_gpu,
     block_product,
     convolve_stack,
     deinterleave,
@@ -155,6 +156,9 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
     plan = plan_for(block_len, tuning.factors, tuning.chunk)
     if tuning.factors is None and not backward and plan.fft_size in FORWARD_FACTORS:
         plan = plan_for(block_len, FORWARD_FACTORS[plan.fft_size], tuning.chunk)
+    if device.type == "cuda" and not compiles_on_gpu(plan):
+        raise ValueError(f"tuning.factors={tuning.factors}, chunk={tuning.chunk}: a GPU needs n1 >= 16 and "
+                         f"n2, n3, chunk >= 8 (tl.dot contracts >= 16); smaller plans are for the interpreter")
     max_pairs = max(1, STACK_ELEMENTS // (blocks * plan.fft_size // 2))
     if not backward and blocks == 1:
         max_pairs = FORWARD_PAIRS.get(plan.fft_size, max_pairs)
