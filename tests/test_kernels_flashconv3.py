@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from inputs import as_float64, random_args, rel_err
+from inputs import as_float64, poisoned, random_args, rel_err
 from lcconv_compile import reference
 from lcconv_compile.kernels import blockfft3, flashconv3
 
@@ -34,10 +34,6 @@ def small_tuning(**fields):
     if HAS_CUDA and not blockfft3.compiles_on_gpu(blockfft3.plan_for(1, tuning.factors, tuning.chunk)):
         pytest.skip(f"factors {tuning.factors} (chunk {tuning.chunk}) are for the interpreter only")
     return tuning
-
-
-def poisoned(shape, dtype, device):
-    return torch.full(shape, math.nan, dtype=dtype, device=device)
 
 
 def check_forward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
