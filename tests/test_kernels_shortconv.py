@@ -32,7 +32,10 @@ def tolerance(want, dtype):
     that alone is larger (a handful of outputs; Triton's interpreter rounds float32 -> bf16 by
     truncation, twice the GPU's round-to-nearest error)."""
     if dtype == torch.float32:
-        return TOL[dtype]
+        # The interpreter truncates in the float32 -> bf16 hi/lo split (twice the error of the
+        # GPU's rounding); with a handful of outputs, cancellation then lifts the norm-relative
+        # error up to 2.5e-4 (600 draws at L = 1..64, median 2e-5). The GPU keeps the target.
+        return TOL[dtype] if HAS_CUDA else 5e-4
     if dtype == torch.bfloat16 and not HAS_CUDA:
         bits = want.float().contiguous().view(torch.int32) & -65536
         rounded = bits.view(torch.float32)
