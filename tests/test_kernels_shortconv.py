@@ -32,10 +32,14 @@ def tolerance(want, dtype):
     that alone is larger (a handful of outputs; Triton's interpreter rounds float32 -> bf16 by
     truncation, twice the GPU's round-to-nearest error)."""
     if dtype == torch.float32:
-        # The interpreter truncates in the float32 -> bf16 hi/lo split (twice the error of the
-        # GPU's rounding); with a handful of outputs, cancellation then lifts the norm-relative
-        # error up to 2.5e-4 (600 draws at L = 1..64, median 2e-5). The GPU keeps the target.
-        return TOL[dtype] if HAS_CUDA else 5e-4
+        if HAS_CUDA:
+            return TOL[dtype]
+        # The interpreter truncates in the float32 -> bf16 hi/lo split (twice the GPU's rounding
+        # error). Measured over 150-600 draws, all options on: median 1.5-3e-5 everywhere, but a
+        # vector of a handful of outputs can cancel (e.g. k0 + D ~ 0 at L = 1), which lifts the
+        # norm-relative error to 1.7e-3 at 2-6 elements and 1.2e-4 at 40-400. A wrong index or an
+        # unwritten element still gives O(1).
+        return 5e-3 if want.numel() < 64 else 5e-4
     if dtype == torch.bfloat16 and not HAS_CUDA:
         bits = want.float().contiguous().view(torch.int32) & -65536
         rounded = bits.view(torch.float32)
