@@ -22,7 +22,7 @@ def causal_mask(n):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_encoder_swap_keeps_shapes_and_is_causal(batch_first):
     model = encoder(batch_first).double()
-    report = swap_attention(model, "h3", l_max=32)
+    report = swap_attention(model, "h3", l_max=32, causal=True)
     assert isinstance(report, SwapReport)
     assert [s.path for s in report.swapped] == ["layers.0.self_attn", "layers.1.self_attn"]
     assert all(s.original == "MultiheadAttention" and s.replacement == "H3" for s in report.swapped)
@@ -45,7 +45,7 @@ def test_encoder_swap_keeps_shapes_and_is_causal(batch_first):
 
 def test_encoder_key_padding_mask():
     model = encoder(True).double()
-    swap_attention(model, "longconv", l_max=16)
+    swap_attention(model, "longconv", l_max=16, causal=True)
     x = torch.randn(2, 12, 16, dtype=torch.float64)
     pad = torch.zeros(2, 12, dtype=torch.bool)
     pad[0, 8:] = True
@@ -62,8 +62,21 @@ def test_encoder_key_padding_mask():
 
 
 def test_causality_must_match():
+    # At swap time: an encoder is bidirectional unless the caller says it is called causally.
+    with pytest.raises(ValueError, match="TransformerEncoderLayer at layers.0 is bidirectional .* by default, but "
+                       "mixer 'h3' with options \\{\\} is causal; pass causal=True if the model calls it with is_causal=True"):
+        swap_attention(encoder(True), "h3")
+    with pytest.raises(ValueError, match="TransformerEncoderLayer at layers.0 is stated with causal=True, but mixer "
+                       "'longconv' .* is not causal"):
+        swap_attention(encoder(True), "longconv", l_max=16, bidirectional=True, causal=True)
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True), 1)
+    with pytest.raises(ValueError, match="TransformerDecoderLayer at layers.0 is causal .* is not causal"):
+        swap_attention(decoder, "longconv", l_max=16, bidirectional=True)
+    with pytest.raises(ValueError, match="causal=False does not apply"):
+        swap_attention(tiny_gpt2(), "h3", causal=False)
+    # On every call: the layer must then really be called the stated way.
     model = encoder(True)
-    swap_attention(model, "h3", l_max=16)
+    swap_attention(model, "h3", l_max=16, causal=True)
     x = torch.randn(2, 10, 16)
     with pytest.raises(ValueError, match="H3 is causal .* called without a causal mask .* bidirectional=True"):
         model(x)
@@ -97,7 +110,7 @@ def test_decoder_keeps_cross_attention():
 @pytest.mark.parametrize("mixer,l_max", [("h3", None), ("h3-longconv", 16)])
 def test_h3_swaps_without_l_max_and_h3_longconv_with_it(mixer, l_max):
     model = encoder(True)
-    report = swap_attention(model, mixer, l_max=l_max)
+    report = swap_attention(model, mixer, l_max=l_max, causal=True)
     swapped = model.layers[0].self_attn.mixer
     assert swapped.l_max == l_max and swapped.kernel_type == ("ssm" if mixer == "h3" else "longconv")
     assert "H3" in str(report)
@@ -110,13 +123,13 @@ def test_refusals():
         swap_attention(encoder(True), "attention", l_max=8)
     with pytest.raises(ValueError, match="mixer 'longconv' needs l_max for TransformerEncoderLayer at layers.0.*"
                        "LongConv: l_max is required"):
-        swap_attention(encoder(True), "longconv")
+        swap_attention(encoder(True), "longconv", causal=True)
     with pytest.raises(ValueError, match="nothing to swap in Sequential .*outside TransformerEncoderLayer"):
         swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), "h3", l_max=8)
     with pytest.raises(ValueError, match="nothing to swap in Linear \\(no attention modules\\)"):
         swap_attention(nn.Linear(4, 4), "h3", l_max=8)
     with pytest.raises(ValueError, match="d_model = 16 is not divisible by head_dim = 3"):
-        swap_attention(encoder(True), "h3", l_max=8, head_dim=3)
+        swap_attention(encoder(True), "h3", l_max=8, head_dim=3, causal=True)
 
 
 class TinyCausalEncoderLM(nn.Module):
@@ -133,7 +146,7 @@ class TinyCausalEncoderLM(nn.Module):
 
 def test_swapped_encoder_compiles_and_trains():
     model = TinyCausalEncoderLM()
-    swap_attention(model, "longconv", l_max=24)
+    swap_attention(model, "longconv", l_max=24, causal=True)
     compiled = torch.compile(model, fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 20, (8, 17))
@@ -197,7 +210,8 @@ def test_gpt2_padding_mask():
 
 def test_gpt2_refusals_and_cross_attention():
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match="GPT-2 attention at transformer.h.0.attn is causal but mixer 'butterfly'"):
+    with pytest.raises(ValueError, match="GPT-2 attention at transformer.h.0.attn is causal .* but mixer 'butterfly' "
+                       ".* is not causal; use a causal configuration"):
         swap_attention(model, "butterfly")
     swap_attention(model, "butterfly", learn_butterfly=False)
     with pytest.raises(ValueError, match="keeps no KV cache; call the model with use_cache=False"):

@@ -20,10 +20,12 @@ Refused or kept, by decision:
     with ``key``/``value`` other than ``query`` raises.
   * Causality must match. A causal mixer (H3, LongConv, ButterflyLongConv with exact factors)
     serves only causal calls (``is_causal=True`` or a causal ``attn_mask``); a non-causal mixer
-    (``bidirectional=True`` LongConv, learned ButterflyLongConv) serves only unmasked calls. For
-    torch layers this is checked on every call (how a layer is called is only known then); GPT-2
-    self-attention is causal, so a non-causal mixer is refused at swap time. Any other
-    ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
+    (``bidirectional=True`` LongConv, learned ButterflyLongConv) serves only unmasked calls. It is
+    checked twice: at swap time against the causality the layer is used with (``causal=``;
+    default: an encoder layer is bidirectional, a decoder layer's self-attention and GPT-2 are
+    causal), so ``swap_attention(encoder, "h3")`` fails at once unless ``causal=True`` says the
+    encoder is called with a causal mask; and for torch layers on every call (how a layer is
+    really called is only known then). Any other ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
     there it is trusted to be the causal mask (eager calls check it).
   * Padding: ``key_padding_mask`` (torch) or the padding part of GPT-2's attention mask zeroes the
     padded positions' contribution inside the mixer. Our mixers keep no KV cache: GPT-2 models get
@@ -227,7 +229,32 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
 
 
-def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] = None, **mixer_options) -> SwapReport:
+def _check_causality(where: str, layer_causal: bool, stated: bool, mixer: str, new: nn.Module, options: dict) -> None:
+    """Refuse at swap time a mixer whose causality differs from the layer's use (see module docstring)."""
+    if new.is_causal == layer_causal:
+        return
+    how = "stated with causal=" + str(layer_causal) if stated else (
+        "causal (self-attention over generated tokens)" if layer_causal else "bidirectional (no causal mask) by default"
+    )
+    if layer_causal:
+        fix = "use a causal configuration (learn_butterfly=False, bidirectional=False)"
+    else:
+        fix = ("pass causal=True if the model calls it with is_causal=True or a causal mask, or swap in a "
+               "non-causal mixer (mixer='longconv', bidirectional=True)")
+    raise ValueError(
+        f"swap_attention: {where} is {how}, but mixer {mixer!r} with options {options} is "
+        f"{'causal' if new.is_causal else 'not causal'}; {fix}"
+    )
+
+
+def swap_attention(
+    model: nn.Module,
+    mixer: str = "h3",
+    *,
+    l_max: Optional[int] = None,
+    causal: Optional[bool] = None,
+    **mixer_options,
+) -> SwapReport:
     """Replace the self-attention layers of ``model`` in place by ``mixer`` layers; return a report.
 
     Args:
@@ -236,11 +263,15 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
         mixer: ``"h3"``, ``"h3-longconv"``, ``"longconv"`` or ``"butterfly"``.
         l_max: longest sequence the new mixers accept; needed by the learned-kernel mixers for
             torch layers (GPT-2 defaults to ``config.n_positions``); H3 needs none.
+        causal: whether the model calls its self-attention causally. Default: False for
+            ``TransformerEncoderLayer``, True for ``TransformerDecoderLayer`` and GPT-2. A mixer
+            of the other causality is refused here, at swap time (e.g. pass ``causal=True`` to put
+            H3 into an encoder that is called with ``is_causal=True``).
         **mixer_options: passed to every mixer (e.g. ``head_dim=2`` for H3, ``bidirectional=True``).
 
     Raises ValueError naming the problem when the mixer is unknown, ``l_max`` is missing for a
-    mixer that needs it, a
-    non-causal mixer is asked for causal GPT-2 attention, or nothing in the model can be swapped.
+    mixer that needs it, the mixer's causality differs from the layer's (``causal``), or nothing
+    in the model can be swapped.
     See the module docstring for what is kept and what is checked per call.
     """
     choices = [name for name in MIXERS if name != "attention"]
@@ -267,6 +298,9 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
                     f"swap_attention: mixer {mixer!r} needs l_max for {type(module).__name__} at "
                     f"{path or '<model>'} (torch transformer layers have no maximum length): {err}"
                 ) from err
+            layer_causal = causal if causal is not None else isinstance(module, nn.TransformerDecoderLayer)
+            _check_causality(f"{type(module).__name__} at {path or '<model>'}", layer_causal, causal is not None,
+                             mixer, new, mixer_options)
             wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
             plans.append((prefix + "self_attn", attn, wrapped))
             report.swapped.append(
@@ -289,11 +323,9 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
                 continue
             layer_l_max = l_max if l_max is not None else _gpt2_l_max(module.config)
             new = _like(make_mixer(mixer, module.embed_dim, layer_l_max, **mixer_options), module)
-            if not new.is_causal:
-                raise ValueError(
-                    f"swap_attention: GPT-2 attention at {path} is causal but mixer {mixer!r} with options "
-                    f"{mixer_options} is not (learned butterfly factors or bidirectional); use a causal configuration"
-                )
+            if causal is False:
+                raise ValueError(f"swap_attention: GPT-2 attention at {path} is causal; causal=False does not apply")
+            _check_causality(f"GPT-2 attention at {path}", True, False, mixer, new, mixer_options)
             plans.append((path, module, GPT2SelfMixer(new, getattr(module, "layer_idx", None))))
             report.swapped.append(SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
 
