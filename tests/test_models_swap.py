@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcconv_compile.models import H3, LongConv, SwapReport, swap_attention
+from lcconv_compile.models import H3, LongConv, SwapReport, load_swapped_pretrained, swap_attention
 from lcconv_compile.models.swap import GPT2SelfMixer, MultiheadSelfMixer
 
 
@@ -238,3 +238,51 @@ def test_gpt2_swapped_compiles_and_trains():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_swapped_save_pretrained_reloads_with_the_swap(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    report = swap_attention(model, "longconv", smooth_radius=1)
+    assert any("load_swapped_pretrained" in note for note in report.notes)
+    with torch.no_grad():  # weights unlike any fresh initialisation
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 20))
+    expected = model(ids).logits
+
+    reloaded = load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path))
+    assert isinstance(reloaded.transformer.h[0].attn, GPT2SelfMixer) and not reloaded.training
+    assert reloaded.transformer.h[0].attn.mixer.smooth_radius == 1
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # tie kept
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+    # By hand: re-apply the same swap, then load the state dict.
+    from safetensors.torch import load_file
+
+    by_hand = tiny_gpt2()
+    swap_attention(by_hand, "longconv", smooth_radius=1)
+    by_hand.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    torch.testing.assert_close(by_hand.eval()(ids).logits, expected, rtol=0, atol=0)
+
+    # What the plain class does (why this function exists): attention comes back freshly initialised.
+    plain = GPT2LMHeadModel.from_pretrained(str(tmp_path))
+    assert (plain(ids).logits - expected).abs().max() > 1e-3
+
+
+def test_load_swapped_pretrained_refuses_plain_and_mismatched_checkpoints(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no `lcconv_swap` entry.* load it with GPT2LMHeadModel.from_pretrained"):
+        load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "plain"))
+    model = tiny_gpt2()
+    swap_attention(model, "h3")
+    model.config.lcconv_swap["mixer"] = "longconv"  # config says one mixer, weights hold another
+    model.save_pretrained(tmp_path / "edited")
+    with pytest.raises(ValueError, match="does not match the swapped GPT2LMHeadModel .*missing: \\['transformer.h.0.attn.mixer"):
+        load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "edited"))

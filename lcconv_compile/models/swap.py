@@ -34,6 +34,13 @@ Refused or kept, by decision:
     is switched off for encoders whose layers were swapped.
   * An ``nn.MultiheadAttention`` outside the supported layers, or other attention classes, are
     kept and listed; if nothing can be swapped, ``swap_attention`` raises.
+
+Saving and reloading a swapped GPT-2: ``save_pretrained`` writes the mixers' weights, and
+``swap_attention`` records the swap in ``config.lcconv_swap`` (so it lands in config.json), but
+``GPT2LMHeadModel.from_pretrained`` knows nothing of it and would rebuild plain attention with fresh
+weights. Reload with :func:`load_swapped_pretrained` (builds the model from the config, re-applies
+the recorded swap, then loads every saved tensor, strictly), or by hand: build the model, call
+``swap_attention`` with the same arguments, then ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ from torch import Tensor, nn
 
 from .mixers import MIXERS, make_mixer
 
-__all__ = ["swap_attention", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer"]
+__all__ = [
+    "swap_attention", "load_swapped_pretrained", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer",
+]
 
 
 @dataclass
@@ -356,8 +365,66 @@ def swap_attention(
         if getattr(config, "use_cache", False):
             config.use_cache = False
             report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
+    for config in gpt2_configs.values():
+        # Saved with the config by save_pretrained: load_swapped_pretrained re-applies it.
+        config.lcconv_swap = {"mixer": mixer, "l_max": l_max, "causal": causal, "options": dict(mixer_options)}
+    if gpt2_configs:
+        report.notes.append("config.lcconv_swap records the swap: reload with load_swapped_pretrained")
     generation_config = getattr(model, "generation_config", None)
     if gpt2_configs and generation_config is not None and getattr(generation_config, "use_cache", False):
         generation_config.use_cache = False
         report.notes.append("generation_config.use_cache set to False")
     return report
+
+
+# ------------------------------------------------------------------------------- reloading --
+def _saved_state_dict(path: str) -> dict:
+    """Every tensor ``save_pretrained`` wrote to the directory ``path`` (safetensors, sharded or not, or .bin)."""
+    import json
+    import os
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single) or os.path.exists(index):
+        from safetensors.torch import load_file
+
+        files = [single] if os.path.exists(single) else sorted(
+            {os.path.join(path, name) for name in json.load(open(index))["weight_map"].values()}
+        )
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        return state
+    legacy = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"load_swapped_pretrained: no model.safetensors(.index.json) or pytorch_model.bin in {path}")
+
+
+def load_swapped_pretrained(model_class: type, path: str) -> nn.Module:
+    """Reload a model saved with ``save_pretrained`` after :func:`swap_attention`.
+
+    ``model_class`` is the Hugging Face class it was saved from (e.g. ``GPT2LMHeadModel``), ``path``
+    the directory. Builds the model from its config, re-applies the swap recorded in
+    ``config.lcconv_swap``, loads every saved tensor (missing keys only for tied weights,
+    e.g. the LM head; anything else raises) and returns it in eval mode, as ``from_pretrained`` does.
+    """
+    config = model_class.config_class.from_pretrained(path)
+    swap = getattr(config, "lcconv_swap", None)
+    if not isinstance(swap, dict) or "mixer" not in swap:
+        raise ValueError(
+            f"load_swapped_pretrained: the config in {path} has no `lcconv_swap` entry, so it was not "
+            f"saved from a model swapped by swap_attention; load it with {model_class.__name__}.from_pretrained"
+        )
+    model = model_class(config)
+    swap_attention(model, swap["mixer"], l_max=swap.get("l_max"), causal=swap.get("causal"), **swap.get("options", {}))
+    state = _saved_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained drops one name of each tied pair: accept a missing key only if its tensor was loaded.
+    loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in state}
+    untied = [name for name in missing if id(model.state_dict(keep_vars=True)[name]) not in loaded]
+    if untied or unexpected:
+        raise ValueError(
+            f"load_swapped_pretrained: {path} does not match the swapped {model_class.__name__} "
+            f"(missing: {untied}, unexpected: {list(unexpected)}); was it saved with other swap options?"
+        )
+    return model.eval()
