@@ -182,7 +182,8 @@ def test_gpt2_swap_report_shapes_and_causality():
     assert all(s.original == "GPT2Attention" and s.causality == "causal" for s in report.swapped)
     assert isinstance(model.transformer.h[0].attn, GPT2SelfMixer)
     assert model.transformer.h[0].attn.mixer.l_max == 32  # from config.n_positions
-    assert model.config.use_cache is False and any("use_cache" in note for note in report.notes)
+    # H3 has a recurrent step: the cache stays on, and generation uses it (see the cached test).
+    assert model.config.use_cache is True and any("H3.step" in note for note in report.notes)
     ids = torch.randint(0, 64, (2, 20))
     logits = model(ids).logits
     assert logits.shape == (2, 20, 64)
@@ -286,3 +287,41 @@ def test_load_swapped_pretrained_refuses_plain_and_mismatched_checkpoints(tmp_pa
     model.save_pretrained(tmp_path / "edited")
     with pytest.raises(ValueError, match="does not match the swapped GPT2LMHeadModel .*missing: \\['transformer.h.0.attn.mixer"):
         load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "edited"))
+
+
+def test_gpt2_cached_generation_runs_the_recurrent_step(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_gpt2(pad_token_id=0).double().eval()
+    swap_attention(model, "h3", head_dim=2)
+    ids = torch.randint(1, 64, (2, 7))
+    more = torch.randint(1, 64, (2, 3))
+    full = model(torch.cat([ids, more], 1), use_cache=False).logits
+    prompt = model(ids, use_cache=True)
+    assert prompt.past_key_values.get_seq_length() == 7  # positions of the next tokens stay right
+    torch.testing.assert_close(prompt.logits, full[:, :7], rtol=1e-10, atol=1e-10)
+    steps = []
+    mixer = model.transformer.h[0].attn.mixer
+    real_step = mixer.step
+    monkeypatch.setattr(mixer, "step", lambda x_t, state: steps.append(1) or real_step(x_t, state))
+    cont = model(more, past_key_values=prompt.past_key_values, use_cache=True)
+    assert len(steps) == 3  # one step per new token, the prefix is not recomputed
+    torch.testing.assert_close(cont.logits, full[:, 7:], rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    recomputed = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 13) and torch.equal(cached, recomputed)
+
+
+def test_gpt2_cached_generation_refusals_and_mixers_without_step():
+    model = tiny_gpt2(pad_token_id=0).eval()
+    swap_attention(model, "h3")
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="cached generation with a swapped mixer does not support padding"):
+        model(ids, attention_mask=mask, use_cache=True)
+    with pytest.raises(ValueError, match="the cache was reordered \\(beam search\\)"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+    no_step = tiny_gpt2()
+    report = swap_attention(no_step, "h3-longconv")  # a learned kernel: no recurrence
+    assert no_step.config.use_cache is False and any("use_cache set to False" in note for note in report.notes)

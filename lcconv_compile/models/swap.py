@@ -28,8 +28,14 @@ Refused or kept, by decision:
     really called is only known then). Any other ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
     there it is trusted to be the causal mask (eager calls check it).
   * Padding: ``key_padding_mask`` (torch) or the padding part of GPT-2's attention mask zeroes the
-    padded positions' contribution inside the mixer. Our mixers keep no KV cache: GPT-2 models get
-    ``config.use_cache = False`` and a call with a cache raises (generation recomputes the prefix).
+    padded positions' contribution inside the mixer.
+  * Cached generation (GPT-2): a mixer with a recurrent ``step`` (H3 with its SSM kernel) keeps its
+    O(1) state in the model's cache object, so ``generate`` and calls with ``past_key_values`` feed
+    one token at a time through ``step`` (the prompt too, token by token); the cache also gets
+    one-float placeholder keys so that its length, hence the position ids, stays right. Refused
+    with a clear error: padding in a cached call, and cache reordering (beam search). Mixers
+    without ``step`` keep no cache: their models get ``config.use_cache = False`` and a call with
+    a cache raises (generation recomputes the prefix).
   * ``nn.TransformerEncoder``'s nested-tensor fast path (which reads attention weights directly)
     is switched off for encoders whose layers were swapped.
   * An ``nn.MultiheadAttention`` outside the supported layers, or other attention classes, are
@@ -201,12 +207,69 @@ class GPT2SelfMixer(nn.Module):
         if encoder_hidden_states is not None:
             raise ValueError("swap_attention: a swapped GPT-2 self-attention was called as cross-attention")
         if past_key_values is not None:
-            raise ValueError(
-                "swap_attention: the swapped mixer keeps no KV cache; call the model with use_cache=False "
-                "(generation then recomputes the prefix)"
-            )
+            if not _has_step(self.mixer):
+                raise ValueError(
+                    "swap_attention: the swapped mixer keeps no KV cache; call the model with use_cache=False "
+                    "(generation then recomputes the prefix)"
+                )
+            return self._cached(hidden_states, past_key_values, attention_mask), None
         pad = _padding_from_hf_mask(attention_mask, hidden_states.shape[1])
         return self.mixer(hidden_states, key_padding_mask=pad), None
+
+    def _cached(self, hidden_states: Tensor, cache, attention_mask: Optional[Tensor]) -> Tensor:
+        """The new tokens through the mixer's ``step``, its state kept in ``cache`` (see module docstring)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The last query row lists every key it may see: a blocked one is padding.
+            visible = attention_mask[:, 0, -1, :]
+            blocked = ~visible if visible.dtype == torch.bool else visible < torch.finfo(visible.dtype).min / 2
+            if bool(blocked.any()):
+                raise ValueError(
+                    "swap_attention: cached generation with a swapped mixer does not support padding; "
+                    "generate without padding, or with use_cache=False"
+                )
+        self_cache = getattr(cache, "self_attention_cache", cache)
+        states = _mixer_states(self_cache)
+        batch, new_tokens = hidden_states.shape[:2]
+        state = states.get(self.layer_idx)
+        if state is None:
+            state = self.mixer.allocate_state(batch)
+        elif state.__class__ is _Reordered:
+            raise ValueError("swap_attention: the cache was reordered (beam search); mixer states cannot follow")
+        outputs = []
+        for t in range(new_tokens):
+            y_t, state = self.mixer.step(hidden_states[:, t], state)
+            outputs.append(y_t)
+        states[self.layer_idx] = state
+        # Placeholder keys/values (one float per token) keep the cache's length = tokens seen.
+        placeholder = hidden_states.new_zeros(batch, 1, new_tokens, 1)
+        self_cache.update(placeholder, placeholder, self.layer_idx)
+        return torch.stack(outputs, dim=1)
+
+
+class _Reordered:
+    """Marks mixer states whose cache was reordered (beam search), which they cannot follow."""
+
+
+def _mixer_states(cache) -> dict:
+    """Per-layer mixer states stored on a Hugging Face cache object (created on first use)."""
+    states = getattr(cache, "lcconv_mixer_states", None)
+    if states is None:
+        states = {}
+        cache.lcconv_mixer_states = states
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is not None:
+            def reorder_cache(beam_idx, _reorder=reorder):
+                for layer in states:
+                    states[layer] = _Reordered()
+                return _reorder(beam_idx)
+
+            cache.reorder_cache = reorder_cache
+    return states
+
+
+def _has_step(mixer: nn.Module) -> bool:
+    """Whether the mixer runs as a recurrence (H3 with its SSM kernel has step; H3-LongConv does not)."""
+    return callable(getattr(mixer, "step", None)) and getattr(mixer, "kernel_type", "ssm") == "ssm"
 
 
 def _gpt2_attention_class() -> tuple[Optional[type], int]:
@@ -360,9 +423,13 @@ def swap_attention(
         if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
             module.use_nested_tensor = False
             report.notes.append(f"{path or '<model>'}: nested-tensor fast path switched off")
-    gpt2_configs = {id(orig.config): orig.config for _, orig, new in plans if isinstance(new, GPT2SelfMixer)}
+    gpt2_swaps = [(orig, new) for _, orig, new in plans if isinstance(new, GPT2SelfMixer)]
+    gpt2_configs = {id(orig.config): orig.config for orig, _ in gpt2_swaps}
+    recurrent = bool(gpt2_swaps) and all(_has_step(new.mixer) for _, new in gpt2_swaps)
+    if recurrent:
+        report.notes.append(f"cached generation runs {type(gpt2_swaps[0][1].mixer).__name__}.step, one token at a time")
     for config in gpt2_configs.values():
-        if getattr(config, "use_cache", False):
+        if getattr(config, "use_cache", False) and not recurrent:
             config.use_cache = False
             report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
     for config in gpt2_configs.values():
@@ -371,7 +438,7 @@ def swap_attention(
     if gpt2_configs:
         report.notes.append("config.lcconv_swap records the swap: reload with load_swapped_pretrained")
     generation_config = getattr(model, "generation_config", None)
-    if gpt2_configs and generation_config is not None and getattr(generation_config, "use_cache", False):
+    if gpt2_configs and not recurrent and generation_config is not None and getattr(generation_config, "use_cache", False):
         generation_config.use_cache = False
         report.notes.append("generation_config.use_cache set to False")
     return report
