@@ -41,7 +41,7 @@ from torch.autograd.function import _SingleLevelFunction
 
 from . import reference
 from .kernels import select
-from .validation import check_fftconv_args
+from .validation import check_fftconv_args, check_fftconv_call
 
 __all__ = ["fftconv", "fftconv_backward_impl", "fftconv_bwd_op", "fftconv_forward_impl", "fftconv_op"]
 
@@ -498,4 +498,5 @@ def fftconv(
     steps too; in ``k[h, j]`` or ``D[h]``, every output of channel h. ``gate_out`` and
     ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
     """
+    check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)

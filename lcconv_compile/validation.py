@@ -34,6 +34,40 @@ def _check_same_device(name: str, t: Tensor, u: Tensor) -> None:
         )
 
 
+_OPTIONAL_TENSORS = ("D", "gate_in", "gate_out", "dropout_mask")
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (str, int, float)) else type(value).__name__
+
+
+def check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> None:
+    """Check the Python types of the public ``fftconv``'s arguments before the op's schema sees
+    them (its own error is a raw pybind cast message that names neither the argument nor the fix)."""
+    for name, value in (("u", u), ("k", k)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"fftconv: `{name}` must be a torch.Tensor, got {_kind(value)}")
+    for name, value in zip(_OPTIONAL_TENSORS, (D, gate_in, gate_out, dropout_mask)):
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"fftconv: `{name}` must be a torch.Tensor or None, got {_kind(value)}")
+    if not isinstance(gelu, bool):
+        hint = (
+            "; only the exact (erf) GELU is fused: apply the tanh approximation outside the op"
+            if isinstance(gelu, str) else ""
+        )
+        raise TypeError(f"fftconv: `gelu` must be True or False (exact erf GELU or none), got {_kind(gelu)}{hint}")
+
+
+def _layout_hint(u: Tensor, k: Tensor) -> str:
+    """A hint when u looks like (B, L, H): its last dim matches k's channel count."""
+    if u.shape[-1] == k.shape[0] and k.shape[1] <= u.shape[1]:
+        return (
+            f"; u must be (B, H, L) but its last dim matches k's H = {k.shape[0]}: if u is (B, L, H), "
+            f"pass u.transpose(1, 2) (and transpose the output back)"
+        )
+    return ""
+
+
 def check_fftconv_args(
     u: Tensor,
     k: Tensor,
@@ -62,7 +96,7 @@ def check_fftconv_args(
     if k.shape[0] != channels:
         raise ValueError(
             f"fftconv: `k` has {k.shape[0]} channels but `u` has H = {channels} "
-            f"(u: {_describe(u)}; k: {_describe(k)})"
+            f"(u: {_describe(u)}; k: {_describe(k)}){_layout_hint(u, k)}"
         )
     if k.shape[1] == 0 or k.shape[1] > seqlen:
         raise ValueError(

@@ -292,3 +292,21 @@ def test_bad_inputs():
         layer(torch.randn(1, 20, 8))
     with pytest.raises(ValueError, match="x_t of shape \\(B, d_model=8\\), got \\(1, 1, 8\\)"):
         layer.step(torch.randn(1, 1, 8), layer.allocate_state(1))
+
+
+@pytest.mark.parametrize("head_dim,kernel_type", [(1, "ssm"), (2, "ssm"), (2, "longconv")])
+def test_export_with_a_dynamic_length_has_no_hidden_bounds(head_dim, kernel_type):
+    # The obvious Dim works: no bound from the 4-tap shift SSM (L >= 4 once) nor from the
+    # Vandermonde chunk; H3(kernel="longconv") is bounded by its l_max only.
+    from torch.export import Dim, export
+
+    l_max = 80 if kernel_type == "longconv" else None
+    layer = H3(16, l_max=l_max, head_dim=head_dim, kernel=kernel_type).double()
+    length = Dim("L", max=l_max) if l_max else Dim("L")
+    program = export(layer, (torch.randn(2, 16, 16, dtype=torch.float64),), dynamic_shapes={"x": {1: length}})
+    exported = program.module()
+    for seqlen in (1, 3, 4, 64, 65, 80):
+        x = torch.randn(2, seqlen, 16, dtype=torch.float64)
+        with conv_implementation("reference"):
+            expected = layer(x)
+        torch.testing.assert_close(exported(x), expected, rtol=1e-10, atol=1e-10)

@@ -62,13 +62,28 @@ def test_compiled_lm_equals_eager():
     torch.testing.assert_close(logits_c, model(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_butterfly_lm_works_with_its_defaults():
+    # A causal LM keeps the butterfly factors exact (buffers): causal, and trains like LongConv.
+    model = LongConvLM(10, d_model=8, l_max=8, mixer="butterfly")
+    mixer = model.blocks[0].mixer
+    assert mixer.is_causal and not mixer.learn_butterfly and "in_factor" not in dict(model.named_parameters())
+    ids = torch.randint(0, 10, (2, 8))
+    logits = model(ids)
+    ids2 = ids.clone()
+    ids2[:, 5:] = (ids[:, 5:] + 1) % 10
+    diff = model(ids2) - logits
+    assert diff[:, :5].abs().max() < 1e-5 and diff[:, 5:].abs().max() > 1e-4
+    model(ids).sum().backward()
+    assert mixer.kernel_weight.grad is not None
+
+
 def test_non_causal_mixer_needs_causal_false():
-    with pytest.raises(ValueError, match="mixer 'butterfly' .* is not causal"):
-        LongConvLM(10, d_model=8, l_max=8, mixer="butterfly")
+    with pytest.raises(ValueError, match="mixer 'butterfly' with options \{'learn_butterfly': True\} is not causal"):
+        LongConvLM(10, d_model=8, l_max=8, mixer="butterfly", mixer_options={"learn_butterfly": True})
     with pytest.raises(ValueError, match="mixer 'longconv' with options \\{'bidirectional': True\\} is not causal"):
         LongConvLM(10, d_model=8, l_max=8, mixer="longconv", mixer_options={"bidirectional": True})
     model = LongConvLM(10, d_model=8, l_max=8, mixer="butterfly", causal=False)
-    assert not model.causal
+    assert not model.causal and model.blocks[0].mixer.learn_butterfly  # non-causal LM: learned factors
 
 
 def test_bad_configuration():

@@ -187,3 +187,19 @@ def test_sequence_longer_than_l_max():
         layer(torch.randn(1, 17, 8))
     with pytest.raises(ValueError, match="d_model=8"):
         layer(torch.randn(1, 16, 9))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_export_with_a_dynamic_length_up_to_l_max(bidirectional):
+    # Dim("L", max=l_max) works, L = l_max included (no hidden l_max - 1 bound); longer inputs
+    # are refused by the exported program as they are by the layer.
+    from torch.export import Dim, export
+
+    layer = LongConv(8, 24, smooth_radius=1, bidirectional=bidirectional).double().eval()
+    program = export(layer, (torch.randn(2, 10, 8, dtype=torch.float64),),
+                     dynamic_shapes={"x": {1: Dim("L", max=24)}})
+    for seqlen in (1, 2, 17, 24):
+        x = torch.randn(2, seqlen, 8, dtype=torch.float64)
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[1\] <= 24"):
+        program.module()(torch.randn(2, 25, 8, dtype=torch.float64))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcconv_compile.models import H3, LongConv, SwapReport, swap_attention
+from lcconv_compile.models import H3, LongConv, SwapReport, load_swapped_pretrained, swap_attention
 from lcconv_compile.models.swap import GPT2SelfMixer, MultiheadSelfMixer
 
 
@@ -22,7 +22,7 @@ def causal_mask(n):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_encoder_swap_keeps_shapes_and_is_causal(batch_first):
     model = encoder(batch_first).double()
-    report = swap_attention(model, "h3", l_max=32)
+    report = swap_attention(model, "h3", l_max=32, causal=True)
     assert isinstance(report, SwapReport)
     assert [s.path for s in report.swapped] == ["layers.0.self_attn", "layers.1.self_attn"]
     assert all(s.original == "MultiheadAttention" and s.replacement == "H3" for s in report.swapped)
@@ -45,7 +45,7 @@ def test_encoder_swap_keeps_shapes_and_is_causal(batch_first):
 
 def test_encoder_key_padding_mask():
     model = encoder(True).double()
-    swap_attention(model, "longconv", l_max=16)
+    swap_attention(model, "longconv", l_max=16, causal=True)
     x = torch.randn(2, 12, 16, dtype=torch.float64)
     pad = torch.zeros(2, 12, dtype=torch.bool)
     pad[0, 8:] = True
@@ -62,8 +62,21 @@ def test_encoder_key_padding_mask():
 
 
 def test_causality_must_match():
+    # At swap time: an encoder is bidirectional unless the caller says it is called causally.
+    with pytest.raises(ValueError, match="TransformerEncoderLayer at layers.0 is bidirectional .* by default, but "
+                       "mixer 'h3' with options \\{\\} is causal; pass causal=True if the model calls it with is_causal=True"):
+        swap_attention(encoder(True), "h3")
+    with pytest.raises(ValueError, match="TransformerEncoderLayer at layers.0 is stated with causal=True, but mixer "
+                       "'longconv' .* is not causal"):
+        swap_attention(encoder(True), "longconv", l_max=16, bidirectional=True, causal=True)
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True), 1)
+    with pytest.raises(ValueError, match="TransformerDecoderLayer at layers.0 is causal .* is not causal"):
+        swap_attention(decoder, "longconv", l_max=16, bidirectional=True)
+    with pytest.raises(ValueError, match="causal=False does not apply"):
+        swap_attention(tiny_gpt2(), "h3", causal=False)
+    # On every call: the layer must then really be called the stated way.
     model = encoder(True)
-    swap_attention(model, "h3", l_max=16)
+    swap_attention(model, "h3", l_max=16, causal=True)
     x = torch.randn(2, 10, 16)
     with pytest.raises(ValueError, match="H3 is causal .* called without a causal mask .* bidirectional=True"):
         model(x)
@@ -97,7 +110,7 @@ def test_decoder_keeps_cross_attention():
 @pytest.mark.parametrize("mixer,l_max", [("h3", None), ("h3-longconv", 16)])
 def test_h3_swaps_without_l_max_and_h3_longconv_with_it(mixer, l_max):
     model = encoder(True)
-    report = swap_attention(model, mixer, l_max=l_max)
+    report = swap_attention(model, mixer, l_max=l_max, causal=True)
     swapped = model.layers[0].self_attn.mixer
     assert swapped.l_max == l_max and swapped.kernel_type == ("ssm" if mixer == "h3" else "longconv")
     assert "H3" in str(report)
@@ -110,13 +123,13 @@ def test_refusals():
         swap_attention(encoder(True), "attention", l_max=8)
     with pytest.raises(ValueError, match="mixer 'longconv' needs l_max for TransformerEncoderLayer at layers.0.*"
                        "LongConv: l_max is required"):
-        swap_attention(encoder(True), "longconv")
+        swap_attention(encoder(True), "longconv", causal=True)
     with pytest.raises(ValueError, match="nothing to swap in Sequential .*outside TransformerEncoderLayer"):
         swap_attention(nn.Sequential(nn.MultiheadAttention(8, 2)), "h3", l_max=8)
     with pytest.raises(ValueError, match="nothing to swap in Linear \\(no attention modules\\)"):
         swap_attention(nn.Linear(4, 4), "h3", l_max=8)
     with pytest.raises(ValueError, match="d_model = 16 is not divisible by head_dim = 3"):
-        swap_attention(encoder(True), "h3", l_max=8, head_dim=3)
+        swap_attention(encoder(True), "h3", l_max=8, head_dim=3, causal=True)
 
 
 class TinyCausalEncoderLM(nn.Module):
@@ -133,7 +146,7 @@ class TinyCausalEncoderLM(nn.Module):
 
 def test_swapped_encoder_compiles_and_trains():
     model = TinyCausalEncoderLM()
-    swap_attention(model, "longconv", l_max=24)
+    swap_attention(model, "longconv", l_max=24, causal=True)
     compiled = torch.compile(model, fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 20, (8, 17))
@@ -169,7 +182,8 @@ def test_gpt2_swap_report_shapes_and_causality():
     assert all(s.original == "GPT2Attention" and s.causality == "causal" for s in report.swapped)
     assert isinstance(model.transformer.h[0].attn, GPT2SelfMixer)
     assert model.transformer.h[0].attn.mixer.l_max == 32  # from config.n_positions
-    assert model.config.use_cache is False and any("use_cache" in note for note in report.notes)
+    # H3 has a recurrent step: the cache stays on, and generation uses it (see the cached test).
+    assert model.config.use_cache is True and any("H3.step" in note for note in report.notes)
     ids = torch.randint(0, 64, (2, 20))
     logits = model(ids).logits
     assert logits.shape == (2, 20, 64)
@@ -197,7 +211,8 @@ def test_gpt2_padding_mask():
 
 def test_gpt2_refusals_and_cross_attention():
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match="GPT-2 attention at transformer.h.0.attn is causal but mixer 'butterfly'"):
+    with pytest.raises(ValueError, match="GPT-2 attention at transformer.h.0.attn is causal .* but mixer 'butterfly' "
+                       ".* is not causal; use a causal configuration"):
         swap_attention(model, "butterfly")
     swap_attention(model, "butterfly", learn_butterfly=False)
     with pytest.raises(ValueError, match="keeps no KV cache; call the model with use_cache=False"):
@@ -224,3 +239,89 @@ def test_gpt2_swapped_compiles_and_trains():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_swapped_save_pretrained_reloads_with_the_swap(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    report = swap_attention(model, "longconv", smooth_radius=1)
+    assert any("load_swapped_pretrained" in note for note in report.notes)
+    with torch.no_grad():  # weights unlike any fresh initialisation
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 20))
+    expected = model(ids).logits
+
+    reloaded = load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path))
+    assert isinstance(reloaded.transformer.h[0].attn, GPT2SelfMixer) and not reloaded.training
+    assert reloaded.transformer.h[0].attn.mixer.smooth_radius == 1
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # tie kept
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+
+    # By hand: re-apply the same swap, then load the state dict.
+    from safetensors.torch import load_file
+
+    by_hand = tiny_gpt2()
+    swap_attention(by_hand, "longconv", smooth_radius=1)
+    by_hand.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    torch.testing.assert_close(by_hand.eval()(ids).logits, expected, rtol=0, atol=0)
+
+    # What the plain class does (why this function exists): attention comes back freshly initialised.
+    plain = GPT2LMHeadModel.from_pretrained(str(tmp_path))
+    assert (plain(ids).logits - expected).abs().max() > 1e-3
+
+
+def test_load_swapped_pretrained_refuses_plain_and_mismatched_checkpoints(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no `lcconv_swap` entry.* load it with GPT2LMHeadModel.from_pretrained"):
+        load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "plain"))
+    model = tiny_gpt2()
+    swap_attention(model, "h3")
+    model.config.lcconv_swap["mixer"] = "longconv"  # config says one mixer, weights hold another
+    model.save_pretrained(tmp_path / "edited")
+    with pytest.raises(ValueError, match="does not match the swapped GPT2LMHeadModel .*missing: \\['transformer.h.0.attn.mixer"):
+        load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "edited"))
+
+
+def test_gpt2_cached_generation_runs_the_recurrent_step(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_gpt2(pad_token_id=0).double().eval()
+    swap_attention(model, "h3", head_dim=2)
+    ids = torch.randint(1, 64, (2, 7))
+    more = torch.randint(1, 64, (2, 3))
+    full = model(torch.cat([ids, more], 1), use_cache=False).logits
+    prompt = model(ids, use_cache=True)
+    assert prompt.past_key_values.get_seq_length() == 7  # positions of the next tokens stay right
+    torch.testing.assert_close(prompt.logits, full[:, :7], rtol=1e-10, atol=1e-10)
+    steps = []
+    mixer = model.transformer.h[0].attn.mixer
+    real_step = mixer.step
+    monkeypatch.setattr(mixer, "step", lambda x_t, state: steps.append(1) or real_step(x_t, state))
+    cont = model(more, past_key_values=prompt.past_key_values, use_cache=True)
+    assert len(steps) == 3  # one step per new token, the prefix is not recomputed
+    torch.testing.assert_close(cont.logits, full[:, 7:], rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    recomputed = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 13) and torch.equal(cached, recomputed)
+
+
+def test_gpt2_cached_generation_refusals_and_mixers_without_step():
+    model = tiny_gpt2(pad_token_id=0).eval()
+    swap_attention(model, "h3")
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="cached generation with a swapped mixer does not support padding"):
+        model(ids, attention_mask=mask, use_cache=True)
+    with pytest.raises(ValueError, match="the cache was reordered \\(beam search\\)"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+    no_step = tiny_gpt2()
+    report = swap_attention(no_step, "h3-longconv")  # a learned kernel: no recurrence
+    assert no_step.config.use_cache is False and any("use_cache set to False" in note for note in report.notes)

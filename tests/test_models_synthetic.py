@@ -86,3 +86,68 @@ def test_training_script_passes_longconv_options():
     layer = train_synthetic.build_model(args).blocks[0].mixer
     assert (layer.kernel_type, layer.head_dim, layer.squash_lambda, layer.smooth_radius) == ("longconv", 4, 0.01, 2)
     assert layer.kernel_weight.shape == (4, 16)
+
+
+def test_training_script_help_shows_defaults_and_device_default(capsys):
+    with pytest.raises(SystemExit):
+        train_synthetic.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines wrap with the terminal width
+    assert "(default: h3)" in text and "optimizer steps (default: 300)" in text and "(default: None)" not in text
+    assert "--compile torch.compile the model (default: False)" in text
+    assert "64 with --device cpu, 1024 with cuda" in text
+    assert train_synthetic.parse_args(["--device", "cpu"]).seq_len == 64
+    assert train_synthetic.parse_args(["--device", "cuda"]).seq_len == 1024  # parsing only: no GPU needed
+    assert train_synthetic.parse_args(["--device", "cpu", "--seq-len", "32"]).seq_len == 32
+
+
+def _tiny_run(tmp_path, *extra):
+    return ["--mixer", "h3", "--seq-len", "16", "--steps", "4", "--batch-size", "4", "--d-model", "16",
+            "--device", "cpu", "--eval-batches", "1", "--eval-every", "2", "--warmup-steps", "1", *extra]
+
+
+def test_training_script_progress_checkpoint_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_synthetic.Progress, "__init__", _every_step_progress)
+    checkpoint = tmp_path / "model.pt"
+    extra = ["--checkpoint", str(checkpoint)]
+    result = train_synthetic.main(_tiny_run(tmp_path, *extra))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "/4 " in line]
+    assert "nan" not in err and lines[0].startswith("[") and "acc - (first eval at step 2)" in lines[0]
+    assert "tok/s after warm-up" in lines[0] and "acc -" not in lines[-1]
+    saved = torch.load(checkpoint)
+    assert saved["config"]["seq_len"] == 16 and saved["config"]["mixer"] == "h3"
+    reloaded = train_synthetic.build_model(train_synthetic.parse_args(_tiny_run(tmp_path)))
+    reloaded.load_state_dict(saved["model"])  # strict: every key of the trained model
+    ids = torch.randint(2, 20, (2, 16))
+    assert torch.isfinite(reloaded(ids)).all()
+    assert result["history"][-1]["step"] == 4
+
+
+def test_training_script_writes_a_png_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the test extra) is not installed")
+    plot = tmp_path / "curves.png"
+    train_synthetic.main(_tiny_run(tmp_path, "--plot", str(plot)))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_training_script_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib, which is not installed: `pip install matplotlib`"):
+        train_synthetic.parse_args(_tiny_run(tmp_path, "--plot", str(tmp_path / "x.png")))
+
+
+def _every_step_progress(self, total, stream=None):
+    import sys
+    import time
+
+    self.total, self.stream, self.tty, self.every = total, sys.stderr, False, 1
+    self.start = time.perf_counter()

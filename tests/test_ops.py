@@ -203,6 +203,35 @@ def test_bad_input_gets_clear_error(change, exc, message):
         fftconv(**args)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(gelu="tanh"), r"`gelu` must be True or False .*got str 'tanh'; only the exact \(erf\) GELU"),
+    (dict(gelu=1), r"`gelu` must be True or False .*got int 1$"),
+    (dict(u=[1.0, 2.0]), r"`u` must be a torch.Tensor, got list"),
+    (dict(k=None), r"`k` must be a torch.Tensor, got NoneType"),
+    (dict(D=0.5), r"`D` must be a torch.Tensor or None, got float 0.5"),
+    (dict(gate_in=2), r"`gate_in` must be a torch.Tensor or None, got int 2"),
+    (dict(dropout_mask=0.1), r"`dropout_mask` must be a torch.Tensor or None, got float 0.1"),
+])
+def test_non_tensor_arguments_get_clear_errors(change, message):
+    args = _good()
+    args.update(change)
+    with pytest.raises(TypeError, match=message):
+        fftconv(**args)
+
+
+def test_channels_last_layout_gets_a_transpose_hint():
+    u_blh, k = torch.randn(2, 10, 3), torch.randn(3, 4)  # (B, L, H), (H, Lk)
+    with pytest.raises(ValueError, match=r"`k` has 3 channels but `u` has H = 10 .*must be \(B, H, L\).*"
+                       r"if u is \(B, L, H\), pass u.transpose\(1, 2\)"):
+        fftconv(u_blh, k)
+    # The suggestion is right: transposed, the call works and equals the float64 sum.
+    y = fftconv(u_blh.transpose(1, 2), k)
+    torch.testing.assert_close(y.double(), direct_causal_conv(u_blh.transpose(1, 2), k), rtol=1e-5, atol=1e-5)
+    # No hint when the shapes do not fit that reading.
+    with pytest.raises(ValueError, match=r"`k` has 4 channels but `u` has H = 3 \(u: [^;]*; k: [^;]*\)$"):
+        fftconv(torch.randn(2, 3, 10), torch.randn(4, 4))
+
+
 def test_bad_input_errors_under_compile_too(fresh_compile):
     with pytest.raises(Exception, match=r"Lk = 11 must satisfy"):
         torch.compile(fftconv, fullgraph=True)(torch.randn(2, 3, 10), torch.randn(3, 11))

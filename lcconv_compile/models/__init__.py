@@ -13,7 +13,7 @@ from .h3 import H3, H3State
 from .lm import LongConvLM
 from .longconv import LongConv
 from .mixers import MIXERS, make_mixer
-from .swap import SwapReport, swap_attention
+from .swap import SwapReport, load_swapped_pretrained, swap_attention
 
 __all__ = [
     "Attention",
@@ -22,6 +22,7 @@ __all__ = [
     "H3State",
     "LongConv",
     "LongConvLM",
+    "load_swapped_pretrained",
     "MIXERS",
     "make_mixer",
     "SwapReport",

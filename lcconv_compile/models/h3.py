@@ -43,6 +43,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import apply_key_padding, check_choice, check_divisible, check_positive, check_seqlen
@@ -59,8 +60,16 @@ LONGCONV_OPTIONS = {
 }
 
 
+# Chunk for a symbolic length (torch.export with a dynamic L): sqrt(L) would specialise L to the
+# example's value, so a fixed chunk is used; the memory bound O(H*N*sqrt(L)) then holds for
+# L up to SYMBOLIC_CHUNK**2 and grows as O(H*N*L/SYMBOLIC_CHUNK) beyond.
+SYMBOLIC_CHUNK = 64
+
+
 def vandermonde_chunk(seqlen: int) -> int:
     """Taps per chunk of the SSM kernel: the power of two nearest above sqrt(seqlen)."""
+    if isinstance(seqlen, torch.SymInt):
+        return SYMBOLIC_CHUNK
     return 1 << math.ceil(math.log2(seqlen) / 2) if seqlen > 1 else 1
 
 
@@ -213,22 +222,34 @@ class H3(nn.Module):
         dta_re, dta_im, w_re, w_im = self._discretised()  # (H, M), M = N/2
         chunk = vandermonde_chunk(seqlen)
         n_chunks = -(-seqlen // chunk)
+        if isinstance(seqlen, torch.SymInt):
+            # One spare chunk: every elementwise op on (H, n_chunks, M) asks whether n_chunks == 1
+            # (broadcasting), and torch.export would answer with a guard (L <= chunk or L > chunk);
+            # with n_chunks >= 2 provable, it asks nothing.
+            n_chunks = n_chunks + 1
         with torch.autocast(device_type=dta_re.device.type, enabled=False):
             inner = torch.arange(chunk, device=dta_re.device, dtype=dta_re.dtype)
             outer = torch.arange(n_chunks, device=dta_re.device, dtype=dta_re.dtype) * chunk
-            # Row factor W * A_bar^(c*T): (H, n_chunks, M), complex as (re, im).
-            row_decay = torch.exp(dta_re.unsqueeze(1) * outer.unsqueeze(-1))
-            row_phase = dta_im.unsqueeze(1) * outer.unsqueeze(-1)
-            row_cos, row_sin = torch.cos(row_phase), torch.sin(row_phase)
-            w_re, w_im = w_re.unsqueeze(1), w_im.unsqueeze(1)
-            row_re = row_decay * (w_re * row_cos - w_im * row_sin)
-            row_im = row_decay * (w_re * row_sin + w_im * row_cos)
-            # Column factor A_bar^j: (H, M, T).
+            # Row factor A_bar^(c*T): (H, n_chunks, M). Products through matmul (a K = 1 outer
+            # product), not broadcasting: broadcasting a symbolic n_chunks against a size-1 dim
+            # makes torch.export guard n_chunks == 1 or != 1, i.e. bound L at the chunk size.
+            row_exponent_re = torch.matmul(outer.unsqueeze(-1), dta_re.unsqueeze(1))
+            row_phase = torch.matmul(outer.unsqueeze(-1), dta_im.unsqueeze(1))
+            row_decay = torch.exp(row_exponent_re)
+            row_re, row_im = row_decay * torch.cos(row_phase), row_decay * torch.sin(row_phase)
+            # Column factor W * A_bar^j: (H, M, T), of fixed size (W goes here, not in the rows).
             col_decay = torch.exp(dta_re.unsqueeze(-1) * inner)
             col_phase = dta_im.unsqueeze(-1) * inner
-            col_re, col_im = col_decay * torch.cos(col_phase), col_decay * torch.sin(col_phase)
+            a_re, a_im = col_decay * torch.cos(col_phase), col_decay * torch.sin(col_phase)
+            w_re, w_im = w_re.unsqueeze(-1), w_im.unsqueeze(-1)
+            col_re, col_im = w_re * a_re - w_im * a_im, w_re * a_im + w_im * a_re
             # Re(row @ col) = row_re @ col_re - row_im @ col_im, as one product over 2M.
             blocks = torch.cat([row_re, -row_im], dim=-1) @ torch.cat([col_re, col_im], dim=1)  # (H, n_chunks, T)
+        if isinstance(seqlen, torch.SymInt):
+            # Neither a reshape of (n_chunks, chunk) nor a cut view to a symbolic L: both make
+            # torch.export guard on L (divisibility, contiguity). A gather of taps 0..L-1 does not.
+            taps = torch.arange(seqlen, device=blocks.device)
+            return 2.0 * blocks[:, taps // chunk, taps % chunk]
         return 2.0 * blocks.reshape(self.n_heads, n_chunks * chunk)[:, :seqlen]
 
     def kernel(self, seqlen: int) -> Tensor:
@@ -253,8 +274,7 @@ class H3(nn.Module):
         v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)  # (B, d_model, L)
 
         # The shift SSM's taps as a short kernel (Lk = shift_len): the op's short-kernel path.
-        shift_taps = self.shift_kernel[:, : min(self.shift_len, seqlen)]
-        k = long_conv(k, shift_taps, self.shift_D)
+        k = self._shift(k, seqlen)
         head_kernel = self.kernel(seqlen)  # (H, L)
         if hd == 1:
             y = long_conv(v, head_kernel, self.D, gate_in=k, gate_out=q)
@@ -268,6 +288,16 @@ class H3(nn.Module):
             s = s.view(batch, heads, hd, hd, seqlen)
             y = (q.view(batch, heads, hd, 1, seqlen) * s).sum(dim=2).reshape(batch, self.d_model, seqlen)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
+    def _shift(self, k: Tensor, seqlen) -> Tensor:
+        """The shift SSM on ``k`` ``(B, d_model, L)``: its taps as a short kernel, the op's short path."""
+        if not isinstance(seqlen, torch.SymInt):
+            return long_conv(k, self.shift_kernel[:, : min(self.shift_len, seqlen)], self.shift_D)
+        # Symbolic L (torch.export with a dynamic length): cutting the taps to min(shift_len, L)
+        # would bound L >= shift_len. Zeros appended after the sequence change no causal output,
+        # so all taps run on L + shift_len - 1 samples and the first L outputs are kept.
+        padded = F.pad(k, (0, self.shift_len - 1))
+        return long_conv(padded, self.shift_kernel, self.shift_D).narrow(2, 0, seqlen)
 
     # ----------------------------------------------------------------------- recurrent form --
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> H3State:

@@ -75,13 +75,17 @@ class LongConvLM(nn.Module):
             check_positive("LongConvLM", l_max=l_max)
         self.vocab_size, self.d_model, self.l_max, self.mixer_name = vocab_size, d_model, l_max, mixer
         self.embedding = nn.Embedding(vocab_size, d_model)
+        mixer_options = dict(mixer_options or {})
+        if causal and mixer == "butterfly":
+            # Learned factors make the layer non-causal (butterfly.py); a causal LM keeps them exact.
+            mixer_options.setdefault("learn_butterfly", False)
         self.blocks = nn.ModuleList(
-            Block(d_model, make_mixer(mixer, d_model, l_max, **(mixer_options or {})), mlp_ratio, dropout)
+            Block(d_model, make_mixer(mixer, d_model, l_max, **mixer_options), mlp_ratio, dropout)
             for _ in range(n_layers)
         )
         if causal and not self.blocks[0].mixer.is_causal:
             raise ValueError(
-                f"LongConvLM: mixer {mixer!r} with options {mixer_options or {}} is not causal; "
+                f"LongConvLM: mixer {mixer!r} with options {mixer_options} is not causal; "
                 "use a causal configuration (e.g. learn_butterfly=False, bidirectional=False) "
                 "or pass causal=False if the loss only reads positions with nothing after them"
             )

@@ -113,6 +113,10 @@ def regularised_kernel(
     k = smooth_kernel(weight, smooth_radius)
     k = squash_kernel(k, squash_lambda)
     k = F.dropout(k, kernel_dropout, training)
+    if isinstance(seqlen, torch.SymInt):
+        # A view cut to a symbolic L is contiguous only at L = l_max, and torch.export would guard
+        # on it (leaving L = l_max out of the exported range); a gather makes a contiguous copy.
+        return k.index_select(-1, torch.arange(seqlen, device=k.device))
     return k[..., :seqlen]
 
 
@@ -196,11 +200,12 @@ class LongConv(nn.Module):
         Smooth and Squash act on the full ``l_max`` kernel (so that a shorter sequence sees the
         same leading taps), then the kernel is cut to ``seqlen`` taps.
         """
-        k = regularised_kernel(
-            self.kernel_weight, seqlen, smooth_radius=self.smooth_radius, squash_lambda=self.squash_lambda,
-            kernel_dropout=self.kernel_dropout, training=self.training,
+        # Flattened before the cut: a reshape after it would test the cut view's contiguity, which
+        # under torch.export guards L != l_max and leaves L = l_max out of a dynamic range.
+        return regularised_kernel(
+            self.kernel_weight.flatten(0, 1), seqlen, smooth_radius=self.smooth_radius,
+            squash_lambda=self.squash_lambda, kernel_dropout=self.kernel_dropout, training=self.training,
         )
-        return k.reshape(-1, seqlen)
 
     def _channel_dropout_mask(self, u: Tensor) -> Optional[Tensor]:
         if not self.training or self.dropout == 0.0:

@@ -20,18 +20,33 @@ Refused or kept, by decision:
     with ``key``/``value`` other than ``query`` raises.
   * Causality must match. A causal mixer (H3, LongConv, ButterflyLongConv with exact factors)
     serves only causal calls (``is_causal=True`` or a causal ``attn_mask``); a non-causal mixer
-    (``bidirectional=True`` LongConv, learned ButterflyLongConv) serves only unmasked calls. For
-    torch layers this is checked on every call (how a layer is called is only known then); GPT-2
-    self-attention is causal, so a non-causal mixer is refused at swap time. Any other
-    ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
+    (``bidirectional=True`` LongConv, learned ButterflyLongConv) serves only unmasked calls. It is
+    checked twice: at swap time against the causality the layer is used with (``causal=``;
+    default: an encoder layer is bidirectional, a decoder layer's self-attention and GPT-2 are
+    causal), so ``swap_attention(encoder, "h3")`` fails at once unless ``causal=True`` says the
+    encoder is called with a causal mask; and for torch layers on every call (how a layer is
+    really called is only known then). Any other ``attn_mask`` raises. Under ``torch.compile`` an ``attn_mask`` tensor cannot be inspected, so
     there it is trusted to be the causal mask (eager calls check it).
   * Padding: ``key_padding_mask`` (torch) or the padding part of GPT-2's attention mask zeroes the
-    padded positions' contribution inside the mixer. Our mixers keep no KV cache: GPT-2 models get
-    ``config.use_cache = False`` and a call with a cache raises (generation recomputes the prefix).
+    padded positions' contribution inside the mixer.
+  * Cached generation (GPT-2): a mixer with a recurrent ``step`` (H3 with its SSM kernel) keeps its
+    O(1) state in the model's cache object, so ``generate`` and calls with ``past_key_values`` feed
+    one token at a time through ``step`` (the prompt too, token by token); the cache also gets
+    one-float placeholder keys so that its length, hence the position ids, stays right. Refused
+    with a clear error: padding in a cached call, and cache reordering (beam search). Mixers
+    without ``step`` keep no cache: their models get ``config.use_cache = False`` and a call with
+    a cache raises (generation recomputes the prefix).
   * ``nn.TransformerEncoder``'s nested-tensor fast path (which reads attention weights directly)
     is switched off for encoders whose layers were swapped.
   * An ``nn.MultiheadAttention`` outside the supported layers, or other attention classes, are
     kept and listed; if nothing can be swapped, ``swap_attention`` raises.
+
+Saving and reloading a swapped GPT-2: ``save_pretrained`` writes the mixers' weights, and
+``swap_attention`` records the swap in ``config.lcconv_swap`` (so it lands in config.json), but
+``GPT2LMHeadModel.from_pretrained`` knows nothing of it and would rebuild plain attention with fresh
+weights. Reload with :func:`load_swapped_pretrained` (builds the model from the config, re-applies
+the recorded swap, then loads every saved tensor, strictly), or by hand: build the model, call
+``swap_attention`` with the same arguments, then ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -44,7 +59,9 @@ from torch import Tensor, nn
 
 from .mixers import MIXERS, make_mixer
 
-__all__ = ["swap_attention", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer"]
+__all__ = [
+    "swap_attention", "load_swapped_pretrained", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer",
+]
 
 
 @dataclass
@@ -190,12 +207,69 @@ class GPT2SelfMixer(nn.Module):
         if encoder_hidden_states is not None:
             raise ValueError("swap_attention: a swapped GPT-2 self-attention was called as cross-attention")
         if past_key_values is not None:
-            raise ValueError(
-                "swap_attention: the swapped mixer keeps no KV cache; call the model with use_cache=False "
-                "(generation then recomputes the prefix)"
-            )
+            if not _has_step(self.mixer):
+                raise ValueError(
+                    "swap_attention: the swapped mixer keeps no KV cache; call the model with use_cache=False "
+                    "(generation then recomputes the prefix)"
+                )
+            return self._cached(hidden_states, past_key_values, attention_mask), None
         pad = _padding_from_hf_mask(attention_mask, hidden_states.shape[1])
         return self.mixer(hidden_states, key_padding_mask=pad), None
+
+    def _cached(self, hidden_states: Tensor, cache, attention_mask: Optional[Tensor]) -> Tensor:
+        """The new tokens through the mixer's ``step``, its state kept in ``cache`` (see module docstring)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The last query row lists every key it may see: a blocked one is padding.
+            visible = attention_mask[:, 0, -1, :]
+            blocked = ~visible if visible.dtype == torch.bool else visible < torch.finfo(visible.dtype).min / 2
+            if bool(blocked.any()):
+                raise ValueError(
+                    "swap_attention: cached generation with a swapped mixer does not support padding; "
+                    "generate without padding, or with use_cache=False"
+                )
+        self_cache = getattr(cache, "self_attention_cache", cache)
+        states = _mixer_states(self_cache)
+        batch, new_tokens = hidden_states.shape[:2]
+        state = states.get(self.layer_idx)
+        if state is None:
+            state = self.mixer.allocate_state(batch)
+        elif state.__class__ is _Reordered:
+            raise ValueError("swap_attention: the cache was reordered (beam search); mixer states cannot follow")
+        outputs = []
+        for t in range(new_tokens):
+            y_t, state = self.mixer.step(hidden_states[:, t], state)
+            outputs.append(y_t)
+        states[self.layer_idx] = state
+        # Placeholder keys/values (one float per token) keep the cache's length = tokens seen.
+        placeholder = hidden_states.new_zeros(batch, 1, new_tokens, 1)
+        self_cache.update(placeholder, placeholder, self.layer_idx)
+        return torch.stack(outputs, dim=1)
+
+
+class _Reordered:
+    """Marks mixer states whose cache was reordered (beam search), which they cannot follow."""
+
+
+def _mixer_states(cache) -> dict:
+    """Per-layer mixer states stored on a Hugging Face cache object (created on first use)."""
+    states = getattr(cache, "lcconv_mixer_states", None)
+    if states is None:
+        states = {}
+        cache.lcconv_mixer_states = states
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is not None:
+            def reorder_cache(beam_idx, _reorder=reorder):
+                for layer in states:
+                    states[layer] = _Reordered()
+                return _reorder(beam_idx)
+
+            cache.reorder_cache = reorder_cache
+    return states
+
+
+def _has_step(mixer: nn.Module) -> bool:
+    """Whether the mixer runs as a recurrence (H3 with its SSM kernel has step; H3-LongConv does not)."""
+    return callable(getattr(mixer, "step", None)) and getattr(mixer, "kernel_type", "ssm") == "ssm"
 
 
 def _gpt2_attention_class() -> tuple[Optional[type], int]:
@@ -227,7 +301,32 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
 
 
-def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] = None, **mixer_options) -> SwapReport:
+def _check_causality(where: str, layer_causal: bool, stated: bool, mixer: str, new: nn.Module, options: dict) -> None:
+    """Refuse at swap time a mixer whose causality differs from the layer's use (see module docstring)."""
+    if new.is_causal == layer_causal:
+        return
+    how = "stated with causal=" + str(layer_causal) if stated else (
+        "causal (self-attention over generated tokens)" if layer_causal else "bidirectional (no causal mask) by default"
+    )
+    if layer_causal:
+        fix = "use a causal configuration (learn_butterfly=False, bidirectional=False)"
+    else:
+        fix = ("pass causal=True if the model calls it with is_causal=True or a causal mask, or swap in a "
+               "non-causal mixer (mixer='longconv', bidirectional=True)")
+    raise ValueError(
+        f"swap_attention: {where} is {how}, but mixer {mixer!r} with options {options} is "
+        f"{'causal' if new.is_causal else 'not causal'}; {fix}"
+    )
+
+
+def swap_attention(
+    model: nn.Module,
+    mixer: str = "h3",
+    *,
+    l_max: Optional[int] = None,
+    causal: Optional[bool] = None,
+    **mixer_options,
+) -> SwapReport:
     """Replace the self-attention layers of ``model`` in place by ``mixer`` layers; return a report.
 
     Args:
@@ -236,11 +335,15 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
         mixer: ``"h3"``, ``"h3-longconv"``, ``"longconv"`` or ``"butterfly"``.
         l_max: longest sequence the new mixers accept; needed by the learned-kernel mixers for
             torch layers (GPT-2 defaults to ``config.n_positions``); H3 needs none.
+        causal: whether the model calls its self-attention causally. Default: False for
+            ``TransformerEncoderLayer``, True for ``TransformerDecoderLayer`` and GPT-2. A mixer
+            of the other causality is refused here, at swap time (e.g. pass ``causal=True`` to put
+            H3 into an encoder that is called with ``is_causal=True``).
         **mixer_options: passed to every mixer (e.g. ``head_dim=2`` for H3, ``bidirectional=True``).
 
     Raises ValueError naming the problem when the mixer is unknown, ``l_max`` is missing for a
-    mixer that needs it, a
-    non-causal mixer is asked for causal GPT-2 attention, or nothing in the model can be swapped.
+    mixer that needs it, the mixer's causality differs from the layer's (``causal``), or nothing
+    in the model can be swapped.
     See the module docstring for what is kept and what is checked per call.
     """
     choices = [name for name in MIXERS if name != "attention"]
@@ -267,6 +370,9 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
                     f"swap_attention: mixer {mixer!r} needs l_max for {type(module).__name__} at "
                     f"{path or '<model>'} (torch transformer layers have no maximum length): {err}"
                 ) from err
+            layer_causal = causal if causal is not None else isinstance(module, nn.TransformerDecoderLayer)
+            _check_causality(f"{type(module).__name__} at {path or '<model>'}", layer_causal, causal is not None,
+                             mixer, new, mixer_options)
             wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
             plans.append((prefix + "self_attn", attn, wrapped))
             report.swapped.append(
@@ -289,11 +395,9 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
                 continue
             layer_l_max = l_max if l_max is not None else _gpt2_l_max(module.config)
             new = _like(make_mixer(mixer, module.embed_dim, layer_l_max, **mixer_options), module)
-            if not new.is_causal:
-                raise ValueError(
-                    f"swap_attention: GPT-2 attention at {path} is causal but mixer {mixer!r} with options "
-                    f"{mixer_options} is not (learned butterfly factors or bidirectional); use a causal configuration"
-                )
+            if causal is False:
+                raise ValueError(f"swap_attention: GPT-2 attention at {path} is causal; causal=False does not apply")
+            _check_causality(f"GPT-2 attention at {path}", True, False, mixer, new, mixer_options)
             plans.append((path, module, GPT2SelfMixer(new, getattr(module, "layer_idx", None))))
             report.swapped.append(SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
 
@@ -319,13 +423,75 @@ def swap_attention(model: nn.Module, mixer: str = "h3", *, l_max: Optional[int] 
         if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
             module.use_nested_tensor = False
             report.notes.append(f"{path or '<model>'}: nested-tensor fast path switched off")
-    gpt2_configs = {id(orig.config): orig.config for _, orig, new in plans if isinstance(new, GPT2SelfMixer)}
+    gpt2_swaps = [(orig, new) for _, orig, new in plans if isinstance(new, GPT2SelfMixer)]
+    gpt2_configs = {id(orig.config): orig.config for orig, _ in gpt2_swaps}
+    recurrent = bool(gpt2_swaps) and all(_has_step(new.mixer) for _, new in gpt2_swaps)
+    if recurrent:
+        report.notes.append(f"cached generation runs {type(gpt2_swaps[0][1].mixer).__name__}.step, one token at a time")
     for config in gpt2_configs.values():
-        if getattr(config, "use_cache", False):
+        if getattr(config, "use_cache", False) and not recurrent:
             config.use_cache = False
             report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
+    for config in gpt2_configs.values():
+        # Saved with the config by save_pretrained: load_swapped_pretrained re-applies it.
+        config.lcconv_swap = {"mixer": mixer, "l_max": l_max, "causal": causal, "options": dict(mixer_options)}
+    if gpt2_configs:
+        report.notes.append("config.lcconv_swap records the swap: reload with load_swapped_pretrained")
     generation_config = getattr(model, "generation_config", None)
-    if gpt2_configs and generation_config is not None and getattr(generation_config, "use_cache", False):
+    if gpt2_configs and not recurrent and generation_config is not None and getattr(generation_config, "use_cache", False):
         generation_config.use_cache = False
         report.notes.append("generation_config.use_cache set to False")
     return report
+
+
+# ------------------------------------------------------------------------------- reloading --
+def _saved_state_dict(path: str) -> dict:
+    """Every tensor ``save_pretrained`` wrote to the directory ``path`` (safetensors, sharded or not, or .bin)."""
+    import json
+    import os
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single) or os.path.exists(index):
+        from safetensors.torch import load_file
+
+        files = [single] if os.path.exists(single) else sorted(
+            {os.path.join(path, name) for name in json.load(open(index))["weight_map"].values()}
+        )
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        return state
+    legacy = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"load_swapped_pretrained: no model.safetensors(.index.json) or pytorch_model.bin in {path}")
+
+
+def load_swapped_pretrained(model_class: type, path: str) -> nn.Module:
+    """Reload a model saved with ``save_pretrained`` after :func:`swap_attention`.
+
+    ``model_class`` is the Hugging Face class it was saved from (e.g. ``GPT2LMHeadModel``), ``path``
+    the directory. Builds the model from its config, re-applies the swap recorded in
+    ``config.lcconv_swap``, loads every saved tensor (missing keys only for tied weights,
+    e.g. the LM head; anything else raises) and returns it in eval mode, as ``from_pretrained`` does.
+    """
+    config = model_class.config_class.from_pretrained(path)
+    swap = getattr(config, "lcconv_swap", None)
+    if not isinstance(swap, dict) or "mixer" not in swap:
+        raise ValueError(
+            f"load_swapped_pretrained: the config in {path} has no `lcconv_swap` entry, so it was not "
+            f"saved from a model swapped by swap_attention; load it with {model_class.__name__}.from_pretrained"
+        )
+    model = model_class(config)
+    swap_attention(model, swap["mixer"], l_max=swap.get("l_max"), causal=swap.get("causal"), **swap.get("options", {}))
+    state = _saved_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained drops one name of each tied pair: accept a missing key only if its tensor was loaded.
+    loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in state}
+    untied = [name for name in missing if id(model.state_dict(keep_vars=True)[name]) not in loaded]
+    if untied or unexpected:
+        raise ValueError(
+            f"load_swapped_pretrained: {path} does not match the swapped {model_class.__name__} "
+            f"(missing: {untied}, unexpected: {list(unexpected)}); was it saved with other swap options?"
+        )
+    return model.eval()
