@@ -16,8 +16,9 @@
   Last, :func:`.cuda_lowering.lower_cuda_calls` replaces op calls on CUDA tensors by the Triton
   launches (or reference FFT ops) the op would run, so Inductor launches our kernels itself.
 
-Patterns are registered lazily, on the first graph that has something for them to match, under
-a fresh fake mode. This module wires patterns to guards and hooks nothing into Inductor (that
+Patterns are registered lazily, on the first graph that has something for them to match; their
+search patterns come pre-traced from :mod:`.pattern_cache` (traced under a fresh fake mode when
+the shipped ones do not fit this torch). This module wires patterns to guards and hooks nothing into Inductor (that
 is :mod:`.install`).
 """
 
@@ -39,7 +40,7 @@ from torch._inductor.pattern_matcher import (
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx import Graph, Node
 
-from . import events, guards
+from . import events, guards, pattern_cache
 from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
 from .patterns_fusion import fusion_pattern_specs
@@ -50,11 +51,21 @@ FUSION_PATTERNS = PatternMatcherPass(pass_name="lcconv_fusion")
 MAX_FUSION_ROUNDS = 8  # one fold per round and neighbour; the op has five options
 
 
-def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> None:
+def tagged_pattern_specs(device: torch.device) -> list[tuple[str, PatternSpec]]:
+    """("idiom" or the fusion's guard kind, spec) for every pattern, in registration order.
+    Call inside :func:`tracing_patterns` (example inputs are fake tensors)."""
+    return [("idiom", spec) for spec in idiom_pattern_specs(device)] + list(fusion_pattern_specs(device))
+
+
+def trace(spec: PatternSpec):
+    """The search pattern of ``spec``, traced at placeholder sizes (call inside tracing_patterns)."""
+    return gen_pattern(spec.search_fn, spec.example_inputs, spec.trace_fn)
+
+
+def _register(spec: PatternSpec, generic, extra_check, patterns: PatternMatcherPass) -> None:
     # Match on the pattern traced at placeholder sizes, with sizes/scalars/dtypes ignored, and
     # never re-trace it at the graph's sizes: the guard checks those numbers itself (a re-trace
     # would also need the graph's FFT size, which no pattern argument carries).
-    generic = gen_pattern(spec.search_fn, spec.example_inputs, spec.trace_fn)
     register_replacement(
         spec.search_fn,
         spec.replace_fn,
@@ -68,7 +79,7 @@ def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> N
 
 
 @contextlib.contextmanager
-def _tracing_patterns():
+def tracing_patterns():
     # Tracing must see neither the fake mode nor the tracing context of the compile that asked,
     # nor leave counters of its own behind (what Inductor's init_once_fakemode does).
     saved_counters = counters["inductor"].copy()
@@ -79,20 +90,30 @@ def _tracing_patterns():
     counters["inductor"] = saved_counters
 
 
-# Registered on the first graph that needs them: tracing the idiom patterns (forward and joint)
-# takes seconds, and a graph without FFTs or without the op never pays for it.
+@functools.cache
+def _searched_patterns() -> tuple[tuple[str, PatternSpec, object], ...]:
+    """(kind, spec, search pattern) for every pattern: pre-traced where the shipped or cached
+    patterns fit this torch and these sources, else traced now (seconds)."""
+    with tracing_patterns() as device:
+        tagged = tagged_pattern_specs(device)
+        searched = pattern_cache.load_or_trace([spec for _, spec in tagged], trace)
+    return tuple((kind, spec, pattern) for (kind, spec), pattern in zip(tagged, searched))
+
+
+# Registered on the first graph that needs them: a graph without FFTs or without the op never
+# pays for loading (or tracing) them.
 @functools.cache
 def _register_idiom_patterns() -> None:
-    with _tracing_patterns() as device:
-        for spec in idiom_pattern_specs(device):
-            _register(spec, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+    for kind, spec, generic in _searched_patterns():
+        if kind == "idiom":
+            _register(spec, generic, guards.check_idiom(spec.name), IDIOM_PATTERNS)
 
 
 @functools.cache
 def _register_fusion_patterns() -> None:
-    with _tracing_patterns() as device:
-        for kind, spec in fusion_pattern_specs(device):
-            _register(spec, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
+    for kind, spec, generic in _searched_patterns():
+        if kind != "idiom":
+            _register(spec, generic, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
 
 
 def _backward_nodes(graph: Graph) -> set[Node]:
