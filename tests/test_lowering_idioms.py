@@ -105,6 +105,36 @@ def complex_fft_real_first(u, k):
     return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
 
 
+def reciprocal_product(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen + 3  # not a power of two: 1 / n is inexact in floating point
+    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) * (1 / n)
+    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+
+
+def crop_from_the_end(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., -n:-n + seqlen]
+
+
+def complex_fft_padded(u, k):
+    # FlashFFTConv's README style: explicit padding, complex FFTs along dim=-1.
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
+    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
+    return torch.fft.ifft(u_f * k_f, dim=-1)[..., :seqlen].real
+
+
+def complex_fft_padded_real_first(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
+    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
+    return torch.fft.ifft(u_f * k_f, dim=-1).real[..., :seqlen]
+
+
 # (idiom, counter family): the counter is "<family>_inference" or "<family>_training".
 IDIOMS = {
     "textbook": (textbook, "rfft_conv"),
@@ -118,6 +148,10 @@ IDIOMS = {
     "ortho": (ortho, "rfft_conv_scaled_output"),
     "complex_fft": (complex_fft, "fft_conv"),
     "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
+    "reciprocal_product": (reciprocal_product, "rfft_conv_reciprocal_product"),
+    "crop_from_the_end": (crop_from_the_end, "rfft_conv"),
+    "complex_fft_padded": (complex_fft_padded, "fft_conv_padded"),
+    "complex_fft_padded_real_first": (complex_fft_padded_real_first, "fft_conv_padded_real_first"),
 }
 # The forward pattern is symmetric in its two spectra, so for inference a kernel-first product
 # is matched by the plain pattern (the replacement picks the roles from the shapes).
@@ -284,6 +318,21 @@ REFUSED = {
                                      n=64)[..., :L],
         (B, H, L), (H, LK), "padding"),
     "signal_is_a_vector": (lambda u, k: conv(u, k, 64), (L,), (LK,), "signal_shape"),
+    # Look-alikes of the spellings above that are not the causal convolution.
+    "crop_from_the_end_one_late": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., -63:-63 + s]),
+                                   (B, H, L), (H, LK), "non_causal_slice"),
+    "reciprocal_of_another_size": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64) * (1 / 63), n=64,
+                                     norm="forward")[..., :L],
+        (B, H, L), (H, LK), "normalisation"),
+    "complex_padded_on_the_left": (
+        lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (1, 63 - L)), dim=-1)
+                                    * torch.fft.fft(F.pad(k, (0, 64 - LK)), dim=-1), dim=-1)[..., :L].real,
+        (B, H, L), (H, LK), "padding"),
+    "complex_padded_circular": (
+        lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
+                                    * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
+        (B, H, L), (H, LK), "circular"),
 }
 
 
@@ -294,7 +343,7 @@ def test_guard_refuses(name):
     result = compile_once(fn, u, k)
     assert result.rewrites == {}
     assert result.rejections == {code: 1}
-    assert "lcconv" not in result.graphs[0] and "_fft_c2r" in result.graphs[0]
+    assert "lcconv" not in result.graphs[0] and "_fft_c2" in result.graphs[0]  # c2r, or c2c if complex
     u, k = torch.randn(u_shape), torch.randn(k_shape)
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
 

@@ -254,8 +254,18 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     rank = _tensor(idiom.crop.args[0], "the sliced result").dim()
     if dim not in (rank - 1, -1):
         _refuse("crop", f"the result is sliced along dim {dim}, not time")
-    start = 0 if start is None else _size_of(start)
-    _require(start == 0, "non_causal_slice", f"the slice starts at {start}: a causal convolution keeps outputs 0..L-1")
+    written_start = start = 0 if start is None else _size_of(start)
+    # A negative start counts from the end of the inverse FFT's n outputs (and stops at 0), as
+    # Python's slices do: `y[..., -n:-n + L]` keeps outputs 0..L-1.
+    negative = _decide(start < 0)
+    if negative is None:
+        _refuse("symbolic", "cannot prove without a new guard whether the slice starts from the end")
+    if negative:
+        start = start + _tensor(idiom.crop.args[0], "the sliced result").shape[-1]
+        start = 0 if _decide(start < 0) else start
+    from_end = f" (output {start} counted from the front)" if negative else ""
+    _require(start == 0, "non_causal_slice",
+             f"the slice starts at {written_start}{from_end}: a causal convolution keeps outputs 0..L-1")
     if step not in (None, 1):
         _refuse("non_causal_slice", f"the slice has step {step}")
     _require(out.shape[-1] == seqlen, "crop", f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}")

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources bb07e95eca1a8cbbfd424915815dc20c'
+KEY = 'torch 2.13.0 sources e9927df94dbc723bb9ee8d47605de84a'
 
 
 def build():
@@ -811,9 +811,126 @@ def build():
     constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
+    pattern_28 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_4 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_4, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, view_default)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_29 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_3, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, view_default)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_30 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_31 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
     slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    pattern_28 = CallFunction(aten.mul.Tensor, slice_Tensor, Ignored(), _users=0)
+    pattern_32 = CallFunction(aten.mul.Tensor, slice_Tensor, Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
@@ -854,7 +971,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_29 = MultiOutputPattern([mul_Tensor_1,
+    pattern_33 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -887,7 +1004,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_30 = MultiOutputPattern([mul_Tensor_1,
+    pattern_34 = MultiOutputPattern([mul_Tensor_1,
       None,
       constant_pad_nd_default_2
     ])
@@ -918,7 +1035,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_31 = MultiOutputPattern([mul_Tensor_1,
+    pattern_35 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       None
     ])
@@ -931,7 +1048,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
     view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    pattern_32 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
+    pattern_36 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -964,7 +1081,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_33 = MultiOutputPattern([select_int,
+    pattern_37 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -993,7 +1110,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_34 = MultiOutputPattern([select_int,
+    pattern_38 = MultiOutputPattern([select_int,
       None,
       constant_pad_nd_default_2
     ])
@@ -1020,7 +1137,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_35 = MultiOutputPattern([select_int,
+    pattern_39 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       None
     ])
@@ -1033,7 +1150,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    pattern_36 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_40 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -1066,7 +1183,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_37 = MultiOutputPattern([slice_Tensor,
+    pattern_41 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1095,7 +1212,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_38 = MultiOutputPattern([slice_Tensor,
+    pattern_42 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1122,7 +1239,211 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_39 = MultiOutputPattern([slice_Tensor,
+    pattern_43 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    pattern_44 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
+    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
+    pattern_45 = MultiOutputPattern([select_int,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_46 = MultiOutputPattern([select_int,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_47 = MultiOutputPattern([select_int,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    pattern_48 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True, _users=2)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
+    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
+    pattern_49 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_50 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_51 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -1130,51 +1451,51 @@ def build():
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), unsqueeze_default)
-    pattern_40 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
+    pattern_52 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
 
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, unsqueeze_default, KeywordArg('u'))
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_41 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
+    pattern_53 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_42 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_54 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_43 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_55 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     mul_Tensor_1 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
     add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
-    pattern_44 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
+    pattern_56 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_45 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    pattern_57 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_46 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    pattern_58 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_47 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_59 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_48 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_60 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_49 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_61 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_50 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_62 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_51 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_63 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_52 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_64 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
     return [
         ('rfft_conv_unsqueezed_kernel_inference', pattern_0),
         ('rfft_conv_unsqueezed_kernel_training', pattern_1),
@@ -1204,29 +1525,41 @@ def build():
         ('rfft_conv_scaled_product_training', pattern_25),
         ('rfft_conv_scaled_product_training', pattern_26),
         ('rfft_conv_scaled_product_training', pattern_27),
-        ('rfft_conv_scaled_output_inference', pattern_28),
-        ('rfft_conv_scaled_output_training', pattern_29),
-        ('rfft_conv_scaled_output_training', pattern_30),
-        ('rfft_conv_scaled_output_training', pattern_31),
-        ('fft_conv_inference', pattern_32),
-        ('fft_conv_training', pattern_33),
-        ('fft_conv_training', pattern_34),
-        ('fft_conv_training', pattern_35),
-        ('fft_conv_real_first_inference', pattern_36),
-        ('fft_conv_real_first_training', pattern_37),
-        ('fft_conv_real_first_training', pattern_38),
-        ('fft_conv_real_first_training', pattern_39),
-        ('fold_skip', pattern_40),
-        ('fold_skip_first', pattern_41),
-        ('fold_gate_in', pattern_42),
-        ('fold_gate_in', pattern_43),
-        ('fold_gelu', pattern_44),
-        ('fold_output_multiplier', pattern_45),
-        ('fold_output_multiplier', pattern_46),
-        ('fold_output_multiplier_first', pattern_47),
-        ('fold_output_multiplier_first', pattern_48),
-        ('fold_signal_cast', pattern_49),
-        ('fold_signal_cast', pattern_50),
-        ('fold_kernel_cast', pattern_51),
-        ('fold_kernel_cast', pattern_52),
+        ('rfft_conv_reciprocal_product_inference', pattern_28),
+        ('rfft_conv_reciprocal_product_training', pattern_29),
+        ('rfft_conv_reciprocal_product_training', pattern_30),
+        ('rfft_conv_reciprocal_product_training', pattern_31),
+        ('rfft_conv_scaled_output_inference', pattern_32),
+        ('rfft_conv_scaled_output_training', pattern_33),
+        ('rfft_conv_scaled_output_training', pattern_34),
+        ('rfft_conv_scaled_output_training', pattern_35),
+        ('fft_conv_inference', pattern_36),
+        ('fft_conv_training', pattern_37),
+        ('fft_conv_training', pattern_38),
+        ('fft_conv_training', pattern_39),
+        ('fft_conv_real_first_inference', pattern_40),
+        ('fft_conv_real_first_training', pattern_41),
+        ('fft_conv_real_first_training', pattern_42),
+        ('fft_conv_real_first_training', pattern_43),
+        ('fft_conv_padded_inference', pattern_44),
+        ('fft_conv_padded_training', pattern_45),
+        ('fft_conv_padded_training', pattern_46),
+        ('fft_conv_padded_training', pattern_47),
+        ('fft_conv_padded_real_first_inference', pattern_48),
+        ('fft_conv_padded_real_first_training', pattern_49),
+        ('fft_conv_padded_real_first_training', pattern_50),
+        ('fft_conv_padded_real_first_training', pattern_51),
+        ('fold_skip', pattern_52),
+        ('fold_skip_first', pattern_53),
+        ('fold_gate_in', pattern_54),
+        ('fold_gate_in', pattern_55),
+        ('fold_gelu', pattern_56),
+        ('fold_output_multiplier', pattern_57),
+        ('fold_output_multiplier', pattern_58),
+        ('fold_output_multiplier_first', pattern_59),
+        ('fold_output_multiplier_first', pattern_60),
+        ('fold_signal_cast', pattern_61),
+        ('fold_signal_cast', pattern_62),
+        ('fold_kernel_cast', pattern_63),
+        ('fold_kernel_cast', pattern_64),
     ]
