@@ -40,6 +40,8 @@ from torch._inductor.pattern_matcher import (
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx import Graph, Node
 
+aten, prims = torch.ops.aten, torch.ops.prims
+
 from . import events, guards, pattern_cache
 from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
@@ -177,6 +179,50 @@ def spell_out_op_calls(graph: Graph, full: bool) -> None:
         node.kwargs = {}
 
 
+# Neighbours a fusion pattern could fold (skip term, gates, GELU, casts): aten.add / mul / erf
+# and dtype casts. Others (a matmul, a reduction) are not ours to report.
+_FOLDABLE_NEIGHBOURS = (aten.add.Tensor, aten.mul.Tensor, aten.erf.default, prims.convert_element_type.default)
+
+
+def _is_training_forward(graph: Graph) -> bool:
+    # AOT autograd names a training forward's inputs primals_N (an inference graph's argN_1).
+    return any(str(node.target).startswith("primals") for node in graph.find_nodes(op="placeholder"))
+
+
+def _sharing(graph: Graph, others: list[Node]) -> tuple[str, str]:
+    """(reason code, who else uses the value) for a value a fold would have absorbed."""
+    saved = _is_training_forward(graph) and any(user.op == "output" for user in others)
+    described = ["the graph's outputs, saved for the backward" if saved and user.op == "output"
+                 else "the graph's outputs" if user.op == "output"
+                 else f"{user.target} ({events.source_of(user) or user.name})" for user in others]
+    return ("saved_for_backward" if saved else "other_users"), ", ".join(described)
+
+
+def _report_unfused_neighbours(graph: Graph) -> None:
+    """For ``explain``: name each neighbour left outside an op call because a value the fold
+    would absorb has another user (in training, typically the partitioner saving it for the
+    backward), which the pattern matcher does not fold over."""
+    for op in graph.find_nodes(op="call_function", target=guards.FFTCONV):
+        outside = [user for user in op.users if user.op == "call_function" and user.target in _FOLDABLE_NEIGHBOURS]
+        others = [user for user in op.users if user not in outside]
+        if outside and others:  # all users foldable: a guard, not sharing, kept them out (it says why)
+            code, users = _sharing(graph, others)
+            names = ", ".join(f"{user.target}" for user in outside)
+            events.report(events.Rejection(
+                "fusion", "neighbour_left_outside", code,
+                f"{names} on the op's output stays outside: the output is also used by {users}",
+                events.source_of(outside[0])), op)
+        signal = op.args[0]
+        if (isinstance(signal, Node) and signal.target == aten.mul.Tensor and len(signal.users) > 1
+                and all(isinstance(arg, Node) for arg in signal.args)):
+            others = [user for user in signal.users if user is not op]
+            code, users = _sharing(graph, others)
+            events.report(events.Rejection(
+                "fusion", "input_gate_left_outside", code,
+                f"the product {signal.name} feeding the op stays outside as its input gate: it is also used "
+                f"by {users}", events.source_of(signal)), signal)
+
+
 def fuse_neighbours(graph: Graph) -> int:
     """Fold neighbours into op calls until nothing more folds (each fold can enable the next)."""
     if not graph.find_nodes(op="call_function", target=guards.FFTCONV):
@@ -192,6 +238,8 @@ def fuse_neighbours(graph: Graph) -> int:
             graph.eliminate_dead_code()
             total += count
         spell_out_op_calls(graph, full=False)
+        if events.collecting():
+            _report_unfused_neighbours(graph)
     return total
 
 
