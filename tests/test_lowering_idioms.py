@@ -329,6 +329,11 @@ REFUSED = {
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (1, 63 - L)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, 64 - LK)), dim=-1), dim=-1)[..., :L].real,
         (B, H, L), (H, LK), "padding"),
+    # A spelling not rewritten (yet), refused with a reason that says what to change.
+    "time_along_dim_1": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64, dim=1) * torch.fft.rfft(k, n=64, dim=0), n=64,
+                                     dim=1)[:, :L],
+        (B, L, H), (LK, H), "transform_dim"),
     "complex_padded_circular": (
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
@@ -346,6 +351,38 @@ def test_guard_refuses(name):
     assert "lcconv" not in result.graphs[0] and "_fft_c2" in result.graphs[0]  # c2r, or c2c if complex
     u, k = torch.randn(u_shape), torch.randn(k_shape)
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
+
+
+# Spellings no pattern matches (yet); explain must say what to change. name: (fn, u, k, words)
+NOT_MATCHED = {
+    "einsum_product": (
+        lambda u, k: torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=64), torch.fft.rfft(k, n=64)),
+                                     n=64)[..., :L],
+        (B, H, L), (H, LK), "a spectrum is reshaped after its FFT (permute([0, 1, 2]))"),
+    "multi_head_broadcast": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[..., :L],
+        (B, H, 2, L), (H, LK), "a spectrum is reshaped after its FFT (unsqueeze(1))"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_MATCHED)
+def test_spellings_not_matched_stay_as_written_and_say_why(name):
+    fn, u_shape, k_shape, words = NOT_MATCHED[name]
+    result = compile_once(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert result.rewrites == {} and "lcconv" not in result.graphs[0]
+    u, k = torch.randn(u_shape), torch.randn(k_shape)
+    torch.testing.assert_close(result.fn(u, k), fn(u, k))
+    with torch.no_grad():
+        report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert [r.code for r in report.rejected] == ["structure"]
+    assert words in report.rejected[0].reason
+
+
+def test_time_along_dim_1_says_transpose():
+    fn, u_shape, k_shape, _ = REFUSED["time_along_dim_1"]
+    with torch.no_grad():
+        report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert "a (B, L, H) layout is not rewritten; transpose to (B, H, L)" in report.rejected[0].reason
 
 
 def test_kernel_of_higher_precision_is_not_rewritten():
