@@ -8,14 +8,29 @@ op ``lcconv::butterfly_conv``), :mod:`lcconv_compile.models` (modules built on t
 :func:`explain`, and the switches :func:`enable`, :func:`disable`, :func:`passes_enabled`.
 """
 
+import importlib
+from typing import Any
+
 from . import butterfly_ops, ops
 from .butterfly_ops import butterfly_conv
-from .lowering import ExplainReport, disable, enable, explain, passes_enabled
-from .lowering.install import _env_disabled, install_passes as _install_passes
+from .lowering import disable, enable, passes_enabled
+from .lowering.install import _env_disabled, install_when_inductor_loads
 from .ops import fftconv
 
+# Not install_passes(): that imports Inductor (and Dynamo), most of a second an eager user
+# would pay; the passes go on the hooks when Inductor is first imported, before any compile.
 if not _env_disabled():
-    _install_passes()
+    install_when_inductor_loads()
+
+
+def __getattr__(name: str) -> Any:
+    # explain / ExplainReport import Inductor: loaded on first access, not with the package.
+    if name in ("ExplainReport", "explain"):
+        explain_module = importlib.import_module(".lowering.explain", __name__)
+        globals().update(explain=explain_module.explain, ExplainReport=explain_module.ExplainReport)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [

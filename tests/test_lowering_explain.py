@@ -58,7 +58,43 @@ graph breaks (0):""")
     def test_training_report_names_training_patterns(self):
         report = lcconv_compile.explain(TwoConvolutions(), torch.randn(B, H, L))
         assert [r.pattern for r in report.rewritten] == ["rfft_conv_training"]
-        assert [r.code for r in report.rejected] == ["circular"]
+        # In training the skip term is not folded (the backward reads the op's output): said so.
+        assert [(r.pattern, r.code) for r in report.rejected] == [
+            ("unmatched_fft", "circular"), ("neighbour_left_outside", "saved_for_backward")]
+        assert "aten.add.Tensor" in report.rejected[1].reason and "backward" in report.rejected[1].reason
+
+    def test_training_report_names_each_neighbour_left_outside(self):
+        def hyena_mixer(u, k, D, gate):
+            x = u * gate
+            n = 2 * u.shape[-1]
+            y = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(k, n=n) / n, n=n, norm="forward")[..., :L]
+            return F.gelu(y + x * D.unsqueeze(-1)) * gate
+
+        inputs = [torch.randn(B, H, L), torch.randn(H, L), torch.randn(H), torch.randn(B, H, L)]
+        with torch.no_grad():  # inference: everything folds, nothing is reported left outside
+            report = lcconv_compile.explain(hyena_mixer, *inputs)
+        assert sorted(r.pattern for r in report.fused) == ["fold_gate_in", "fold_gelu", "fold_output_multiplier",
+                                                           "fold_skip"]
+        assert report.rejected == []
+        report = lcconv_compile.explain(hyena_mixer, *(t.requires_grad_() for t in inputs))
+        assert report.fused == []
+        left = {r.pattern: r for r in report.rejected}
+        assert set(left) == {"neighbour_left_outside", "input_gate_left_outside"}
+        assert all(r.code == "saved_for_backward" and r.stage == "fusion" for r in report.rejected)
+        assert left["neighbour_left_outside"].reason.startswith("aten.add.Tensor on the op's output stays outside")
+        assert "saved for the backward" in left["input_gate_left_outside"].reason
+
+    def test_inference_output_with_another_user_is_reported(self):
+        def also_returns_the_convolution(u, k, D):
+            y = conv(u, k, 2 * L)
+            return y + u * D.unsqueeze(-1), y
+
+        with torch.no_grad():
+            report = lcconv_compile.explain(also_returns_the_convolution, torch.randn(B, H, L), torch.randn(H, L),
+                                            torch.randn(H))
+        assert [r.pattern for r in report.rewritten] == ["rfft_conv_inference"] and report.fused == []
+        assert [(r.pattern, r.code) for r in report.rejected] == [("neighbour_left_outside", "other_users")]
+        assert report.rejected[0].reason.endswith("also used by the graph's outputs")
 
     def test_graph_breaks_are_reported(self):
         def broken(u, k):

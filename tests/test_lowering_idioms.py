@@ -105,6 +105,36 @@ def complex_fft_real_first(u, k):
     return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
 
 
+def reciprocal_product(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen + 3  # not a power of two: 1 / n is inexact in floating point
+    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) * (1 / n)
+    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+
+
+def crop_from_the_end(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., -n:-n + seqlen]
+
+
+def complex_fft_padded(u, k):
+    # FlashFFTConv's README style: explicit padding, complex FFTs along dim=-1.
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
+    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
+    return torch.fft.ifft(u_f * k_f, dim=-1)[..., :seqlen].real
+
+
+def complex_fft_padded_real_first(u, k):
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
+    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
+    return torch.fft.ifft(u_f * k_f, dim=-1).real[..., :seqlen]
+
+
 # (idiom, counter family): the counter is "<family>_inference" or "<family>_training".
 IDIOMS = {
     "textbook": (textbook, "rfft_conv"),
@@ -118,6 +148,10 @@ IDIOMS = {
     "ortho": (ortho, "rfft_conv_scaled_output"),
     "complex_fft": (complex_fft, "fft_conv"),
     "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
+    "reciprocal_product": (reciprocal_product, "rfft_conv_reciprocal_product"),
+    "crop_from_the_end": (crop_from_the_end, "rfft_conv"),
+    "complex_fft_padded": (complex_fft_padded, "fft_conv_padded"),
+    "complex_fft_padded_real_first": (complex_fft_padded_real_first, "fft_conv_padded_real_first"),
 }
 # The forward pattern is symmetric in its two spectra, so for inference a kernel-first product
 # is matched by the plain pattern (the replacement picks the roles from the shapes).
@@ -284,6 +318,26 @@ REFUSED = {
                                      n=64)[..., :L],
         (B, H, L), (H, LK), "padding"),
     "signal_is_a_vector": (lambda u, k: conv(u, k, 64), (L,), (LK,), "signal_shape"),
+    # Look-alikes of the spellings above that are not the causal convolution.
+    "crop_from_the_end_one_late": (lambda u, k: conv(u, k, 64, crop=lambda y, s: y[..., -63:-63 + s]),
+                                   (B, H, L), (H, LK), "non_causal_slice"),
+    "reciprocal_of_another_size": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64) * (1 / 63), n=64,
+                                     norm="forward")[..., :L],
+        (B, H, L), (H, LK), "normalisation"),
+    "complex_padded_on_the_left": (
+        lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (1, 63 - L)), dim=-1)
+                                    * torch.fft.fft(F.pad(k, (0, 64 - LK)), dim=-1), dim=-1)[..., :L].real,
+        (B, H, L), (H, LK), "padding"),
+    # A spelling not rewritten (yet), refused with a reason that says what to change.
+    "time_along_dim_1": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64, dim=1) * torch.fft.rfft(k, n=64, dim=0), n=64,
+                                     dim=1)[:, :L],
+        (B, L, H), (LK, H), "transform_dim"),
+    "complex_padded_circular": (
+        lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
+                                    * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
+        (B, H, L), (H, LK), "circular"),
 }
 
 
@@ -294,9 +348,41 @@ def test_guard_refuses(name):
     result = compile_once(fn, u, k)
     assert result.rewrites == {}
     assert result.rejections == {code: 1}
-    assert "lcconv" not in result.graphs[0] and "_fft_c2r" in result.graphs[0]
+    assert "lcconv" not in result.graphs[0] and "_fft_c2" in result.graphs[0]  # c2r, or c2c if complex
     u, k = torch.randn(u_shape), torch.randn(k_shape)
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
+
+
+# Spellings no pattern matches (yet); explain must say what to change. name: (fn, u, k, words)
+NOT_MATCHED = {
+    "einsum_product": (
+        lambda u, k: torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=64), torch.fft.rfft(k, n=64)),
+                                     n=64)[..., :L],
+        (B, H, L), (H, LK), "a spectrum is reshaped after its FFT (permute([0, 1, 2]))"),
+    "multi_head_broadcast": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[..., :L],
+        (B, H, 2, L), (H, LK), "a spectrum is reshaped after its FFT (unsqueeze(1))"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_MATCHED)
+def test_spellings_not_matched_stay_as_written_and_say_why(name):
+    fn, u_shape, k_shape, words = NOT_MATCHED[name]
+    result = compile_once(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert result.rewrites == {} and "lcconv" not in result.graphs[0]
+    u, k = torch.randn(u_shape), torch.randn(k_shape)
+    torch.testing.assert_close(result.fn(u, k), fn(u, k))
+    with torch.no_grad():
+        report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert [r.code for r in report.rejected] == ["structure"]
+    assert words in report.rejected[0].reason
+
+
+def test_time_along_dim_1_says_transpose():
+    fn, u_shape, k_shape, _ = REFUSED["time_along_dim_1"]
+    with torch.no_grad():
+        report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
+    assert "a (B, L, H) layout is not rewritten; transpose to (B, H, L)" in report.rejected[0].reason
 
 
 def test_kernel_of_higher_precision_is_not_rewritten():

@@ -94,8 +94,30 @@ def _is_call(node: Any, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
+# Ops that only reshape a tensor: between a spectrum and the product they mean the spectra are
+# combined some other way than elementwise (einsum, a broadcast over heads).
+_RESHAPES = (aten.permute.default, aten.unsqueeze.default, aten.view.default, aten.expand.default,
+             aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.transpose.int)
+
+
+def _reshaped_spectrum(node: Node) -> Optional[str]:
+    """The reshapes between an FFT and ``node``, in words, when ``node`` is a reshaped spectrum."""
+    steps = []
+    while isinstance(node, Node) and node.op == "call_function" and node.target in _RESHAPES:
+        steps.append(f"{node.target.__name__.split('.')[0]}({', '.join(repr(arg) for arg in node.args[1:])})")
+        node = node.args[0]
+    if steps and isinstance(node, Node) and node.target in (aten._fft_r2c.default, aten._fft_c2c.default):
+        return ", ".join(reversed(steps))
+    return None
+
+
 def _parse_spectrum(node: Node) -> Union[Spectrum, str]:
     node, scales = _peel_scales(node)
+    reshaped = _reshaped_spectrum(node)
+    if reshaped is not None:
+        return (f"a spectrum is reshaped after its FFT ({reshaped}), as einsum or a multi-head "
+                "`k_f.unsqueeze(1)` do: only the elementwise product of (B, H, n) and (H, n) spectra is "
+                "rewritten (reshape before the FFT, or call lcconv_compile.fftconv per head)")
     if _is_call(node, aten._fft_c2c.default):
         return "a spectrum is a complex-to-complex FFT: complex inputs are not rewritten"
     if not _is_call(node, aten._fft_r2c.default):

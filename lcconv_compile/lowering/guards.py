@@ -164,7 +164,8 @@ def _check_transform_dims(node: Node, what: str) -> None:
     rank = _tensor(node.args[0], what).dim()
     dims = node.args[1]
     if list(dims) not in ([rank - 1], [-1]):
-        _refuse("transform_dim", f"{what} transforms dims {list(dims)}, not the last (time) dim")
+        _refuse("transform_dim", f"{what} transforms dims {list(dims)}, not the last (time) dim: a (B, L, H) "
+                "layout is not rewritten; transpose to (B, H, L) first or call lcconv_compile.fftconv")
 
 
 # What the idiom patterns leave open (sizes, dims, normalisations, scalar factors: traced at
@@ -192,6 +193,11 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     for name, t in (("signal", u), ("kernel", k)):
         if t.dtype not in _REAL_FLOATS:
             _refuse("dtype", f"the {name} has dtype {t.dtype}: only real floating inputs are rewritten")
+    # Transform dims first: FFTs over another dim (a (B, L, H) layout) also make every shape
+    # check below fail, and the layout is the reason worth reporting.
+    for node, what in ((idiom.signal.transform, "the signal's FFT"), (idiom.kernel.transform, "the kernel's FFT"),
+                       (idiom.inverse, "the inverse FFT")):
+        _check_transform_dims(node, what)
     if u.dim() != 3:
         _refuse("signal_shape", f"the signal has shape {_shape_str(u)}: the op needs (B, H, L)")
     if idiom.kernel.unsqueezed and k.dim() != 2:
@@ -220,9 +226,6 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
 
     inverse = idiom.inverse
     complex_spelling = inverse.target == aten._fft_c2c.default
-    for node, what in ((idiom.signal.transform, "the signal's FFT"), (idiom.kernel.transform, "the kernel's FFT"),
-                       (inverse, "the inverse FFT")):
-        _check_transform_dims(node, what)
     if complex_spelling:
         if inverse.args[3] is not False:
             _refuse("structure", "the complex transform after the product is a forward FFT, not an inverse")
@@ -254,8 +257,18 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     rank = _tensor(idiom.crop.args[0], "the sliced result").dim()
     if dim not in (rank - 1, -1):
         _refuse("crop", f"the result is sliced along dim {dim}, not time")
-    start = 0 if start is None else _size_of(start)
-    _require(start == 0, "non_causal_slice", f"the slice starts at {start}: a causal convolution keeps outputs 0..L-1")
+    written_start = start = 0 if start is None else _size_of(start)
+    # A negative start counts from the end of the inverse FFT's n outputs (and stops at 0), as
+    # Python's slices do: `y[..., -n:-n + L]` keeps outputs 0..L-1.
+    negative = _decide(start < 0)
+    if negative is None:
+        _refuse("symbolic", "cannot prove without a new guard whether the slice starts from the end")
+    if negative:
+        start = start + _tensor(idiom.crop.args[0], "the sliced result").shape[-1]
+        start = 0 if _decide(start < 0) else start
+    from_end = f" (output {start} counted from the front)" if negative else ""
+    _require(start == 0, "non_causal_slice",
+             f"the slice starts at {written_start}{from_end}: a causal convolution keeps outputs 0..L-1")
     if step not in (None, 1):
         _refuse("non_causal_slice", f"the slice has step {step}")
     _require(out.shape[-1] == seqlen, "crop", f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}")

@@ -1,7 +1,10 @@
 """Hooking the passes into Inductor, and turning them on and off.
 
-``import lcconv_compile`` calls :func:`install_passes`, which puts a :class:`ChainedPass` on two of
-Inductor's custom-pass hooks (``joint_custom_post_pass`` for the idiom rewrite,
+``import lcconv_compile`` calls :func:`install_when_inductor_loads`: it does not import Inductor
+(most of a second, Dynamo included, that eager users should not pay) but runs
+:func:`install_passes` right after the process first imports it, which every ``torch.compile``
+does before reading a hook. :func:`install_passes` puts a :class:`.chained_pass.ChainedPass` on
+two of Inductor's custom-pass hooks (``joint_custom_post_pass`` for the idiom rewrite,
 ``post_grad_custom_post_pass`` for fusion; see :mod:`.passes` for why those two). A chained
 pass runs our stage and then whatever pass was on the hook before, so a user's own pass keeps
 running; installing twice is a no-op. Its ``uuid()`` combines a hash of this package's lowering
@@ -28,13 +31,13 @@ This module holds hooks and switches only; what the passes do is in :mod:`.passe
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Iterator, Optional
 
-from torch._inductor import config as inductor_config
-from torch._inductor import custom_graph_pass
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph
 
 DISABLE_ENV = "LCCONV_COMPILE_DISABLE"
@@ -64,6 +67,8 @@ def passes_off_reason() -> Optional[str]:
         return "inside `with lcconv_compile.passes_enabled(False)`"
     if _override is None and not _enabled:
         return "lcconv_compile.disable() was called (lcconv_compile.enable() turns them back on)"
+    from torch._inductor import config as inductor_config
+
     missing = [hook for hook in _STAGES if not _is_ours(getattr(inductor_config, hook))]
     if missing:
         return (f"Inductor's {', '.join(missing)} no longer chains them (the hook was assigned after "
@@ -74,6 +79,8 @@ def passes_off_reason() -> Optional[str]:
 def pass_version() -> bytes:
     """Hash of the sources that decide what the passes produce: the lowering package, ops.py, and
     the kernels and reference that the CUDA stage traces into compiled code."""
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
     package = pathlib.Path(__file__).resolve().parent
     root = package.parent
     files = (sorted(str(p) for p in package.glob("*.py")) + sorted(str(p) for p in (root / "kernels").glob("*.py"))
@@ -85,51 +92,6 @@ def _as_tuple(previous: Any) -> tuple:
     if previous is None:
         return ()
     return tuple(previous) if isinstance(previous, (list, tuple)) else (previous,)
-
-
-_InferenceAware = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
-
-
-class ChainedPass(CustomGraphPass):
-    """Our stage on one hook, then the pass(es) that were on the hook before."""
-
-    def __init__(self, hook: str, stage: Callable[[Graph], int], previous: Any):
-        self.hook = hook
-        self.stage = stage
-        self.previous = previous
-
-    def _run(self, graph: Graph, is_inference: Optional[bool]) -> None:
-        if passes_active():
-            self.stage(graph)
-        for user_pass in _as_tuple(self.previous):
-            if is_inference is not None and _InferenceAware is not None and isinstance(user_pass, _InferenceAware):
-                user_pass(graph, is_inference=is_inference)
-            else:
-                user_pass(graph)
-
-    def __call__(self, graph: Graph) -> None:
-        self._run(graph, None)
-
-    def uuid(self) -> Optional[Any]:
-        previous_ids = []
-        for user_pass in _as_tuple(self.previous):
-            user_id = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
-            if user_id is None:
-                return None  # the previous pass cannot be keyed: no caching, as Inductor does
-            previous_ids.append(user_id)
-        return (pass_version(), self.hook, passes_active(), tuple(previous_ids))
-
-
-if _InferenceAware is not None:
-
-    class ChainedPostGradPass(ChainedPass, _InferenceAware):
-        """A chained pass for post-grad hooks: takes ``is_inference`` (torch >= 2.13) and hands it on."""
-
-        def __call__(self, graph: Graph, is_inference: Optional[bool] = None) -> None:
-            self._run(graph, is_inference)
-
-else:
-    ChainedPostGradPass = ChainedPass  # torch 2.11: post-grad passes take the graph only
 
 
 def _stage(name: str) -> Callable[[Graph], int]:
@@ -145,22 +107,80 @@ def _stage(name: str) -> Callable[[Graph], int]:
     return run
 
 
+# hook -> (name of the chained-pass class in .chained_pass, our stage)
 _STAGES = {
-    JOINT_HOOK: (ChainedPass, _stage("joint_stage")),
-    POST_GRAD_HOOK: (ChainedPostGradPass, _stage("post_grad_stage")),
+    JOINT_HOOK: ("ChainedPass", _stage("joint_stage")),
+    POST_GRAD_HOOK: ("ChainedPostGradPass", _stage("post_grad_stage")),
 }
 
 
+def __getattr__(name: str) -> Any:
+    # install.ChainedPass and friends, without importing Inductor when this module is imported.
+    if name in ("ChainedPass", "ChainedPostGradPass"):
+        from . import chained_pass
+
+        return getattr(chained_pass, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _is_ours(installed: Any) -> bool:
+    from .chained_pass import ChainedPass
+
     return any(isinstance(p, ChainedPass) for p in _as_tuple(installed))
 
 
 def install_passes() -> None:
-    """Chain our passes onto Inductor's hooks, keeping whatever is there; idempotent."""
+    """Chain our passes onto Inductor's hooks, keeping whatever is there; idempotent.
+
+    Imports Inductor: :func:`install_when_inductor_loads` is the import-time way."""
+    from torch._inductor import config as inductor_config
+
+    from . import chained_pass
+
+    _InstallOnInductorImport.remove()
     for hook, (chained_type, stage) in _STAGES.items():
         current = getattr(inductor_config, hook)
         if not _is_ours(current):
-            setattr(inductor_config, hook, chained_type(hook, stage, current))
+            setattr(inductor_config, hook, getattr(chained_pass, chained_type)(hook, stage, current))
+
+
+class _InstallOnInductorImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`install_passes` right after ``torch._inductor`` is first imported.
+
+    Importing Inductor costs most of a second (and Dynamo with it), which ``import
+    lcconv_compile`` must not add for eager users; every ``torch.compile`` with Inductor imports
+    it before it reads the hooks, so installing then is in time for the first compile.
+    """
+
+    _TARGET = "torch._inductor"
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self._TARGET:
+            return None
+        self.remove()  # one shot; also keeps find_spec below from finding us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run_package = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run_package(module)  # the whole package __init__, as without us
+            install_passes()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+    @classmethod
+    def remove(cls) -> None:
+        sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, cls)]
+
+
+def install_when_inductor_loads() -> None:
+    """Install the passes now if Inductor is imported already, else as soon as it is."""
+    if "torch._inductor" in sys.modules:
+        install_passes()
+    elif not any(isinstance(finder, _InstallOnInductorImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _InstallOnInductorImport())
 
 
 def enable() -> None:

@@ -16,8 +16,9 @@
   Last, :func:`.cuda_lowering.lower_cuda_calls` replaces op calls on CUDA tensors by the Triton
   launches (or reference FFT ops) the op would run, so Inductor launches our kernels itself.
 
-Patterns are registered lazily, on the first graph that has something for them to match, under
-a fresh fake mode. This module wires patterns to guards and hooks nothing into Inductor (that
+Patterns are registered lazily, on the first graph that has something for them to match; their
+search patterns come pre-traced from :mod:`.pattern_cache` (traced under a fresh fake mode when
+the shipped ones do not fit this torch). This module wires patterns to guards and hooks nothing into Inductor (that
 is :mod:`.install`).
 """
 
@@ -39,7 +40,9 @@ from torch._inductor.pattern_matcher import (
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx import Graph, Node
 
-from . import events, guards
+aten, prims = torch.ops.aten, torch.ops.prims
+
+from . import events, guards, pattern_cache
 from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
 from .patterns_fusion import fusion_pattern_specs
@@ -50,11 +53,21 @@ FUSION_PATTERNS = PatternMatcherPass(pass_name="lcconv_fusion")
 MAX_FUSION_ROUNDS = 8  # one fold per round and neighbour; the op has five options
 
 
-def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> None:
+def tagged_pattern_specs(device: torch.device) -> list[tuple[str, PatternSpec]]:
+    """("idiom" or the fusion's guard kind, spec) for every pattern, in registration order.
+    Call inside :func:`tracing_patterns` (example inputs are fake tensors)."""
+    return [("idiom", spec) for spec in idiom_pattern_specs(device)] + list(fusion_pattern_specs(device))
+
+
+def trace(spec: PatternSpec):
+    """The search pattern of ``spec``, traced at placeholder sizes (call inside tracing_patterns)."""
+    return gen_pattern(spec.search_fn, spec.example_inputs, spec.trace_fn)
+
+
+def _register(spec: PatternSpec, generic, extra_check, patterns: PatternMatcherPass) -> None:
     # Match on the pattern traced at placeholder sizes, with sizes/scalars/dtypes ignored, and
     # never re-trace it at the graph's sizes: the guard checks those numbers itself (a re-trace
     # would also need the graph's FFT size, which no pattern argument carries).
-    generic = gen_pattern(spec.search_fn, spec.example_inputs, spec.trace_fn)
     register_replacement(
         spec.search_fn,
         spec.replace_fn,
@@ -68,7 +81,7 @@ def _register(spec: PatternSpec, extra_check, patterns: PatternMatcherPass) -> N
 
 
 @contextlib.contextmanager
-def _tracing_patterns():
+def tracing_patterns():
     # Tracing must see neither the fake mode nor the tracing context of the compile that asked,
     # nor leave counters of its own behind (what Inductor's init_once_fakemode does).
     saved_counters = counters["inductor"].copy()
@@ -79,20 +92,30 @@ def _tracing_patterns():
     counters["inductor"] = saved_counters
 
 
-# Registered on the first graph that needs them: tracing the idiom patterns (forward and joint)
-# takes seconds, and a graph without FFTs or without the op never pays for it.
+@functools.cache
+def _searched_patterns() -> tuple[tuple[str, PatternSpec, object], ...]:
+    """(kind, spec, search pattern) for every pattern: pre-traced where the shipped or cached
+    patterns fit this torch and these sources, else traced now (seconds)."""
+    with tracing_patterns() as device:
+        tagged = tagged_pattern_specs(device)
+        searched = pattern_cache.load_or_trace([spec for _, spec in tagged], trace)
+    return tuple((kind, spec, pattern) for (kind, spec), pattern in zip(tagged, searched))
+
+
+# Registered on the first graph that needs them: a graph without FFTs or without the op never
+# pays for loading (or tracing) them.
 @functools.cache
 def _register_idiom_patterns() -> None:
-    with _tracing_patterns() as device:
-        for spec in idiom_pattern_specs(device):
-            _register(spec, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+    for kind, spec, generic in _searched_patterns():
+        if kind == "idiom":
+            _register(spec, generic, guards.check_idiom(spec.name), IDIOM_PATTERNS)
 
 
 @functools.cache
 def _register_fusion_patterns() -> None:
-    with _tracing_patterns() as device:
-        for kind, spec in fusion_pattern_specs(device):
-            _register(spec, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
+    for kind, spec, generic in _searched_patterns():
+        if kind != "idiom":
+            _register(spec, generic, guards.check_fusion(kind, spec.name), FUSION_PATTERNS)
 
 
 def _backward_nodes(graph: Graph) -> set[Node]:
@@ -156,6 +179,50 @@ def spell_out_op_calls(graph: Graph, full: bool) -> None:
         node.kwargs = {}
 
 
+# Neighbours a fusion pattern could fold (skip term, gates, GELU, casts): aten.add / mul / erf
+# and dtype casts. Others (a matmul, a reduction) are not ours to report.
+_FOLDABLE_NEIGHBOURS = (aten.add.Tensor, aten.mul.Tensor, aten.erf.default, prims.convert_element_type.default)
+
+
+def _is_training_forward(graph: Graph) -> bool:
+    # AOT autograd names a training forward's inputs primals_N (an inference graph's argN_1).
+    return any(str(node.target).startswith("primals") for node in graph.find_nodes(op="placeholder"))
+
+
+def _sharing(graph: Graph, others: list[Node]) -> tuple[str, str]:
+    """(reason code, who else uses the value) for a value a fold would have absorbed."""
+    saved = _is_training_forward(graph) and any(user.op == "output" for user in others)
+    described = ["the graph's outputs, saved for the backward" if saved and user.op == "output"
+                 else "the graph's outputs" if user.op == "output"
+                 else f"{user.target} ({events.source_of(user) or user.name})" for user in others]
+    return ("saved_for_backward" if saved else "other_users"), ", ".join(described)
+
+
+def _report_unfused_neighbours(graph: Graph) -> None:
+    """For ``explain``: name each neighbour left outside an op call because a value the fold
+    would absorb has another user (in training, typically the partitioner saving it for the
+    backward), which the pattern matcher does not fold over."""
+    for op in graph.find_nodes(op="call_function", target=guards.FFTCONV):
+        outside = [user for user in op.users if user.op == "call_function" and user.target in _FOLDABLE_NEIGHBOURS]
+        others = [user for user in op.users if user not in outside]
+        if outside and others:  # all users foldable: a guard, not sharing, kept them out (it says why)
+            code, users = _sharing(graph, others)
+            names = ", ".join(f"{user.target}" for user in outside)
+            events.report(events.Rejection(
+                "fusion", "neighbour_left_outside", code,
+                f"{names} on the op's output stays outside: the output is also used by {users}",
+                events.source_of(outside[0])), op)
+        signal = op.args[0]
+        if (isinstance(signal, Node) and signal.target == aten.mul.Tensor and len(signal.users) > 1
+                and all(isinstance(arg, Node) for arg in signal.args)):
+            others = [user for user in signal.users if user is not op]
+            code, users = _sharing(graph, others)
+            events.report(events.Rejection(
+                "fusion", "input_gate_left_outside", code,
+                f"the product {signal.name} feeding the op stays outside as its input gate: it is also used "
+                f"by {users}", events.source_of(signal)), signal)
+
+
 def fuse_neighbours(graph: Graph) -> int:
     """Fold neighbours into op calls until nothing more folds (each fold can enable the next)."""
     if not graph.find_nodes(op="call_function", target=guards.FFTCONV):
@@ -171,6 +238,8 @@ def fuse_neighbours(graph: Graph) -> int:
             graph.eliminate_dead_code()
             total += count
         spell_out_op_calls(graph, full=False)
+        if events.collecting():
+            _report_unfused_neighbours(graph)
     return total
 
 

@@ -75,6 +75,13 @@ def _rfft_conv_scaled_product_pattern(u, k):
     return torch.fft.irfft(product, n=n, norm="forward")[..., :seqlen]
 
 
+def _rfft_conv_reciprocal_product_pattern(u, k):
+    # `* (1 / n)` is a multiply by a number, not the divide of the pattern above.
+    seqlen, n = _sizes(u)
+    product = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) * (1 / n)
+    return torch.fft.irfft(product, n=n, norm="forward")[..., :seqlen]
+
+
 def _rfft_conv_scaled_output_pattern(u, k):
     # norm="ortho" on all three transforms leaves the result 1/sqrt(n) too small.
     seqlen, n = _sizes(u)
@@ -91,6 +98,23 @@ def _fft_conv_pattern(u, k):
 def _fft_conv_real_first_pattern(u, k):
     seqlen, n = _sizes(u)
     return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
+
+
+def _padded_fft_conv_pattern(u, k):
+    # FlashFFTConv's README: both signals padded by hand, complex FFTs along dim=-1.
+    seqlen, n = _sizes(u)
+    u_padded = F.pad(u, (0, n - seqlen))
+    k_padded = F.pad(k, (0, n - k.shape[-1]))
+    y = torch.fft.ifft(torch.fft.fft(u_padded, dim=-1) * torch.fft.fft(k_padded, dim=-1), dim=-1)
+    return y[..., :seqlen].real
+
+
+def _padded_fft_conv_real_first_pattern(u, k):
+    seqlen, n = _sizes(u)
+    u_padded = F.pad(u, (0, n - seqlen))
+    k_padded = F.pad(k, (0, n - k.shape[-1]))
+    y = torch.fft.ifft(torch.fft.fft(u_padded, dim=-1) * torch.fft.fft(k_padded, dim=-1), dim=-1)
+    return y.real[..., :seqlen]
 
 
 def _fftconv_replacement(u, k):
@@ -116,9 +140,12 @@ IDIOMS: dict[str, Callable[..., Any]] = {
     "rfft_conv_scaled_kernel": _rfft_conv_scaled_kernel_pattern,
     "rfft_conv_scaled_signal": _rfft_conv_scaled_signal_pattern,
     "rfft_conv_scaled_product": _rfft_conv_scaled_product_pattern,
+    "rfft_conv_reciprocal_product": _rfft_conv_reciprocal_product_pattern,
     "rfft_conv_scaled_output": _rfft_conv_scaled_output_pattern,
     "fft_conv": _fft_conv_pattern,
     "fft_conv_real_first": _fft_conv_real_first_pattern,
+    "fft_conv_padded": _padded_fft_conv_pattern,
+    "fft_conv_padded_real_first": _padded_fft_conv_real_first_pattern,
 }
 
 # (suffix, trace function, u needs grad, k needs grad). A training graph's backward depends on
