@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 
@@ -33,6 +31,7 @@ import triton
 from torch._dynamo.utils import counters
 
 import lcconv_compile  # noqa: F401  (registers the op)
+from common import copy_bandwidth, git_commit  # noqa: E402  (this folder)
 from lcconv_compile import kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -54,14 +53,6 @@ def family_name(u, k) -> str:
 
 def ours(u, k, D):
     return torch.ops.lcconv.fftconv(u, k, D)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.randn(256 * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def bench(fn, backward: bool, inputs, grad):
@@ -205,17 +196,6 @@ def print_host_row(r):
         return
     print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16} {r['host_us']:8.1f} {r['wall_us']:8.1f} "
           f"{r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f} {r['cudagraph_skips']:>6}")
-
-
-def git_commit() -> str:
-    """The commit measured: $LCCONV_COMMIT (a copied tree has no .git), else git, else unknown."""
-    if os.environ.get("LCCONV_COMMIT"):
-        return os.environ["LCCONV_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 HEADER = (f"{'L':>6} {'dtype':>5} {'pass':>8} {'ours':>8} {'fft':>8} {'compiled':>8} {'sdpa':>8} "

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -45,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
 
 import lcconv_compile  # noqa: E402
+from common import git_commit  # noqa: E402  (this folder)
 from lcconv_compile.models import LongConvLM  # noqa: E402
 from lcconv_compile.models._conv import conv_implementation  # noqa: E402
 
@@ -236,11 +237,7 @@ def bench_generate(args, variant: str, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------- reporting --
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     try:
         import triton
 

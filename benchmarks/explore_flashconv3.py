@@ -24,16 +24,9 @@ import time
 import torch
 import triton
 
+from common import copy_bandwidth  # this folder
 from lcconv_compile import reference
 from lcconv_compile.kernels import flashconv, flashconv3
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    src = torch.randn(256 * 2**20, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def torch_fft_conv(u, k, D):
@@ -54,7 +47,7 @@ def main():
     args = parser.parse_args()
     B, H = args.batch, args.channels
     started = time.time()
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth("cuda")
     header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
     print(header, flush=True)

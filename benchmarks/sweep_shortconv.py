@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from bench_fftconv import copy_bandwidth, git_commit  # same folder: the shared measures
+from common import copy_bandwidth, git_commit  # this folder: the shared measures
 from lcconv_compile.kernels import flashconv3, shortconv
 
 SHAPES = [(8, 1024, 4096), (4, 768, 8192)]
