@@ -160,6 +160,23 @@ def test_kernels_longer_than_two_blocks(block, Lk):
     check_backward(args, shortconv.Tuning(block=block))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("B,H,L,Lk,block,rows,programs_per_sm", [
+    (3, 4, 700, 17, None, 16, 1),  # one program per channel walks 9 tiles
+    (3, 2, 900, 40, None, 16, 1),  # 2 programs of 3 tiles; windows reach into the next tile
+    (2, 2, 131, 9, None, 16, 3),  # one tile per program: each starts from its next tile
+    (1, 2, 1000, 64, 16, None, 1),  # W = 128 > 2 T: a window spans more than the next block
+    (2, 2, 77, 5, 16, 16, 2),
+])
+def test_backward_many_tiles_and_programs(recompute, B, H, L, Lk, block, rows, programs_per_sm):
+    """Tiles walked from last to first through the dc ring (GELU / gate_out) or from dy, split
+    over programs with contiguous ranges of tiles; windows cross tiles and batch rows."""
+    args = make_inputs(B, H, L, Lk, torch.float32, options=True)
+    if not recompute:
+        args["gelu"], args["gate_out"] = False, None
+    check_backward(args, shortconv.Tuning(block=block, rows=rows, programs_per_sm=programs_per_sm))
+
+
 @pytest.mark.parametrize("programs_per_sm", [1, 64])
 def test_backward_dk_dD_bit_identical_across_runs(programs_per_sm):
     """One program per channel, and channels split over programs (arrival counter, fixed order)."""
