@@ -57,8 +57,6 @@ __all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv
 # Longest kernel this family claims in kernels.select. A starting value: the lead sets it from
 # benchmarks/sweep_shortconv.py (the Lk where the FFT family becomes faster).
 SHORT_MAX_KERNEL_LEN = 64
-# The backward's largest block T (Lk <= T + 1 takes one block of context).
-BACKWARD_MAX_BLOCK = 32
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -139,12 +137,23 @@ def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torc
 
 def _backward_shape(kernel_len: int, tuning: Tuning) -> tuple[int, int, int]:
     """(T, W, BM) of the backward: blocks of T samples, windows of W >= T + Lk - 1 samples of dc
-    (one K = W product per tile for du, one for dk), BM blocks per tile."""
-    block = tuning.block or max(16, min(BACKWARD_MAX_BLOCK, triton.next_power_of_2(max(kernel_len - 1, 1))))
-    window = triton.next_power_of_2(block + kernel_len - 1)
-    # The (BM, W) window of dc holds 2K values (16 float32 registers per thread at 4 warps).
-    rows = tuning.rows or max(16, 2048 // window)
-    return block, window, rows
+    (one K = W product per tile for du, one for dk), BM blocks per tile.
+
+    T is 16 or 32, whichever needs the smaller power-of-two W (Lk = 34..49 fits W = 64 with
+    T = 16, not with 32); on a tie 32 up to W = 128 (fewer overlapping window reads), 16 beyond
+    (its (T, W) dk accumulator and (W, T) du operand: 150 registers at Lk = 128, not 201)."""
+    def window(block):
+        return triton.next_power_of_2(block + kernel_len - 1)
+
+    if tuning.block:
+        block = tuning.block
+    else:
+        blocks = [16] + ([32] if kernel_len > 17 else [])
+        block = min(blocks, key=lambda b: (window(b), b if window(b) > 128 else -b))
+    # Tiles of at most 1K samples whose (BM, W) window of dc holds at most 2K values (16 float32
+    # registers per thread at 4 warps); at least 16 rows (tensor-core tiles).
+    rows = tuning.rows or max(16, min(1024 // block, 2048 // window(block)))
+    return block, window(block), rows
 
 
 def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning,
