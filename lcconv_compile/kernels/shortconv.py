@@ -18,13 +18,20 @@ without an input gate). Relative error ~1e-5 before the output is rounded to u's
 inputs may instead use ``tf32x3`` or ``ieee`` dots (``Tuning.precision``).
 
 Backward (one launch; where a channel is split over several programs, its arrival counters
-are a zeroed workspace, i.e. one memset before it): per tile of input blocks, ``dc`` of the
-tile and of the NC blocks after it (recomputing ``c`` where GELU or the output gate needs it),
-``du = sum_m dC_{+m} @ F_m^T`` (+ D dc, times the input gate), and ``G_m += X^T @ dC_{+m}``;
-``dk[j]`` is the sum of the
-diagonals ``t - s + m T = j`` of the G_m. Each program writes its G_m and its ``dD`` partial to
-a workspace; the last program of a channel to finish (an integer acq_rel counter) sums them in
-a fixed order. ``dk`` and ``dD`` are bit-identical across runs; no float atomics.
+are a zeroed workspace, i.e. one memset before it). Its own blocks: T of 16 or 32 and a window
+of W = next_pow2(T + Lk - 1) samples (:func:`_backward_shape`). Per tile of BM blocks, the (BM, W)
+window ``Dw[r, s'] = dc[r T + s']`` (it reaches into the next blocks, 0 past L) gives
+
+    du = Dw @ B,  B[s', t] = k[s' - t] (+ D at s' = t),      G += X^T @ Dw  (T x W),
+
+one K = W product each; ``dk[j]`` is the sum of the diagonal ``s' - s = j`` of G and
+``dD = dk[0]``. Without GELU or an output gate, dc = dy * mask: the window is read from dy as
+it is (bf16 dy exact, unsplit) and the mask scales du and X. With them, dc (which needs c) is
+computed once per tile into a per-program ring of two tile slots (L2-resident), tiles walked
+from the last to the first so that the next tile's dc is already there, and windows are read
+back from the ring. Each program writes its G to a workspace; the last program of a channel to
+finish (an integer acq_rel counter) sums them in a fixed order. ``dk`` and ``dD`` are
+bit-identical across runs; no float atomics.
 
 NaN semantics (part of the contract): a NaN or Inf in x at time s affects only c at
 s .. s+Lk-1, exactly as the direct sum does. A dense block product would spread it over the
