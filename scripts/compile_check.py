@@ -181,7 +181,7 @@ def check_short(kernel_lens, batch, seqlen, channels=1024, dtypes=(torch.bfloat1
                         report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
                                       packed_lanes=packed_lane_leaks(ptx))
                         clean &= not report["spill_bytes"] and not report["packed_lanes"]
-                        shape = {n: constexprs.get(n) for n in ("T", "BM", "NC")}
+                        shape = {n: constexprs[n] for n in ("T", "BM", "W", "NC") if n in constexprs}
                         print(f"short {direction} {str(dtype)[6:]:8s} Lk={kernel_len:<4d} {shape} "
                               f"warps={options.get('num_warps')} gate_in={gated_in:d} options={on:d}: {report}",
                               flush=True)

@@ -160,6 +160,23 @@ def test_kernels_longer_than_two_blocks(block, Lk):
     check_backward(args, shortconv.Tuning(block=block))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("B,H,L,Lk,block,rows,programs_per_sm", [
+    (3, 4, 700, 17, None, 16, 1),  # one program per channel walks 9 tiles
+    (3, 2, 900, 40, None, 16, 1),  # 2 programs of 3 tiles; windows reach into the next tile
+    (2, 2, 131, 9, None, 16, 3),  # one tile per program: each starts from its next tile
+    (1, 2, 1000, 64, 16, None, 1),  # W = 128 > 2 T: a window spans more than the next block
+    (2, 2, 77, 5, 16, 16, 2),
+])
+def test_backward_many_tiles_and_programs(recompute, B, H, L, Lk, block, rows, programs_per_sm):
+    """Tiles walked from last to first through the dc ring (GELU / gate_out) or from dy, split
+    over programs with contiguous ranges of tiles; windows cross tiles and batch rows."""
+    args = make_inputs(B, H, L, Lk, torch.float32, options=True)
+    if not recompute:
+        args["gelu"], args["gate_out"] = False, None
+    check_backward(args, shortconv.Tuning(block=block, rows=rows, programs_per_sm=programs_per_sm))
+
+
 @pytest.mark.parametrize("programs_per_sm", [1, 64])
 def test_backward_dk_dD_bit_identical_across_runs(programs_per_sm):
     """One program per channel, and channels split over programs (arrival counter, fixed order)."""
@@ -255,12 +272,46 @@ def test_gpu_realistic_sizes(B, H, L, Lk, options):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("Lk", [1, 2, 3, 16, 17, 32, 33, 63, 64])
+@pytest.mark.parametrize("Lk", [1, 2, 3, 16, 17, 18, 32, 33, 34, 49, 50, 63, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_kernel_lengths(Lk, dtype):
     """Every block size and context of the defaults with every option; bf16 included: its
     backward with all options at Lk = 64 was miscompiled (misaligned loads on the H100)."""
     args = make_inputs(4, 96, 3000, Lk, dtype, True)
+    check_forward(args)
+    check_backward(args)
+
+
+# Kernels longer than SHORT_MAX_KERNEL_LEN = 64 (the launchers take any Lk): the lead raises the
+# limit to 128 once these pass on the device. Lk where the backward's (T, W) change: 97 (T = 32,
+# W = 128), 113 (T = 16, W = 128), 114 (T = 16, W = 256).
+LONGER_KERNEL_LENS = [65, 80, 96, 97, 113, 114, 127, 128]
+
+
+@pytest.mark.parametrize("Lk", [65, 113, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_longer_than_the_default_limit(Lk, dtype):
+    args = make_inputs(2, 2, 300, Lk, dtype, options=True)
+    check_forward(args)
+    check_backward(args)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("Lk", LONGER_KERNEL_LENS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [False, True])
+def test_gpu_kernel_lengths_65_to_128(Lk, dtype, options):
+    args = make_inputs(4, 96, 3000, Lk, dtype, options)
+    check_forward(args)
+    check_backward(args)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("B,H,L,Lk", [(8, 1024, 4096, 128), (4, 768, 8192, 97)])
+def test_gpu_realistic_sizes_65_to_128(B, H, L, Lk):
+    args = make_inputs(B, H, L, Lk, torch.bfloat16, True)
     check_forward(args)
     check_backward(args)
 

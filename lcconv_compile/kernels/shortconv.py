@@ -18,13 +18,20 @@ without an input gate). Relative error ~1e-5 before the output is rounded to u's
 inputs may instead use ``tf32x3`` or ``ieee`` dots (``Tuning.precision``).
 
 Backward (one launch; where a channel is split over several programs, its arrival counters
-are a zeroed workspace, i.e. one memset before it): per tile of input blocks, ``dc`` of the
-tile and of the NC blocks after it (recomputing ``c`` where GELU or the output gate needs it),
-``du = sum_m dC_{+m} @ F_m^T`` (+ D dc, times the input gate), and ``G_m += X^T @ dC_{+m}``;
-``dk[j]`` is the sum of the
-diagonals ``t - s + m T = j`` of the G_m. Each program writes its G_m and its ``dD`` partial to
-a workspace; the last program of a channel to finish (an integer acq_rel counter) sums them in
-a fixed order. ``dk`` and ``dD`` are bit-identical across runs; no float atomics.
+are a zeroed workspace, i.e. one memset before it). Its own blocks: T of 16 or 32 and a window
+of W = next_pow2(T + Lk - 1) samples (:func:`_backward_shape`). Per tile of BM blocks, the (BM, W)
+window ``Dw[r, s'] = dc[r T + s']`` (it reaches into the next blocks, 0 past L) gives
+
+    du = Dw @ B,  B[s', t] = k[s' - t] (+ D at s' = t),      G += X^T @ Dw  (T x W),
+
+one K = W product each; ``dk[j]`` is the sum of the diagonal ``s' - s = j`` of G and
+``dD = dk[0]``. Without GELU or an output gate, dc = dy * mask: the window is read from dy as
+it is (bf16 dy exact, unsplit) and the mask scales du and X. With them, dc (which needs c) is
+computed once per tile into a per-program ring of two tile slots (L2-resident), tiles walked
+from the last to the first so that the next tile's dc is already there, and windows are read
+back from the ring. Each program writes its G to a workspace; the last program of a channel to
+finish (an integer acq_rel counter) sums them in a fixed order. ``dk`` and ``dD`` are
+bit-identical across runs; no float atomics.
 
 NaN semantics (part of the contract): a NaN or Inf in x at time s affects only c at
 s .. s+Lk-1, exactly as the direct sum does. A dense block product would spread it over the
@@ -98,6 +105,7 @@ class _Config:
     nblocks: int  # blocks per (b, h) row
     tiles: int  # tiles per channel
     groups: int  # programs per channel
+    window: int  # W: the backward's dc window (samples per row); the forward's = block
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,31 +116,51 @@ def _sm_count(device_index: int) -> int:
 @functools.lru_cache(maxsize=512)
 def _config(batch: int, channels: int, seqlen: int, kernel_len: int, dtype: torch.dtype,
             sms: int, backward: bool, tuning: Tuning, recompute: bool = False) -> _Config:
-    # T = 64 operands spill on sm_90 (ptxas): longer kernels take more blocks of 32 instead.
-    block = tuning.block or min(32, max(16, triton.next_power_of_2(max(kernel_len - 1, 1))))
-    # 2K samples per forward tile, 1K per backward tile: larger tiles spill on sm_90 (ptxas,
-    # scripts/compile_check.py --short).
-    rows = tuning.rows or max(16, (1024 if backward else 2048) // block)
-    if backward and recompute and triton.cdiv(kernel_len - 1, block) >= 2 and not tuning.rows:
-        # The backward that recomputes c (GELU or gate_out) over three blocks: with 32 rows,
-        # Triton 3.6's LLVM miscompiled a tile load's column index (an overflowing dead lane
-        # of a <2 x i32> shift lowered on one 64-bit register; misaligned loads on the H100;
-        # benchmarks/NOTES.md). compile_check --short checks every default configuration.
-        rows = 64
     precision = tuning.precision or "bf16"
     if precision != "bf16" and dtype != torch.float32:
         raise ValueError(f"shortconv: precision {precision!r} needs float32 u, got {dtype}")
+    if backward:
+        block, window, rows = _backward_shape(kernel_len, tuning)
+    else:
+        # T = 64 operands spill on sm_90 (ptxas): longer kernels take more blocks of 32 instead.
+        block = tuning.block or min(32, max(16, triton.next_power_of_2(max(kernel_len - 1, 1))))
+        window = block
+        # 2K samples per forward tile: larger tiles spill on sm_90 (compile_check --short).
+        rows = tuning.rows or max(16, 2048 // block)
     nblocks = triton.cdiv(seqlen, block)
     tiles = triton.cdiv(batch * nblocks, rows)
     per_sm = tuning.programs_per_sm or (2 if backward else 4)
     groups = max(1, min(tiles, triton.cdiv(per_sm * sms, channels), 65535))
+    if backward:  # contiguous ranges of tiles, none empty
+        groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
     if precision == "bf16" and _INTERPRETED:
         precision = "bf16emu"
     return _Config(
         block=block, rows=rows, context_blocks=triton.cdiv(kernel_len - 1, block),
         lags=triton.next_power_of_2(kernel_len), precision=precision,
-        num_warps=tuning.num_warps or 4, nblocks=nblocks, tiles=tiles, groups=groups,
+        num_warps=tuning.num_warps or 4, nblocks=nblocks, tiles=tiles, groups=groups, window=window,
     )
+
+
+def _backward_shape(kernel_len: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(T, W, BM) of the backward: blocks of T samples, windows of W >= T + Lk - 1 samples of dc
+    (one K = W product per tile for du, one for dk), BM blocks per tile.
+
+    T is 16 or 32, whichever needs the smaller power-of-two W (Lk = 34..49 fits W = 64 with
+    T = 16, not with 32); on a tie 32 up to W = 128 (fewer overlapping window reads), 16 beyond
+    (its (T, W) dk accumulator and (W, T) du operand: 150 registers at Lk = 128, not 201)."""
+    def window(block):
+        return triton.next_power_of_2(block + kernel_len - 1)
+
+    if tuning.block:
+        block = tuning.block
+    else:
+        blocks = [16] + ([32] if kernel_len > 17 else [])
+        block = min(blocks, key=lambda b: (window(b), b if window(b) > 128 else -b))
+    # Tiles of at most 1K samples whose (BM, W) window of dc holds at most 2K values (16 float32
+    # registers per thread at 4 warps); at least 16 rows (tensor-core tiles).
+    rows = tuning.rows or max(16, min(1024 // block, 2048 // window(block)))
+    return block, window(block), rows
 
 
 def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tuning,
@@ -170,11 +198,19 @@ def _split(v, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _mma(acc, a_hi, a_lo, b_hi, b_lo, A_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + A @ B from split operands (B always split; A split unless exactly bf16)."""
+    return _mma_split(acc, a_hi, a_lo, b_hi, b_lo, A_SPLIT, True, PRECISION)
+
+
+@triton.jit
+def _mma_split(acc, a_hi, a_lo, b_hi, b_lo, A_SPLIT: tl.constexpr, B_SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """acc + A @ B from split operands; an operand that is exactly bf16 is not split."""
     if PRECISION == "bf16" or PRECISION == "bf16emu":
         # Small terms first: they are added to the accumulator before the large one.
         if A_SPLIT:
             acc = _dot(a_lo, b_hi, acc, PRECISION)
-        acc = _dot(a_hi, b_lo, acc, PRECISION)
+        if B_SPLIT:
+            acc = _dot(a_hi, b_lo, acc, PRECISION)
         acc = _dot(a_hi, b_hi, acc, PRECISION)
     else:
         acc = tl.dot(a_hi, b_hi, acc, input_precision=PRECISION)
@@ -408,20 +444,21 @@ def fftconv_fwd(
 @triton.jit
 def _grad_pre_activation(
     dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row, row_scale,
-    t, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo,
+    t, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l,
+    f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo,
     HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr, GELU: tl.constexpr,
     A_SPLIT: tl.constexpr, NC: tl.constexpr, T: tl.constexpr, PRECISION: tl.constexpr,
-    HOIST: tl.constexpr,
+    HOISTED: tl.constexpr,
 ):
     """(dc, dy * activation * mask) at times t; dc is 0 outside [0, L) and past the last row."""
     valid = ok & (t >= 0) & (t < seqlen)
     dc = _load_row(dy_ptr, dy_row, t, ok, seqlen, sdy_l) * row_scale
     act = dc
     if GELU or HAS_GATE_OUT:
-        # Recompute the pre-activation rather than store it: a few products per tile.
+        # Recompute the pre-activation rather than store it: NC + 1 products per tile.
         c, x = _causal_conv(u_ptr, gate_in_ptr, k_row, u_row, gi_row, t, ok, seqlen, kernel_len,
-                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f0_hi, f0_lo,
-                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, 2 if HOIST else 0)
+                            su_l, sgi_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo,
+                            HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOISTED)
         c += d * x
         if HAS_GATE_OUT:
             act = _gelu(c) if GELU else c
@@ -433,47 +470,95 @@ def _grad_pre_activation(
 
 
 @triton.jit
+def _dc_at(dy_ptr, ring, dy_row, ring_base, rows, cols, t_first, ok, seqlen, sdy_l,
+           RING: tl.constexpr, T: tl.constexpr, FROM_RING: tl.constexpr):
+    """dc at times t_first + cols of each row (rows: 0..BM-1 as a column): from the ring of
+    recomputed dc (this tile's slot, then the next tile's), or dy itself (without the row's
+    mask scale). 0 at or past L: a window never reaches into the next batch row."""
+    t = t_first + cols
+    inside = ok & (t < seqlen)
+    if FROM_RING:
+        v = tl.load(ring + (ring_base + rows * T + cols) % RING, mask=inside, other=0.0)
+    else:
+        v = tl.load(dy_ptr + dy_row + t * sdy_l, mask=inside, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _shortconv_bwd_kernel(
     dy_ptr, u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr,
-    du_ptr, dk_ptr, dd_ptr, dgate_in_ptr, dgate_out_ptr, g_part_ptr, dd_part_ptr, arrivals_ptr,
-    batch, channels, seqlen, kernel_len, nblocks, tiles, groups,
+    du_ptr, dk_ptr, dd_ptr, dgate_in_ptr, dgate_out_ptr, g_part_ptr, dc_ring_ptr, arrivals_ptr,
+    batch, channels, seqlen, kernel_len, nblocks, tiles, groups, tiles_per_group,
     sdy_b, sdy_h, sdy_l, su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l,
     sm_b, sm_h, sdk_h, sdk_l,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
     GELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    T: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr, LAGS: tl.constexpr, A_SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT_CHANNEL: tl.constexpr,
+    T: tl.constexpr, BM: tl.constexpr, W: tl.constexpr, NC: tl.constexpr, LAGS: tl.constexpr,
+    A_SPLIT: tl.constexpr, DY_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_CHANNEL: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     k_row = k_ptr + h * sk_h
-    # F_m for the recomputed forward, F_m^T for du = sum_m dC_{+m} @ F_m^T.
-    HOIST: tl.constexpr = T <= 32  # as in the forward
-    f0_hi, f0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, False, PRECISION)
-    f1_hi, f1_lo = f0_hi, f0_lo
-    b0_hi, b0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, True, PRECISION)
-    b1_hi, b1_lo = b0_hi, b0_lo
-    if NC >= 1:
-        if GELU or HAS_GATE_OUT:
-            f1_hi, f1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, False, PRECISION)
-        b1_hi, b1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, True, PRECISION)
+    RECOMPUTE: tl.constexpr = GELU or HAS_GATE_OUT
+    # Without a recompute dc = dy * (the row's mask): the windows are read from dy itself and the
+    # mask scales du after the product (and x before the dk product).
+    MASK_AFTER: tl.constexpr = HAS_MASK and not RECOMPUTE
+    WIN_SPLIT: tl.constexpr = RECOMPUTE or DY_SPLIT  # bf16 dy read as is is exact
+    X_SPLIT: tl.constexpr = A_SPLIT or MASK_AFTER
+    HOISTED: tl.constexpr = NC + 1 if NC < 3 else 3
     d = 0.0
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
-    # This program's G_m = sum over its tiles of X^T @ dC_{+m}: (NC + 1, T, T) in the workspace.
-    g_part = g_part_ptr + (h * groups + group) * (NC + 1) * T * T
-    g_offs = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
-    g0 = tl.zeros((T, T), dtype=tl.float32)
-    g1 = tl.zeros((T, T), dtype=tl.float32)
-    dd_acc = tl.zeros((BM, T), dtype=tl.float32)
-    for m in tl.static_range(2, NC + 1):
-        tl.store(g_part + m * T * T + g_offs, g0)
-
-    for tile in range(group, tiles, groups):
-        b, ok, t, u_row, gi_row, out_row = _tile_rows(tile, nblocks, batch * nblocks, h, su_b, su_h,
+    # du[t] = sum_{s'} dc[t0 + s'] B[s', t - t0]: B[s', t] = k[s' - t], and D at s' = t (the
+    # skip term rides on tap 0).
+    lag = tl.arange(0, W)[:, None] - tl.arange(0, T)[None, :]
+    taps = tl.load(k_row + lag * sk_l, mask=(lag >= 0) & (lag < kernel_len), other=0.0).to(tl.float32)
+    b_hi, b_lo = _split(taps + tl.where(lag == 0, d, 0.0), True, PRECISION)
+    f0_hi, f0_lo = b_hi, b_lo
+    f1_hi, f1_lo = b_hi, b_lo
+    f2_hi, f2_lo = b_hi, b_lo
+    if RECOMPUTE:  # the forward's F_m for c
+        f0_hi, f0_lo = _toeplitz(k_row, kernel_len, sk_l, 0, T, False, PRECISION)
+        if NC >= 1:
+            f1_hi, f1_lo = _toeplitz(k_row, kernel_len, sk_l, T, T, False, PRECISION)
+        if NC >= 2:
+            f2_hi, f2_lo = _toeplitz(k_row, kernel_len, sk_l, 2 * T, T, False, PRECISION)
+    # G[s, s'] = sum over this program's tiles and rows r of x[r T + s] dc[r T + s']: dk[j] is the
+    # sum of its diagonal s' - s = j (j < Lk <= W - T + 1). dD = dk[0].
+    g = tl.zeros((T, W), dtype=tl.float32)
+    rows = tl.arange(0, BM)[:, None]
+    cols = tl.arange(0, W)[None, :]
+    in_block = tl.arange(0, T)[None, :]
+    RING: tl.constexpr = 2 * BM * T
+    ring = dc_ring_ptr
+    first = group * tiles_per_group
+    end = tl.minimum(first + tiles_per_group, tiles)
+    total_blocks = batch * nblocks
+    if RECOMPUTE:
+        # dc of a tile is computed once, kept in a per-program ring of two tile slots (L2) and
+        # read back as windows. Tiles are walked from the last to the first, so the next tile's
+        # dc is already there; first the dc of the tile after this program's range.
+        ring = dc_ring_ptr + (h * groups + group) * RING
+        b, ok, t, u_row, gi_row, out_row = _tile_rows(end, nblocks, total_blocks, h, su_b, su_h,
                                                       sgi_b, sgi_h, channels, seqlen, BM, T)
+        row_scale = 1.0
+        if HAS_MASK:
+            row_scale = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=ok, other=0.0).to(tl.float32)
+        dc, act = _grad_pre_activation(
+            dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, b * sdy_b + h * sdy_h, u_row, gi_row,
+            b * sgo_b + h * sgo_h, row_scale, t, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l,
+            sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo, HAS_GATE_IN, HAS_GATE_OUT, GELU, A_SPLIT,
+            NC, T, PRECISION, HOISTED)
+        tl.store(ring + (end % 2) * (BM * T) + rows * T + in_block, dc)
+
+    for i in range(0, end - first):
+        tile = end - 1 - i
+        b, ok, t, u_row, gi_row, out_row = _tile_rows(tile, nblocks, total_blocks, h, su_b, su_h,
+                                                      sgi_b, sgi_h, channels, seqlen, BM, T)
+        flat = tile * BM + tl.arange(0, BM)
+        t_first = ((flat - (flat // nblocks) * nblocks) * T)[:, None]  # the rows' block starts
         dy_row = b * sdy_b + h * sdy_h
-        go_row = b * sgo_b + h * sgo_h
         row_scale = 1.0
         if HAS_MASK:
             row_scale = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=ok, other=0.0).to(tl.float32)
@@ -482,60 +567,47 @@ def _shortconv_bwd_kernel(
         if HAS_GATE_IN:
             gate_now = _load_row(gate_in_ptr, gi_row, t, ok, seqlen, sgi_l)
             x_now = u_now * gate_now
-        xt_hi, xt_lo = _split(tl.trans(x_now), A_SPLIT, PRECISION)
-        dx = tl.zeros((BM, T), dtype=tl.float32)
-        probe = tl.zeros((BM, T), dtype=tl.float32)
-        for m in tl.static_range(NC + 1):
+        ring_base = (tile % 2) * (BM * T)
+        if RECOMPUTE:
+            tl.debug_barrier()  # the previous tile's window reads are done: its slot is reused
             dc, act = _grad_pre_activation(
-                dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row,
-                row_scale, t + m * T, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l,
-                f0_hi, f0_lo, f1_hi, f1_lo, HAS_GATE_IN, HAS_GATE_OUT, GELU, A_SPLIT, NC, T, PRECISION, HOIST)
-            probe += dc * 0.0
-            dc_hi, dc_lo = _split(dc, True, PRECISION)
-            if HOIST and m == 0:
-                bm_hi, bm_lo = b0_hi, b0_lo
-            elif HOIST and m == 1:
-                bm_hi, bm_lo = b1_hi, b1_lo
-            else:
-                bm_hi, bm_lo = _toeplitz(k_row, kernel_len, sk_l, m * T, T, True, PRECISION)
-            dx = _mma(dx, dc_hi, dc_lo, bm_hi, bm_lo, True, PRECISION)
-            if m == 0:
-                if HAS_GATE_OUT:
-                    tl.store(dgate_out_ptr + out_row + t, act.to(dgate_out_ptr.dtype.element_ty),
-                             mask=ok & (t < seqlen))
-                if HAS_D:
-                    dd_acc += dc * x_now
-                dx += d * dc
-                g0 = _mma(g0, xt_hi, xt_lo, dc_hi, dc_lo, A_SPLIT, PRECISION)
-            elif m == 1:
-                g1 = _mma(g1, xt_hi, xt_lo, dc_hi, dc_lo, A_SPLIT, PRECISION)
-            else:  # kernels longer than 2T: G_m accumulated in place in the workspace
-                gm = _mma(tl.load(g_part + m * T * T + g_offs), xt_hi, xt_lo, dc_hi, dc_lo,
-                          A_SPLIT, PRECISION)
-                tl.store(g_part + m * T * T + g_offs, gm)
-                tl.debug_barrier()
-        # A non-finite dc: the direct correlation keeps it to du[t - Lk + 1 .. t] (a loop of
-        # 0 or Lk steps, as in _causal_conv).
-        not_finite = tl.sum(tl.sum(probe, axis=1), axis=0) != 0.0
+                dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row,
+                b * sgo_b + h * sgo_h, row_scale, t, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l,
+                sgo_l, sk_l, f0_hi, f0_lo, f1_hi, f1_lo, f2_hi, f2_lo, HAS_GATE_IN, HAS_GATE_OUT,
+                GELU, A_SPLIT, NC, T, PRECISION, HOISTED)
+            if HAS_GATE_OUT:
+                tl.store(dgate_out_ptr + out_row + t, act.to(dgate_out_ptr.dtype.element_ty),
+                         mask=ok & (t < seqlen))
+            tl.store(ring + ring_base + rows * T + in_block, dc)
+            tl.debug_barrier()  # every thread's dc is in the ring before any window reads it
+        win = _dc_at(dy_ptr, ring, dy_row, ring_base, rows, cols, t_first, ok, seqlen, sdy_l,
+                     RING, T, RECOMPUTE)
+        probe = tl.sum(tl.sum(win * 0.0, axis=1), axis=0)  # NaN iff a value is NaN or Inf
+        w_hi, w_lo = _split(win, WIN_SPLIT, PRECISION)
+        dx = _mma_split(tl.zeros((BM, T), dtype=tl.float32), w_hi, w_lo, b_hi, b_lo, WIN_SPLIT, True,
+                        PRECISION)
+        xs = x_now
+        if MASK_AFTER:
+            xs = x_now * row_scale
+        xt_hi, xt_lo = _split(tl.trans(xs), X_SPLIT, PRECISION)
+        g = _mma_split(g, xt_hi, xt_lo, w_hi, w_lo, X_SPLIT, WIN_SPLIT, PRECISION)
+        # A non-finite dc: the window product would spread it over the row; the direct
+        # correlation keeps it to du[t - Lk + 1 .. t] (a loop of 0 or Lk steps, as in _causal_conv).
+        not_finite = probe != 0.0
         dx = tl.where(not_finite, 0.0, dx)
         for j in range(0, tl.where(not_finite, kernel_len, 0)):
-            tap = tl.load(k_row + j * sk_l).to(tl.float32)
-            dc_j, unused_act = _grad_pre_activation(
-                dy_ptr, u_ptr, gate_in_ptr, gate_out_ptr, k_row, dy_row, u_row, gi_row, go_row,
-                row_scale, t + j, ok, d, seqlen, kernel_len, sdy_l, su_l, sgi_l, sgo_l, sk_l,
-                f0_hi, f0_lo, f1_hi, f1_lo, HAS_GATE_IN, HAS_GATE_OUT, GELU, A_SPLIT, NC, T, PRECISION, HOIST)
-            dx += (tap + tl.where(j == 0, d, 0.0)) * dc_j  # the skip term rides on tap 0
+            tap = tl.load(k_row + j * sk_l).to(tl.float32) + tl.where(j == 0, d, 0.0)
+            dx += tap * _dc_at(dy_ptr, ring, dy_row, ring_base, rows, in_block + j, t_first, ok,
+                               seqlen, sdy_l, RING, T, RECOMPUTE)
+        if MASK_AFTER:
+            dx *= row_scale
         if HAS_GATE_IN:
             tl.store(dgate_in_ptr + out_row + t, (dx * u_now).to(dgate_in_ptr.dtype.element_ty),
                      mask=ok & (t < seqlen))
             dx *= gate_now
         tl.store(du_ptr + out_row + t, dx.to(du_ptr.dtype.element_ty), mask=ok & (t < seqlen))
 
-    tl.store(g_part + g_offs, g0)
-    if NC >= 1:
-        tl.store(g_part + T * T + g_offs, g1)
-    if HAS_D:
-        tl.store(dd_part_ptr + h * groups + group, tl.sum(tl.sum(dd_acc, axis=1), axis=0))
+    tl.store(g_part_ptr + (h * groups + group) * (T * W) + tl.arange(0, T)[:, None] * W + cols, g)
     # Every thread's partials are written before this program reports (and, if it is the last
     # of its channel, before it reads them back).
     tl.debug_barrier()
@@ -545,36 +617,28 @@ def _shortconv_bwd_kernel(
         # makes every other program's partials visible to it.
         is_last = tl.atomic_add(arrivals_ptr + h, 1, sem="acq_rel") == groups - 1
     if is_last:
-        _reduce_channel(g_part_ptr, dd_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
-                        HAS_D, T, NC, LAGS)
+        _reduce_channel(g_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
+                        HAS_D, T, W, LAGS)
 
 
 @triton.jit
-def _reduce_channel(g_part_ptr, dd_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
-                    HAS_D: tl.constexpr, T: tl.constexpr, NC: tl.constexpr, LAGS: tl.constexpr):
-    """dk[h, j] = sum over programs (in order) and m of the diagonal t - s + m T = j of G_m."""
+def _reduce_channel(g_part_ptr, dk_ptr, dd_ptr, h, groups, kernel_len, sdk_h, sdk_l,
+                    HAS_D: tl.constexpr, T: tl.constexpr, W: tl.constexpr, LAGS: tl.constexpr):
+    """dk[h, j] = sum over programs (in order) of the diagonal s' - s = j of their G; dD = dk[0]."""
     CHUNK: tl.constexpr = 64 if LAGS > 64 else LAGS
     s = tl.arange(0, T)[:, None]
     for j0 in tl.static_range(0, LAGS, CHUNK):
         j = j0 + tl.arange(0, CHUNK)[None, :]
+        ok = (j < kernel_len) & (s + j < W)
         dk = tl.zeros((CHUNK,), dtype=tl.float32)
         for grp in range(0, groups):
-            part = g_part_ptr + (h * groups + grp) * (NC + 1) * T * T
-            for m in tl.static_range(NC + 1):
-                # Only the G_m whose lags (m T - T, m T + T) meet this chunk of lags.
-                if (m * T - T < j0 + CHUNK) and (m * T + T > j0):
-                    col = j - m * T + s
-                    ok = (col >= 0) & (col < T) & (j < kernel_len)
-                    # .cg: other programs wrote these; read them from L2, never a stale L1 line.
-                    dk += tl.sum(tl.load(part + m * T * T + s * T + col, mask=ok, other=0.0,
-                                         cache_modifier=".cg"), axis=0)
+            part = g_part_ptr + (h * groups + grp) * (T * W)
+            # .cg: other programs wrote these; read them from L2, never a stale L1 line.
+            dk += tl.sum(tl.load(part + s * W + s + j, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
         jj = j0 + tl.arange(0, CHUNK)
         tl.store(dk_ptr + h * sdk_h + jj * sdk_l, dk.to(dk_ptr.dtype.element_ty), mask=jj < kernel_len)
-    if HAS_D:
-        dd = tl.load(dd_part_ptr + h * groups, cache_modifier=".cg")
-        for grp in range(1, groups):
-            dd += tl.load(dd_part_ptr + h * groups + grp, cache_modifier=".cg")
-        tl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
+        if HAS_D and j0 == 0:  # sum_t dc x over all times: the lag-0 term of dk
+            tl.store(dd_ptr + h, tl.sum(tl.where(jj == 0, dk, 0.0), axis=0).to(dd_ptr.dtype.element_ty))
 
 
 def fftconv_bwd(
@@ -593,16 +657,18 @@ def fftconv_bwd(
     """Launch the backward kernel (one launch); returns (du, dk, dD, dgate_in, dgate_out)."""
     batch, channels, seqlen = u.shape
     kernel_len = k.shape[-1]
-    cfg = _launch_config(u, kernel_len, True, tuning, recompute=gelu or gate_out is not None)
-    T, NC = cfg.block, cfg.context_blocks
+    recompute = gelu or gate_out is not None
+    cfg = _launch_config(u, kernel_len, True, tuning, recompute=recompute)
+    T, W, BM = cfg.block, cfg.window, cfg.rows
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     dk = alloc(k.shape, dtype=k.dtype, device=u.device)
     dD = alloc(D.shape, dtype=D.dtype, device=u.device) if D is not None else None
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
     # Workspaces: every program writes all of its slice before anything reads it.
-    g_part = torch.empty(channels * cfg.groups * (NC + 1) * T * T, dtype=torch.float32, device=u.device)
-    dd_part = torch.empty(channels * cfg.groups, dtype=torch.float32, device=u.device) if D is not None else None
+    g_part = torch.empty(channels * cfg.groups * T * W, dtype=torch.float32, device=u.device)
+    dc_ring = torch.empty(channels * cfg.groups * 2 * BM * T, dtype=torch.float32, device=u.device) \
+        if recompute else None
     # The arrival counters must start at zero: a fresh zeroed workspace per call (a memset), so
     # concurrent calls on other streams never share one. One program per channel needs none.
     split_channel = cfg.groups > 1
@@ -610,14 +676,16 @@ def fftconv_bwd(
     launch(
         _shortconv_bwd_kernel, (channels, cfg.groups),
         grad_y, u, k, D, gate_in, gate_out, dropout_mask,
-        du, dk, dD, dgate_in, dgate_out, g_part, dd_part, arrivals,
+        du, dk, dD, dgate_in, dgate_out, g_part, dc_ring, arrivals,
         batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
+        triton.cdiv(cfg.tiles, cfg.groups),
         *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
         *_strides(dropout_mask, 2), *dk.stride(),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
-        T=T, BM=cfg.rows, NC=NC, LAGS=cfg.lags,
-        A_SPLIT=not (u.dtype == torch.bfloat16 and gate_in is None), PRECISION=cfg.precision,
+        T=T, BM=BM, W=W, NC=cfg.context_blocks, LAGS=cfg.lags,
+        A_SPLIT=not (u.dtype == torch.bfloat16 and gate_in is None),
+        DY_SPLIT=grad_y.dtype != torch.bfloat16, PRECISION=cfg.precision,
         SPLIT_CHANNEL=split_channel,
         num_warps=cfg.num_warps, num_stages=1,
     )
