@@ -28,7 +28,11 @@ import triton.language as tl
 _CHILD = textwrap.dedent("""
     import faulthandler, sys, torch
     faulthandler.enable()
-    package, inputs, output = sys.argv[1:]
+    package, inputs, output, prelude = sys.argv[1:]
+    if "cuda" in prelude:
+        torch.zeros(1, device="cuda")  # a CUDA context before the loader runs
+    if "inductor" in prelude:
+        import torch._inductor.codecache  # noqa: F401
     model = torch._inductor.aoti_load_package(package)
     print("loaded", flush=True)
     args = [t.cuda() for t in torch.load(inputs)]
@@ -107,7 +111,7 @@ def _wrapper_source(package: str, dest: str) -> None:
                 f.write(z.read(n).decode(errors="replace"))
 
 
-def run_case(name, make, out_dir) -> str:
+def run_case(name, make, out_dir, prelude="none") -> str:
     work = os.path.join(out_dir, f"work_{name}")
     os.makedirs(work, exist_ok=True)
     log = os.path.join(out_dir, f"aoti_{name}.log")
@@ -124,10 +128,10 @@ def run_case(name, make, out_dir) -> str:
             f.write(repr(exc))
         return f"{name}: build failed: {type(exc).__name__}: {str(exc)[:200]}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    child = [sys.executable, "-c", _CHILD, package, os.path.join(work, "x.pt"), os.path.join(work, "y.pt")]
+    child = [sys.executable, "-c", _CHILD, package, os.path.join(work, "x.pt"), os.path.join(work, "y.pt"), prelude]
     result = subprocess.run(child, capture_output=True, text=True, env=env, timeout=300)
     text = f"rc {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}\n"
-    verdict = f"{name}: rc {result.returncode}"
+    verdict = f"{name} (child prelude {prelude}): rc {result.returncode}"
     if result.returncode == 0:
         got = torch.load(os.path.join(work, "y.pt"))
         err = ((got.double() - want.cpu().double()).norm() / want.cpu().double().norm()).item()
@@ -149,11 +153,32 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="aoti_diagnosis")
     parser.add_argument("--cases", nargs="+")
+    parser.add_argument("--preludes", nargs="+", default=["none"],
+                        help="what the child does before loading: none, cuda, inductor, cuda+inductor, same "
+                             "(same: load in this process instead of a child)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cases = _cases()
     for name in args.cases or list(cases):
-        print(run_case(name, cases[name], args.out), flush=True)
+        for prelude in args.preludes:
+            if prelude == "same":
+                print(load_here(name, cases[name], args.out), flush=True)
+            else:
+                print(run_case(name, cases[name], args.out, prelude), flush=True)
+
+
+def load_here(name, make, out_dir) -> str:
+    """Package and load in this process (which has a CUDA context and Inductor loaded)."""
+    model, args = make()
+    with torch.no_grad():
+        want = model(*args)
+    exported = torch.export.export(model, args)
+    package = torch._inductor.aoti_compile_and_package(
+        exported, package_path=os.path.join(out_dir, f"work_{name}", "same.pt2"))
+    loaded = torch._inductor.aoti_load_package(package)
+    got = loaded(*args)
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    return f"{name} (loaded in the packaging process): rel err {err:.1e}"
 
 
 if __name__ == "__main__":
