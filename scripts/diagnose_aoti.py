@@ -173,6 +173,7 @@ def load_here(name, make, out_dir) -> str:
     with torch.no_grad():
         want = model(*args)
     exported = torch.export.export(model, args)
+    os.makedirs(os.path.join(out_dir, f"work_{name}"), exist_ok=True)
     package = torch._inductor.aoti_compile_and_package(
         exported, package_path=os.path.join(out_dir, f"work_{name}", "same.pt2"))
     loaded = torch._inductor.aoti_load_package(package)
