@@ -282,8 +282,7 @@ def test_gpu_kernel_lengths(Lk, dtype):
     check_backward(args)
 
 
-# Kernels longer than SHORT_MAX_KERNEL_LEN = 64 (the launchers take any Lk): the lead raises the
-# limit to 128 once these pass on the device. Lk where the backward's (T, W) change: 97 (T = 32,
+# Kernels of 65..128 taps (SHORT_MAX_KERNEL_LEN was 64 until these passed on the H100). Lk where the backward's (T, W) change: 97 (T = 32,
 # W = 128), 113 (T = 16, W = 128), 114 (T = 16, W = 256).
 LONGER_KERNEL_LENS = [65, 80, 96, 97, 113, 114, 127, 128]
 

@@ -61,9 +61,12 @@ from .launch import launch as launch_kernel
 
 __all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv_bwd"]
 
-# Longest kernel this family claims in kernels.select. A starting value: the lead sets it from
-# benchmarks/sweep_shortconv.py (the Lk where the FFT family becomes faster).
-SHORT_MAX_KERNEL_LEN = 64
+# Longest kernel this family claims in kernels.select, from benchmarks/sweep_shortconv.py on the
+# H100 (results/2026-11-23_h100_sweep_shortconv_f7505ed.json): at Lk = 128 this path is still
+# faster than FlashConv v5 forward (0.166 vs 0.383 ms at (8,1024,4K)) and forward+backward (1.10 vs
+# 1.15; 0.74 vs 1.76 at (4,768,8K)); at 256 the FFT wins forward+backward. Lk 65..128 pass the GPU
+# tests (test_gpu_*_65_to_128).
+SHORT_MAX_KERNEL_LEN = 128
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
