@@ -499,4 +499,68 @@ def fftconv(
     ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
     """
     check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    if _plain_eager_kernel_call(u, k, D, gate_in, gate_out, dropout_mask):
+        check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, k, D, gate_in, gate_out)
+        ):
+            return _EagerFFTConv.apply(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+        return fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path: the same kernels without the dispatcher.
+#
+# Through the op, an eager call pays the custom-op dispatch twice (the op, then its Autograd kernel
+# redispatching below autograd), the single-level Function machinery of torch.func, and the
+# validation twice; the backward pays the same for fftconv_bwd. For a plain eager call (no tracer,
+# no torch.func transform, no forward AD, no mode, no tensor subclass, no profiler, a kernel family
+# for the inputs) ``fftconv`` calls the implementation directly, under an ordinary
+# autograd.Function whose backward calls the backward implementation. Everything else (and
+# ``torch.ops.lcconv.fftconv`` called directly) goes through the op as before, so what compilers,
+# exporters, torch.func and profilers see is unchanged.
+# ---------------------------------------------------------------------------------------------
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager_kernel_call(u, k, D, gate_in, gate_out, dropout_mask) -> bool:
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch.autograd.profiler._is_profiler_enabled
+    ):
+        return False
+    for t in (u, k, D, gate_in, gate_out, dropout_mask):
+        if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
+            return False
+    if dropout_mask is not None and dropout_mask.requires_grad:
+        return False  # its gradient is the op's Function's business
+    return u.numel() > 0 and u.dim() == 3 and k.dim() == 2 and select(u, k) is not None
+
+
+class _EagerFFTConv(torch.autograd.Function):
+    """Reverse mode for the eager fast path: the backward kernel directly, or the fftconv_bwd op
+    (differentiable: double backward) when the backward itself is recorded (create_graph=True)."""
+
+    @staticmethod
+    def forward(ctx, u, k, D, gate_in, gate_out, gelu, dropout_mask):
+        ctx.save_for_backward(u, k, D, gate_in, gate_out, dropout_mask)
+        ctx.gelu = gelu
+        return fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, k, D, gate_in, gate_out, dropout_mask = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = fftconv_bwd_op(grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
+        else:
+            grads = fftconv_backward_impl(grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
+        du, dk, dD, dgate_in, dgate_out = grads
+        return (
+            du, dk, dD if D is not None else None, dgate_in if gate_in is not None else None,
+            dgate_out if gate_out is not None else None, None, None,
+        )

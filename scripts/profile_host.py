@@ -1,15 +1,17 @@
 """Host cost of one eager ``lcconv::fftconv`` call on the CUDA path, measured on a CPU machine.
 
-The Triton launch itself cannot run without a GPU, so the kernels are stubbed (a launch does
-nothing) and ``flashconv.supports`` is forced true for CPU tensors: what remains is everything
+The Triton launch itself cannot run without a GPU, so FlashConv v5's kernels are stubbed (a launch
+does nothing) and ``flashconv3.supports`` is made true for CPU tensors: what remains is everything
 the op does in Python up to the launch (dispatch, validation, selection, launch parameters,
-constants, allocations). Reports microseconds per call (forward, forward+backward), the torch
-ops each call dispatches (counted with the autograd profiler), and the top of a cProfile.
+constants, allocations). Reports microseconds per call for each layer, from the launcher alone up
+to the public function with autograd, the torch ops each call dispatches (counted with the
+autograd profiler), and optionally the top of a cProfile.
 
     PYTHONPATH=$PWD python scripts/profile_host.py [--shape 2 4 1024] [--calls 2000] [--profile]
 
-On a GPU the same numbers come from ``benchmarks/bench_fftconv.py --tables host`` (wall clock
-against CUDA events); this script is for finding where host time goes, not for targets.
+On a GPU the same layers are timed with real launches by
+``benchmarks/bench_fftconv.py --tables host`` (wall clock against CUDA events); this script is for
+finding where host time goes, not for targets.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import os
 import pstats
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # no driver here: JIT objects must not need one
+import sys  # noqa: E402
+
+if "--cuda" not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # no driver here: JIT objects must not need one
 
 import torch  # noqa: E402
 
 import lcconv_compile  # noqa: E402,F401
-from lcconv_compile.kernels import flashconv  # noqa: E402
+from lcconv_compile import ops  # noqa: E402
+from lcconv_compile.kernels import flashconv3  # noqa: E402
 
 
 class _NoLaunch:
@@ -37,9 +43,10 @@ class _NoLaunch:
 
 
 def stub_kernels():
-    flashconv.supports = lambda u, k: u.dtype in flashconv.MAX_SEQLEN and u.shape[-1] <= flashconv.MAX_SEQLEN[u.dtype]
-    for name in ("_spectrum_kernel", "_fftconv_fwd_kernel", "_fftconv_bwd_kernel"):
-        setattr(flashconv, name, _NoLaunch())
+    flashconv3.supports = lambda u, k: (u.dtype in flashconv3.MAX_SEQLEN
+                                        and u.shape[-1] <= flashconv3.MAX_SEQLEN[u.dtype])
+    for name in ("_fftconv_fwd_kernel", "_fftconv_bwd_kernel"):
+        setattr(flashconv3, name, _NoLaunch())
 
 
 def count_ops(fn) -> collections.Counter:
@@ -51,21 +58,24 @@ def count_ops(fn) -> collections.Counter:
                                if e.name.startswith(("aten::", "lcconv::")))
 
 
-def make_inputs(shape, dtype, requires_grad):
+def make_inputs(shape, dtype, requires_grad, device="cpu"):
     B, H, L = shape
-    u = torch.randn(B, H, L, dtype=dtype, requires_grad=requires_grad)
-    k = torch.randn(H, L, requires_grad=requires_grad)
-    D = torch.randn(H, requires_grad=requires_grad)
+    u = torch.randn(B, H, L, dtype=dtype, device=device, requires_grad=requires_grad)
+    k = torch.randn(H, L, device=device, requires_grad=requires_grad)
+    D = torch.randn(H, device=device, requires_grad=requires_grad)
     return u, k, D
 
 
-def per_call_us(fn, calls):
+def per_call_us(fn, calls, sync=lambda: None):
     for _ in range(20):
         fn()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    issued = time.perf_counter()
+    sync()
+    return (issued - start) / calls * 1e6
 
 
 def main():
@@ -73,24 +83,36 @@ def main():
     parser.add_argument("--shape", type=int, nargs=3, default=[2, 4, 1024])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--profile", action="store_true", help="print the top of a cProfile")
+    parser.add_argument("--cuda", action="store_true",
+                        help="on a GPU machine: real kernels and CUDA tensors, time to issue each call")
     args = parser.parse_args()
-    stub_kernels()
-    torch.set_num_threads(1)
-    u, k, D = make_inputs(args.shape, torch.bfloat16, requires_grad=False)
-    ug, kg, Dg = make_inputs(args.shape, torch.bfloat16, requires_grad=True)
-    grad = torch.randn(args.shape, dtype=torch.bfloat16)
+    device = "cuda" if args.cuda else "cpu"
+    if not args.cuda:
+        stub_kernels()
+        torch.set_num_threads(1)
+    sync = torch.cuda.synchronize if args.cuda else (lambda: None)
+    u, k, D = make_inputs(args.shape, torch.bfloat16, requires_grad=False, device=device)
+    ug, kg, Dg = make_inputs(args.shape, torch.bfloat16, requires_grad=True, device=device)
+    grad = torch.randn(args.shape, dtype=torch.bfloat16, device=device)
 
-    def forward():
-        lcconv_compile.fftconv(u, k, D)
+    layers = {
+        "launcher (flashconv3.fftconv_fwd)": lambda: flashconv3.fftconv_fwd(u, k, D),
+        "fftconv_forward_impl": lambda: ops.fftconv_forward_impl(u, k, D, None, None, False, None),
+        "torch.ops.lcconv.fftconv": lambda: torch.ops.lcconv.fftconv(u, k, D),
+        "forward": lambda: lcconv_compile.fftconv(u, k, D),
+        "forward, inputs require grad": lambda: lcconv_compile.fftconv(ug, kg, Dg),
+        "backward launcher": lambda: flashconv3.fftconv_bwd(grad, u, k, D),
+    }
 
     def forward_backward():
         y = lcconv_compile.fftconv(ug, kg, Dg)
         torch.autograd.grad(y, (ug, kg, Dg), grad)
 
-    for name, fn in (("forward", forward), ("forward+backward", forward_backward)):
-        us = per_call_us(fn, args.calls)
+    layers["forward+backward"] = forward_backward
+    for name, fn in layers.items():
+        us = per_call_us(fn, args.calls, sync)
         counter = count_ops(fn)
-        print(f"{name:>17}: {us:7.1f} us/call on this CPU, {sum(counter.values())} torch ops/call: "
+        print(f"{name:>36}: {us:7.1f} us/call to issue on {device}, {sum(counter.values())} torch ops/call: "
               + ", ".join(f"{op} x{n}" for op, n in counter.most_common()))
         if args.profile:
             profiler = cProfile.Profile()

@@ -495,3 +495,113 @@ def test_cuda_compile_matches_eager(fresh_compile):
         return fftconv(u, k, D, gelu=True) * u.sigmoid()
 
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(u, k, D), block(u, k, D))
+
+
+# ----------------------------------------------------------------------- eager fast path (CPU) --
+class _RecordingFamily:
+    """A kernel family for CPU float64 tensors that runs the reference and counts its calls, so
+    the eager fast path of ``fftconv`` (kernels without the dispatcher) is exercised on CPU."""
+
+    def __init__(self):
+        self.calls = []
+
+    def supports(self, u, k):
+        return u.dtype == torch.float64 and u.device.type == "cpu"
+
+    def fftconv_fwd(self, *args):
+        self.calls.append("fwd")
+        return reference.fftconv_ref(*args).contiguous()
+
+    def fftconv_bwd(self, *args):
+        self.calls.append("bwd")
+        return reference.fftconv_bwd_ref(*args)
+
+
+@pytest.fixture
+def recording_family(monkeypatch):
+    from lcconv_compile import kernels
+
+    family = _RecordingFamily()
+    monkeypatch.setattr(kernels, "FAMILIES", (family,))
+    return family
+
+
+def _op_calls(fn):
+    """lcconv ops dispatched while ``fn`` runs (a dispatch mode: it also turns the fast path off)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return [name for name in seen if name.startswith("lcconv.")]
+
+
+@pytest.mark.parametrize("options", [False, True])
+def test_eager_fast_path_matches_the_op_with_gradients(recording_family, options, monkeypatch):
+    from lcconv_compile import ops
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("the fast path dispatched an op")
+
+    monkeypatch.setattr(ops, "fftconv_op", no_dispatch)
+    monkeypatch.setattr(ops, "fftconv_bwd_op", no_dispatch)
+    args = random_args(2, 3, 40, 17, options=options)
+    if options:
+        args["dropout_mask"] = args["dropout_mask"].detach()  # a mask with a gradient takes the op
+    leaves = {n: v.clone().requires_grad_(True) for n, v in args.items()
+              if isinstance(v, torch.Tensor) and n != "dropout_mask"}
+    call = dict(args, **leaves)
+    y = fftconv(**call)
+    assert recording_family.calls == ["fwd"]  # the kernel ran, once
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    assert recording_family.calls == ["fwd", "bwd"]
+    want_y = direct_fftconv(**args)
+    want = reference.fftconv_bwd_ref(dy, *(args.get(n) for n in ("u", "k", "D", "gate_in", "gate_out")),
+                                     args.get("gelu", False), args.get("dropout_mask"))
+    assert rel_err(y, want_y) < 1e-10
+    for name, got in zip(leaves, grads):
+        idx = ("u", "k", "D", "gate_in", "gate_out").index(name)
+        assert rel_err(got, want[idx]) < 1e-10, name
+
+
+def test_eager_fast_path_double_backward(recording_family):
+    args = random_args(2, 2, 24, 9, options=False)
+    u, k, D = (args[n].requires_grad_(True) for n in ("u", "k", "D"))
+    torch.autograd.gradcheck(lambda u, k, D: fftconv(u, k, D), (u, k, D))
+    torch.autograd.gradgradcheck(lambda u, k, D: fftconv(u, k, D), (u, k, D))
+    assert "fwd" in recording_family.calls
+
+
+def test_eager_fast_path_is_left_where_the_op_must_be_seen(recording_family, fresh_compile):
+    args = random_args(2, 2, 24, 9, options=False)
+    # A dispatch mode (tracers, FakeTensor, debugging modes) sees the op, not the kernels.
+    assert _op_calls(lambda: fftconv(**args)) == ["lcconv.fftconv.default"]
+    # Profilers show the op by name.
+    with torch.autograd.profiler.profile() as prof:
+        fftconv(**args)
+    assert any(e.name == "lcconv::fftconv" for e in prof.function_events)
+    # torch.func transforms and forward AD go through the op's own Function.
+    u = args["u"]
+    tangent = torch.randn_like(u)
+    _, jvp_out = torch.func.jvp(lambda u: fftconv(u, args["k"], args["D"]), (u,), (tangent,))
+    assert rel_err(jvp_out, direct_fftconv(tangent, args["k"], args["D"])) < 1e-10
+    # Compiled graphs hold the op.
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    backend = EagerAndRecordGraphs()
+    torch.compile(lambda u, k, D: fftconv(u, k, D), backend=backend, fullgraph=True)(u, args["k"], args["D"])
+    assert "lcconv.fftconv" in backend.graphs[0].code
+
+
+def test_eager_fast_path_refuses_bad_input_like_the_op(recording_family):
+    args = random_args(2, 2, 24, 9, options=False)
+    with pytest.raises(ValueError, match="k"):
+        fftconv(args["u"], torch.randn(3, 9, dtype=torch.float64), args["D"])
+    assert recording_family.calls == []
