@@ -29,10 +29,18 @@ if "--cuda" not in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no driver here: JIT objects must not need one
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import lcconv_compile  # noqa: E402,F401
 from lcconv_compile import ops  # noqa: E402
 from lcconv_compile.kernels import flashconv3  # noqa: E402
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * factor, mask=i < n)
 
 
 class _NoLaunch:
@@ -109,6 +117,20 @@ def main():
         torch.autograd.grad(y, (ug, kg, Dg), grad)
 
     layers["forward+backward"] = forward_backward
+    if args.cuda:  # what this host charges for things that are not ours (the floor under ours)
+        from lcconv_compile.kernels import launch
+
+        x = torch.randn(1000, device=device)
+        xg = torch.randn(1000, device=device, requires_grad=True)
+        gx = torch.randn_like(xg)
+        layers.update({
+            "baseline: torch.empty": lambda: torch.empty(1000, device=device),
+            "baseline: x + 1": lambda: x + 1,
+            "baseline: trivial Triton kernel[grid]": lambda: _scale_kernel[(8,)](x, x, 1000, 1.0, BLOCK=128),
+            "baseline: trivial kernel via launch()": lambda: launch.launch(_scale_kernel, (8,), x, x, 1000, 1.0,
+                                                                            BLOCK=128),
+            "baseline: autograd.grad of x * 2": lambda: torch.autograd.grad(xg * 2, xg, gx),
+        })
     for name, fn in layers.items():
         us = per_call_us(fn, args.calls, sync)
         counter = count_ops(fn)

@@ -76,6 +76,28 @@ def test_discovery_launches_nothing_and_records_constants():
         launch.cached_constants(("other", 1), torch.device("cpu"), make)
 
 
+@pytest.mark.cuda
+@requires_cuda
+def test_direct_launches_reuse_the_compiled_kernel_only_for_the_same_specialization():
+    launch._direct.compiled.clear()
+    base = torch.randn(4096, device="cuda")
+    cases = [
+        (base[:1000], 1000, 2.5),  # first: compiled by Triton
+        (torch.randn(1000, device="cuda"), 1000, -1.5),  # same specialization: the direct launch
+        (base[1:1001], 1000, 0.5),  # u not 16-byte aligned: a specialization of its own
+        (base[:1024], 1024, 3.0),  # n divisible by 16: another one
+        (base[:1], 1, 7.0),  # n == 1: Triton makes it a constant
+        (base[:1000], 1000, 2.0),  # back to the first: direct again
+    ]
+    for x, n, factor in cases:
+        y = torch.full_like(x, math.nan)
+        compiled = launch.launch(_scale_kernel, (triton.cdiv(n, 128),), x, y, n, factor, BLOCK=128)
+        assert compiled is not None
+        torch.testing.assert_close(y, x * factor)
+    specializations = {key[2] for key in launch._direct.compiled if key[0] is _scale_kernel}
+    assert len(specializations) == 4
+
+
 def test_constant_cache_reuses_and_is_bounded(monkeypatch):
     monkeypatch.setattr(launch, "_constant_cache", type(launch._constant_cache)())
     calls = []
