@@ -74,16 +74,20 @@ def make_inputs(shape, dtype, requires_grad, device="cpu"):
     return u, k, D
 
 
-def per_call_us(fn, calls, sync=lambda: None):
+def per_call_us(fn, calls, sync=lambda: None, repeats=7):
+    """Median over ``repeats`` runs of the time to issue one call (hosts shared with other
+    work vary by up to 2x between runs: one run is not a measurement)."""
     for _ in range(20):
         fn()
     sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter()
-    sync()
-    return (issued - start) / calls * 1e6
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return sorted(runs)[len(runs) // 2]
 
 
 def main():

@@ -81,6 +81,15 @@ def _specialization(value: Any) -> Any:
 _NOT_DIRECT = object()
 
 
+def _launch_hooks() -> bool:
+    """Whether a Triton launch hook is installed (profilers such as proton): then every launch
+    goes through Triton's own path, which calls them. Triton 3.6 keeps an empty HookChain."""
+    for hook in (_triton_knobs.runtime.launch_enter_hook, _triton_knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
 class _DirectLaunches:
     """Compiled kernels by (kernel, device, argument specializations, constexprs and options),
     each with the names of the parameters passed as keywords, in signature order."""
@@ -90,9 +99,7 @@ class _DirectLaunches:
         self.compiled: dict[tuple, tuple[Any, tuple]] = {}
 
     def launch(self, kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> Any:
-        if (not self.enabled or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks
-                or _triton_knobs.runtime.launch_enter_hook is not None
-                or _triton_knobs.runtime.launch_exit_hook is not None):
+        if not self.enabled or not isinstance(kernel, JITFunction) or kernel.pre_run_hooks or _launch_hooks():
             return kernel[grid](*args, **kwargs)
         device = torch.cuda.current_device()
         spec = tuple(_specialization(a) for a in args)
