@@ -4,7 +4,7 @@ prefetch, register caps), torch.fft and the memory floor, with variants that ski
 bounds the kernel); forward, backward and both.
 
     python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192 16384]
-                                            [--extra]   # + v3/v4, the "forward" variant, chunk/warp/pair choices
+                                            [--extra]   # + the "forward" variant, chunk/warp/pair choices
 
 Shapes: B=8, H=1024, u bf16, k and D float32; forward, and forward + backward (kernels called
 directly; torch.fft through autograd). The floor is (u read + k read + y write) / the
@@ -26,7 +26,7 @@ import triton
 
 from common import copy_bandwidth  # this folder
 from lcconv_compile import reference
-from lcconv_compile.kernels import flashconv, flashconv3
+from lcconv_compile.kernels import flashconv3
 
 
 def torch_fft_conv(u, k, D):
@@ -40,7 +40,7 @@ def torch_fft_conv(u, k, D):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
-    parser.add_argument("--extra", action="store_true", help="also v3/v4 and the older Tuning rows")
+    parser.add_argument("--extra", action="store_true", help="also the older Tuning rows (v3/v4 were removed: NOTES.md has their numbers)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--out", default="explore_flashconv3.json")
@@ -86,8 +86,6 @@ def main():
             return row
 
         measure("torch.fft", lambda: torch_fft_conv(u, k, D))
-        if args.extra and L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
-            measure("flashconv v3/v4", lambda: flashconv.fftconv_fwd(u, k, D))
         launch = flashconv3._launch(u, flashconv3.Tuning())
         base = measure("v5.1 default", lambda: flashconv3.fftconv_fwd(u, k, D), plan=str(launch.plan),
                        blocks=launch.blocks, kernel_spectrum=launch.kernel_spectrum)
@@ -123,10 +121,6 @@ def main():
             torch.autograd.grad(torch_fft_conv(ut, kt, Dt), [ut, kt, Dt], dy)
 
         measure("fwd+bwd torch.fft", torch_fwd_bwd, check=False, floor=floor_fb_ms)
-        if args.extra and L <= flashconv.MAX_SEQLEN[torch.bfloat16]:
-            measure("fwd+bwd flashconv v3/v4", lambda: (flashconv.fftconv_fwd(u, k, D),
-                                                       flashconv.fftconv_bwd(dy, u, k, D)),
-                    check=False, floor=floor_fb_ms)
         measure("fwd+bwd v5.1 default", lambda: (flashconv3.fftconv_fwd(u, k, D), flashconv3.fftconv_bwd(dy, u, k, D)),
                 check=False, floor=floor_fb_ms)
         for name, tuning in (("bwd only v5.1 default", flashconv3.Tuning()),

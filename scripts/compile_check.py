@@ -1,7 +1,7 @@
 """Compile the FlashConv and short-kernel kernels for Hopper (sm_90) without a GPU and report
 their resources.
 
-    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--family v5]
+    python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--backward]
     python scripts/compile_check.py --short [--kernel-lens 1 4 16 64] [--dtypes bfloat16]
         [--directions bwd]   # kernels/shortconv.py, specialised as a launch at (8, 1024, 8192)
 
@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lcconv_compile.kernels import flashconv, flashconv3, shortconv  # noqa: E402
+from lcconv_compile.kernels import flashconv3, shortconv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -124,8 +124,8 @@ def _captured_launch(direction: str, shape, kernel_len: int, dtype, gated_in: bo
     def launch(kernel, grid, *call_args, **kw):
         captured.update(kernel=kernel, args=call_args, kw=kw)
 
-    saved = shortconv._sm_count, shortconv._sms
-    shortconv._sm_count = lambda index: sms
+    saved = shortconv.sm_count, shortconv._sms
+    shortconv.sm_count = lambda device: sms
     shortconv._sms = lambda u: sms
     try:
         config = shortconv._config
@@ -138,7 +138,7 @@ def _captured_launch(direction: str, shape, kernel_len: int, dtype, gated_in: bo
             shortconv.fftconv_bwd(empty(batch, channels, seqlen), **args, launch=launch,
                                   alloc=lambda s, dtype, device: empty(*s, dt=dtype))
     finally:
-        shortconv._sm_count, shortconv._sms = saved
+        shortconv.sm_count, shortconv._sms = saved
         shortconv._launch_config = launch_config
     kernel, call_args, kw = captured["kernel"], captured["args"], dict(captured["kw"])
     options = {n: kw.pop(n) for n in ("num_warps", "num_stages") if n in kw}
@@ -245,12 +245,10 @@ def main():
     parser.add_argument("--chunk", type=int)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--precision")
-    parser.add_argument("--gauss", action="store_true")
     parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
-    parser.add_argument("--kernels", nargs="+", default=["spectrum", "forward", "backward"])
     parser.add_argument("--short", action="store_true", help="the short-kernel family (shortconv.py)")
     parser.add_argument("--kernel-lens", type=int, nargs="+", default=[1, 4, 16, 32, 64])
-    parser.add_argument("--family", default="v3", choices=["v3", "v5"])
+    parser.add_argument("--family", default="v5", choices=["v5"], help="FlashConv v5 (v3 was removed)")
     parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
     parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
     parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
@@ -267,35 +265,7 @@ def main():
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths), dtypes=dtypes,
                                           directions=tuple(args.directions)) else 1)
-    if args.family == "v5":
-        return check_v5(args)
-    tuning = flashconv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk, precision=args.precision,
-                              gauss=args.gauss)
-    for seqlen in args.lengths:
-        u = torch.empty(args.batch, 4, seqlen, dtype=getattr(torch, args.dtype))
-        launch = flashconv._launch(u, tuning, default_per_sm=4)
-        plan = launch.plan
-        shape = dict(N1=plan.n1, N2=plan.n2, CHUNK=launch.chunk, PRECISION=launch.precision, GAUSS=launch.gauss)
-        on = args.all_options
-        options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
-        none_args = {} if on else dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
-        ty = "*bf16" if args.dtype == "bfloat16" else "*fp32"
-        bf16 = {"u_ptr": ty, "y_ptr": ty, "dy_ptr": ty, "du_ptr": ty}
-        builds = {
-            "spectrum": lambda: compile_kernel(flashconv._spectrum_kernel, {}, dict(shape, CHUNK=plan.chunk),
-                                               4 if plan.fft_size <= 4096 else 8),
-            "forward": lambda: compile_kernel(flashconv._fftconv_fwd_kernel, bf16,
-                                              dict(shape, P=launch.pairs, **options, **none_args), launch.num_warps),
-            "backward": lambda: compile_kernel(flashconv._fftconv_bwd_kernel, bf16,
-                                               dict(shape, P=launch.pairs, **options, **none_args,
-                                                    **({} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None))),
-                                               launch.num_warps),
-        }
-        reports = {name: builds[name]() for name in args.kernels}
-        print(f"L={seqlen} plan={plan} pairs={launch.pairs} chunk={launch.chunk} warps={launch.num_warps}")
-        for name, report in reports.items():
-            print(f"    {name:9s} {report}")
-
+    check_v5(args)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import triton.language as tl
 import lcconv_compile  # noqa: F401  (registers the op, installs the passes)
 from inputs import random_args, rel_err
 from lcconv_compile import fftconv
-from lcconv_compile.kernels import flashconv, flashconv3, launch
+from lcconv_compile.kernels import flashconv3, launch
 from lcconv_compile.lowering import cuda_lowering, events
 
 HAS_CUDA = torch.cuda.is_available()
@@ -114,11 +114,10 @@ def test_constant_cache_reuses_and_is_bounded(monkeypatch):
     assert (("bounded", 0), torch.device("cpu")) not in launch._constant_cache  # oldest evicted
 
 
-@pytest.mark.parametrize("launch_params", [
-    lambda u: flashconv._launch(u, flashconv.Tuning(), default_per_sm=4),
-    lambda u: flashconv3._launch(u, flashconv3.Tuning()),
-], ids=["v3", "v5"])
-def test_launch_parameters_are_cached_per_shape(launch_params):
+def test_launch_parameters_are_cached_per_shape():
+    def launch_params(u):
+        return flashconv3._launch(u, flashconv3.Tuning())
+
     first = launch_params(torch.empty(4, 3, 100))
     assert launch_params(torch.empty(4, 3, 100)) is first
     assert launch_params(torch.empty(4, 3, 200)) is not first

@@ -3,7 +3,7 @@
 Knows torch and Triton only: no torch.library, no Inductor. The op's forward and backward
 (``ops.py``) both ask :func:`select` which kernel family runs a call, so the two directions can
 never disagree. Adding a family is one module with ``supports``, ``fftconv_fwd`` and
-``fftconv_bwd`` (same signatures as :mod:`.flashconv`) and one entry in :data:`FAMILIES`, ahead
+``fftconv_bwd`` (same signatures as :mod:`.flashconv3`) and one entry in :data:`FAMILIES`, ahead
 of the families it should win against.
 """
 
@@ -22,9 +22,9 @@ __all__ = ["FAMILIES", "select"]
 # says only whether its kernels compute the op correctly for these inputs: where two families
 # could, the one listed first is the one measured faster there. shortconv claims only kernels up
 # to its SHORT_MAX_KERNEL_LEN, where it beats the FFT (benchmarks/sweep_shortconv.py).
-# flashconv3 (FlashConv v5) covers every length flashconv (v3) covers and was measured 1.0-1.9x
-# faster forward and 1.4-1.6x faster forward+backward (benchmarks/NOTES.md, "v5"): v3 stays in
-# the tree only as the benchmarks' baseline and for the helpers v5 shares with it.
+# flashconv3 (FlashConv v5) replaced FlashConv v3 (two-level Monarch FFT, removed; its
+# measurements are in benchmarks/NOTES.md and git history): 1.0-1.9x faster forward and 1.4-1.6x
+# faster forward+backward, and on chip up to 16K.
 FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3)
 
 

@@ -33,7 +33,7 @@ What makes it cheap:
   whose spectra are mixed block-Toeplitz-wise (:func:`block_product`), so L reaches N.
 
 Tensor-core work per complex row (forward + inverse): 8 N N1 + 16 N (N2 + N3) real FLOPs,
-about half the two-level plan of monarch.py at the same N.
+about half the two-level plan of FlashConv v3 (removed; git history) at the same N.
 
 This module knows Triton and torch only (no torch.library, no Inductor, no launch policy).
 """
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached_constants
-from .monarch import operand  # float16 in the "fp16" mode (rows are max-scaled), else as is
+from .common import operand  # float16 in the "fp16" mode (rows are max-scaled), else as is
 
 # (N1, N2, N3) per FFT size. N1 is the chunked axis; it is the largest factor because stage 1
 # and its inverse contract only half of it. Every dimension of every product stays >= 16 for

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .flashconv import _gelu, _gelu_grad, _strides
+from .common import gelu, gelu_grad, strides
 
 __all__ = [
     "Tuning",
@@ -202,7 +202,7 @@ def _k3_fwd_kernel(
             x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=in_seq, other=0.0).to(tl.float32)
             c += tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32) * x
         if GELU:
-            c = _gelu(c)
+            c = gelu(c)
         if HAS_MASK:
             c *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * seqlen + t, c.to(y_ptr.dtype.element_ty), mask=in_seq)
@@ -222,7 +222,7 @@ def k3_forward(
     grid = (n2 // block_c, triton.cdiv(batch * channels, rows_per_program))
     _k3_fwd_kernel[grid](
         w, u, out_factor.contiguous(), D, dropout_mask, y, batch * channels, channels, seqlen,
-        *u.stride(), *_strides(dropout_mask, 2),
+        *u.stride(), *strides(dropout_mask, 2),
         HAS_D=D is not None, GELU=gelu, HAS_MASK=dropout_mask is not None,
         ROWS_PER_PROGRAM=rows_per_program, N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )
@@ -255,7 +255,7 @@ def _k3_bwd_kernel(
             d = tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32)
             c += d * x
         if GELU:
-            dc *= _gelu_grad(c)
+            dc *= gelu_grad(c)
         if HAS_D:
             tl.store(dd_part_ptr + block * rows + row, tl.sum(tl.sum(dc * x, axis=1), axis=0), mask=valid)
             tl.store(dc_ptr + row * seqlen + t, dc, mask=in_seq)
@@ -299,7 +299,7 @@ def k3_backward(
     dc = alloc(u.shape, dtype=torch.float32, device=u.device) if D is not None else None
     _k3_bwd_kernel[(blocks, groups)](
         grad_y, w, u, out_factor.contiguous(), D, dropout_mask, dw, d_out_part, dd_part, dc,
-        rows, rows_per_group, channels, seqlen, *grad_y.stride(), *u.stride(), *_strides(dropout_mask, 2),
+        rows, rows_per_group, channels, seqlen, *grad_y.stride(), *u.stride(), *strides(dropout_mask, 2),
         HAS_D=D is not None, GELU=gelu, HAS_MASK=dropout_mask is not None,
         N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )

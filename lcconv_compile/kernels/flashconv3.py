@@ -60,9 +60,8 @@ from .blockfft3 import (
     spectrum_offsets,
     store_kernel_spectrum,
 )
-from .flashconv import _gelu, _gelu_grad, _load_gated_pairs, _sm_count, _stack_rows
+from .common import gelu, gelu_grad, load_gated_pairs, load_stack, operand, sm_count, stack_rows, strides
 from .launch import launch
-from .monarch import load_stack, operand
 
 # Longest sequence per input dtype. One block-FFT plan reaches N = 16384 (L = 8192) for half
 # inputs; float32 operands (3xtf32) double every shared-memory tile, so the backward's fit up
@@ -173,7 +172,7 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
         num_warps = BACKWARD_WARPS.get(plan.fft_size, num_warps)
     num_warps = tuning.num_warps or num_warps
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     # Unmeasured (v5.1): the persistent grid and the prefetch stay off by default until the
     # device says they pay (both cost registers: compile_check shows more spills).
     persistent = bool(tuning.persistent) and not backward
@@ -201,10 +200,6 @@ def _compile_options(params: _Launch, on_gpu: bool) -> dict:
     if params.maxnreg is not None and on_gpu:
         options["maxnreg"] = params.maxnreg
     return options
-
-
-def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
 
 
 @triton.jit
@@ -266,7 +261,7 @@ def _unit_rows(unit, pid, nprog, stacks_per_item, groups, pair, batch, P: tl.con
     item, first rows, second rows, first valid, second valid)."""
     item = pid + (unit // stacks_per_item) * nprog
     it = unit % stacks_per_item
-    b_a, b_b, valid_a, valid_b = _stack_rows(item % groups, it, stacks_per_item, pair, batch, P)
+    b_a, b_b, valid_a, valid_b = stack_rows(item % groups, it, stacks_per_item, pair, batch, P)
     return item // groups, it, b_a, b_b, valid_a, valid_b
 
 
@@ -322,7 +317,7 @@ def _fftconv_fwd_kernel(
         d = 0.0
     if PREFETCH:
         h, it, b_a, b_b, valid_a, valid_b = _unit_rows(0, pid, nprog, stacks_per_item, groups, pair, batch, P)
-        next_a, next_b = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+        next_a, next_b = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                            su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
 
     for unit in tl.range(0, units):
@@ -333,10 +328,10 @@ def _fftconv_fwd_kernel(
             h_next, unused_it, n_a, n_b, nv_a, nv_b = _unit_rows(unit + 1, pid, nprog, stacks_per_item,
                                                                   groups, pair, batch, P)
             more = unit + 1 < units
-            next_a, next_b = _load_gated_pairs(u_ptr, gate_in_ptr, n_a, n_b, nv_a & more, nv_b & more, h_next,
+            next_a, next_b = load_gated_pairs(u_ptr, gate_in_ptr, n_a, n_b, nv_a & more, nv_b & more, h_next,
                                                t, seqlen, su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         else:
-            xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+            xa, xb = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                        su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         if not ONE_ITEM:
             if it == 0:
@@ -370,13 +365,13 @@ def _fftconv_fwd_kernel(
         yi = _to_memory(yi, R, M, HALF)
         if HAS_D:
             # Reload x for the skip term (an L1/L2 hit) rather than hold it through the loop.
-            xa, xb = _load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+            xa, xb = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                        su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         # conv(x, k) = sqrt(N) * s_x * s_k * U^H(U(x / s_x) * U(k / s_k)), U unitary.
         ca = yr * (sa * (sqrt_n * k_scale)) + d * xa
         cb = yi * (sb * (sqrt_n * k_scale)) + d * xb
         if GELU:
-            ca, cb = _gelu(ca), _gelu(cb)
+            ca, cb = gelu(ca), gelu(cb)
         if HAS_MASK:
             ca *= tl.load(mask_ptr + b_a * sm_b + h * sm_h, mask=valid_a, other=0.0).to(tl.float32)
             cb *= tl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(tl.float32)
@@ -423,7 +418,7 @@ def fftconv_fwd(
         u, k, D, gate_in, gate_out, dropout_mask, y, kspec, *consts,
         batch, channels, seqlen, k.shape[-1], channels * params.groups, params.groups, params.stacks_per_item,
         float(plan.fft_size) ** 0.5,
-        *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3), *_strides(dropout_mask, 2),
+        *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
         KSPEC_SCRATCH=scratch, PREFETCH=params.prefetch, ONE_ITEM=params.programs == channels * params.groups,
@@ -473,7 +468,7 @@ def _fftconv_bwd_kernel(
     scale_sum = 0.0
 
     for it in tl.range(0, stacks):
-        b_a, b_b, valid_a, valid_b = _stack_rows(0, it, stacks, pair, batch, P)
+        b_a, b_b, valid_a, valid_b = stack_rows(0, it, stacks, pair, batch, P)
         ua = load_stack(u_ptr, b_a * su_b + h * su_h, valid_a, t, seqlen, su_l)
         ub = load_stack(u_ptr, b_b * su_b + h * su_h, valid_b, t, seqlen, su_l)
         xa, xb = ua, ub
@@ -498,7 +493,7 @@ def _fftconv_bwd_kernel(
             if HAS_GATE_OUT:
                 act_a, act_b = ca, cb
                 if GELU:
-                    act_a, act_b = _gelu(ca), _gelu(cb)
+                    act_a, act_b = gelu(ca), gelu(cb)
                 if HAS_MASK:
                     act_a, act_b = act_a * ma, act_b * mb
                 dgo_ty = dgate_out_ptr.dtype.element_ty
@@ -509,7 +504,7 @@ def _fftconv_bwd_kernel(
                 dca *= load_stack(gate_out_ptr, b_a * sgo_b + h * sgo_h, valid_a, t, seqlen, sgo_l)
                 dcb *= load_stack(gate_out_ptr, b_b * sgo_b + h * sgo_h, valid_b, t, seqlen, sgo_l)
             if GELU:
-                dca, dcb = dca * _gelu_grad(ca), dcb * _gelu_grad(cb)
+                dca, dcb = dca * gelu_grad(ca), dcb * gelu_grad(cb)
         if HAS_MASK:
             dca, dcb = dca * ma, dcb * mb
         if HAS_D:
@@ -606,8 +601,8 @@ def fftconv_bwd(
         _fftconv_bwd_kernel, (channels,),
         grad_y, u, k, D, gate_in, gate_out, dropout_mask, du, dk, dD, dgate_in, dgate_out, dk_spectrum, kspec,
         *consts, batch, channels, seqlen, k.shape[-1], params.stacks_per_item, float(plan.fft_size) ** 0.5,
-        *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
-        *_strides(dropout_mask, 2), dk.stride(0),
+        *grad_y.stride(), *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3),
+        *strides(dropout_mask, 2), dk.stride(0),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, KSPEC_SCRATCH=scratch,
         P=params.pairs, BLOCKS=params.blocks, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flashconv import _gelu, _gelu_grad
+from .common import gelu, gelu_grad, sm_count, strides
 from .launch import launch as launch_kernel
 
 __all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv_bwd"]
@@ -109,11 +109,6 @@ class _Config:
     tiles: int  # tiles per channel
     groups: int  # programs per channel
     window: int  # W: the backward's dc window (samples per row); the forward's = block
-
-
-@functools.lru_cache(maxsize=64)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=512)
@@ -170,13 +165,8 @@ def _launch_config(u: torch.Tensor, kernel_len: int, backward: bool, tuning: Tun
                    recompute: bool = False) -> _Config:
     """``recompute``: the backward recomputes the pre-activation (GELU or an output gate)."""
     batch, channels, seqlen = u.shape
-    sms = _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device()) \
-        if u.is_cuda else 4
+    sms = sm_count(u.device) if u.is_cuda else 4
     return _config(batch, channels, seqlen, kernel_len, u.dtype, sms, backward, tuning, recompute)
-
-
-def _strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
 
 
 # ------------------------------------------------------------------------------ shared pieces --
@@ -348,7 +338,7 @@ def _shortconv_fwd_kernel(
                             HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOISTED)
         c += d * x
         if GELU:
-            c = _gelu(c)
+            c = gelu(c)
         if HAS_MASK:
             c *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=ok, other=0.0).to(tl.float32)
         if HAS_GATE_OUT:
@@ -369,7 +359,7 @@ _PROGRAM_SETUP_TILES = 0.3  # building the F_m of a channel costs about a third 
 def _sms(u: torch.Tensor) -> int:
     if not u.is_cuda:
         return 4
-    return _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device())
+    return sm_count(u.device)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -430,8 +420,8 @@ def fftconv_fwd(
         _shortconv_fwd_kernel, (channels, groups),
         u, k, D, gate_in, gate_out, dropout_mask, y,
         batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, groups,
-        *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
-        *_strides(dropout_mask, 2),
+        *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3),
+        *strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
         T=cfg.block, BM=cfg.rows, NC=cfg.context_blocks,
@@ -464,11 +454,11 @@ def _grad_pre_activation(
                             HAS_GATE_IN, A_SPLIT, NC, T, PRECISION, HOISTED)
         c += d * x
         if HAS_GATE_OUT:
-            act = _gelu(c) if GELU else c
+            act = gelu(c) if GELU else c
             act = dc * act  # dgate_out = dy * a * mask
             dc *= _load_row(gate_out_ptr, go_row, t, ok, seqlen, sgo_l)
         if GELU:
-            dc *= _gelu_grad(c)
+            dc *= gelu_grad(c)
     return tl.where(valid, dc, 0.0), act
 
 
@@ -682,8 +672,8 @@ def fftconv_bwd(
         du, dk, dD, dgate_in, dgate_out, g_part, dc_ring, arrivals,
         batch, channels, seqlen, kernel_len, cfg.nblocks, cfg.tiles, cfg.groups,
         triton.cdiv(cfg.tiles, cfg.groups),
-        *grad_y.stride(), *u.stride(), *k.stride(), *_strides(gate_in, 3), *_strides(gate_out, 3),
-        *_strides(dropout_mask, 2), *dk.stride(),
+        *grad_y.stride(), *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3),
+        *strides(dropout_mask, 2), *dk.stride(),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None,
         T=T, BM=BM, W=W, NC=cfg.context_blocks, LAGS=cfg.lags,
