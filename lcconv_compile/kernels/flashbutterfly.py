@@ -70,6 +70,7 @@ __all__ = [
     "butterfly_conv_bwd",
     "TritonRowsConv",
     "split_for",
+    "covers",
     "supports",
     "fftconv_fwd",
     "fftconv_bwd",
@@ -657,7 +658,7 @@ class TritonRowsConv:
         consts = _k2_constants(m1, m2, m3, _operand_dtype(precision), z.device)
         kz = k1_forward(k.unsqueeze(0), None, split=(n1, n2), out_dtype=z.dtype, tuning=self.tuning)
         meta = dict(M1=m1, M2=m2, M3=m3, CHUNK=chunk, PRECISION=precision, FAST_TRIG=z.is_cuda,
-                    num_warps=self.tuning.k2_warps or (8 if n2 >= 8192 else 4), num_stages=1)
+                    num_warps=self.tuning.k2_warps or (8 if n2 >= 4096 else 4), num_stages=1)
         return kz, consts, meta, float(n2) ** 0.5
 
     def forward(self, z: torch.Tensor, k: torch.Tensor, alloc: Callable[..., torch.Tensor] = torch.empty,
@@ -724,18 +725,21 @@ def split_for(seqlen: int, kernel_len: int) -> tuple[int, int]:
     return reference.butterfly_split(reference.fft_size(seqlen, kernel_len))
 
 
-def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether these kernels compute ``fftconv(u, k, ...)``: CUDA, bf16/fp16/fp32, and a split
-    whose step-2 rows have a plan (N2 in K2_FACTORS) and whose N1 is at most MAX_N1 (see the
-    module docstring: the CUDA-core steps 1 and 3 hold BLOCK_C * N1^2 factor values in
-    registers), and L <= MAX_SEQLEN. Listed after flashconv3, which wins where both could."""
-    if not (u.is_cuda and u.dtype in KERNEL_DTYPES and k.dtype in KERNEL_DTYPES) or u.dim() != 3:
-        return False
-    seqlen, kernel_len = u.shape[-1], k.shape[-1]
-    if not 1 <= kernel_len <= seqlen <= MAX_SEQLEN:
+def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
+    """Whether the kernels compute ``fftconv`` for these dtypes and lengths on a GPU: a split
+    whose step-2 rows have a plan (N2 in K2_FACTORS) and whose N1 is at most MAX_N1 (steps 1
+    and 3 hold BLOCK_C * N1^2 factor values in registers: see the module docstring)."""
+    if dtype not in KERNEL_DTYPES or not 1 <= kernel_len <= seqlen <= MAX_SEQLEN:
         return False
     n1, n2 = split_for(seqlen, kernel_len)
     return n2 in K2_FACTORS and n1 <= MAX_N1
+
+
+def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels handle ``fftconv(u, k, ...)``: CUDA tensors and :func:`covers`.
+    Listed after flashconv3 in kernels.FAMILIES, which takes every length it covers."""
+    return (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES
+            and covers(u.dtype, u.shape[-1], k.shape[-1]))
 
 
 def _gated(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> torch.Tensor:
