@@ -209,7 +209,9 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
     clean = True
     for dtype in dtypes:
         for seqlen in lengths:
-            n1, n2 = flashbutterfly.split_for(seqlen, seqlen)
+            n1, n2 = flashbutterfly.split_for(seqlen, seqlen, dtype)
+            if learned:
+                n1, n2 = reference.butterfly_split(reference.fft_size(seqlen, seqlen))
             meta = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
             u, k = meta(batch, channels, seqlen), meta(channels, seqlen, dt=torch.float32)
             opts = dict(D=meta(channels, dt=torch.float32), gelu=on, dropout_mask=meta(batch, channels) if on else None)

@@ -212,7 +212,7 @@ def test_family_equals_fftconv(L, Lk, split, options, dtype, tol):
     """fftconv_fwd / fftconv_bwd (exact factors in registers, Triton K2) against fftconv's
     float64 reference. bf16: the interpreter truncates float32 -> bf16 (1e-2)."""
     B, H = 2, 3
-    tuning = small(split[1], split=split)
+    tuning = small(split[1], split=split, row_groups=None)  # the exact path's default row groups
     args = random_args(B, H, L, Lk, dtype=dtype, options=options, k_dtype=torch.float32)
     y = fb.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
     assert y.dtype == dtype and y.shape == (B, H, L)
@@ -240,11 +240,16 @@ def test_family_is_registered_after_flashconv3():
 
 
 @pytest.mark.parametrize("dtype,seqlen,kernel_len,want", [
-    (torch.bfloat16, 16385, 16385, True),
-    (torch.bfloat16, 65536, 65536, True),
-    (torch.float32, 4097, 4097, True),
+    (torch.bfloat16, 16385, 16385, True),  # N = 64K: (16, 4096)
+    (torch.bfloat16, 65536, 65536, True),  # (16, 8192)
+    (torch.float16, 262144, 262144, True),  # (64, 8192)
+    (torch.bfloat16, 262145, 262145, False),  # N = 1M: N1 = 128 > MAX_N1
+    (torch.bfloat16, 300000, 1, True),  # N = 512K: Lk = 1 needs no doubling
+    (torch.bfloat16, 1 << 22, 1 << 22, False),  # N1 = 1024
+    (torch.float32, 4097, 4097, True),  # (16, 512)
     (torch.float32, 5000, 3, True),
-    (torch.bfloat16, 1 << 22, 1 << 22, False),  # N1 = 1024: beyond MAX_N1
+    (torch.float32, 65536, 65536, True),  # N2 capped at 2048: (64, 2048)
+    (torch.float32, 65537, 65537, False),
     (torch.float64, 65536, 65536, False),
 ])
 def test_covers(dtype, seqlen, kernel_len, want):
@@ -253,3 +258,97 @@ def test_covers(dtype, seqlen, kernel_len, want):
 
 def test_not_on_cpu():
     assert not fb.supports(torch.empty(1, 1, 65536), torch.empty(1, 65536))
+
+
+# ------------------------------------------------------------------------------- on a GPU -----
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the real plans)")
+# Relative error vs float64 (the issue's targets); gradients of half inputs go through GELU' in
+# bf16 and the float16 intermediates twice (flashconv3's tests allow 1e-2 there).
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+GPU_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+GPU_LENGTHS = [1 << 15, 1 << 16, 1 << 18, 1 << 20]
+GPU_DTYPES = [torch.bfloat16, torch.float32]
+
+
+def gpu_args(L, dtype, options):
+    B, H = (2, 4) if L <= 1 << 16 else (1, 2)
+    return random_args(B, H, L, L, dtype=dtype, options=options, device="cuda", k_dtype=torch.float32)
+
+
+def skip_unless_covered(dtype, L, Lk):
+    if not fb.covers(dtype, L, Lk):
+        n1, n2 = fb.split_for(L, Lk, dtype)
+        pytest.skip(f"not covered: split ({n1}, {n2}) (MAX_N1 = {fb.MAX_N1}, K2_MAX_N2 = "
+                    f"{fb.K2_MAX_N2[dtype]}); the op runs the reference here")
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("L", GPU_LENGTHS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("options", [False, True])
+def test_gpu_family_forward_and_backward(L, dtype, options):
+    skip_unless_covered(dtype, L, L)
+    args = gpu_args(L, dtype, options)
+    assert kernels_select(args["u"], args["k"]) is fb
+    y = fb.fftconv_fwd(**args, alloc=poisoned)
+    assert_written(y)
+    err = rel_err(y, reference.fftconv_ref(**as_float64(args)))
+    assert err < GPU_TOL[dtype], f"forward relative error {err:.2e}"
+    grad_y = torch.randn_like(args["u"])
+    got = fb.fftconv_bwd(grad_y, **args, alloc=poisoned)
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    for name, g, w in zip(want._fields, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert_written(g)
+        err = rel_err(g, w)
+        assert err < GPU_GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
+    assert torch.equal(fb.fftconv_bwd(grad_y, **args)[1], got[1]), "dk differs between identical runs"
+
+
+def kernels_select(u, k):
+    from lcconv_compile.kernels import select
+
+    return select(u, k)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_gpu_dispatch_by_length():
+    from lcconv_compile.kernels import flashconv3
+
+    k = lambda L: torch.randn(2, L, device="cuda")  # noqa: E731
+    assert kernels_select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is flashconv3
+    assert kernels_select(torch.randn(1, 2, 16385, device="cuda", dtype=torch.bfloat16), k(16385)) is fb
+    assert kernels_select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is fb
+    assert kernels_select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is None
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("L", [1 << 15, 1 << 16, 1 << 18])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_learned_butterfly_against_reference(L, dtype):
+    """lcconv::butterfly_conv's kernels with random factors: forward and all five gradients
+    against the float64 reference; factor gradients bit-identical across runs."""
+    n = reference.fft_size(L, L)
+    n1, n2 = reference.butterfly_split(n)
+    if not fb.split_compiles(dtype, n1, n2):
+        pytest.skip(f"split ({n1}, {n2}) not covered for {dtype}: the op runs the reference")
+    B, H = (2, 4) if L <= 1 << 16 else (1, 2)
+    args = make_args(B, H, L, L, n1, n2, dtype)
+    args = {n: v.cuda() if isinstance(v, torch.Tensor) else v for n, v in args.items()}
+    y = fb.butterfly_conv_fwd(**args, alloc=poisoned)
+    assert_written(y)
+    assert rel_err(y, reference.butterfly_conv_ref(**as_float64(args))) < GPU_TOL[dtype]
+    grad_y = torch.randn_like(args["u"])
+    got = fb.butterfly_conv_bwd(grad_y, **args, alloc=poisoned)
+    again = fb.butterfly_conv_bwd(grad_y, **args)
+    want = reference.butterfly_conv_bwd_ref(grad_y.double(), **as_float64(args))
+    for name, g, g2, w in zip(got._fields, got, again, want):
+        assert_written(g)
+        assert torch.equal(g, g2), f"{name} differs between identical runs"
+        err = rel_err(g, w)
+        assert err < GPU_GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"

@@ -1,5 +1,5 @@
-"""FlashButterfly (work in progress): the Triton kernels of steps 1 and 3 of the three-step long
-convolution with trainable factors, their backward kernels, and the interface of step 2.
+"""FlashButterfly: the Triton kernels of the three-step long convolution (K1 = step 1, K2 =
+step 2 on chip, K3 = step 3 + epilogue) with trainable or exact-FFT factors, and their backward.
 
 The math and index conventions are :func:`lcconv_compile.reference.butterfly_conv_ref` (read its
 section comment first). ``N = N1 * N2`` with ``(N1, N2) = reference.butterfly_split(N)``; u is
@@ -14,21 +14,41 @@ for half inputs and float32 for float32 inputs (:func:`intermediate_dtype`). One
 block of columns n2 (and, forward, a block of rows): the factors of its columns are loaded once
 and reused for every row it handles.
 
-Backward (``dX = F^H dZ``, ``dF = sum over rows of dZ X^H`` for each step): K3-bwd gives dw, the
-out_factor gradient, dD, and dc (for du's skip term); K2-bwd gives dz and dk; K1-bwd gives du and
-the in_factor gradient. The factor gradients are accumulated in registers by one program per
-(column block, row group), looping over its rows in a fixed order; the launcher sums the row
-groups in a fixed order: bit-identical results for identical inputs, no atomics.
+K2 (:class:`TritonRowsConv`) runs blockfft3's stages on whole rows (a circular convolution, no
+zero half; full stage-1 matrices): one program per row (b, h, k1) transforms the row and its
+kernel row ``kz[h, k1] = step1_exact(k)`` chunk by chunk, multiplies and inverse-transforms; w is
+written over z. k's spectrum rows are never stored: one K1 launch with the exact factor makes kz
+((H, N1, N2) complex, one batch row's worth), and each program transforms its kernel row on
+chip (+50% K2 tensor-core work, against an (H, N) complex spectrum round trip).
 
-Status, and what this module must not do yet:
-* K1/K3 contract over N1 with broadcast multiply-adds on CUDA cores, not ``tl.dot``: correct
-  (interpreter-tested at N1 = 4, N2 = 16 against the reference), not tuned. Register use grows as
-  ``BLOCK_C * N1^2``: N1 = 256 (L = 1M) needs the factor tiles streamed through tl.dot.
-* K2 will be the on-chip v5 kernel (kernels/blockfft3.py, flashconv3.py) taking complex rows.
-  Until then :class:`TorchFFTRowsConvNotFinal` implements :class:`RowsConv` with torch.fft, for
-  tests and docs only. This family is NOT in ``kernels.FAMILIES`` and the op
-  ``lcconv::butterfly_conv`` does not call it: the op runs the reference on every device.
+Backward (``dX = F^H dZ``, ``dF = sum over rows of dZ X^H`` for each step): K3-bwd gives dw, the
+out_factor gradient, dD, and dc (for du's skip term); K2-bwd (one program per kernel row (h, k1),
+looping over b in order) gives dz over dw and ``dkz = sum_b corr(dw, z)`` (float32), and one
+exact K1-bwd launch turns dkz into dk; K1-bwd gives du and the in_factor gradient. Factor
+gradients are accumulated in registers by one program per (column block, row group), looping
+over its rows in a fixed order; the launcher sums the row groups in a fixed order: bit-identical
+results for identical inputs, no atomics.
+
+Two users: ``lcconv::butterfly_conv`` (learned factors, :func:`butterfly_conv_fwd` /
+:func:`butterfly_conv_bwd`, where :func:`supports_learned`) and the ``fftconv`` family
+(:func:`supports`, :func:`fftconv_fwd`, :func:`fftconv_bwd`: exact factors computed in registers
+by K1/K3, ``EXACT``; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
+multiplies around the kernels (not fused).
+
+Limits, said plainly:
+* K1/K3 contract over N1 with broadcast multiply-adds on CUDA cores (not ``tl.dot``); the factor
+  tile is ``BLOCK_C * N1^2`` complex values in registers. sm_90 compiles N1 <= 64 (<= 255
+  registers, 96 spilled bytes in K3-bwd at 64); N1 = 256 spills 4.3 KB (K1) and 18.6 KB (K3) per
+  thread (scripts/compile_check.py --butterfly). So :data:`MAX_N1` = 64: half inputs run to
+  N = 512K (L = 256K with Lk = L), and L = 1M / 4M (N1 = 256 / 1024) still run the reference
+  (torch.fft) on CUDA. Reaching them needs K1/K3 on tensor cores (factor tiles streamed through
+  tl.dot) or a two-level N1 = 16 x 16 split: not done.
+* float32 (3xtf32) K2 needs > 227 KB of shared memory beyond N2 = 2048 (:data:`K2_MAX_N2`): the
+  fftconv family then splits with N2 = 2048 (float32 to N = 128K, L = 64K); the learned op's
+  split is fixed (N2 = 8192 from N = 128K), so float32 learned calls past N = 32K run the reference.
+* K2 at N2 = 8192 (half) uses 255 registers, spilling 4 bytes forward and 64-496 bytes backward.
 * The float16 intermediates are not scaled: inputs of magnitude above ~65504 / N1 overflow.
+* Unmeasured on a GPU (benchmarks/NOTES.md, "FlashButterfly on GPU (wip-fb2)").
 
 Knows torch, Triton and reference.py only (no torch.library, no Inductor).
 """
@@ -71,14 +91,22 @@ __all__ = [
     "TritonRowsConv",
     "split_for",
     "covers",
+    "split_compiles",
+    "supports_learned",
     "supports",
     "fftconv_fwd",
     "fftconv_bwd",
 ]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_SEQLEN = 1 << 22  # 4M
-MAX_N1 = 16  # steps 1 and 3 on CUDA cores: see the module docstring and scripts/compile_check.py --butterfly
+MAX_SEQLEN = 1 << 22  # 4M: the op's longest; what runs here is what covers() says
+# Steps 1 and 3 run on CUDA cores with the factor tile (BLOCK_C * N1^2 complex) in registers:
+# N1 = 64 compiles for sm_90 at 178-255 registers (96 spilled bytes in K3's backward), N1 = 256
+# cannot (scripts/compile_check.py --butterfly; module docstring).
+MAX_N1 = 64
+# Step 2's longest rows per input dtype: float32 (3xtf32) operand tiles need more than the
+# 227 KB of shared memory beyond N2 = 2048 (backward: 266 KB at 4096); half inputs reach 8192.
+K2_MAX_N2 = {torch.float32: 2048, torch.bfloat16: 8192, torch.float16: 8192}
 
 
 def intermediate_dtype(u_dtype: torch.dtype) -> torch.dtype:
@@ -338,8 +366,11 @@ class K3Grads(NamedTuple):
     dc: Optional[torch.Tensor]  # (B, H, L) float32, for du's skip term (only with D)
 
 
-def _row_groups(rows: int, tuning: Tuning) -> tuple[int, int]:
-    groups = min(rows, tuning.row_groups or 1)
+def _row_groups(rows: int, tuning: Tuning, exact: bool = False) -> tuple[int, int]:
+    # Learned factors: one group by default (each group adds a factor-sized partial gradient).
+    # Exact factors have no factor gradient: groups of rows_per_program rows, like the forward.
+    default = triton.cdiv(rows, tuning.rows_per_program or 4) if exact else 1
+    groups = min(rows, tuning.row_groups or default)
     rows_per_group = triton.cdiv(rows, groups)
     return triton.cdiv(rows, rows_per_group), rows_per_group
 
@@ -358,7 +389,7 @@ def k3_backward(
     exact = out_factor is None
     block_c = _block_c(n1, n2, tuning)
     blocks = n2 // block_c
-    groups, rows_per_group = _row_groups(rows, tuning)
+    groups, rows_per_group = _row_groups(rows, tuning, exact)
     dw = alloc(w.shape, dtype=w.dtype, device=u.device)
     d_out_part = None if exact else alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
     dd_part = alloc((blocks, rows), dtype=torch.float32, device=u.device) if D is not None else None
@@ -419,7 +450,7 @@ def k1_backward(
     n1, n2 = _split_of(in_factor, split)
     exact = in_factor is None
     block_c = _block_c(n1, n2, tuning)
-    groups, rows_per_group = _row_groups(rows, tuning)
+    groups, rows_per_group = _row_groups(rows, tuning, exact)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
     d_in_part = None if exact else alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
     launch(
@@ -436,13 +467,15 @@ class RowsConv(Protocol):
     """Step 2's interface: N1 circular convolutions of length N2 of complex rows with the rows of
     ``fft_N(k)`` (``K[h, k1, k2] = fft_N(k[h])[k1 + N1*k2]``; k's spectrum is the kernel's job).
 
-    ``forward(z, k) -> w`` and ``backward(dw, z, k) -> (dz, dk)``; z, w, dz, dw are
-    ``(B, H, N1, N2, 2)`` real pairs in the intermediate dtype, ``k (H, Lk)``, dk float32.
+    ``forward(z, k, out=None) -> w`` and ``backward(dw, z, k, out=None) -> (dz, dk)``; z, w, dz,
+    dw are ``(B, H, N1, N2, 2)`` real pairs in the intermediate dtype, ``k (H, Lk)``, dk float32;
+    ``out`` may be the input it replaces (w over z, dz over dw).
     """
 
-    def forward(self, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, z: torch.Tensor, k: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
-    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class TorchFFTRowsConvNotFinal:
@@ -454,15 +487,18 @@ class TorchFFTRowsConvNotFinal:
         n1, n2 = z.shape[2], z.shape[3]
         return torch.view_as_complex(z.float()), reference.butterfly_kernel_rows(k, n1, n2, torch.float32)
 
-    def forward(self, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, k: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         z_c, kernel_rows = self._rows(z, k)
-        return torch.view_as_real(reference.butterfly_step2(z_c, kernel_rows)).to(z.dtype)
+        w = torch.view_as_real(reference.butterfly_step2(z_c, kernel_rows)).to(z.dtype)
+        return w if out is None else out.copy_(w)
 
-    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         z_c, kernel_rows = self._rows(z, k)
         dw_c = torch.view_as_complex(dw.float())
         dz, dk = reference.butterfly_step2_bwd(dw_c, torch.fft.fft(z_c, dim=-1), kernel_rows, k.shape[-1])
-        return torch.view_as_real(dz).to(z.dtype), dk
+        dz = torch.view_as_real(dz).to(z.dtype)
+        return (dz if out is None else out.copy_(dz)), dk
 
 
 # ------------------------------------------------------------------------------------ K2 ------
@@ -695,7 +731,7 @@ def butterfly_conv_fwd(
     """K1, K2 (``rows_conv``, default :class:`TritonRowsConv`), K3: ``lcconv::butterfly_conv``."""
     rows_conv = rows_conv or TritonRowsConv(tuning)
     z = k1_forward(u, in_factor, alloc=alloc, tuning=tuning)
-    w = rows_conv.forward(z, k)
+    w = rows_conv.forward(z, k, out=z)
     return k3_forward(w, u, out_factor, D, gelu, dropout_mask, alloc=alloc, tuning=tuning)
 
 
@@ -711,7 +747,8 @@ def butterfly_conv_bwd(
     w = rows_conv.forward(z, k)
     k3 = k3_backward(grad_y, w, u, out_factor, D, gelu, dropout_mask, alloc=alloc, tuning=tuning)
     del w
-    dz, dk = rows_conv.backward(k3.dw, z, k)
+    dz, dk = rows_conv.backward(k3.dw, z, k, out=k3.dw)
+    del z
     du, d_in = k1_backward(dz, u, in_factor, D, k3.dc, alloc=alloc, tuning=tuning)
     return reference.ButterflyConvGrads(
         du, dk.to(k.dtype), d_in.to(in_factor.dtype), k3.d_out_factor.to(out_factor.dtype),
@@ -720,19 +757,26 @@ def butterfly_conv_bwd(
 
 
 # ------------------------------------------------------------- the fftconv family (fixed FFT) --
-def split_for(seqlen: int, kernel_len: int) -> tuple[int, int]:
-    """(N1, N2) of ``fftconv`` at these lengths: ``reference.butterfly_split(fft_size(L, Lk))``."""
-    return reference.butterfly_split(reference.fft_size(seqlen, kernel_len))
+def split_for(seqlen: int, kernel_len: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(N1, N2) of ``fftconv`` at these lengths: ``reference.butterfly_split(fft_size(L, Lk))``,
+    with N2 capped at K2_MAX_N2[dtype] (the factors are internal here, so the split is free)."""
+    n1, n2 = reference.butterfly_split(reference.fft_size(seqlen, kernel_len))
+    cap = K2_MAX_N2.get(dtype, n2)
+    return (n1 * (n2 // cap), cap) if n2 > cap else (n1, n2)
+
+
+def split_compiles(dtype: torch.dtype, n1: int, n2: int) -> bool:
+    """Whether the kernels run this split on a GPU: a step-2 plan for N2 (K2_FACTORS, at most
+    K2_MAX_N2[dtype]) and N1 <= MAX_N1 (steps 1 and 3 hold BLOCK_C * N1^2 factor values in
+    registers: see the module docstring)."""
+    return dtype in KERNEL_DTYPES and n2 in K2_FACTORS and n2 <= K2_MAX_N2[dtype] and n1 <= MAX_N1
 
 
 def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
-    """Whether the kernels compute ``fftconv`` for these dtypes and lengths on a GPU: a split
-    whose step-2 rows have a plan (N2 in K2_FACTORS) and whose N1 is at most MAX_N1 (steps 1
-    and 3 hold BLOCK_C * N1^2 factor values in registers: see the module docstring)."""
+    """Whether the kernels compute ``fftconv`` for this dtype and these lengths on a GPU."""
     if dtype not in KERNEL_DTYPES or not 1 <= kernel_len <= seqlen <= MAX_SEQLEN:
         return False
-    n1, n2 = split_for(seqlen, kernel_len)
-    return n2 in K2_FACTORS and n1 <= MAX_N1
+    return split_compiles(dtype, *split_for(seqlen, kernel_len, dtype))
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
@@ -740,6 +784,14 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     Listed after flashconv3 in kernels.FAMILIES, which takes every length it covers."""
     return (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES
             and covers(u.dtype, u.shape[-1], k.shape[-1]))
+
+
+def supports_learned(u: torch.Tensor, k: torch.Tensor, in_factor: torch.Tensor) -> bool:
+    """Whether these kernels run ``lcconv::butterfly_conv`` for validated inputs: CUDA, a kernel
+    dtype and a split (the factors') that :func:`split_compiles`."""
+    n1, n2 = _split_of(in_factor, None)
+    return (u.is_cuda and k.dtype in KERNEL_DTYPES and in_factor.dtype in KERNEL_DTYPES
+            and split_compiles(u.dtype, n1, n2))
 
 
 def _gated(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> torch.Tensor:
@@ -760,7 +812,7 @@ def fftconv_fwd(
 ) -> torch.Tensor:
     """``y = fftconv(u, k, ...)`` by K1 (exact factor), K2 (w written over z), K3 + epilogue:
     three launches and one for k's step-1 rows. Inputs assumed valid (the op validates them)."""
-    split = tuning.split or split_for(u.shape[-1], k.shape[-1])
+    split = tuning.split or split_for(u.shape[-1], k.shape[-1], u.dtype)
     x = _gated(u, gate_in)
     z = k1_forward(x, None, split=split, out_dtype=intermediate_dtype(u.dtype), tuning=tuning)
     w = TritonRowsConv(tuning).forward(z, k, out=z)
@@ -787,7 +839,7 @@ def fftconv_bwd(
     """(du, dk, dD, dgate_in, dgate_out), None for absent inputs: K1 and K2 recomputed, then
     K3-bwd, K2-bwd (dz over dw; dk summed per kernel row in a fixed order), K1-bwd. dk and dD are
     bit-identical across runs (no atomics)."""
-    split = tuning.split or split_for(u.shape[-1], k.shape[-1])
+    split = tuning.split or split_for(u.shape[-1], k.shape[-1], u.dtype)
     rows_conv = TritonRowsConv(tuning)
     x = _gated(u, gate_in)
     z = k1_forward(x, None, split=split, out_dtype=intermediate_dtype(u.dtype), tuning=tuning)
