@@ -296,7 +296,7 @@ def skip_unless_covered(dtype, L, Lk):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("L", GPU_LENGTHS)
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp32"])
 @pytest.mark.parametrize("options", [False, True])
 def test_gpu_family_forward_and_backward(L, dtype, options):
     skip_unless_covered(dtype, L, L)
@@ -329,8 +329,8 @@ def test_gpu_dispatch_by_length():
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("L", [1 << 15, 1 << 16, 1 << 18])
-@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("L", [1 << 13, 1 << 15, 1 << 16, 1 << 18])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp32"])
 def test_gpu_learned_butterfly_against_reference(L, dtype):
     """lcconv::butterfly_conv's kernels with random factors: forward and all five gradients
     against the float64 reference; factor gradients bit-identical across runs."""
@@ -353,3 +353,23 @@ def test_gpu_learned_butterfly_against_reference(L, dtype):
         assert torch.equal(g, g2), f"{name} differs between identical runs"
         err = rel_err(g, w)
         assert err < GPU_GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_gpu_op_routes_to_the_kernels_at_exact_factors():
+    """lcconv::butterfly_conv on CUDA (kernels) at the exact factors is fftconv, through autograd."""
+    from lcconv_compile import butterfly_conv
+
+    L = 1 << 15
+    args = gpu_args(L, torch.bfloat16, options=False)
+    u, k, D = args["u"].requires_grad_(), args["k"].requires_grad_(), args["D"]
+    factors = reference.butterfly_exact_factors(reference.fft_size(L, L), torch.float32, "cuda")
+    assert fb.supports_learned(u, k, factors[0])
+    y = butterfly_conv(u, k, *factors, D)
+    plain = dict(u=u.detach(), k=k.detach(), D=D)
+    assert rel_err(y, reference.fftconv_ref(**as_float64(plain))) < GPU_TOL[torch.bfloat16]
+    grad_y = torch.randn_like(y)
+    du, dk = torch.autograd.grad(y, (u, k), grad_y)
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(plain))
+    assert rel_err(du, want.du) < GPU_GRAD_TOL[torch.bfloat16] and rel_err(dk, want.dk) < GPU_GRAD_TOL[torch.bfloat16]
