@@ -681,18 +681,33 @@ class TritonRowsConv:
     row: no spectrum table, no torch.fft, one extra forward transform per row (+50% of K2's
     tensor-core work, which is not what bounds it). Backward: ``dkz`` (float32) is summed over the
     batch by one program per (h, k1) row in a fixed order, then ``dk = Re(A^H dkz)[:Lk]`` is one
-    K1-backward launch with the exact factor (A). Deterministic: no atomics anywhere.
+    K1-backward launch with the exact factor (A). Deterministic: no atomics anywhere. An instance
+    keeps the last kz (keyed on k's identity and version), so a backward that recomputes the
+    forward makes it once.
     """
 
     def __init__(self, tuning: Tuning = Tuning()):
         self.tuning = tuning
+        self._kz = None  # (k, k's version, split, dtype, kz): a backward reuses its forward's kz
+
+    def _kernel_rows(self, k: torch.Tensor, n1: int, n2: int, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            version = k._version
+        except RuntimeError:  # inference tensors have no version counter: no reuse
+            version = None
+        cached = self._kz
+        if version is not None and cached is not None and cached[0] is k and cached[1:4] == (version, (n1, n2), dtype):
+            return cached[4]
+        kz = k1_forward(k.unsqueeze(0), None, split=(n1, n2), out_dtype=dtype, tuning=self.tuning)
+        self._kz = (k, version, (n1, n2), dtype, kz)
+        return kz
 
     def _setup(self, z: torch.Tensor, k: torch.Tensor):
         n1, n2 = z.shape[2], z.shape[3]
         m1, m2, m3, chunk = _k2_plan(n2, self.tuning)
         precision = self.tuning.k2_precision or _k2_precision(z.dtype, z.is_cuda)
         consts = _k2_constants(m1, m2, m3, _operand_dtype(precision), z.device)
-        kz = k1_forward(k.unsqueeze(0), None, split=(n1, n2), out_dtype=z.dtype, tuning=self.tuning)
+        kz = self._kernel_rows(k, n1, n2, z.dtype)
         meta = dict(M1=m1, M2=m2, M3=m3, CHUNK=chunk, PRECISION=precision, FAST_TRIG=z.is_cuda,
                     num_warps=self.tuning.k2_warps or (8 if n2 >= 4096 else 4), num_stages=1)
         return kz, consts, meta, float(n2) ** 0.5
