@@ -2,6 +2,14 @@
 SDPA causal attention and the memory floor; and a host-overhead table. Prints tables and writes JSON.
 
     python benchmarks/bench_fftconv.py --out results.json [--tables ops host] [--lengths 1024 4096]
+    python benchmarks/bench_fftconv.py --tables long --out long.json [--long-dtypes bf16 fp32]
+
+Long table (``--tables long``, FlashButterfly): (2,1024,64K), (1,256,256K), (1,64,1M),
+(1,16,4M), Lk = L, k and D float32: ours (the op; ``family`` says which kernels ran it,
+"reference" = torch.fft inside the op), the hand-written torch.fft idiom, the memory floor, and
+the learned-butterfly op at the exact factors where its kernels cover the split; forward and
+forward+backward; ``*_peak_x`` = peak memory of one step above its inputs, as a multiple of u's
+bytes (:func:`common.peak_memory_bytes`).
 
 Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, forward and
 forward+backward, for eager, ``torch.compile`` (default) and ``mode="reduce-overhead"``:
@@ -31,8 +39,9 @@ import triton
 from torch._dynamo.utils import counters
 
 import lcconv_compile  # noqa: F401  (registers the op)
-from common import copy_bandwidth, git_commit  # noqa: E402  (this folder)
-from lcconv_compile import kernels
+from common import copy_bandwidth, git_commit, peak_memory_bytes  # noqa: E402  (this folder)
+from lcconv_compile import kernels, reference
+from lcconv_compile.kernels import flashbutterfly
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -105,6 +114,82 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
             torch.cuda.empty_cache()
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 copy_bandwidth_Bps=bandwidth, rows=rows)
+
+
+# ------------------------------------------------------------------------------ long lengths --
+LONG_SHAPES = ((2, 1024, 1 << 16), (1, 256, 1 << 18), (1, 64, 1 << 20), (1, 16, 1 << 22))
+
+
+def _step(fn, backward, inputs, grad):
+    if backward:
+        return lambda: torch.autograd.grad(fn(*inputs), [t for t in inputs if t.requires_grad], grad)
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+    return forward
+
+
+def run_long(dtypes, shapes=LONG_SHAPES, device="cuda"):
+    """The long-length table (see the module docstring)."""
+    bandwidth = copy_bandwidth(device)
+    print(f"# device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(LONG_HEADER)
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for b, h, L in shapes:
+            u = torch.randn(b, h, L, device=device, dtype=dtype)
+            k = torch.randn(h, L, device=device) / math.sqrt(L)
+            D = torch.randn(h, device=device)
+            grad = torch.randn_like(u)
+            n = reference.fft_size(L, L)
+            learned = None
+            if flashbutterfly.split_compiles(dtype, *reference.butterfly_split(n)):
+                factors = reference.butterfly_exact_factors(n, torch.float32, device)
+
+                def learned(u, k, D, factors=factors):
+                    return torch.ops.lcconv.butterfly_conv(u, k, *factors, D)
+            for backward in (False, True):
+                for t in (u, k, D):
+                    t.requires_grad_(backward)
+                fwd_bytes = u.numel() * u.element_size() * 2 + k.numel() * 4 + D.numel() * 4
+                floor_bytes = fwd_bytes * (2 if backward else 1)
+                row = dict(B=b, H=h, L=L, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
+                           floor_ms=floor_bytes / bandwidth * 1e3, family=family_name(u, k))
+                candidates = dict(ours=ours, torch_fft=torch_fft_conv, learned=learned)
+                for name, fn in candidates.items():
+                    if fn is None:
+                        row[f"{name}_ms"] = row[f"{name}_peak_x"] = None
+                        continue
+                    try:
+                        step = _step(fn, backward, (u, k, D), grad)
+                        row[f"{name}_peak_x"] = peak_memory_bytes(step) / (u.numel() * u.element_size())
+                        row[f"{name}_ms"] = triton.testing.do_bench(step, warmup=5, rep=50, return_mode="median")
+                    except torch.OutOfMemoryError:
+                        row[f"{name}_ms"] = row[f"{name}_peak_x"] = None
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print_long_row(row)
+                sys.stdout.flush()
+            del u, k, D, grad
+            torch.cuda.empty_cache()
+    return dict(copy_bandwidth_Bps=bandwidth, long_rows=rows)
+
+
+LONG_HEADER = (f"{'shape':>16} {'dtype':>5} {'pass':>8} {'family':>14} {'ours':>8} {'fft':>8} {'learned':>8} "
+               f"{'floor':>7} | {'fft/ours':>8} {'ours/floor':>10} {'lrn/ours':>8} {'peak_x':>6} {'fft_pk':>6}")
+
+
+def print_long_row(r):
+    ours_ms = r["ours_ms"]
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    shape = f"({r['B']},{r['H']},{r['L'] // 1024}K)"
+    print(f"{shape:>16} {r['dtype']:>5} {r['pass_']:>8} {r['family']:>14} {_fmt(ours_ms, '8.3f')} "
+          f"{_fmt(r['torch_fft_ms'], '8.3f')} {_fmt(r['learned_ms'], '8.3f')} {r['floor_ms']:7.3f} | "
+          f"{_fmt(ratio(r['torch_fft_ms'], ours_ms), '8.2f')} {_fmt(ratio(ours_ms, r['floor_ms']), '10.1f')} "
+          f"{_fmt(ratio(r['learned_ms'], ours_ms), '8.2f')} {_fmt(r['ours_peak_x'], '6.1f')} "
+          f"{_fmt(r['torch_fft_peak_x'], '6.1f')}")
 
 
 # ----------------------------------------------------------------------------- host overhead --
@@ -217,8 +302,10 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tables", nargs="+", default=["ops", "host"], choices=["ops", "host"],
-                        help="ops: ours vs baselines per length; host: host overhead (wall vs GPU time)")
+    parser.add_argument("--tables", nargs="+", default=["ops", "host"], choices=["ops", "host", "long"],
+                        help="ops: ours vs baselines per length; host: host overhead (wall vs GPU time); "
+                             "long: FlashButterfly's lengths 64K..4M with peak memory")
+    parser.add_argument("--long-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--batch", type=int, default=8)
@@ -237,6 +324,8 @@ def main():
         print("\n" + HEADER)
         for r in result["rows"]:
             print_row(r)
+    if "long" in args.tables:
+        result.update(run_long(args.long_dtypes))
     if "host" in args.tables:
         print("\n# host overhead (us per call)\n" + HOST_HEADER)
         result["host_rows"] = host_overhead(args.host_calls)

@@ -1,5 +1,5 @@
-"""What every benchmark script shares: the measured copy bandwidth (for the memory floor) and the
-commit a run measures. Measures only; asserts nothing about speed.
+"""What every benchmark script shares: the measured copy bandwidth (for the memory floor), the
+commit a run measures and the peak memory of one step. Measures only; asserts nothing about speed.
 
 Scripts import it as ``from common import ...`` (they run as ``python benchmarks/<script>.py``,
 which puts this folder on ``sys.path``).
@@ -33,3 +33,15 @@ def git_commit() -> str:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def peak_memory_bytes(step) -> int:
+    """Peak bytes allocated by ``step()`` above what was allocated before it (torch's caching
+    allocator: tensors only, not the allocator's slack)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

@@ -19,9 +19,10 @@ not fused here: multiply them outside. ``butterfly_conv_bwd`` returns a ``(0,)``
 when D is None (one op with a fixed number of outputs, as ``fftconv_bwd``). Factor gradients are
 sums over batch and channels in a fixed order: deterministic.
 
-Status: every device runs the reference (CPU and CUDA alike). The FlashButterfly Triton kernels
-(``kernels/flashbutterfly.py``: K1 and K3 written and interpreter-tested, K2 waiting for the
-on-chip v5 kernel) are not routed here yet.
+Devices: on CUDA, where ``kernels.flashbutterfly.supports_learned`` says the kernels run the
+split (half inputs up to N1 = 64, i.e. N = 512K; float32 up to N = 32K, where N2 <= 2048), the
+FlashButterfly kernels run both directions (K1 and K3 with the learned factors, K2 on chip);
+elsewhere (CPU, float64, longer N) the reference.
 
 This module holds registrations only: validation, fake, autograd and vmap. No math (reference.py),
 no Triton (kernels/), no Inductor (lowering/).
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .kernels import flashbutterfly
 from .ops import _to_front
 from .validation import check_fftconv_args
 
@@ -107,7 +109,8 @@ def butterfly_conv_op(
     dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
     check_butterfly_args(u, k, in_factor, out_factor, D, dropout_mask)
-    # Every device: the reference, until the FlashButterfly kernels are routed here.
+    if u.numel() and flashbutterfly.supports_learned(u, k, in_factor):
+        return flashbutterfly.butterfly_conv_fwd(u, k, in_factor, out_factor, D, gelu, dropout_mask)
     return reference.butterfly_conv_ref(u, k, in_factor, out_factor, D, gelu, dropout_mask)
 
 
@@ -131,7 +134,11 @@ def butterfly_conv_bwd_op(
     gelu: bool,
     dropout_mask: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = reference.butterfly_conv_bwd_ref(grad_y, u, k, in_factor, out_factor, D, gelu, dropout_mask)
+    # The forward's choice (shapes, dtypes and devices only).
+    if u.numel() and flashbutterfly.supports_learned(u, k, in_factor):
+        grads = flashbutterfly.butterfly_conv_bwd(grad_y, u, k, in_factor, out_factor, D, gelu, dropout_mask)
+    else:
+        grads = reference.butterfly_conv_bwd_ref(grad_y, u, k, in_factor, out_factor, D, gelu, dropout_mask)
     dD = grads.dD.contiguous() if grads.dD is not None else u.new_empty((0,))
     return grads.du, grads.dk, grads.d_in_factor, grads.d_out_factor, dD
 
@@ -233,6 +240,7 @@ def butterfly_conv(
 
     Returns ``y (B, H, L)`` in u's dtype, contiguous; float32 accumulation (float64 for float64
     inputs). Differentiable in u, k, both factors and D; works under ``torch.compile``,
-    ``torch.export`` and ``torch.vmap``. Runs the reference on every device for now.
+    ``torch.export`` and ``torch.vmap``. On CUDA the FlashButterfly kernels where they cover the
+    split (see the module docstring), else the reference.
     """
     return butterfly_conv_op(u, k, in_factor, out_factor, D, gelu, dropout_mask)

@@ -4,6 +4,8 @@ their resources.
     python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--backward]
     python scripts/compile_check.py --short [--kernel-lens 1 4 16 64] [--dtypes bfloat16]
         [--directions bwd]   # kernels/shortconv.py, specialised as a launch at (8, 1024, 8192)
+    python scripts/compile_check.py --butterfly --lengths 32768 65536 [--learned] [--all-options]
+        [--dtypes bfloat16] [--directions fwd]   # kernels/flashbutterfly.py
 
 Catches compile errors (which Triton's interpreter does not) and prints registers per thread,
 spilled bytes and shared memory per program for each kernel and plan, so launch choices can be
@@ -140,7 +142,13 @@ def _captured_launch(direction: str, shape, kernel_len: int, dtype, gated_in: bo
     finally:
         shortconv.sm_count, shortconv._sms = saved
         shortconv._launch_config = launch_config
-    kernel, call_args, kw = captured["kernel"], captured["args"], dict(captured["kw"])
+    return _specialise(captured["kernel"], captured["args"], captured["kw"])
+
+
+def _specialise(kernel, call_args, kw):
+    """(kernel, signature, constexprs, attrs, options) of a captured launch ``kernel[grid](*call_args,
+    **kw)``, specialised as Triton would on the device."""
+    kw = dict(kw)
     options = {n: kw.pop(n) for n in ("num_warps", "num_stages") if n in kw}
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -152,6 +160,8 @@ def _captured_launch(direction: str, shape, kernel_len: int, dtype, gated_in: bo
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             signature[name] = "i1"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif value == 1:
             signature[name], constexprs[name] = "constexpr", 1
         else:
@@ -185,6 +195,70 @@ def check_short(kernel_lens, batch, seqlen, channels=1024, dtypes=(torch.bfloat1
                         print(f"short {direction} {str(dtype)[6:]:8s} Lk={kernel_len:<4d} {shape} "
                               f"warps={options.get('num_warps')} gate_in={gated_in:d} options={on:d}: {report}",
                               flush=True)
+    return clean
+
+
+def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd", "bwd"), on=True):
+    """kernels/flashbutterfly.py: every kernel a call launches (K1 for k's rows, K1, K2, K3 and
+    the backward's), captured from the launchers run on meta tensors at (batch, channels, L) with
+    Lk = L, as the device would specialise them. ``learned``: lcconv::butterfly_conv's path
+    (factors loaded), else the fftconv family (exact factors in registers)."""
+    from lcconv_compile import reference
+    from lcconv_compile.kernels import flashbutterfly
+
+    clean = True
+    for dtype in dtypes:
+        for seqlen in lengths:
+            n1, n2 = flashbutterfly.split_for(seqlen, seqlen, dtype)
+            if learned:
+                n1, n2 = reference.butterfly_split(reference.fft_size(seqlen, seqlen))
+            meta = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+            u, k = meta(batch, channels, seqlen), meta(channels, seqlen, dt=torch.float32)
+            opts = dict(D=meta(channels, dt=torch.float32), gelu=on, dropout_mask=meta(batch, channels) if on else None)
+            captured = []
+            saved = flashbutterfly.launch
+            flashbutterfly.launch = lambda kernel, grid, *a, **kw: captured.append((kernel, grid, a, kw))
+            try:
+                for direction in directions:
+                    if learned:
+                        factors = (meta(n2, n1, n1, 2, dt=torch.float32), meta(n2, n1, n1, 2, dt=torch.float32))
+                        if direction == "fwd":
+                            flashbutterfly.butterfly_conv_fwd(u, k, *factors, **opts)
+                        else:
+                            flashbutterfly.butterfly_conv_bwd(meta(batch, channels, seqlen), u, k, *factors, **opts)
+                    elif direction == "fwd":
+                        flashbutterfly.fftconv_fwd(u, k, **opts)
+                    else:
+                        flashbutterfly.fftconv_bwd(meta(batch, channels, seqlen), u, k, **opts)
+            finally:
+                flashbutterfly.launch = saved
+            seen = set()
+            for kernel, grid, call_args, kw in captured:
+                # Meta tensors are not CUDA: what a device launch would pass instead.
+                kw = dict(kw, FAST_TRIG=True)
+                if kw.get("PRECISION") == "ieee":
+                    kw["PRECISION"] = "tf32x3"
+                kernel, signature, constexprs, attrs, options = _specialise(kernel, call_args, kw)
+                key = (kernel.__name__, tuple(sorted((n, str(v)) for n, v in constexprs.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+                try:
+                    compiled = triton.compile(src, target=HOPPER, options=dict(options, num_stages=1))
+                except Exception as err:  # report and go on: the table is the point
+                    print(f"butterfly {str(dtype)[6:]:8s} L={seqlen} N1={n1} N2={n2} {kernel.__name__}: "
+                          f"COMPILE ERROR {type(err).__name__}: {str(err)[:200]}", flush=True)
+                    clean = False
+                    continue
+                ptx = compiled.asm["ptx"]
+                report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
+                              wgmma=ptx.count("wgmma.mma_async"))
+                clean &= not report["spill_bytes"]
+                shape = {n: constexprs[n] for n in ("N1", "N2", "BLOCK_C", "M1", "M2", "M3", "PRECISION", "EXACT")
+                         if n in constexprs}
+                print(f"butterfly {str(dtype)[6:]:8s} L={seqlen} {kernel.__name__} grid={grid} {shape} "
+                      f"warps={options.get('num_warps')}: {report}", flush=True)
     return clean
 
 
@@ -259,8 +333,15 @@ def main():
     parser.add_argument("--blocks", type=int, choices=[1, 2], help="v5: Tuning.blocks")
     parser.add_argument("--maxnreg", type=int, help="v5: Tuning.maxnreg (registers per thread cap)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="with --short")
-    parser.add_argument("--directions", nargs="+", default=["fwd", "bwd"], help="with --short")
+    parser.add_argument("--directions", nargs="+", default=["fwd", "bwd"], help="with --short or --butterfly")
+    parser.add_argument("--butterfly", action="store_true",
+                        help="kernels/flashbutterfly.py at --lengths (Lk = L), --batch, --channels, --dtypes")
+    parser.add_argument("--learned", action="store_true", help="with --butterfly: butterfly_conv's (loaded) factors")
     args = parser.parse_args()
+    if args.butterfly:
+        dtypes = tuple(getattr(torch, name) for name in args.dtypes)
+        raise SystemExit(0 if check_butterfly(args.lengths, dtypes, args.batch, args.channels, args.learned,
+                                              tuple(args.directions), args.all_options) else 1)
     if args.short:
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths), dtypes=dtypes,

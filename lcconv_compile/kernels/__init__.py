@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import flashconv3, shortconv
+from . import flashbutterfly, flashconv3, shortconv
 
 __all__ = ["FAMILIES", "select"]
 
@@ -25,7 +25,10 @@ __all__ = ["FAMILIES", "select"]
 # flashconv3 (FlashConv v5) replaced FlashConv v3 (two-level Monarch FFT, removed; its
 # measurements are in benchmarks/NOTES.md and git history): 1.0-1.9x faster forward and 1.4-1.6x
 # faster forward+backward, and on chip up to 16K.
-FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3)
+# flashbutterfly (three steps through HBM) takes the lengths past flashconv3's on-chip limit
+# that its kernels cover (flashbutterfly.covers: half inputs to L = 256K, float32 to 64K);
+# longer calls run the reference (torch.fft).
+FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3, flashbutterfly)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:
