@@ -244,10 +244,10 @@ def check_family_backward(grad_y, args, tol, tuning=fb.Tuning()):
     assert torch.equal(fb.fftconv_bwd(grad_y, **args, tuning=tuning)[1], got[1]), "dk differs between runs"
 
 
-def test_family_is_registered_after_flashconv3():
-    from lcconv_compile.kernels import flashconv3
+def test_family_is_opt_in_until_faster_than_the_reference():
+    from lcconv_compile.kernels import LONG_FAMILIES
 
-    assert fb in FAMILIES and FAMILIES.index(fb) > FAMILIES.index(flashconv3)
+    assert fb not in FAMILIES and fb in LONG_FAMILIES
 
 
 @pytest.mark.parametrize("dtype,seqlen,kernel_len,want", [
@@ -310,9 +310,15 @@ def test_gpu_family_forward_and_backward(L, dtype, options):
 
 
 def kernels_select(u, k):
-    from lcconv_compile.kernels import select
+    """select() with FlashButterfly opted in (it is not in the default FAMILIES)."""
+    from lcconv_compile import kernels
 
-    return select(u, k)
+    saved = kernels.FAMILIES
+    kernels.FAMILIES = saved + kernels.LONG_FAMILIES
+    try:
+        return kernels.select(u, k)
+    finally:
+        kernels.FAMILIES = saved
 
 
 @pytest.mark.cuda
