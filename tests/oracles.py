@@ -1,4 +1,5 @@
-"""Oracles independent of the FFT, for tests only: the op's formula as direct sums in float64."""
+"""Oracles for tests only: the op's formula as direct sums in float64 (independent of the FFT), and
+the one check of a kernel family's gradients against the float64 reference."""
 
 from typing import Optional
 
@@ -32,3 +33,22 @@ def direct_fftconv(u, k, D=None, gate_in=None, gate_out=None, gelu=False, dropou
     if gate_out is not None:
         y = y * gate_out.double()
     return y
+
+
+def assert_backward_matches_reference(got, grad_y, args, tol):
+    """A family's fftconv_bwd gradients ``got`` (du, dk, dD, dgate_in, dgate_out) against the
+    float64 reference: None exactly where the input is absent, the input's shape and dtype, every
+    element written (outputs were poisoned with NaN), relative error below ``tol``."""
+    from inputs import as_float64, rel_err
+    from lcconv_compile import reference
+
+    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    inputs = dict(du="u", dk="k", dD="D", dgate_in="gate_in", dgate_out="gate_out")
+    for name, g, w in zip(want._fields, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.shape == w.shape and g.dtype == args[inputs[name]].dtype, name
+        assert not torch.isnan(g).any(), f"{name}: unwritten elements"
+        err = rel_err(g, w)
+        assert err < tol, f"{name}: relative error {err:.2e}"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lcconv_compile import reference
+from oracles import assert_backward_matches_reference
 from lcconv_compile.kernels import FAMILIES, flashbutterfly as fb
 from inputs import rel_err
 from inputs import as_float64, poisoned, random_args
@@ -231,16 +232,7 @@ def test_family_equals_fftconv(L, Lk, split, options, dtype, tol):
 def check_family_backward(grad_y, args, tol, tuning=fb.Tuning()):
     """fftconv_bwd's five gradients against the float64 reference; dk bit-identical across runs."""
     got = fb.fftconv_bwd(grad_y, **args, alloc=poisoned, tuning=tuning)
-    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
-    inputs = dict(du="u", dk="k", dD="D", dgate_in="gate_in", dgate_out="gate_out")
-    for name, g, w in zip(want._fields, got, want):
-        if w is None:
-            assert g is None, name
-            continue
-        assert g.shape == w.shape and g.dtype == args[inputs[name]].dtype, name
-        assert_written(g)
-        err = rel_err(g, w)
-        assert err < tol, f"{name}: relative error {err:.2e}"
+    assert_backward_matches_reference(got, grad_y, args, tol)
     assert torch.equal(fb.fftconv_bwd(grad_y, **args, tuning=tuning)[1], got[1]), "dk differs between runs"
 
 

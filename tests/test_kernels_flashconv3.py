@@ -15,6 +15,7 @@ import torch
 
 from inputs import as_float64, poisoned, random_args, rel_err
 from lcconv_compile import reference
+from oracles import assert_backward_matches_reference
 from lcconv_compile.kernels import blockfft3, flashconv3
 
 HAS_CUDA = torch.cuda.is_available()
@@ -50,16 +51,7 @@ def check_backward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
     args = random_args(B, H, L, Lk, dtype=dtype, options=options, device=DEVICE, k_dtype=torch.float32)
     grad_y = torch.randn(B, H, L, device=DEVICE).to(dtype)
     got = flashconv3.fftconv_bwd(grad_y, **args, alloc=poisoned, tuning=tuning)
-    want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
-    inputs = dict(du="u", dk="k", dD="D", dgate_in="gate_in", dgate_out="gate_out")
-    for name, g, w in zip(want._fields, got, want):
-        if w is None:
-            assert g is None, name
-            continue
-        assert g.shape == w.shape and g.dtype == args[inputs[name]].dtype, name
-        assert not torch.isnan(g).any(), f"{name}: unwritten elements"
-        err = rel_err(g, w)
-        assert err < GRAD_TOL[dtype], f"{name}: relative error {err:.2e}"
+    assert_backward_matches_reference(got, grad_y, args, GRAD_TOL[dtype])
 
 
 # --------------------------------------------------------------- the three-level transform --
