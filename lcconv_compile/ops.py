@@ -499,13 +499,14 @@ def fftconv(
     ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
     """
     check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-    if _plain_eager_kernel_call(u, k, D, gate_in, gate_out, dropout_mask):
+    family = _plain_eager_kernel_family(u, k, D, gate_in, gate_out, dropout_mask)
+    if family is not None:
         check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, k, D, gate_in, gate_out)
         ):
-            return _EagerFFTConv.apply(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-        return fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+            return _EagerFFTConv.apply(family, u, k, D, gate_in, gate_out, gelu, dropout_mask)
+        return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)
 
 
@@ -524,7 +525,9 @@ def fftconv(
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _plain_eager_kernel_call(u, k, D, gate_in, gate_out, dropout_mask) -> bool:
+def _plain_eager_kernel_family(u, k, D, gate_in, gate_out, dropout_mask):
+    """The kernel family a plain eager call can run directly (kernels.select's choice), else None
+    (the call goes through the op)."""
     if (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
@@ -533,34 +536,38 @@ def _plain_eager_kernel_call(u, k, D, gate_in, gate_out, dropout_mask) -> bool:
         or torch.autograd.forward_ad._current_level >= 0
         or torch.autograd.profiler._is_profiler_enabled
     ):
-        return False
+        return None
     for t in (u, k, D, gate_in, gate_out, dropout_mask):
         if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
-            return False
+            return None
     if dropout_mask is not None and dropout_mask.requires_grad:
-        return False  # its gradient is the op's Function's business
-    return u.numel() > 0 and u.dim() == 3 and k.dim() == 2 and select(u, k) is not None
+        return None  # its gradient is the op's Function's business
+    if u.numel() == 0 or u.dim() != 3 or k.dim() != 2:
+        return None  # empty inputs go to the reference; malformed ones to the op's errors
+    return select(u, k)
 
 
 class _EagerFFTConv(torch.autograd.Function):
-    """Reverse mode for the eager fast path: the backward kernel directly, or the fftconv_bwd op
-    (differentiable: double backward) when the backward itself is recorded (create_graph=True)."""
+    """Reverse mode for the eager fast path: the family's backward kernel directly, or the
+    fftconv_bwd op (differentiable: double backward) when the backward itself is recorded
+    (create_graph=True)."""
 
     @staticmethod
-    def forward(ctx, u, k, D, gate_in, gate_out, gelu, dropout_mask):
+    def forward(ctx, family, u, k, D, gate_in, gate_out, gelu, dropout_mask):
         ctx.save_for_backward(u, k, D, gate_in, gate_out, dropout_mask)
-        ctx.gelu = gelu
-        return fftconv_forward_impl(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+        ctx.gelu, ctx.family = gelu, family
+        return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
 
     @staticmethod
     def backward(ctx, grad_y):
         u, k, D, gate_in, gate_out, dropout_mask = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = fftconv_bwd_op(grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
-        else:
-            grads = fftconv_backward_impl(grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
-        du, dk, dD, dgate_in, dgate_out = grads
-        return (
-            du, dk, dD if D is not None else None, dgate_in if gate_in is not None else None,
-            dgate_out if gate_out is not None else None, None, None,
-        )
+            du, dk, dD, dgate_in, dgate_out = fftconv_bwd_op(
+                grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
+            # The op returns empty placeholders for absent inputs; autograd wants None there.
+            dD, dgate_in, dgate_out = (g if t is not None else None
+                                       for g, t in ((dD, D), (dgate_in, gate_in), (dgate_out, gate_out)))
+        else:  # the family returns None for absent inputs itself
+            du, dk, dD, dgate_in, dgate_out = ctx.family.fftconv_bwd(
+                grad_y, u, k, D, gate_in, gate_out, ctx.gelu, dropout_mask)
+        return None, du, dk, dD, dgate_in, dgate_out, None, None
