@@ -199,12 +199,12 @@ def check_short(kernel_lens, batch, seqlen, channels=1024, dtypes=(torch.bfloat1
 
 
 def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd", "bwd"), on=True):
-    """kernels/flashbutterfly.py: every kernel a call launches (K1 for k's rows, K1, K2, K3 and
+    """kernels/flashbutterfly.py and fftsteps.py: every kernel a call launches (K1 for k's rows, K1, K2, K3 and
     the backward's), captured from the launchers run on meta tensors at (batch, channels, L) with
     Lk = L, as the device would specialise them. ``learned``: lcconv::butterfly_conv's path
     (factors loaded), else the fftconv family (exact factors in registers)."""
     from lcconv_compile import reference
-    from lcconv_compile.kernels import flashbutterfly
+    from lcconv_compile.kernels import fftsteps, flashbutterfly
 
     clean = True
     for dtype in dtypes:
@@ -216,8 +216,9 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
             u, k = meta(batch, channels, seqlen), meta(channels, seqlen, dt=torch.float32)
             opts = dict(D=meta(channels, dt=torch.float32), gelu=on, dropout_mask=meta(batch, channels) if on else None)
             captured = []
-            saved = flashbutterfly.launch
-            flashbutterfly.launch = lambda kernel, grid, *a, **kw: captured.append((kernel, grid, a, kw))
+            saved = flashbutterfly.launch, fftsteps.launch
+            flashbutterfly.launch = fftsteps.launch = lambda kernel, grid, *a, **kw: captured.append(
+                (kernel, grid, a, kw))
             try:
                 for direction in directions:
                     if learned:
@@ -231,7 +232,7 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
                     else:
                         flashbutterfly.fftconv_bwd(meta(batch, channels, seqlen), u, k, **opts)
             finally:
-                flashbutterfly.launch = saved
+                flashbutterfly.launch, fftsteps.launch = saved
             seen = set()
             for kernel, grid, call_args, kw in captured:
                 # Meta tensors are not CUDA: what a device launch would pass instead.
@@ -255,8 +256,8 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
                 report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
                               wgmma=ptx.count("wgmma.mma_async"))
                 clean &= not report["spill_bytes"]
-                shape = {n: constexprs[n] for n in ("N1", "N2", "BLOCK_C", "M1", "M2", "M3", "PRECISION", "EXACT")
-                         if n in constexprs}
+                shape = {n: constexprs[n] for n in ("N1", "N2", "BLOCK_C", "BLOCK_M", "BLOCK_N", "BLOCK_K", "M1",
+                                                    "M2", "M3", "PRECISION", "EXACT", "GRAD") if n in constexprs}
                 print(f"butterfly {str(dtype)[6:]:8s} L={seqlen} {kernel.__name__} grid={grid} {shape} "
                       f"warps={options.get('num_warps')}: {report}", flush=True)
     return clean

@@ -246,13 +246,15 @@ def test_family_is_opt_in_until_faster_than_the_reference():
     (torch.bfloat16, 16385, 16385, True),  # N = 64K: (16, 4096)
     (torch.bfloat16, 65536, 65536, True),  # (16, 8192)
     (torch.float16, 262144, 262144, True),  # (64, 8192)
-    (torch.bfloat16, 262145, 262145, False),  # N = 1M: N1 = 128 > MAX_N1
+    (torch.bfloat16, 262145, 262145, True),  # N = 1M: N1 = 128 (the exact steps take any N1)
     (torch.bfloat16, 300000, 1, True),  # N = 512K: Lk = 1 needs no doubling
-    (torch.bfloat16, 1 << 22, 1 << 22, False),  # N1 = 1024
+    (torch.bfloat16, 1 << 22, 1 << 22, True),  # N1 = 1024
+    (torch.bfloat16, (1 << 22) + 1, 1, False),  # past the op's longest
     (torch.float32, 4097, 4097, True),  # (16, 512)
     (torch.float32, 5000, 3, True),
     (torch.float32, 65536, 65536, True),  # N2 capped at 2048: (64, 2048)
-    (torch.float32, 65537, 65537, False),
+    (torch.float32, 65537, 65537, True),  # (128, 2048)
+    (torch.float32, 1 << 22, 1 << 22, True),  # (4096, 2048)
     (torch.float64, 65536, 65536, False),
 ])
 def test_covers(dtype, seqlen, kernel_len, want):
@@ -269,7 +271,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the r
 # bf16 and the float16 intermediates twice (flashconv3's tests allow 1e-2 there).
 GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 GPU_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-GPU_LENGTHS = [1 << 15, 1 << 16, 1 << 18, 1 << 20]
+GPU_LENGTHS = [1 << 15, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 
 
@@ -322,7 +324,9 @@ def test_gpu_dispatch_by_length():
     assert kernels_select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is flashconv3
     assert kernels_select(torch.randn(1, 2, 16385, device="cuda", dtype=torch.bfloat16), k(16385)) is fb
     assert kernels_select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is fb
-    assert kernels_select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is None
+    assert kernels_select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is fb
+    assert kernels_select(torch.randn(1, 2, 1 << 22, device="cuda", dtype=torch.bfloat16), k(1 << 22)) is fb
+    assert kernels_select(torch.randn(1, 2, 1 << 16, device="cuda", dtype=torch.float64), k(1 << 16)) is None
 
 
 @pytest.mark.cuda
@@ -334,7 +338,7 @@ def test_gpu_learned_butterfly_against_reference(L, dtype):
     against the float64 reference; factor gradients bit-identical across runs."""
     n = reference.fft_size(L, L)
     n1, n2 = reference.butterfly_split(n)
-    if not fb.split_compiles(dtype, n1, n2):
+    if not fb.split_compiles(dtype, n1, n2, learned=True):
         pytest.skip(f"split ({n1}, {n2}) not covered for {dtype}: the op runs the reference")
     B, H = (2, 4) if L <= 1 << 16 else (1, 2)
     args = make_args(B, H, L, L, n1, n2, dtype)

@@ -74,6 +74,7 @@ from .blockfft3 import (
     spectrum_offsets,
     twiddle,
 )
+from . import fftsteps
 from .common import gelu, gelu_grad, strides
 from .launch import cached_constants, launch
 
@@ -146,6 +147,11 @@ def _split_of(factor: Optional[torch.Tensor], split: Optional[tuple[int, int]]) 
 
 def _factor_arg(factor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return factor.contiguous() if factor is not None else None
+
+
+def _exact_tiles(tuning: Tuning) -> dict:
+    """The Tuning fields the exact-factor kernels (:mod:`fftsteps`) take."""
+    return dict(block_n=tuning.block_c, rows_per_program=tuning.rows_per_program, num_warps=tuning.num_warps)
 
 
 # ----------------------------------------------------------------------------- shared pieces --
@@ -249,9 +255,12 @@ def k1_forward(u: torch.Tensor, in_factor: Optional[torch.Tensor], *, split: Opt
                out_dtype: Optional[torch.dtype] = None, alloc: Callable[..., torch.Tensor] = torch.empty,
                tuning: Tuning = Tuning()) -> torch.Tensor:
     """Step 1: ``z (B, H, N1, N2, 2)`` in ``out_dtype`` (default :func:`intermediate_dtype` of u's
-    dtype). ``in_factor=None``: the exact FFT factor of ``split``, computed in registers."""
+    dtype). ``in_factor=None``: the exact FFT factor of ``split`` (:func:`fftsteps.step1`)."""
     batch, channels, seqlen = u.shape
     n1, n2 = _split_of(in_factor, split)
+    if in_factor is None:
+        return fftsteps.step1(u, (n1, n2), out_dtype or intermediate_dtype(u.dtype), alloc=alloc,
+                              **_exact_tiles(tuning))[0]
     block_c = _block_c(n1, n2, tuning)
     rows_per_program = tuning.rows_per_program or 4
     z = alloc((batch, channels, n1, n2, 2), dtype=out_dtype or intermediate_dtype(u.dtype), device=u.device)
@@ -302,9 +311,12 @@ def k3_forward(
     alloc: Callable[..., torch.Tensor] = torch.empty, tuning: Tuning = Tuning(),
 ) -> torch.Tensor:
     """Step 3 and the epilogue: ``y (B, H, L)`` in u's dtype, contiguous (``out_factor=None``: the
-    exact inverse of ``split``)."""
+    exact inverse of ``split``, :func:`fftsteps.step3`)."""
     batch, channels, seqlen = u.shape
     n1, n2 = _split_of(out_factor, split)
+    if out_factor is None:
+        return fftsteps.step3(w, seqlen, u.dtype, scale=1.0 / n1, D=D, skip=u if D is not None else None,
+                              gelu=gelu, dropout_mask=dropout_mask, alloc=alloc, **_exact_tiles(tuning))[0]
     block_c = _block_c(n1, n2, tuning)
     rows_per_program = tuning.rows_per_program or 4
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
@@ -363,7 +375,11 @@ class K3Grads(NamedTuple):
     dw: torch.Tensor  # (B, H, N1, N2, 2), intermediate dtype
     d_out_factor: Optional[torch.Tensor]  # (N2, N1, N1, 2) float32; None for the exact factor
     dD: Optional[torch.Tensor]  # (H,) float32
-    dc: Optional[torch.Tensor]  # (B, H, L) float32, for du's skip term (only with D)
+    # (B, H, L), for du's skip term D * dc * dc_mask[b, h] (only with D): float32 from the
+    # learned kernels and with GELU; without GELU the exact path hands back grad_y itself and
+    # the dropout mask (dc is never written).
+    dc: Optional[torch.Tensor]
+    dc_mask: Optional[torch.Tensor] = None
 
 
 def _row_groups(rows: int, tuning: Tuning, exact: bool = False) -> tuple[int, int]:
@@ -387,6 +403,8 @@ def k3_backward(
     rows = batch * channels
     n1, n2 = _split_of(out_factor, split)
     exact = out_factor is None
+    if exact:
+        return _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, (n1, n2), alloc, tuning)
     block_c = _block_c(n1, n2, tuning)
     blocks = n2 // block_c
     groups, rows_per_group = _row_groups(rows, tuning, exact)
@@ -404,6 +422,21 @@ def k3_backward(
     # Fixed-order sums over the row groups and over (column block, batch): deterministic.
     dD = dd_part.view(blocks, batch, channels).sum(dim=(0, 1)) if D is not None else None
     return K3Grads(dw, None if exact else d_out_part.sum(0), dD, dc)
+
+
+def _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, split, alloc, tuning) -> K3Grads:
+    # dw = out^H dc = step1(dc) / N1. GELU needs c: step 3 recomputes it and writes dc (and dD);
+    # without GELU dc = grad_y * mask is read by step 1 directly (dD on the side).
+    n1, seqlen = split[0], u.shape[-1]
+    tiles = _exact_tiles(tuning)
+    if gelu:
+        dc, dD = fftsteps.step3(w, seqlen, torch.float32, scale=1.0 / n1, D=D, skip=u if D is not None else None,
+                                gelu=True, dropout_mask=dropout_mask, grad_y=grad_y, **tiles)
+        dw, unused = fftsteps.step1(dc, split, w.dtype, scale=1.0 / n1, alloc=alloc, **tiles)
+        return K3Grads(dw, None, dD, dc)
+    dw, dD = fftsteps.step1(grad_y, split, w.dtype, scale=1.0 / n1, dropout_mask=dropout_mask,
+                            dd_with=u if D is not None else None, alloc=alloc, **tiles)
+    return K3Grads(dw, None, dD, grad_y, dropout_mask)
 
 
 # ------------------------------------------------------------------------------------ K1 bwd --
@@ -440,15 +473,24 @@ def _k1_bwd_kernel(
 
 def k1_backward(
     dz: torch.Tensor, u: torch.Tensor, in_factor: Optional[torch.Tensor], D: Optional[torch.Tensor] = None,
-    dc: Optional[torch.Tensor] = None, *, split: Optional[tuple[int, int]] = None,
-    alloc: Callable[..., torch.Tensor] = torch.empty, tuning: Tuning = Tuning(),
+    dc: Optional[torch.Tensor] = None, *, dc_mask: Optional[torch.Tensor] = None,
+    split: Optional[tuple[int, int]] = None, alloc: Callable[..., torch.Tensor] = torch.empty,
+    tuning: Tuning = Tuning(),
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backward of step 1: ``(du in u's dtype (with D's skip term D * dc), d_in_factor float32)``;
-    with ``in_factor=None`` (the exact factor of ``split``) no factor gradient (None)."""
+    with ``in_factor=None`` (the exact factor of ``split``, :func:`fftsteps.step3`; there ``dc``
+    may have any strides and ``dc_mask[b, h]`` scales it) no factor gradient (None)."""
     batch, channels, seqlen = u.shape
     rows = batch * channels
     n1, n2 = _split_of(in_factor, split)
     exact = in_factor is None
+    if exact:
+        du, unused = fftsteps.step3(dz, seqlen, u.dtype, scale=1.0, D=D, skip=dc if D is not None else None,
+                                    skip_mask=dc_mask if D is not None else None, alloc=alloc,
+                                    **_exact_tiles(tuning))
+        return du, None
+    if dc_mask is not None:
+        raise ValueError("flashbutterfly.k1_backward: dc_mask is for the exact factor only")
     block_c = _block_c(n1, n2, tuning)
     groups, rows_per_group = _row_groups(rows, tuning, exact)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
@@ -780,11 +822,13 @@ def split_for(seqlen: int, kernel_len: int, dtype: torch.dtype) -> tuple[int, in
     return (n1 * (n2 // cap), cap) if n2 > cap else (n1, n2)
 
 
-def split_compiles(dtype: torch.dtype, n1: int, n2: int) -> bool:
+def split_compiles(dtype: torch.dtype, n1: int, n2: int, learned: bool = False) -> bool:
     """Whether the kernels run this split on a GPU: a step-2 plan for N2 (K2_FACTORS, at most
-    K2_MAX_N2[dtype]) and N1 <= MAX_N1 (steps 1 and 3 hold BLOCK_C * N1^2 factor values in
-    registers: see the module docstring)."""
-    return dtype in KERNEL_DTYPES and n2 in K2_FACTORS and n2 <= K2_MAX_N2[dtype] and n1 <= MAX_N1
+    K2_MAX_N2[dtype]) and, for learned factors, N1 <= MAX_N1 (their steps 1 and 3 hold
+    BLOCK_C * N1^2 factor values in registers; the exact factor's steps (:mod:`fftsteps`) take
+    any N1)."""
+    return (dtype in KERNEL_DTYPES and n2 in K2_FACTORS and n2 <= K2_MAX_N2[dtype]
+            and (n1 <= MAX_N1 or not learned))
 
 
 def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
@@ -806,7 +850,7 @@ def supports_learned(u: torch.Tensor, k: torch.Tensor, in_factor: torch.Tensor) 
     dtype and a split (the factors') that :func:`split_compiles`."""
     n1, n2 = _split_of(in_factor, None)
     return (u.is_cuda and k.dtype in KERNEL_DTYPES and in_factor.dtype in KERNEL_DTYPES
-            and split_compiles(u.dtype, n1, n2))
+            and split_compiles(u.dtype, n1, n2, learned=True))
 
 
 def _gated(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> torch.Tensor:
@@ -871,8 +915,8 @@ def fftconv_bwd(
     dz, dk = rows_conv.backward(k3.dw, z, k, out=k3.dw)
     del z
     plain = gate_in is None
-    dx, unused = k1_backward(dz, x, None, D, k3.dc, split=split, alloc=alloc if plain else torch.empty,
-                             tuning=tuning)
+    dx, unused = k1_backward(dz, x, None, D, k3.dc, dc_mask=k3.dc_mask, split=split,
+                             alloc=alloc if plain else torch.empty, tuning=tuning)
     dgate_in = None
     du = dx
     if not plain:

@@ -1,0 +1,298 @@
+"""Steps 1 and 3 of FlashButterfly with the exact FFT factor, as tensor-core products.
+
+With the FFT's own factors (``reference.butterfly_exact_factors``) step 1 of a row is a DFT of
+size N1 down every column followed by a twiddle, and step 3 the conjugate pair:
+
+    step 1   z[k1, c] = scale * w_N^(k1 c) * sum_n1 w_N1^(k1 n1) x[n1, c]          (x real)
+    step 3   y[n1, c] = scale * Re(sum_k1 conj(w_N1^(k1 n1)) conj(w_N^(k1 c)) z[k1, c])
+
+with ``x[n1, c] = x[n1 * N2 + c]`` (zero past the sequence), ``w_M = exp(-2 pi i / M)`` and z
+``(rows, N1, N2, 2)`` (complex as interleaved real pairs). The DFT matrix is the same for every
+column, so each is a product ``(BLOCK_M x BLOCK_K) @ (BLOCK_K x BLOCK_N)`` on tensor cores
+(``tl.dot``) with the twiddle applied elementwise: one program per (column block, output-row
+block, row group), looping over N1 in BLOCK_K chunks, so any N1 (16 at L = 64K, 256 at 1M,
+1024 at 4M) runs with the same registers. DFT entries and twiddles are computed in registers
+(``blockfft3.twiddle``: exact exponent reduction, no tables).
+
+The same two kernels serve the whole exact path (forward and backward):
+
+* K1 forward (u -> z) and the kernel rows kz: :func:`step1` with scale 1;
+* K3's backward ``dw = out^H dc = step1(dc) / N1``: :func:`step1` with scale 1 / N1 (and, when
+  the output has no GELU, ``dc = dy * mask`` read directly, dD's partial sums on the side);
+* K3 forward (z -> y, epilogue D u, GELU, dropout mask): :func:`step3` with scale 1 / N1;
+* with GELU, K3's backward first recomputes c by :func:`step3` in its ``grad`` mode, which
+  writes ``dc = dy * mask * gelu'(c)`` (float32) and dD's partial sums;
+* K1's backward ``du = Re(in^H dz) + D * dc``: :func:`step3` with scale 1.
+
+Operands: float16 for float16 intermediates (half inputs; the intermediate itself is float16,
+so no new range limit), 3xtf32 for float32 ones on a GPU (plain float32 in the interpreter).
+sm_90's ``tl.dot`` needs every dimension >= 16: N1 < 16 is padded (masked) to 16.
+
+Knows torch, Triton and the kernels' shared helpers only (no torch.library, no Inductor); the
+learned factors (one matrix per column) are flashbutterfly's CUDA-core kernels, not these.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .blockfft3 import mma, twiddle
+from .common import gelu, gelu_grad, operand, strides
+from .launch import launch
+
+__all__ = ["Blocks", "blocks_for", "precision_for", "step1", "step3"]
+
+MIN_DOT = 16  # sm_90's smallest tl.dot dimension
+
+
+class Blocks(tuple):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, rows per program, warps) of one launch."""
+
+
+def blocks_for(n1: int, n2: int, precision: str, block_n: Optional[int] = None,
+               rows_per_program: Optional[int] = None, num_warps: Optional[int] = None) -> Blocks:
+    """Tiles for a split: BLOCK_M = BLOCK_K = N1 up to 64 (padded to 16), 128 columns while
+    N1 <= 32, beyond that 64 (32 for float32 operands, split in three for 3xtf32); 8 warps from
+    BLOCK_M = 64 on. Two float32 accumulators, the twiddle tile and the DFT block stay in
+    registers: larger tiles spill (scripts/compile_check.py --butterfly)."""
+    block_mk = max(MIN_DOT, min(64, triton.next_power_of_2(n1)))
+    block_n = min(n2, block_n or (128 if n1 <= 32 else 64 if precision == "fp16" else 32))
+    warps = num_warps or (8 if block_mk >= 64 else 4)
+    return Blocks((block_mk, block_n, block_mk, rows_per_program or 4, warps))
+
+
+def precision_for(intermediate: torch.dtype, on_gpu: bool) -> str:
+    """float16 operands for float16 intermediates, 3xtf32 for float32 ones (the interpreter has
+    no tf32: plain float32 there)."""
+    if intermediate == torch.float16:
+        return "fp16"
+    return "tf32x3" if on_gpu else "ieee"
+
+
+@triton.jit
+def _dft_block(out_idx, in_idx, N1: tl.constexpr, CONJ: tl.constexpr, FAST_TRIG: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """``w_N1^(o i)`` (or its conjugate) for o in out_idx (rows), i in in_idx (columns), zero
+    outside N1 x N1: the (re, im) operands of one product."""
+    re, im = twiddle(out_idx[:, None], in_idx[None, :], N1, FAST_TRIG)
+    inside = (out_idx[:, None] < N1) & (in_idx[None, :] < N1)
+    re = tl.where(inside, re, 0.0)
+    im = tl.where(inside, im, 0.0)
+    if CONJ:
+        im = -im
+    return operand(re, PRECISION), operand(im, PRECISION)
+
+
+@triton.jit
+def _z_offsets(row, k1, cols, N1: tl.constexpr, N2: tl.constexpr):
+    """Offsets of a (len(k1), len(cols), 2) tile [k1, c, re/im] of row ``row`` of z."""
+    base = ((row * N1 + k1[:, None]) * N2 + cols[None, :]) * 2
+    return base[:, :, None] + tl.arange(0, 2)[None, None, :]
+
+
+@triton.jit
+def _program(N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row block, column block, row group) of this program. One grid axis (no 65535 limit on
+    B * H), the row block fastest: the programs that share a tile of x or z run side by side,
+    so it is read from HBM once and from L2 by the others."""
+    M_BLOCKS: tl.constexpr = (N1 + BLOCK_M - 1) // BLOCK_M
+    N_BLOCKS: tl.constexpr = N2 // BLOCK_N
+    pid = tl.program_id(0)
+    return pid % M_BLOCKS, (pid // M_BLOCKS) % N_BLOCKS, pid // (M_BLOCKS * N_BLOCKS)
+
+
+def _grid(n1: int, n2: int, rows: int, tiles: Blocks) -> tuple[int]:
+    block_m, block_n, unused_k, rpp, unused_w = tiles
+    return (triton.cdiv(n1, block_m) * (n2 // block_n) * triton.cdiv(rows, rpp),)
+
+
+# --------------------------------------------------------------------------------- step 1 --
+@triton.jit
+def _step1_kernel(
+    x_ptr, mask_ptr, u_ptr, z_ptr, dd_ptr, rows, channels, seqlen, scale,
+    sx_b, sx_h, sx_l, sm_b, sm_h, su_b, su_h, su_l,
+    HAS_MASK: tl.constexpr, HAS_DD: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    pid_m, pid_n, pid_r = _program(N1, N2, BLOCK_M, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k1 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    SINGLE: tl.constexpr = BLOCK_K >= N1  # the whole DFT block fits: made once, not per row
+    if SINGLE:
+        fr0, fi0 = _dft_block(k1, tl.arange(0, BLOCK_K), N1, False, FAST_TRIG, PRECISION)
+    twr, twi = twiddle(k1[:, None], cols[None, :], N1 * N2, FAST_TRIG)
+    twr *= scale
+    twi *= scale
+    for r in tl.range(0, ROWS_PER_PROGRAM):
+        row = pid_r * ROWS_PER_PROGRAM + r
+        valid = row < rows
+        b, h = row // channels, row % channels
+        x_row = x_ptr + b * sx_b + h * sx_h
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
+        if HAS_DD:
+            dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in tl.range(0, N1, BLOCK_K):
+            n1 = kk + tl.arange(0, BLOCK_K)
+            t = n1[:, None] * N2 + cols[None, :]
+            inside = valid & (n1[:, None] < N1) & (t < seqlen)
+            x = tl.load(x_row + t * sx_l, mask=inside, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                x *= keep
+            if HAS_DD:  # dD's partial sum of this column block: the first row block only
+                first = inside & (pid_m == 0)
+                xu = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=first, other=0.0).to(tl.float32)
+                dd += tl.sum(x * xu, axis=0)
+            if SINGLE:
+                fr, fi = fr0, fi0
+            else:
+                fr, fi = _dft_block(k1, n1, N1, False, FAST_TRIG, PRECISION)
+            xo = operand(x, PRECISION)
+            acc_r = mma(fr, xo, acc_r, PRECISION)
+            acc_i = mma(fi, xo, acc_i, PRECISION)
+        zr = acc_r * twr - acc_i * twi
+        zi = acc_r * twi + acc_i * twr
+        ok = (valid & (k1 < N1))[:, None, None]
+        tl.store(z_ptr + _z_offsets(row, k1, cols, N1, N2), tl.join(zr, zi).to(z_ptr.dtype.element_ty), mask=ok)
+        if HAS_DD:
+            tl.store(dd_ptr + pid_n * rows + row, tl.sum(dd, axis=0), mask=valid & (pid_m == 0))
+
+
+def step1(
+    x: torch.Tensor, split: tuple[int, int], out_dtype: torch.dtype, *, scale: float = 1.0,
+    dropout_mask: Optional[torch.Tensor] = None, dd_with: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty, block_n: Optional[int] = None,
+    rows_per_program: Optional[int] = None, num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``z (B, H, N1, N2, 2)`` in ``out_dtype`` from real ``x (B, H, L)`` (any strides), times
+    ``dropout_mask[b, h]`` where given; with ``dd_with`` (u, (B, H, L)) also ``sum_t x*mask*u``
+    per channel (float32, (H,), fixed-order sums: dD), else None."""
+    batch, channels, seqlen = x.shape
+    n1, n2 = split
+    rows = batch * channels
+    precision = precision_for(out_dtype, x.is_cuda)
+    tiles = blocks_for(n1, n2, precision, block_n, rows_per_program, num_warps)
+    block_m, block_n, block_k, rpp, warps = tiles
+    n_blocks = n2 // block_n
+    z = alloc((batch, channels, n1, n2, 2), dtype=out_dtype, device=x.device)
+    dd_part = torch.empty((n_blocks, rows), dtype=torch.float32, device=x.device) if dd_with is not None else None
+    launch(
+        _step1_kernel, _grid(n1, n2, rows, tiles), x, dropout_mask, dd_with, z, dd_part, rows, channels, seqlen, float(scale),
+        *x.stride(), *strides(dropout_mask, 2), *strides(dd_with, 3),
+        HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=rpp,
+        N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=warps,
+    )
+    dd = dd_part.view(n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
+    return z, dd
+
+
+# --------------------------------------------------------------------------------- step 3 --
+@triton.jit
+def _step3_kernel(
+    z_ptr, skip_ptr, skip_mask_ptr, d_ptr, dy_ptr, mask_ptr, y_ptr, dd_ptr,
+    rows, channels, seqlen, scale,
+    ss_b, ss_h, ss_l, ssm_b, ssm_h, sdy_b, sdy_h, sdy_l, sm_b, sm_h,
+    HAS_D: tl.constexpr, SKIP_MASK: tl.constexpr, GRAD: tl.constexpr, GELU: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    pid_m, pid_n, pid_r = _program(N1, N2, BLOCK_M, BLOCK_N)
+    n_blocks: tl.constexpr = N2 // BLOCK_N
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n1 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = n1[:, None] * N2 + cols[None, :]
+    SINGLE: tl.constexpr = BLOCK_K >= N1
+    if SINGLE:
+        k1_0 = tl.arange(0, BLOCK_K)
+        gr0, gi0 = _dft_block(n1, k1_0, N1, True, FAST_TRIG, PRECISION)
+        twr0, twi0 = twiddle(k1_0[:, None], cols[None, :], N1 * N2, FAST_TRIG)
+    for r in tl.range(0, ROWS_PER_PROGRAM):
+        row = pid_r * ROWS_PER_PROGRAM + r
+        valid = row < rows
+        b, h = row // channels, row % channels
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in tl.range(0, N1, BLOCK_K):
+            k1 = kk + tl.arange(0, BLOCK_K)
+            z = tl.load(z_ptr + _z_offsets(row, k1, cols, N1, N2),
+                        mask=(valid & (k1 < N1))[:, None, None], other=0.0).to(tl.float32)
+            zr, zi = tl.split(z)
+            if SINGLE:
+                gr, gi, twr, twi = gr0, gi0, twr0, twi0
+            else:
+                gr, gi = _dft_block(n1, k1, N1, True, FAST_TRIG, PRECISION)
+                twr, twi = twiddle(k1[:, None], cols[None, :], N1 * N2, FAST_TRIG)
+            # z * conj(w_N^(k1 c)), then Re(G z') = Gr z'r - Gi z'i.
+            pr = zr * twr + zi * twi
+            pi = zi * twr - zr * twi
+            acc = mma(gr, operand(pr, PRECISION), acc, PRECISION)
+            acc = mma(-gi, operand(pi, PRECISION), acc, PRECISION)
+        c = acc * scale
+        inside = valid & (n1[:, None] < N1) & (t < seqlen)
+        if HAS_D:
+            s = tl.load(skip_ptr + b * ss_b + h * ss_h + t * ss_l, mask=inside, other=0.0).to(tl.float32)
+            if SKIP_MASK:
+                s *= tl.load(skip_mask_ptr + b * ssm_b + h * ssm_h, mask=valid, other=0.0).to(tl.float32)
+            c += tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32) * s
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
+        if GRAD:  # dc = dy * mask * gelu'(c), stored float32, and dD's partial sums
+            g = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t * sdy_l, mask=inside, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                g *= keep
+            if GELU:
+                g *= gelu_grad(c)
+            tl.store(y_ptr + row * seqlen + t, g, mask=inside)
+            if HAS_D:
+                part = tl.sum(tl.sum(g * s, axis=1), axis=0)
+                tl.store(dd_ptr + (pid_m * n_blocks + pid_n) * rows + row, part, mask=valid)
+        else:
+            if GELU:
+                c = gelu(c)
+            if HAS_MASK:
+                c *= keep
+            tl.store(y_ptr + row * seqlen + t, c.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def step3(
+    z: torch.Tensor, seqlen: int, out_dtype: torch.dtype, *, scale: float = 1.0,
+    D: Optional[torch.Tensor] = None, skip: Optional[torch.Tensor] = None, skip_mask: Optional[torch.Tensor] = None,
+    gelu: bool = False, dropout_mask: Optional[torch.Tensor] = None, grad_y: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty, block_n: Optional[int] = None,
+    rows_per_program: Optional[int] = None, num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """From ``z (B, H, N1, N2, 2)``: ``c = scale * step-3 sum + D[h] * skip * skip_mask[b, h]``.
+
+    Without ``grad_y``: ``y = mask * gelu?(c)`` (B, H, L) contiguous in ``out_dtype``, and None.
+    With ``grad_y``: ``dc = grad_y * mask * gelu'(c)?`` (float32, contiguous) and, with D, dD's
+    sum ``sum_t dc * skip`` per channel (float32, fixed order).
+    """
+    batch, channels, n1, n2 = z.shape[:4]
+    rows = batch * channels
+    precision = precision_for(z.dtype, z.is_cuda)
+    tiles = blocks_for(n1, n2, precision, block_n, rows_per_program, num_warps)
+    block_m, block_n, block_k, rpp, warps = tiles
+    n_blocks, m_blocks = n2 // block_n, triton.cdiv(n1, block_m)
+    grad = grad_y is not None
+    y = alloc((batch, channels, seqlen), dtype=torch.float32 if grad else out_dtype, device=z.device)
+    dd_part = (torch.empty((m_blocks * n_blocks, rows), dtype=torch.float32, device=z.device)
+               if grad and D is not None else None)
+    launch(
+        _step3_kernel, _grid(n1, n2, rows, tiles),
+        z, skip, skip_mask, D, grad_y, dropout_mask, y, dd_part, rows, channels, seqlen, float(scale),
+        *strides(skip, 3), *strides(skip_mask, 2), *strides(grad_y, 3), *strides(dropout_mask, 2),
+        HAS_D=D is not None, SKIP_MASK=skip_mask is not None, GRAD=grad, GELU=gelu,
+        HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=rpp,
+        N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=warps,
+    )
+    dd = dd_part.view(m_blocks * n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
+    return y, dd
