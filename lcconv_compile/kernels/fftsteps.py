@@ -112,6 +112,23 @@ def _grid(n1: int, n2: int, rows: int, tiles: Blocks) -> tuple[int]:
 
 # --------------------------------------------------------------------------------- step 1 --
 @triton.jit
+def _rows_and_chunk(it, row0, rows, channels, ROWS_PER_PROGRAM: tl.constexpr, NK: tl.constexpr):
+    """(row, valid, b, h, chunk) of iteration ``it`` of a program's (row, N1 chunk) loop; past
+    the last iteration the row is invalid (the prefetch of the iteration after the last)."""
+    row = row0 + it // NK
+    valid = (row < rows) & (it < ROWS_PER_PROGRAM * NK)
+    return row, valid, row // channels, row % channels, it % NK
+
+
+@triton.jit
+def _x_chunk_offsets(ki, cols, valid, seqlen, N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Times ``t[n1, c]`` of chunk ``ki`` of a row of x and the in-sequence mask."""
+    n1 = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+    t = n1[:, None] * N2 + cols[None, :]
+    return t, valid & (n1[:, None] < N1) & (t < seqlen)
+
+
+@triton.jit
 def _step1_kernel(
     x_ptr, mask_ptr, u_ptr, z_ptr, dd_ptr, rows, channels, seqlen, scale,
     sx_b, sx_h, sx_l, sm_b, sm_h, su_b, su_h, su_l,
@@ -122,47 +139,48 @@ def _step1_kernel(
     pid_m, pid_n, pid_r = _program(N1, N2, BLOCK_M, BLOCK_N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k1 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    SINGLE: tl.constexpr = BLOCK_K >= N1  # the whole DFT block fits: made once, not per row
-    if SINGLE:
+    NK: tl.constexpr = (N1 + BLOCK_K - 1) // BLOCK_K
+    if NK == 1:  # the whole DFT block fits: made once, not per row
         fr0, fi0 = _dft_block(k1, tl.arange(0, BLOCK_K), N1, False, FAST_TRIG, PRECISION)
     twr, twi = twiddle(k1[:, None], cols[None, :], N1 * N2, FAST_TRIG)
     twr *= scale
     twi *= scale
-    for r in tl.range(0, ROWS_PER_PROGRAM):
-        row = pid_r * ROWS_PER_PROGRAM + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        x_row = x_ptr + b * sx_b + h * sx_h
+    # One loop over (row, N1 chunk), each iteration's x tile loaded one iteration ahead (in
+    # registers), so a load is always in flight while the previous tile is multiplied.
+    row0 = pid_r * ROWS_PER_PROGRAM
+    row, valid, b, h, ki = _rows_and_chunk(0, row0, rows, channels, ROWS_PER_PROGRAM, NK)
+    t, inside = _x_chunk_offsets(ki, cols, valid, seqlen, N1, N2, BLOCK_K)
+    nxt = tl.load(x_ptr + b * sx_b + h * sx_h + t * sx_l, mask=inside, other=0.0)
+    acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for it in tl.range(0, ROWS_PER_PROGRAM * NK):
+        x = nxt.to(tl.float32)
+        row_n, valid_n, b_n, h_n, ki_n = _rows_and_chunk(it + 1, row0, rows, channels, ROWS_PER_PROGRAM, NK)
+        t_n, inside_n = _x_chunk_offsets(ki_n, cols, valid_n, seqlen, N1, N2, BLOCK_K)
+        nxt = tl.load(x_ptr + b_n * sx_b + h_n * sx_h + t_n * sx_l, mask=inside_n, other=0.0)
+        row, valid, b, h, ki = _rows_and_chunk(it, row0, rows, channels, ROWS_PER_PROGRAM, NK)
         if HAS_MASK:
-            keep = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
-        if HAS_DD:
-            dd = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in tl.range(0, N1, BLOCK_K):
-            n1 = kk + tl.arange(0, BLOCK_K)
-            t = n1[:, None] * N2 + cols[None, :]
-            inside = valid & (n1[:, None] < N1) & (t < seqlen)
-            x = tl.load(x_row + t * sx_l, mask=inside, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                x *= keep
-            if HAS_DD:  # dD's partial sum of this column block: the first row block only
-                first = inside & (pid_m == 0)
-                xu = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=first, other=0.0).to(tl.float32)
-                dd += tl.sum(x * xu, axis=0)
-            if SINGLE:
-                fr, fi = fr0, fi0
-            else:
-                fr, fi = _dft_block(k1, n1, N1, False, FAST_TRIG, PRECISION)
-            xo = operand(x, PRECISION)
-            acc_r = mma(fr, xo, acc_r, PRECISION)
-            acc_i = mma(fi, xo, acc_i, PRECISION)
-        zr = acc_r * twr - acc_i * twi
-        zi = acc_r * twi + acc_i * twr
-        ok = (valid & (k1 < N1))[:, None, None]
-        tl.store(z_ptr + _z_offsets(row, k1, cols, N1, N2), tl.join(zr, zi).to(z_ptr.dtype.element_ty), mask=ok)
-        if HAS_DD:
-            tl.store(dd_ptr + pid_n * rows + row, tl.sum(dd, axis=0), mask=valid & (pid_m == 0))
+            x *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
+        if HAS_DD:  # dD's partial sum of this column block: the first row block only
+            t, inside = _x_chunk_offsets(ki, cols, valid & (pid_m == 0), seqlen, N1, N2, BLOCK_K)
+            xu = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=inside, other=0.0).to(tl.float32)
+            dd = tl.where(ki == 0, 0.0, dd) + tl.sum(x * xu, axis=0)
+        if NK == 1:
+            fr, fi = fr0, fi0
+        else:
+            fr, fi = _dft_block(k1, ki * BLOCK_K + tl.arange(0, BLOCK_K), N1, False, FAST_TRIG, PRECISION)
+        xo = operand(x, PRECISION)
+        acc_r = mma(fr, xo, tl.where(ki == 0, 0.0, acc_r), PRECISION)
+        acc_i = mma(fi, xo, tl.where(ki == 0, 0.0, acc_i), PRECISION)
+        if ki == NK - 1:
+            zr = acc_r * twr - acc_i * twi
+            zi = acc_r * twi + acc_i * twr
+            ok = (valid & (k1 < N1))[:, None, None]
+            tl.store(z_ptr + _z_offsets(row, k1, cols, N1, N2), tl.join(zr, zi).to(z_ptr.dtype.element_ty),
+                     mask=ok)
+            if HAS_DD:
+                tl.store(dd_ptr + pid_n * rows + row, tl.sum(dd, axis=0), mask=valid & (pid_m == 0))
 
 
 def step1(
@@ -210,56 +228,74 @@ def _step3_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n1 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = n1[:, None] * N2 + cols[None, :]
-    SINGLE: tl.constexpr = BLOCK_K >= N1
-    if SINGLE:
+    NK: tl.constexpr = (N1 + BLOCK_K - 1) // BLOCK_K
+    if NK == 1:  # the DFT block and the twiddle tile: made once, not per row
         k1_0 = tl.arange(0, BLOCK_K)
         gr0, gi0 = _dft_block(n1, k1_0, N1, True, FAST_TRIG, PRECISION)
         twr0, twi0 = twiddle(k1_0[:, None], cols[None, :], N1 * N2, FAST_TRIG)
-    for r in tl.range(0, ROWS_PER_PROGRAM):
-        row = pid_r * ROWS_PER_PROGRAM + r
-        valid = row < rows
-        b, h = row // channels, row % channels
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in tl.range(0, N1, BLOCK_K):
-            k1 = kk + tl.arange(0, BLOCK_K)
-            z = tl.load(z_ptr + _z_offsets(row, k1, cols, N1, N2),
-                        mask=(valid & (k1 < N1))[:, None, None], other=0.0).to(tl.float32)
-            zr, zi = tl.split(z)
-            if SINGLE:
-                gr, gi, twr, twi = gr0, gi0, twr0, twi0
-            else:
-                gr, gi = _dft_block(n1, k1, N1, True, FAST_TRIG, PRECISION)
-                twr, twi = twiddle(k1[:, None], cols[None, :], N1 * N2, FAST_TRIG)
-            # z * conj(w_N^(k1 c)), then Re(G z') = Gr z'r - Gi z'i.
-            pr = zr * twr + zi * twi
-            pi = zi * twr - zr * twi
-            acc = mma(gr, operand(pr, PRECISION), acc, PRECISION)
-            acc = mma(-gi, operand(pi, PRECISION), acc, PRECISION)
-        c = acc * scale
-        inside = valid & (n1[:, None] < N1) & (t < seqlen)
-        if HAS_D:
-            s = tl.load(skip_ptr + b * ss_b + h * ss_h + t * ss_l, mask=inside, other=0.0).to(tl.float32)
-            if SKIP_MASK:
-                s *= tl.load(skip_mask_ptr + b * ssm_b + h * ssm_h, mask=valid, other=0.0).to(tl.float32)
-            c += tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32) * s
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
-        if GRAD:  # dc = dy * mask * gelu'(c), stored float32, and dD's partial sums
-            g = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t * sdy_l, mask=inside, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                g *= keep
-            if GELU:
-                g *= gelu_grad(c)
-            tl.store(y_ptr + row * seqlen + t, g, mask=inside)
-            if HAS_D:
-                part = tl.sum(tl.sum(g * s, axis=1), axis=0)
-                tl.store(dd_ptr + (pid_m * n_blocks + pid_n) * rows + row, part, mask=valid)
+    # One loop over (row, N1 chunk), each z tile loaded one iteration ahead (see step 1).
+    row0 = pid_r * ROWS_PER_PROGRAM
+    row, valid, b, h, ki = _rows_and_chunk(0, row0, rows, channels, ROWS_PER_PROGRAM, NK)
+    k1 = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+    nxt = tl.load(z_ptr + _z_offsets(row, k1, cols, N1, N2), mask=(valid & (k1 < N1))[:, None, None], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in tl.range(0, ROWS_PER_PROGRAM * NK):
+        zr, zi = tl.split(nxt.to(tl.float32))
+        row_n, valid_n, b_n, h_n, ki_n = _rows_and_chunk(it + 1, row0, rows, channels, ROWS_PER_PROGRAM, NK)
+        k1_n = ki_n * BLOCK_K + tl.arange(0, BLOCK_K)
+        nxt = tl.load(z_ptr + _z_offsets(row_n, k1_n, cols, N1, N2), mask=(valid_n & (k1_n < N1))[:, None, None],
+                      other=0.0)
+        row, valid, b, h, ki = _rows_and_chunk(it, row0, rows, channels, ROWS_PER_PROGRAM, NK)
+        if NK == 1:
+            gr, gi, twr, twi = gr0, gi0, twr0, twi0
         else:
-            if GELU:
-                c = gelu(c)
-            if HAS_MASK:
-                c *= keep
-            tl.store(y_ptr + row * seqlen + t, c.to(y_ptr.dtype.element_ty), mask=inside)
+            k1 = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+            gr, gi = _dft_block(n1, k1, N1, True, FAST_TRIG, PRECISION)
+            twr, twi = twiddle(k1[:, None], cols[None, :], N1 * N2, FAST_TRIG)
+        # z * conj(w_N^(k1 c)), then Re(G z') = Gr z'r - Gi z'i.
+        pr = zr * twr + zi * twi
+        pi = zi * twr - zr * twi
+        acc = mma(gr, operand(pr, PRECISION), tl.where(ki == 0, 0.0, acc), PRECISION)
+        acc = mma(-gi, operand(pi, PRECISION), acc, PRECISION)
+        if ki == NK - 1:
+            _step3_epilogue(acc * scale, t, row, valid, b, h, pid_m * n_blocks + pid_n, skip_ptr, skip_mask_ptr,
+                            d_ptr, dy_ptr, mask_ptr, y_ptr, dd_ptr, rows, seqlen,
+                            ss_b, ss_h, ss_l, ssm_b, ssm_h, sdy_b, sdy_h, sdy_l, sm_b, sm_h,
+                            HAS_D, SKIP_MASK, GRAD, GELU, HAS_MASK, N1, N2)
+
+
+@triton.jit
+def _step3_epilogue(
+    c, t, row, valid, b, h, block, skip_ptr, skip_mask_ptr, d_ptr, dy_ptr, mask_ptr, y_ptr, dd_ptr, rows, seqlen,
+    ss_b, ss_h, ss_l, ssm_b, ssm_h, sdy_b, sdy_h, sdy_l, sm_b, sm_h,
+    HAS_D: tl.constexpr, SKIP_MASK: tl.constexpr, GRAD: tl.constexpr, GELU: tl.constexpr, HAS_MASK: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr,
+):
+    """c += D skip; then y = mask * gelu?(c), or in the grad mode dc = dy * mask * gelu'(c) and
+    dD's partial sum of this (row block, column block)."""
+    inside = valid & (t < seqlen) & (t < N1 * N2)
+    if HAS_D:
+        s = tl.load(skip_ptr + b * ss_b + h * ss_h + t * ss_l, mask=inside, other=0.0).to(tl.float32)
+        if SKIP_MASK:
+            s *= tl.load(skip_mask_ptr + b * ssm_b + h * ssm_h, mask=valid, other=0.0).to(tl.float32)
+        c += tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32) * s
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
+    if GRAD:
+        g = tl.load(dy_ptr + b * sdy_b + h * sdy_h + t * sdy_l, mask=inside, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            g *= keep
+        if GELU:
+            g *= gelu_grad(c)
+        tl.store(y_ptr + row * seqlen + t, g, mask=inside)
+        if HAS_D:
+            tl.store(dd_ptr + block * rows + row, tl.sum(tl.sum(g * s, axis=1), axis=0), mask=valid)
+    else:
+        if GELU:
+            c = gelu(c)
+        if HAS_MASK:
+            c *= keep
+        tl.store(y_ptr + row * seqlen + t, c.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def step3(
