@@ -88,10 +88,17 @@ def _dft_block(out_idx, in_idx, N1: tl.constexpr, CONJ: tl.constexpr, FAST_TRIG:
 
 
 @triton.jit
-def _z_offsets(row, k1, cols, N1: tl.constexpr, N2: tl.constexpr):
-    """Offsets of a (len(k1), len(cols), 2) tile [k1, c, re/im] of row ``row`` of z."""
-    base = ((row * N1 + k1[:, None]) * N2 + cols[None, :]) * 2
-    return base[:, :, None] + tl.arange(0, 2)[None, None, :]
+def _z_offsets(row, k1, col0, N1: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets of a (len(k1), 2 * BLOCK_N) tile [k1, (c, re/im)] of row ``row`` of z, columns
+    from col0: each row of the tile is contiguous, so loads and stores are 16-byte vectors (a
+    (k1, c, 2) tile compiles to 4-byte accesses: step 1 wrote at 0.7 TB/s on the H100)."""
+    return ((row * N1 + k1[:, None]) * N2 + col0) * 2 + tl.arange(0, 2 * BLOCK_N)[None, :]
+
+
+@triton.jit
+def _load_z(z_ptr, row, k1, col0, valid, N1: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (len(k1), 2 * BLOCK_N) interleaved tile of z (zero outside N1 and past the rows)."""
+    return tl.load(z_ptr + _z_offsets(row, k1, col0, N1, N2, BLOCK_N), mask=(valid & (k1 < N1))[:, None], other=0.0)
 
 
 @triton.jit
@@ -176,9 +183,9 @@ def _step1_kernel(
         if ki == NK - 1:
             zr = acc_r * twr - acc_i * twi
             zi = acc_r * twi + acc_i * twr
-            ok = (valid & (k1 < N1))[:, None, None]
-            tl.store(z_ptr + _z_offsets(row, k1, cols, N1, N2), tl.join(zr, zi).to(z_ptr.dtype.element_ty),
-                     mask=ok)
+            zz = tl.reshape(tl.join(zr, zi), (BLOCK_M, 2 * BLOCK_N)).to(z_ptr.dtype.element_ty)
+            tl.store(z_ptr + _z_offsets(row, k1, pid_n * BLOCK_N, N1, N2, BLOCK_N), zz,
+                     mask=(valid & (k1 < N1))[:, None])
             if HAS_DD:
                 tl.store(dd_ptr + pid_n * rows + row, tl.sum(dd, axis=0), mask=valid & (pid_m == 0))
 
@@ -237,14 +244,13 @@ def _step3_kernel(
     row0 = pid_r * ROWS_PER_PROGRAM
     row, valid, b, h, ki = _rows_and_chunk(0, row0, rows, channels, ROWS_PER_PROGRAM, NK)
     k1 = ki * BLOCK_K + tl.arange(0, BLOCK_K)
-    nxt = tl.load(z_ptr + _z_offsets(row, k1, cols, N1, N2), mask=(valid & (k1 < N1))[:, None, None], other=0.0)
+    nxt = _load_z(z_ptr, row, k1, pid_n * BLOCK_N, valid, N1, N2, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in tl.range(0, ROWS_PER_PROGRAM * NK):
-        zr, zi = tl.split(nxt.to(tl.float32))
+        zr, zi = tl.split(tl.reshape(nxt.to(tl.float32), (BLOCK_K, BLOCK_N, 2)))
         row_n, valid_n, b_n, h_n, ki_n = _rows_and_chunk(it + 1, row0, rows, channels, ROWS_PER_PROGRAM, NK)
         k1_n = ki_n * BLOCK_K + tl.arange(0, BLOCK_K)
-        nxt = tl.load(z_ptr + _z_offsets(row_n, k1_n, cols, N1, N2), mask=(valid_n & (k1_n < N1))[:, None, None],
-                      other=0.0)
+        nxt = _load_z(z_ptr, row_n, k1_n, pid_n * BLOCK_N, valid_n, N1, N2, BLOCK_N)
         row, valid, b, h, ki = _rows_and_chunk(it, row0, rows, channels, ROWS_PER_PROGRAM, NK)
         if NK == 1:
             gr, gi, twr, twi = gr0, gi0, twr0, twi0

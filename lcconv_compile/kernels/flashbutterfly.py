@@ -609,31 +609,34 @@ def _full_chunk_constants(w1_ptr, w1i_ptr, chunk_start, M1: tl.constexpr, CHUNK:
 
 @triton.jit
 def _row_offsets(row, M: tl.constexpr, M1: tl.constexpr):
-    """Offsets of one complex row of an intermediate as an (M, M1, 2) tile [m, j, re/im]:
-    time j*M + m (blockfft3's stack layout), real pairs."""
-    t = tl.arange(0, M1)[None, :] * M + tl.arange(0, M)[:, None]
-    return (row * (M1 * M) + t)[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    """Offsets of one complex row of an intermediate in memory order, as an (M1, 2*M) tile
+    [j, (m, re/im)] (time j*M + m): each tile row is contiguous, so loads and stores are 16-byte
+    vectors. (An (M, M1, 2) tile in blockfft3's stack order compiled to 4-byte accesses.)"""
+    return row * (2 * M1 * M) + tl.arange(0, M1)[:, None] * (2 * M) + tl.arange(0, 2 * M)[None, :]
 
 
 @triton.jit
 def _load_row_operand(p_ptr, row, M: tl.constexpr, M1: tl.constexpr, PRECISION: tl.constexpr):
-    """A complex row as a tensor-core operand (M, 2*M1) and its scale: in the fp16 mode the row
-    is divided by max(|re|, |im|) (so the transforms stay in float16's range), else scale 1."""
-    x = tl.load(p_ptr + _row_offsets(row, M, M1)).to(tl.float32)
+    """A complex row as a tensor-core operand (M, 2*M1) in blockfft3's stack order [m, (j, re/im)]
+    and its scale: in the fp16 mode the row is divided by max(|re|, |im|) (so the transforms
+    stay in float16's range), else scale 1."""
+    x = tl.load(p_ptr + _row_offsets(row, M, M1)).to(tl.float32)  # [j, (m, c)]
     if PRECISION == "fp16":
-        scale = tl.max(tl.max(tl.max(tl.abs(x), axis=2), axis=1), axis=0)
+        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
         scale = tl.where(scale > 0, scale, 1.0)
     else:
         scale = 1.0
-    re, im = tl.split(x / scale)
+    re, im = tl.split(tl.permute(tl.reshape(x / scale, (M1, M, 2)), (1, 0, 2)))  # [m, j] each
     return interleave(re, im, PRECISION), scale
 
 
 @triton.jit
 def _store_row(p_ptr, row, acc, scale, M: tl.constexpr, M1: tl.constexpr):
-    """Store an interleaved float32 accumulator (M, 2*M1) times ``scale`` as a complex row."""
+    """Store an interleaved float32 accumulator (M, 2*M1) [m, (j, re/im)] times ``scale`` as a
+    complex row (memory order, :func:`_row_offsets`)."""
     re, im = deinterleave(acc)
-    tl.store(p_ptr + _row_offsets(row, M, M1), (tl.join(re, im) * scale).to(p_ptr.dtype.element_ty))
+    tile = tl.reshape(tl.permute(tl.join(re, im) * scale, (1, 0, 2)), (M1, 2 * M))
+    tl.store(p_ptr + _row_offsets(row, M, M1), tile.to(p_ptr.dtype.element_ty))
 
 
 @triton.jit
