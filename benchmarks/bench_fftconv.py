@@ -4,12 +4,16 @@ SDPA causal attention and the memory floor; and a host-overhead table. Prints ta
     python benchmarks/bench_fftconv.py --out results.json [--tables ops host] [--lengths 1024 4096]
     python benchmarks/bench_fftconv.py --tables long --out long.json [--long-dtypes bf16 fp32]
 
-Long table (``--tables long``, FlashButterfly): (2,1024,64K), (1,256,256K), (1,64,1M),
+Long table (``--tables long``, FlashButterfly): (4,1024,32K), (2,1024,64K), (1,256,256K), (1,64,1M),
 (1,16,4M), Lk = L, k and D float32: ours (the op; ``family`` says which kernels ran it,
 "reference" = torch.fft inside the op), the hand-written torch.fft idiom, the memory floor, and
 the learned-butterfly op at the exact factors where its kernels cover the split; forward and
 forward+backward; ``*_peak_x`` = peak memory of one step above its inputs, as a multiple of u's
 bytes (:func:`common.peak_memory_bytes`).
+
+Lengths table (``--tables lengths``, the README plot): L = 1K..4M at a constant B*H*L = 2^26
+samples ((1, 2^26 / L, L), bf16, Lk = L): ours (the op as dispatched by default), torch.fft and
+the floor, forward and forward+backward; ``benchmarks/plot_lengths.py`` draws it.
 
 Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, forward and
 forward+backward, for eager, ``torch.compile`` (default) and ``mode="reduce-overhead"``:
@@ -117,7 +121,7 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
 
 
 # ------------------------------------------------------------------------------ long lengths --
-LONG_SHAPES = ((2, 1024, 1 << 16), (1, 256, 1 << 18), (1, 64, 1 << 20), (1, 16, 1 << 22))
+LONG_SHAPES = ((4, 1024, 1 << 15), (2, 1024, 1 << 16), (1, 256, 1 << 18), (1, 64, 1 << 20), (1, 16, 1 << 22))
 
 
 def _step(fn, backward, inputs, grad):
@@ -131,17 +135,18 @@ def _step(fn, backward, inputs, grad):
 
 
 def run_long(dtypes, shapes=LONG_SHAPES, device="cuda"):
-    """The long-length table (see the module docstring). FlashButterfly runs as "ours" whether or
-    not it is in kernels.FAMILIES (LONG_FAMILIES are opted in here; the row says which family ran)."""
-    saved = kernels.FAMILIES
-    kernels.FAMILIES = saved + tuple(f for f in kernels.LONG_FAMILIES if f not in saved)
+    """The long-length table (see the module docstring). FlashButterfly runs as "ours" at every
+    length it covers, also past flashbutterfly.DISPATCH_MAX_N1 (lifted here; each row says which
+    family ran and whether the op would dispatch it by default: "dispatched")."""
+    saved = flashbutterfly.DISPATCH_MAX_N1
     try:
-        return _run_long(dtypes, shapes, device)
+        flashbutterfly.DISPATCH_MAX_N1 = 1 << 30
+        return _run_long(dtypes, shapes, device, saved)
     finally:
-        kernels.FAMILIES = saved
+        flashbutterfly.DISPATCH_MAX_N1 = saved
 
 
-def _run_long(dtypes, shapes, device):
+def _run_long(dtypes, shapes, device, dispatch_max_n1):
     bandwidth = copy_bandwidth(device)
     print(f"# device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(LONG_HEADER)
@@ -166,7 +171,8 @@ def _run_long(dtypes, shapes, device):
                 fwd_bytes = u.numel() * u.element_size() * 2 + k.numel() * 4 + D.numel() * 4
                 floor_bytes = fwd_bytes * (2 if backward else 1)
                 row = dict(B=b, H=h, L=L, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
-                           floor_ms=floor_bytes / bandwidth * 1e3, family=family_name(u, k))
+                           floor_ms=floor_bytes / bandwidth * 1e3, family=family_name(u, k),
+                           dispatched=flashbutterfly.split_for(L, L, dtype)[0] <= dispatch_max_n1)
                 candidates = dict(ours=ours, torch_fft=torch_fft_conv, learned=learned)
                 for name, fn in candidates.items():
                     if fn is None:
@@ -200,6 +206,45 @@ def print_long_row(r):
           f"{_fmt(ratio(r['torch_fft_ms'], ours_ms), '8.2f')} {_fmt(ratio(ours_ms, r['floor_ms']), '10.1f')} "
           f"{_fmt(ratio(r['learned_ms'], ours_ms), '8.2f')} {_fmt(r['ours_peak_x'], '6.1f')} "
           f"{_fmt(r['torch_fft_peak_x'], '6.1f')}")
+
+
+# --------------------------------------------------------------------------------- lengths --
+LENGTHS_SAMPLES = 1 << 26
+
+
+def run_lengths(dtype_name="bf16", device="cuda"):
+    """The lengths table (see the module docstring): one row per (L, pass)."""
+    bandwidth = copy_bandwidth(device)
+    dtype = DTYPES[dtype_name]
+    rows = []
+    print(f"{'L':>8} {'H':>6} {'pass':>8} {'family':>14} {'ours':>8} {'fft':>8} {'floor':>7} | {'fft/ours':>8}")
+    for log_l in range(10, 23):
+        L = 1 << log_l
+        h = LENGTHS_SAMPLES // L
+        u = torch.randn(1, h, L, device=device, dtype=dtype)
+        k = torch.randn(h, L, device=device) / math.sqrt(L)
+        D = torch.randn(h, device=device)
+        grad = torch.randn_like(u)
+        for backward in (False, True):
+            for t in (u, k, D):
+                t.requires_grad_(backward)
+            fwd_bytes = u.numel() * u.element_size() * 2 + k.numel() * 4 + D.numel() * 4
+            row = dict(B=1, H=h, L=L, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
+                       floor_ms=fwd_bytes * (2 if backward else 1) / bandwidth * 1e3, family=family_name(u, k))
+            for name, fn in (("ours", ours), ("torch_fft", torch_fft_conv)):
+                try:
+                    row[f"{name}_ms"] = triton.testing.do_bench(_step(fn, backward, (u, k, D), grad), warmup=5,
+                                                                rep=40, return_mode="median")
+                except torch.OutOfMemoryError:
+                    row[f"{name}_ms"] = None
+                torch.cuda.empty_cache()
+            rows.append(row)
+            speedup = row["torch_fft_ms"] / row["ours_ms"] if row["ours_ms"] and row["torch_fft_ms"] else None
+            print(f"{L:>8} {h:>6} {row['pass_']:>8} {row['family']:>14} {_fmt(row['ours_ms'], '8.3f')} "
+                  f"{_fmt(row['torch_fft_ms'], '8.3f')} {row['floor_ms']:7.3f} | {_fmt(speedup, '8.2f')}", flush=True)
+        del u, k, D, grad
+        torch.cuda.empty_cache()
+    return dict(copy_bandwidth_Bps=bandwidth, length_rows=rows)
 
 
 # ----------------------------------------------------------------------------- host overhead --
@@ -312,9 +357,10 @@ def print_row(r):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tables", nargs="+", default=["ops", "host"], choices=["ops", "host", "long"],
+    parser.add_argument("--tables", nargs="+", default=["ops", "host"], choices=["ops", "host", "long", "lengths"],
                         help="ops: ours vs baselines per length; host: host overhead (wall vs GPU time); "
-                             "long: FlashButterfly's lengths 64K..4M with peak memory")
+                             "long: FlashButterfly's lengths 32K..4M with peak memory; "
+                             "lengths: 1K..4M at B*H*L = 2^26 (the README plot)")
     parser.add_argument("--long-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
@@ -336,6 +382,8 @@ def main():
             print_row(r)
     if "long" in args.tables:
         result.update(run_long(args.long_dtypes))
+    if "lengths" in args.tables:
+        result.update(run_lengths())
     if "host" in args.tables:
         print("\n# host overhead (us per call)\n" + HOST_HEADER)
         result["host_rows"] = host_overhead(args.host_calls)

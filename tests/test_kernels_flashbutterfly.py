@@ -12,6 +12,7 @@ import torch
 
 from lcconv_compile import reference
 from oracles import assert_backward_matches_reference
+from lcconv_compile import kernels
 from lcconv_compile.kernels import FAMILIES, flashbutterfly as fb
 from inputs import rel_err
 from inputs import as_float64, poisoned, random_args
@@ -236,10 +237,10 @@ def check_family_backward(grad_y, args, tol, tuning=fb.Tuning()):
     assert torch.equal(fb.fftconv_bwd(grad_y, **args, tuning=tuning)[1], got[1]), "dk differs between runs"
 
 
-def test_family_is_opt_in_until_faster_than_the_reference():
-    from lcconv_compile.kernels import LONG_FAMILIES
+def test_family_is_dispatched_after_flashconv3():
+    from lcconv_compile.kernels import flashconv3
 
-    assert fb not in FAMILIES and fb in LONG_FAMILIES
+    assert FAMILIES.index(fb) > FAMILIES.index(flashconv3)
 
 
 @pytest.mark.parametrize("dtype,seqlen,kernel_len,want", [
@@ -295,24 +296,13 @@ def skip_unless_covered(dtype, L, Lk):
 def test_gpu_family_forward_and_backward(L, dtype, options):
     skip_unless_covered(dtype, L, L)
     args = gpu_args(L, dtype, options)
-    assert kernels_select(args["u"], args["k"]) is fb
+    dispatched = fb.split_for(L, L, dtype)[0] <= fb.DISPATCH_MAX_N1
+    assert kernels.select(args["u"], args["k"]) is (fb if dispatched else None)
     y = fb.fftconv_fwd(**args, alloc=poisoned)
     assert_written(y)
     err = rel_err(y, reference.fftconv_ref(**as_float64(args)))
     assert err < GPU_TOL[dtype], f"forward relative error {err:.2e}"
     check_family_backward(torch.randn_like(args["u"]), args, GPU_GRAD_TOL[dtype])
-
-
-def kernels_select(u, k):
-    """select() with FlashButterfly opted in (it is not in the default FAMILIES)."""
-    from lcconv_compile import kernels
-
-    saved = kernels.FAMILIES
-    kernels.FAMILIES = saved + kernels.LONG_FAMILIES
-    try:
-        return kernels.select(u, k)
-    finally:
-        kernels.FAMILIES = saved
 
 
 @pytest.mark.cuda
@@ -321,12 +311,13 @@ def test_gpu_dispatch_by_length():
     from lcconv_compile.kernels import flashconv3
 
     k = lambda L: torch.randn(2, L, device="cuda")  # noqa: E731
-    assert kernels_select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is flashconv3
-    assert kernels_select(torch.randn(1, 2, 16385, device="cuda", dtype=torch.bfloat16), k(16385)) is fb
-    assert kernels_select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is fb
-    assert kernels_select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is fb
-    assert kernels_select(torch.randn(1, 2, 1 << 22, device="cuda", dtype=torch.bfloat16), k(1 << 22)) is fb
-    assert kernels_select(torch.randn(1, 2, 1 << 16, device="cuda", dtype=torch.float64), k(1 << 16)) is None
+    select = kernels.select
+    assert select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is flashconv3
+    assert select(torch.randn(1, 2, 16385, device="cuda", dtype=torch.bfloat16), k(16385)) is fb
+    assert select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is fb
+    assert select(torch.randn(1, 2, 1 << 18, device="cuda", dtype=torch.bfloat16), k(1 << 18)) is fb  # N1 = 64
+    assert select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is None  # N1 = 256
+    assert select(torch.randn(1, 2, 1 << 16, device="cuda", dtype=torch.float64), k(1 << 16)) is None
 
 
 @pytest.mark.cuda

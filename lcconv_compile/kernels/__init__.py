@@ -16,7 +16,7 @@ import torch
 
 from . import flashbutterfly, flashconv3, shortconv
 
-__all__ = ["FAMILIES", "LONG_FAMILIES", "select"]
+__all__ = ["FAMILIES", "select"]
 
 # Tried in order; the first whose ``supports(u, k)`` is true runs the call. Each ``supports``
 # says only whether its kernels compute the op correctly for these inputs: where two families
@@ -25,13 +25,11 @@ __all__ = ["FAMILIES", "LONG_FAMILIES", "select"]
 # flashconv3 (FlashConv v5) replaced FlashConv v3 (two-level Monarch FFT, removed; its
 # measurements are in benchmarks/NOTES.md and git history): 1.0-1.9x faster forward and 1.4-1.6x
 # faster forward+backward, and on chip up to 16K.
-# flashbutterfly (three steps through HBM; correct on the H100 for half inputs to L = 256K and
-# float32 to 64K) is NOT dispatched: measured 3.7x (64K) and 8.4x (256K) slower forward than the
-# torch.fft reference it would replace (benchmarks/NOTES.md, "FlashButterfly on GPU"). Past
-# flashconv3's limit the op runs the reference until it is faster; LONG_FAMILIES lists it for
-# tests and benchmarks (``FAMILIES + LONG_FAMILIES`` opts in).
-FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3)
-LONG_FAMILIES: tuple[ModuleType, ...] = (flashbutterfly,)
+# flashbutterfly (three steps through HBM) takes what flashconv3 leaves, where its split has
+# N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 2.0x faster forward than the torch.fft reference
+# at 64K and 256K (bf16), at par or slower at 1M / 4M (benchmarks/NOTES.md, "FlashButterfly steps
+# 1 and 3 on tensor cores"), where the op keeps running the reference.
+FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3, flashbutterfly)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:

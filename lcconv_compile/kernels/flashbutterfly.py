@@ -105,6 +105,11 @@ MAX_SEQLEN = 1 << 22  # 4M: the op's longest; what runs here is what covers() sa
 # N1 = 64 compiles for sm_90 at 178-255 registers (96 spilled bytes in K3's backward), N1 = 256
 # cannot (scripts/compile_check.py --butterfly; module docstring).
 MAX_N1 = 64
+# The op dispatches here only up to this N1 (L = 256K for half inputs at Lk = L, 64K for float32):
+# measured on the H100 2.0x faster forward than torch.fft at 64K / 256K (bf16), but 1.0x at 1M
+# (N1 = 256) and 0.4x at 4M (N1 = 1024), where steps 1 and 3 run at 5-9x their traffic floor
+# (benchmarks/NOTES.md). Calls past it run the reference; the kernels themselves cover them.
+DISPATCH_MAX_N1 = 64
 # Step 2's longest rows per input dtype: float32 (3xtf32) operand tiles need more than the
 # 227 KB of shared memory beyond N2 = 2048 (backward: 266 KB at 4096); half inputs reach 8192.
 K2_MAX_N2 = {torch.float32: 2048, torch.bfloat16: 8192, torch.float16: 8192}
@@ -404,7 +409,7 @@ def k3_backward(
     n1, n2 = _split_of(out_factor, split)
     exact = out_factor is None
     if exact:
-        return _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, (n1, n2), alloc, tuning)
+        return _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, (n1, n2), w.dtype, alloc, tuning)
     block_c = _block_c(n1, n2, tuning)
     blocks = n2 // block_c
     groups, rows_per_group = _row_groups(rows, tuning, exact)
@@ -424,17 +429,18 @@ def k3_backward(
     return K3Grads(dw, None if exact else d_out_part.sum(0), dD, dc)
 
 
-def _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, split, alloc, tuning) -> K3Grads:
-    # dw = out^H dc = step1(dc) / N1. GELU needs c: step 3 recomputes it and writes dc (and dD);
-    # without GELU dc = grad_y * mask is read by step 1 directly (dD on the side).
+def _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, split, dw_dtype, alloc, tuning) -> K3Grads:
+    # dw = out^H dc = step1(dc) / N1. GELU needs c: step 3 recomputes it from w and writes dc
+    # (and dD); without GELU dc = grad_y * mask is read by step 1 directly (dD on the side) and
+    # w is not needed (may be None).
     n1, seqlen = split[0], u.shape[-1]
     tiles = _exact_tiles(tuning)
     if gelu:
         dc, dD = fftsteps.step3(w, seqlen, torch.float32, scale=1.0 / n1, D=D, skip=u if D is not None else None,
                                 gelu=True, dropout_mask=dropout_mask, grad_y=grad_y, **tiles)
-        dw, unused = fftsteps.step1(dc, split, w.dtype, scale=1.0 / n1, alloc=alloc, **tiles)
+        dw, unused = fftsteps.step1(dc, split, dw_dtype, scale=1.0 / n1, alloc=alloc, **tiles)
         return K3Grads(dw, None, dD, dc)
-    dw, dD = fftsteps.step1(grad_y, split, w.dtype, scale=1.0 / n1, dropout_mask=dropout_mask,
+    dw, dD = fftsteps.step1(grad_y, split, dw_dtype, scale=1.0 / n1, dropout_mask=dropout_mask,
                             dd_with=u if D is not None else None, alloc=alloc, **tiles)
     return K3Grads(dw, None, dD, grad_y, dropout_mask)
 
@@ -609,34 +615,31 @@ def _full_chunk_constants(w1_ptr, w1i_ptr, chunk_start, M1: tl.constexpr, CHUNK:
 
 @triton.jit
 def _row_offsets(row, M: tl.constexpr, M1: tl.constexpr):
-    """Offsets of one complex row of an intermediate in memory order, as an (M1, 2*M) tile
-    [j, (m, re/im)] (time j*M + m): each tile row is contiguous, so loads and stores are 16-byte
-    vectors. (An (M, M1, 2) tile in blockfft3's stack order compiled to 4-byte accesses.)"""
-    return row * (2 * M1 * M) + tl.arange(0, M1)[:, None] * (2 * M) + tl.arange(0, 2 * M)[None, :]
+    """Offsets of one complex row of an intermediate as an (M, M1, 2) tile [m, j, re/im]:
+    time j*M + m (blockfft3's stack layout), real pairs."""
+    t = tl.arange(0, M1)[None, :] * M + tl.arange(0, M)[:, None]
+    return (row * (M1 * M) + t)[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
 
 
 @triton.jit
 def _load_row_operand(p_ptr, row, M: tl.constexpr, M1: tl.constexpr, PRECISION: tl.constexpr):
-    """A complex row as a tensor-core operand (M, 2*M1) in blockfft3's stack order [m, (j, re/im)]
-    and its scale: in the fp16 mode the row is divided by max(|re|, |im|) (so the transforms
-    stay in float16's range), else scale 1."""
-    x = tl.load(p_ptr + _row_offsets(row, M, M1)).to(tl.float32)  # [j, (m, c)]
+    """A complex row as a tensor-core operand (M, 2*M1) and its scale: in the fp16 mode the row
+    is divided by max(|re|, |im|) (so the transforms stay in float16's range), else scale 1."""
+    x = tl.load(p_ptr + _row_offsets(row, M, M1)).to(tl.float32)
     if PRECISION == "fp16":
-        scale = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        scale = tl.max(tl.max(tl.max(tl.abs(x), axis=2), axis=1), axis=0)
         scale = tl.where(scale > 0, scale, 1.0)
     else:
         scale = 1.0
-    re, im = tl.split(tl.permute(tl.reshape(x / scale, (M1, M, 2)), (1, 0, 2)))  # [m, j] each
+    re, im = tl.split(x / scale)
     return interleave(re, im, PRECISION), scale
 
 
 @triton.jit
 def _store_row(p_ptr, row, acc, scale, M: tl.constexpr, M1: tl.constexpr):
-    """Store an interleaved float32 accumulator (M, 2*M1) [m, (j, re/im)] times ``scale`` as a
-    complex row (memory order, :func:`_row_offsets`)."""
+    """Store an interleaved float32 accumulator (M, 2*M1) times ``scale`` as a complex row."""
     re, im = deinterleave(acc)
-    tile = tl.reshape(tl.permute(tl.join(re, im) * scale, (1, 0, 2)), (M1, 2 * M))
-    tl.store(p_ptr + _row_offsets(row, M, M1), tile.to(p_ptr.dtype.element_ty))
+    tl.store(p_ptr + _row_offsets(row, M, M1), (tl.join(re, im) * scale).to(p_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -842,10 +845,13 @@ def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether these kernels handle ``fftconv(u, k, ...)``: CUDA tensors and :func:`covers`.
-    Listed after flashconv3 in kernels.FAMILIES, which takes every length it covers."""
-    return (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES
-            and covers(u.dtype, u.shape[-1], k.shape[-1]))
+    """Whether the op dispatches ``fftconv(u, k, ...)`` here: CUDA tensors, :func:`covers`, and a
+    split with N1 <= :data:`DISPATCH_MAX_N1` (where the kernels were measured faster than the
+    torch.fft reference). Listed after flashconv3 in kernels.FAMILIES, which takes every length
+    it covers."""
+    if not (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES and covers(u.dtype, u.shape[-1], k.shape[-1])):
+        return False
+    return split_for(u.shape[-1], k.shape[-1], u.dtype)[0] <= DISPATCH_MAX_N1
 
 
 def supports_learned(u: torch.Tensor, k: torch.Tensor, in_factor: torch.Tensor) -> bool:
@@ -898,14 +904,17 @@ def fftconv_bwd(
     alloc: Callable[..., torch.Tensor] = torch.empty,
     tuning: Tuning = Tuning(),
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(du, dk, dD, dgate_in, dgate_out), None for absent inputs: K1 and K2 recomputed, then
+    """(du, dk, dD, dgate_in, dgate_out), None for absent inputs: K1 recomputed (and K2 where GELU or
+    gate_out needs the activation), then
     K3-bwd, K2-bwd (dz over dw; dk summed per kernel row in a fixed order), K1-bwd. dk and dD are
     bit-identical across runs (no atomics)."""
     split = tuning.split or split_for(u.shape[-1], k.shape[-1], u.dtype)
     rows_conv = TritonRowsConv(tuning)
     x = _gated(u, gate_in)
     z = k1_forward(x, None, split=split, out_dtype=intermediate_dtype(u.dtype), tuning=tuning)
-    w = rows_conv.forward(z, k)
+    # w (step 2's output) is needed only to recompute the activation: for GELU' and gate_out's
+    # gradient. Without both, the backward skips step 2's forward (a third of its time).
+    w = rows_conv.forward(z, k) if gelu or gate_out is not None else None
     dgate_out = None
     dc = grad_y
     if gate_out is not None:
@@ -913,7 +922,7 @@ def fftconv_bwd(
         dgate_out = (grad_y.float() * act.float()).to(gate_out.dtype)
         dc = grad_y.float() * gate_out.float()
         del act
-    k3 = k3_backward(dc, w, x, None, D, gelu, dropout_mask, split=split, tuning=tuning)
+    k3 = _k3_backward_exact(dc, w, x, D, gelu, dropout_mask, split, z.dtype, torch.empty, tuning)
     del w
     dz, dk = rows_conv.backward(k3.dw, z, k, out=k3.dw)
     del z
