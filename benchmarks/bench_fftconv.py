@@ -3,6 +3,7 @@ SDPA causal attention and the memory floor; and a host-overhead table. Prints ta
 
     python benchmarks/bench_fftconv.py --out results.json [--tables ops host] [--lengths 1024 4096]
     python benchmarks/bench_fftconv.py --tables long --out long.json [--long-dtypes bf16 fp32]
+    python benchmarks/bench_fftconv.py --tables lengths --out lengths.json   # then plot_lengths.py
 
 Long table (``--tables long``, FlashButterfly): (4,1024,32K), (2,1024,64K), (1,256,256K), (1,64,1M),
 (1,16,4M), Lk = L, k and D float32: ours (the op; ``family`` says which kernels ran it,
@@ -138,15 +139,15 @@ def run_long(dtypes, shapes=LONG_SHAPES, device="cuda"):
     """The long-length table (see the module docstring). FlashButterfly runs as "ours" at every
     length it covers, also past flashbutterfly.DISPATCH_MAX_N1 (lifted here; each row says which
     family ran and whether the op would dispatch it by default: "dispatched")."""
-    saved = flashbutterfly.DISPATCH_MAX_N1
+    saved = flashbutterfly.DISPATCH_MAX_N1, flashbutterfly.DISPATCH_DTYPES
     try:
-        flashbutterfly.DISPATCH_MAX_N1 = 1 << 30
+        flashbutterfly.DISPATCH_MAX_N1, flashbutterfly.DISPATCH_DTYPES = 1 << 30, flashbutterfly.KERNEL_DTYPES
         return _run_long(dtypes, shapes, device, saved)
     finally:
-        flashbutterfly.DISPATCH_MAX_N1 = saved
+        flashbutterfly.DISPATCH_MAX_N1, flashbutterfly.DISPATCH_DTYPES = saved
 
 
-def _run_long(dtypes, shapes, device, dispatch_max_n1):
+def _run_long(dtypes, shapes, device, dispatch_rule):
     bandwidth = copy_bandwidth(device)
     print(f"# device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(LONG_HEADER)
@@ -172,7 +173,8 @@ def _run_long(dtypes, shapes, device, dispatch_max_n1):
                 floor_bytes = fwd_bytes * (2 if backward else 1)
                 row = dict(B=b, H=h, L=L, dtype=dtype_name, pass_="fwd+bwd" if backward else "fwd",
                            floor_ms=floor_bytes / bandwidth * 1e3, family=family_name(u, k),
-                           dispatched=flashbutterfly.split_for(L, L, dtype)[0] <= dispatch_max_n1)
+                           dispatched=(dtype in dispatch_rule[1]
+                                       and flashbutterfly.split_for(L, L, dtype)[0] <= dispatch_rule[0]))
                 candidates = dict(ours=ours, torch_fft=torch_fft_conv, learned=learned)
                 for name, fn in candidates.items():
                     if fn is None:

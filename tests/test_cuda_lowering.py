@@ -267,7 +267,7 @@ def test_reduce_overhead_captures_our_kernels_in_cuda_graphs():
 @pytest.mark.parametrize("B,H,L,Lk,dtype,options", [
     (3, 5, 100, 37, torch.float32, True),  # odd sizes, every option (FlashConv v5)
     (3, 5, 300, 7, torch.bfloat16, True),  # a short kernel (shortconv)
-    (2, 3, 5000, 2048, torch.float32, False),  # past v5's float32 limit (4096): FlashButterfly
+    (2, 3, 5000, 2048, torch.float32, False),  # past v5's float32 limit (4096): reference (FlashButterfly takes half dtypes only)
     (1, 2, 20000, 300, torch.bfloat16, True),  # past v5 (16384): reference FFT ops, every option
     (1, 2, 600000, 300, torch.bfloat16, False),  # N = 1M, N1 = 128: past every kernel, reference FFT ops
 ])

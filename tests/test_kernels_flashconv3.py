@@ -370,10 +370,21 @@ def test_forward_gpu_tunings_agree(tuning):
 @pytest.mark.parametrize("L", [16, 333, 1024, 2048, 3000, 4096, 8192, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", [False, True])
-def test_backward_gpu(L, dtype, options):
+@pytest.mark.parametrize("B", [6, 1])  # B <= 2: one stack per program (the kernel-spectrum default differs)
+def test_backward_gpu(L, dtype, options, B):
     if L > flashconv3.MAX_SEQLEN[dtype]:
         pytest.skip(f"{dtype} beyond {flashconv3.MAX_SEQLEN[dtype]}: not a v5 size")
-    check_backward(6, 48, L, max(1, L // 2), dtype, options)
+    check_backward(B, 48, L, max(1, L // 2), dtype, options)
+
+
+@pytest.mark.parametrize("dtype,L", [(torch.bfloat16, 16384), (torch.float32, 4096)])
+def test_two_block_backward_never_recomputes_the_kernel_spectrum(dtype, L):
+    """Recomputing k's spectrum per program needs > 227 KB of shared memory in the two-block
+    backward (compile_check): the launch must keep it in scratch even for one stack (B <= 2)."""
+    launch = flashconv3._launch_for((1, 4, L), dtype, torch.device("cuda"), flashconv3.Tuning(), True)
+    assert launch.blocks == 2 and launch.kernel_spectrum == "scratch"
+    forward = flashconv3._launch_for((1, 4, L), dtype, torch.device("cuda"), flashconv3.Tuning(), False)
+    assert forward.kernel_spectrum == "recompute"  # fits (160 / 231 KB): no round trip
 
 
 @pytest.mark.cuda

@@ -110,6 +110,9 @@ MAX_N1 = 64
 # (N1 = 256) and 0.4x at 4M (N1 = 1024), where steps 1 and 3 run at 5-9x their traffic floor
 # (benchmarks/NOTES.md). Calls past it run the reference; the kernels themselves cover them.
 DISPATCH_MAX_N1 = 64
+# float32 inputs are not dispatched: their 3xtf32 steps and N2 = 2048 split measured 0.5-0.7x the
+# torch.fft reference at 32K/64K and slower beyond (the kernels still compute them).
+DISPATCH_DTYPES = (torch.bfloat16, torch.float16)
 # Step 2's longest rows per input dtype: float32 (3xtf32) operand tiles need more than the
 # 227 KB of shared memory beyond N2 = 2048 (backward: 266 KB at 4096); half inputs reach 8192.
 K2_MAX_N2 = {torch.float32: 2048, torch.bfloat16: 8192, torch.float16: 8192}
@@ -845,10 +848,12 @@ def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the op dispatches ``fftconv(u, k, ...)`` here: CUDA tensors, :func:`covers`, and a
-    split with N1 <= :data:`DISPATCH_MAX_N1` (where the kernels were measured faster than the
-    torch.fft reference). Listed after flashconv3 in kernels.FAMILIES, which takes every length
-    it covers."""
+    """Whether the op dispatches ``fftconv(u, k, ...)`` here: CUDA tensors, :func:`covers`, a half
+    dtype (:data:`DISPATCH_DTYPES`) and a split with N1 <= :data:`DISPATCH_MAX_N1` (where the
+    kernels were measured faster than the torch.fft reference). Listed after flashconv3 in
+    kernels.FAMILIES, which takes every length it covers."""
+    if u.dtype not in DISPATCH_DTYPES:
+        return False
     if not (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES and covers(u.dtype, u.shape[-1], k.shape[-1])):
         return False
     return split_for(u.shape[-1], k.shape[-1], u.dtype)[0] <= DISPATCH_MAX_N1

@@ -187,7 +187,12 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
     stacks_per_item = stacks // groups
     programs = min(items, wanted) if persistent else items
     # A spectrum kept for one stack only saves nothing and costs its round trip.
-    kernel_spectrum = tuning.kernel_spectrum or ("scratch" if stacks_per_item > 1 else "recompute")
+    # The backward of two blocks cannot recompute it: that kernel needs more than the 227 KB of
+    # shared memory (252 KB at L = 16K half, 297 KB at 4K float32, scripts/compile_check.py
+    # --backward --batch 2), which failed every backward with B <= 2 at those lengths.
+    recompute_fits = not (backward and blocks == 2)
+    kernel_spectrum = tuning.kernel_spectrum or ("scratch" if stacks_per_item > 1 or not recompute_fits
+                                                 else "recompute")
     prefetch = bool(tuning.prefetch) and not backward
     return _Launch(plan, blocks, pairs, precision, num_warps, groups, stacks_per_item, programs,
                    kernel_spectrum, prefetch, tuning.maxnreg)
