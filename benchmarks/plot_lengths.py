@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+SHORT_NAMES = {"flashconv3": "v5", "flashbutterfly": "fb", "shortconv": "short", "reference": "ref"}
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -36,7 +38,7 @@ def main():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         for L, r in zip(lengths, sel):  # which kernels ran each point
             if r.get("ours_ms"):
-                ax.annotate(r["family"][:5], (L, r["ours_ms"]), textcoords="offset points", xytext=(0, 6),
+                ax.annotate(SHORT_NAMES.get(r["family"], r["family"]), (L, r["ours_ms"]), textcoords="offset points", xytext=(0, 6),
                             fontsize=6, ha="center")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -44,7 +46,8 @@ def main():
         ax.set_title(f"{pass_}, {sel[0]['dtype']}, Lk = L")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("ms")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title="v5 = FlashConv, fb = FlashButterfly, ref = torch.fft in the op",
+                   title_fontsize=7)
     fig.suptitle(f"{result.get('device', '?')}, commit {str(result.get('commit', '?'))[:7]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)

@@ -35,20 +35,26 @@ Two users: ``lcconv::butterfly_conv`` (learned factors, :func:`butterfly_conv_fw
 by K1/K3, ``EXACT``; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
 multiplies around the kernels (not fused).
 
+Exact factors (the fftconv family, kz, dk): steps 1 and 3 are :mod:`fftsteps`' tensor-core
+products (any N1), so these kernels cover every length to 4M; the op dispatches them only where
+they were measured faster than the torch.fft reference (:data:`DISPATCH_MAX_N1`,
+:data:`DISPATCH_DTYPES`).
+
 Limits, said plainly:
-* K1/K3 contract over N1 with broadcast multiply-adds on CUDA cores (not ``tl.dot``); the factor
-  tile is ``BLOCK_C * N1^2`` complex values in registers. sm_90 compiles N1 <= 64 (<= 255
-  registers, 96 spilled bytes in K3-bwd at 64); N1 = 256 spills 4.3 KB (K1) and 18.6 KB (K3) per
-  thread (scripts/compile_check.py --butterfly). So :data:`MAX_N1` = 64: half inputs run to
-  N = 512K (L = 256K with Lk = L), and L = 1M / 4M (N1 = 256 / 1024) still run the reference
-  (torch.fft) on CUDA. Reaching them needs K1/K3 on tensor cores (factor tiles streamed through
-  tl.dot) or a two-level N1 = 16 x 16 split: not done.
+* Learned factors (one matrix per column) still run K1/K3 with broadcast multiply-adds on CUDA
+  cores (not ``tl.dot``); the factor tile is ``BLOCK_C * N1^2`` complex values in registers.
+  sm_90 compiles N1 <= 64 (:data:`MAX_N1`); N1 = 256 spills 4.3 KB (K1) and 18.6 KB (K3) per
+  thread (scripts/compile_check.py --butterfly --learned). Measured 7-15x slower than the exact
+  kernels on the H100 (benchmarks/NOTES.md). Next: columns grouped so a tile shares its factor,
+  as a batched tl.dot.
 * float32 (3xtf32) K2 needs > 227 KB of shared memory beyond N2 = 2048 (:data:`K2_MAX_N2`): the
   fftconv family then splits with N2 = 2048 (float32 to N = 128K, L = 64K); the learned op's
   split is fixed (N2 = 8192 from N = 128K), so float32 learned calls past N = 32K run the reference.
-* K2 at N2 = 8192 (half) uses 255 registers, spilling 4 bytes forward and 64-496 bytes backward.
-* The float16 intermediates are not scaled: inputs of magnitude above ~65504 / N1 overflow.
-* Unmeasured on a GPU (benchmarks/NOTES.md, "FlashButterfly on GPU (wip-fb2)").
+* K2 at N2 = 8192 (half) uses 255 registers, spilling 4 bytes forward and 64-496 bytes backward;
+  it bounds the family (4.5 of 5.8 ms forward at (2,1024,64K)).
+* The float16 intermediates are not scaled: inputs of magnitude above ~65504 / N1 overflow, and
+  gradients small enough to make dw float16 subnormal (|dw| < 6e-5) lose precision (an estimate,
+  not measured).
 
 Knows torch, Triton and reference.py only (no torch.library, no Inductor).
 """
