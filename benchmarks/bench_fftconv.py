@@ -125,6 +125,12 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
 LONG_SHAPES = ((4, 1024, 1 << 15), (2, 1024, 1 << 16), (1, 256, 1 << 18), (1, 64, 1 << 20), (1, 16, 1 << 22))
 
 
+def _inputs(b, h, L, dtype, device):
+    """(u, k, D, dy) of one benchmark shape: u and dy in ``dtype``, k and D float32, Lk = L."""
+    u = torch.randn(b, h, L, device=device, dtype=dtype)
+    return u, torch.randn(h, L, device=device) / math.sqrt(L), torch.randn(h, device=device), torch.randn_like(u)
+
+
 def _step(fn, backward, inputs, grad):
     if backward:
         return lambda: torch.autograd.grad(fn(*inputs), [t for t in inputs if t.requires_grad], grad)
@@ -155,10 +161,7 @@ def _run_long(dtypes, shapes, device, dispatch_rule):
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         for b, h, L in shapes:
-            u = torch.randn(b, h, L, device=device, dtype=dtype)
-            k = torch.randn(h, L, device=device) / math.sqrt(L)
-            D = torch.randn(h, device=device)
-            grad = torch.randn_like(u)
+            u, k, D, grad = _inputs(b, h, L, dtype, device)
             n = reference.fft_size(L, L)
             learned = None
             if flashbutterfly.split_compiles(dtype, *reference.butterfly_split(n), learned=True):
@@ -223,10 +226,7 @@ def run_lengths(dtype_name="bf16", device="cuda"):
     for log_l in range(10, 23):
         L = 1 << log_l
         h = LENGTHS_SAMPLES // L
-        u = torch.randn(1, h, L, device=device, dtype=dtype)
-        k = torch.randn(h, L, device=device) / math.sqrt(L)
-        D = torch.randn(h, device=device)
-        grad = torch.randn_like(u)
+        u, k, D, grad = _inputs(1, h, L, dtype, device)
         for backward in (False, True):
             for t in (u, k, D):
                 t.requires_grad_(backward)
@@ -300,10 +300,7 @@ def host_and_wall_us(step, calls):
 def host_overhead(calls=200, device="cuda"):
     rows = []
     for B, H, L in HOST_SHAPES:
-        u = torch.randn(B, H, L, device=device, dtype=torch.bfloat16)
-        k = torch.randn(H, L, device=device) / math.sqrt(L)
-        D = torch.randn(H, device=device)
-        grad = torch.randn_like(u)
+        u, k, D, grad = _inputs(B, H, L, torch.bfloat16, device)
         for backward in (False, True):
             for t in (u, k, D):
                 t.requires_grad_(backward)
