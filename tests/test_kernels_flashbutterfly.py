@@ -220,7 +220,7 @@ def test_family_equals_fftconv(L, Lk, split, options, dtype, tol):
     """fftconv_fwd / fftconv_bwd (exact factors in registers, Triton K2) against fftconv's
     float64 reference. bf16: the interpreter truncates float32 -> bf16 (1e-2)."""
     B, H = 2, 3
-    tuning = small(split[1], split=split, row_groups=None)  # the exact path's default row groups
+    tuning = small(split[1], split=split, row_groups=None)  # the default row groups
     args = random_args(B, H, L, Lk, dtype=dtype, options=options, k_dtype=torch.float32)
     y = fb.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
     assert y.dtype == dtype and y.shape == (B, H, L)

@@ -34,7 +34,7 @@ learned factors (one matrix per column) are flashbutterfly's CUDA-core kernels, 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -49,8 +49,14 @@ __all__ = ["Blocks", "blocks_for", "precision_for", "step1", "step3"]
 MIN_DOT = 16  # sm_90's smallest tl.dot dimension
 
 
-class Blocks(tuple):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, rows per program, warps) of one launch."""
+class Blocks(NamedTuple):
+    """The tiles of one launch."""
+
+    block_m: int  # output rows (k1 or n1) per program
+    block_n: int  # columns per program
+    block_k: int  # N1 chunk contracted per product
+    rows_per_program: int
+    num_warps: int
 
 
 def blocks_for(n1: int, n2: int, precision: str, block_n: Optional[int] = None,
@@ -62,7 +68,7 @@ def blocks_for(n1: int, n2: int, precision: str, block_n: Optional[int] = None,
     block_mk = max(MIN_DOT, min(64, triton.next_power_of_2(n1)))
     block_n = min(n2, block_n or (128 if n1 <= 32 else 64 if precision == "fp16" else 32))
     warps = num_warps or (8 if block_mk >= 64 else 4)
-    return Blocks((block_mk, block_n, block_mk, rows_per_program or 4, warps))
+    return Blocks(block_mk, block_n, block_mk, rows_per_program or 4, warps)
 
 
 def precision_for(intermediate: torch.dtype, on_gpu: bool) -> str:
@@ -113,8 +119,7 @@ def _program(N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 def _grid(n1: int, n2: int, rows: int, tiles: Blocks) -> tuple[int]:
-    block_m, block_n, unused_k, rpp, unused_w = tiles
-    return (triton.cdiv(n1, block_m) * (n2 // block_n) * triton.cdiv(rows, rpp),)
+    return (triton.cdiv(n1, tiles.block_m) * (n2 // tiles.block_n) * triton.cdiv(rows, tiles.rows_per_program),)
 
 
 # --------------------------------------------------------------------------------- step 1 --

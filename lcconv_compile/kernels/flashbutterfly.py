@@ -31,8 +31,8 @@ results for identical inputs, no atomics.
 
 Two users: ``lcconv::butterfly_conv`` (learned factors, :func:`butterfly_conv_fwd` /
 :func:`butterfly_conv_bwd`, where :func:`supports_learned`) and the ``fftconv`` family
-(:func:`supports`, :func:`fftconv_fwd`, :func:`fftconv_bwd`: exact factors computed in registers
-by K1/K3, ``EXACT``; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
+(:func:`supports`, :func:`fftconv_fwd`, :func:`fftconv_bwd`: the exact factors, steps 1 and 3 by
+:mod:`fftsteps`; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
 multiplies around the kernels (not fused).
 
 Exact factors (the fftconv family, kz, dk): steps 1 and 3 are :mod:`fftsteps`' tensor-core
@@ -78,7 +78,6 @@ from .blockfft3 import (
     inverse_chunk,
     load_stage_constants,
     spectrum_offsets,
-    twiddle,
 )
 from . import fftsteps
 from .common import gelu, gelu_grad, strides
@@ -199,26 +198,6 @@ def _factor_tile(f_ptr, cols, N1: tl.constexpr):
 
 
 @triton.jit
-def _step_factor(f_ptr, cols, N1: tl.constexpr, N2: tl.constexpr, EXACT: tl.constexpr, INVERSE: tl.constexpr,
-                 FAST_TRIG: tl.constexpr):
-    """A factor's ``(N1, N1, BLOCK_C)`` tile: loaded (learned factors), or with EXACT the FFT's own
-    (``reference.butterfly_exact_factors``) computed in registers, no table:
-    ``in[c, k1, n1] = w_N^(k1 (n1 N2 + c))`` (tile [k1, n1, c]) and, INVERSE,
-    ``out[c, n1, k1] = conj(in[c, k1, n1]) / N1`` (tile [n1, k1, c])."""
-    if EXACT:
-        i = tl.arange(0, N1)[:, None, None]
-        j = tl.arange(0, N1)[None, :, None]
-        c = cols[None, None, :]
-        if INVERSE:
-            re, im = twiddle(j, i * N2 + c, N1 * N2, FAST_TRIG)
-            return re * (1.0 / N1), im * (-1.0 / N1)
-        else:
-            return twiddle(i, j * N2 + c, N1 * N2, FAST_TRIG)
-    else:
-        return _factor_tile(f_ptr, cols, N1)
-
-
-@triton.jit
 def _plane_offsets(row, cols, N1: tl.constexpr, N2: tl.constexpr):
     """Offsets of the real parts of an intermediate's ``(N1, BLOCK_C)`` tile of one row."""
     return ((row * N1 + tl.arange(0, N1)[:, None]) * N2 + cols[None, :]) * 2
@@ -251,10 +230,9 @@ def _store_factor_grad(g_ptr, cols, acc_r, acc_i, N1: tl.constexpr):
 def _k1_fwd_kernel(
     u_ptr, in_ptr, z_ptr, rows, channels, seqlen, su_b, su_h, su_l,
     ROWS_PER_PROGRAM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
-    EXACT: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
-    ar, ai = _step_factor(in_ptr, cols, N1, N2, EXACT, False, FAST_TRIG)  # [k1, n1, c]
+    ar, ai = _factor_tile(in_ptr, cols, N1)  # [k1, n1, c]
     for r in tl.range(0, ROWS_PER_PROGRAM):
         row = tl.program_id(1) * ROWS_PER_PROGRAM + r
         valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
@@ -281,8 +259,7 @@ def k1_forward(u: torch.Tensor, in_factor: Optional[torch.Tensor], *, split: Opt
     grid = (n2 // block_c, triton.cdiv(batch * channels, rows_per_program))
     launch(
         _k1_fwd_kernel, grid, u, _factor_arg(in_factor), z, batch * channels, channels, seqlen, *u.stride(),
-        ROWS_PER_PROGRAM=rows_per_program, N1=n1, N2=n2, BLOCK_C=block_c, EXACT=in_factor is None,
-        FAST_TRIG=u.is_cuda, num_warps=tuning.num_warps or 4,
+        ROWS_PER_PROGRAM=rows_per_program, N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )
     return z
 
@@ -301,10 +278,9 @@ def _k3_fwd_kernel(
     su_b, su_h, su_l, sm_b, sm_h,
     HAS_D: tl.constexpr, GELU: tl.constexpr, HAS_MASK: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
-    EXACT: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
-    br, bi = _step_factor(out_ptr, cols, N1, N2, EXACT, True, FAST_TRIG)  # [n1, k1, c]
+    br, bi = _factor_tile(out_ptr, cols, N1)  # [n1, k1, c]
     for r in tl.range(0, ROWS_PER_PROGRAM):
         row = tl.program_id(1) * ROWS_PER_PROGRAM + r
         valid, b, h, in_seq = _row(row, rows, channels, t, seqlen)
@@ -339,8 +315,7 @@ def k3_forward(
         _k3_fwd_kernel, grid, w, u, _factor_arg(out_factor), D, dropout_mask, y, batch * channels, channels,
         seqlen, *u.stride(), *strides(dropout_mask, 2),
         HAS_D=D is not None, GELU=gelu, HAS_MASK=dropout_mask is not None,
-        ROWS_PER_PROGRAM=rows_per_program, N1=n1, N2=n2, BLOCK_C=block_c, EXACT=out_factor is None,
-        FAST_TRIG=u.is_cuda, num_warps=tuning.num_warps or 4,
+        ROWS_PER_PROGRAM=rows_per_program, N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )
     return y
 
@@ -351,11 +326,11 @@ def _k3_bwd_kernel(
     dy_ptr, w_ptr, u_ptr, out_ptr, d_ptr, mask_ptr, dw_ptr, d_out_part_ptr, dd_part_ptr, dc_ptr,
     rows, rows_per_group, channels, seqlen, sdy_b, sdy_h, sdy_l, su_b, su_h, su_l, sm_b, sm_h,
     HAS_D: tl.constexpr, GELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr, EXACT: tl.constexpr, FAST_TRIG: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     block, group = tl.program_id(0), tl.program_id(1)
     cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
-    br, bi = _step_factor(out_ptr, cols, N1, N2, EXACT, True, FAST_TRIG)  # [n1, k1, c]
+    br, bi = _factor_tile(out_ptr, cols, N1)  # [n1, k1, c]
     acc_r = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     acc_i = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     for r in tl.range(0, rows_per_group):
@@ -378,11 +353,10 @@ def _k3_bwd_kernel(
         # dw = out^H dc (dc real): dw[k1, c] = sum_n1 conj(out[c, n1, k1]) dc[n1, c].
         dc3 = dc[:, None, :]
         _store_plane(dw_ptr, offs, tl.sum(br * dc3, axis=0), -tl.sum(bi * dc3, axis=0), valid)
-        if not EXACT:  # d_out[c, n1, k1] += dc[n1, c] conj(w[k1, c]).
-            acc_r += dc3 * wr[None, :, :]
-            acc_i -= dc3 * wi[None, :, :]
-    if not EXACT:
-        _store_factor_grad(d_out_part_ptr + group * N2 * N1 * N1 * 2, cols, acc_r, acc_i, N1)
+        # d_out[c, n1, k1] += dc[n1, c] conj(w[k1, c]).
+        acc_r += dc3 * wr[None, :, :]
+        acc_i -= dc3 * wi[None, :, :]
+    _store_factor_grad(d_out_part_ptr + group * N2 * N1 * N1 * 2, cols, acc_r, acc_i, N1)
 
 
 class K3Grads(NamedTuple):
@@ -396,11 +370,9 @@ class K3Grads(NamedTuple):
     dc_mask: Optional[torch.Tensor] = None
 
 
-def _row_groups(rows: int, tuning: Tuning, exact: bool = False) -> tuple[int, int]:
-    # Learned factors: one group by default (each group adds a factor-sized partial gradient).
-    # Exact factors have no factor gradient: groups of rows_per_program rows, like the forward.
-    default = triton.cdiv(rows, tuning.rows_per_program or 4) if exact else 1
-    groups = min(rows, tuning.row_groups or default)
+def _row_groups(rows: int, tuning: Tuning) -> tuple[int, int]:
+    # One group by default: each group adds a factor-sized partial gradient.
+    groups = min(rows, tuning.row_groups or 1)
     rows_per_group = triton.cdiv(rows, groups)
     return triton.cdiv(rows, rows_per_group), rows_per_group
 
@@ -416,14 +388,13 @@ def k3_backward(
     batch, channels, seqlen = u.shape
     rows = batch * channels
     n1, n2 = _split_of(out_factor, split)
-    exact = out_factor is None
-    if exact:
+    if out_factor is None:
         return _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, (n1, n2), w.dtype, alloc, tuning)
     block_c = _block_c(n1, n2, tuning)
     blocks = n2 // block_c
-    groups, rows_per_group = _row_groups(rows, tuning, exact)
+    groups, rows_per_group = _row_groups(rows, tuning)
     dw = alloc(w.shape, dtype=w.dtype, device=u.device)
-    d_out_part = None if exact else alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
+    d_out_part = alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
     dd_part = alloc((blocks, rows), dtype=torch.float32, device=u.device) if D is not None else None
     dc = alloc(u.shape, dtype=torch.float32, device=u.device) if D is not None else None
     launch(
@@ -431,11 +402,11 @@ def k3_backward(
         grad_y, w, u, _factor_arg(out_factor), D, dropout_mask, dw, d_out_part, dd_part, dc,
         rows, rows_per_group, channels, seqlen, *grad_y.stride(), *u.stride(), *strides(dropout_mask, 2),
         HAS_D=D is not None, GELU=gelu, HAS_MASK=dropout_mask is not None,
-        N1=n1, N2=n2, BLOCK_C=block_c, EXACT=exact, FAST_TRIG=u.is_cuda, num_warps=tuning.num_warps or 4,
+        N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )
     # Fixed-order sums over the row groups and over (column block, batch): deterministic.
     dD = dd_part.view(blocks, batch, channels).sum(dim=(0, 1)) if D is not None else None
-    return K3Grads(dw, None if exact else d_out_part.sum(0), dD, dc)
+    return K3Grads(dw, d_out_part.sum(0), dD, dc)
 
 
 def _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, split, dw_dtype, alloc, tuning) -> K3Grads:
@@ -460,11 +431,10 @@ def _k1_bwd_kernel(
     dz_ptr, u_ptr, in_ptr, d_ptr, dc_ptr, du_ptr, d_in_part_ptr,
     rows, rows_per_group, channels, seqlen, su_b, su_h, su_l,
     HAS_D: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BLOCK_C: tl.constexpr,
-    EXACT: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
-    block, group = tl.program_id(0), tl.program_id(1)
+    group = tl.program_id(1)
     cols, t = _columns(N1, N2, BLOCK_C)  # t: [n1, c]
-    ar, ai = _step_factor(in_ptr, cols, N1, N2, EXACT, False, FAST_TRIG)  # [k1, n1, c]
+    ar, ai = _factor_tile(in_ptr, cols, N1)  # [k1, n1, c]
     acc_r = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     acc_i = tl.zeros((N1, N1, BLOCK_C), dtype=tl.float32)
     for r in tl.range(0, rows_per_group):
@@ -478,12 +448,11 @@ def _k1_bwd_kernel(
             dc = tl.load(dc_ptr + row * seqlen + t, mask=in_seq, other=0.0)
             dx += tl.load(d_ptr + h, mask=valid, other=0.0).to(tl.float32) * dc
         tl.store(du_ptr + row * seqlen + t, dx.to(du_ptr.dtype.element_ty), mask=in_seq)
-        if not EXACT:  # d_in[c, k1, n1] += dz[k1, c] x[n1, c] (x real).
-            x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=in_seq, other=0.0).to(tl.float32)
-            acc_r += dzr3 * x[None, :, :]
-            acc_i += dzi3 * x[None, :, :]
-    if not EXACT:
-        _store_factor_grad(d_in_part_ptr + group * N2 * N1 * N1 * 2, cols, acc_r, acc_i, N1)
+        # d_in[c, k1, n1] += dz[k1, c] x[n1, c] (x real).
+        x = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=in_seq, other=0.0).to(tl.float32)
+        acc_r += dzr3 * x[None, :, :]
+        acc_i += dzi3 * x[None, :, :]
+    _store_factor_grad(d_in_part_ptr + group * N2 * N1 * N1 * 2, cols, acc_r, acc_i, N1)
 
 
 def k1_backward(
@@ -498,8 +467,7 @@ def k1_backward(
     batch, channels, seqlen = u.shape
     rows = batch * channels
     n1, n2 = _split_of(in_factor, split)
-    exact = in_factor is None
-    if exact:
+    if in_factor is None:
         du, unused = fftsteps.step3(dz, seqlen, u.dtype, scale=1.0, D=D, skip=dc if D is not None else None,
                                     skip_mask=dc_mask if D is not None else None, alloc=alloc,
                                     **_exact_tiles(tuning))
@@ -507,16 +475,15 @@ def k1_backward(
     if dc_mask is not None:
         raise ValueError("flashbutterfly.k1_backward: dc_mask is for the exact factor only")
     block_c = _block_c(n1, n2, tuning)
-    groups, rows_per_group = _row_groups(rows, tuning, exact)
+    groups, rows_per_group = _row_groups(rows, tuning)
     du = alloc(u.shape, dtype=u.dtype, device=u.device)
-    d_in_part = None if exact else alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
+    d_in_part = alloc((groups, n2, n1, n1, 2), dtype=torch.float32, device=u.device)
     launch(
         _k1_bwd_kernel, (n2 // block_c, groups),
         dz, u, _factor_arg(in_factor), D, dc, du, d_in_part, rows, rows_per_group, channels, seqlen,
-        *u.stride(), HAS_D=D is not None, N1=n1, N2=n2, BLOCK_C=block_c, EXACT=exact, FAST_TRIG=u.is_cuda,
-        num_warps=tuning.num_warps or 4,
+        *u.stride(), HAS_D=D is not None, N1=n1, N2=n2, BLOCK_C=block_c, num_warps=tuning.num_warps or 4,
     )
-    return du, None if exact else d_in_part.sum(0)
+    return du, d_in_part.sum(0)
 
 
 # ------------------------------------------------------------------------------------ K2 ------
@@ -858,11 +825,10 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     dtype (:data:`DISPATCH_DTYPES`) and a split with N1 <= :data:`DISPATCH_MAX_N1` (where the
     kernels were measured faster than the torch.fft reference). Listed after flashconv3 in
     kernels.FAMILIES, which takes every length it covers."""
-    if u.dtype not in DISPATCH_DTYPES:
+    if not (u.is_cuda and u.dim() == 3 and u.dtype in DISPATCH_DTYPES and k.dtype in KERNEL_DTYPES):
         return False
-    if not (u.is_cuda and u.dim() == 3 and k.dtype in KERNEL_DTYPES and covers(u.dtype, u.shape[-1], k.shape[-1])):
-        return False
-    return split_for(u.shape[-1], k.shape[-1], u.dtype)[0] <= DISPATCH_MAX_N1
+    seqlen, kernel_len = u.shape[-1], k.shape[-1]
+    return covers(u.dtype, seqlen, kernel_len) and split_for(seqlen, kernel_len, u.dtype)[0] <= DISPATCH_MAX_N1
 
 
 def supports_learned(u: torch.Tensor, k: torch.Tensor, in_factor: torch.Tensor) -> bool:
