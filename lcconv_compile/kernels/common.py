@@ -45,14 +45,11 @@ def gelu_grad(c):
 
 @triton.jit
 def operand(x, PRECISION: tl.constexpr):
-    """A tensor-core operand: float16 in the "fp16" mode (data is scaled to |x| <= 1), else
-    float32. The cast matters under Inductor: it passes Python float arguments as float64, and a
-    float64 scale turned the float32 operand float64 (tl.dot refused to compile the backward of
-    a float32 call in compiled graphs: the demo on a GPU)."""
+    """A tensor-core operand: float16 in the "fp16" mode (data is scaled to |x| <= 1)."""
     if PRECISION == "fp16":
         return x.to(tl.float16)
     else:
-        return x.to(tl.float32)
+        return x
 
 
 @triton.jit

@@ -148,6 +148,7 @@ def _step1_kernel(
     N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     pid_m, pid_n, pid_r = _program(N1, N2, BLOCK_M, BLOCK_N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k1 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,6 +236,7 @@ def _step3_kernel(
     N1: tl.constexpr, N2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     pid_m, pid_n, pid_r = _program(N1, N2, BLOCK_M, BLOCK_N)
     n_blocks: tl.constexpr = N2 // BLOCK_N
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -624,6 +624,7 @@ def _k2_fwd_kernel(
     M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    sqrt_n2 = tl.cast(sqrt_n2, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     # One program per complex row (b, h, k1); its kernel row (h, k1) is row % (H * N1) of kz.
     row = tl.program_id(0)
     M: tl.constexpr = M2 * M3
@@ -649,6 +650,7 @@ def _k2_bwd_kernel(
     M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    sqrt_n2 = tl.cast(sqrt_n2, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     # One program per kernel row (h, k1) owns the rows (b, h, k1) of every b, in order b = 0, 1, ...
     # dz = corr(dw, kz) per row; dkz = sum_b corr(dw, z), summed into the program's own dkz row
     # (float32, chunked spectrum order while it accumulates): deterministic, no atomics.

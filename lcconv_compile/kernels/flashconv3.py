@@ -301,6 +301,7 @@ def _fftconv_fwd_kernel(
     P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
     CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    sqrt_n = tl.cast(sqrt_n, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     M: tl.constexpr = N2 * N3
@@ -447,6 +448,7 @@ def _fftconv_bwd_kernel(
     P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
     CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
+    sqrt_n = tl.cast(sqrt_n, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     h = tl.program_id(0)  # one program owns every row of its channel: dk and dD in a fixed order
     M: tl.constexpr = N2 * N3
     HALF: tl.constexpr = N1 // 2
