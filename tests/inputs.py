@@ -31,6 +31,14 @@ def rel_err(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
 
 
+def sum_err(got, want, abs_terms):
+    """Error of a reduction (e.g. dD = sum over b, l of dc * u) against the sum of its terms'
+    magnitudes, element by element, the largest one. A sum whose terms cancel (small result, large
+    terms) carries rounding of the terms' size, which rel_err would call an error."""
+    err = (got.double() - want.double()).abs() / abs_terms.double().clamp_min(1e-300)
+    return err.max().item()
+
+
 def poisoned(shape, dtype, device):
     """An ``alloc=`` for kernel launchers: outputs start as NaN, so an unwritten element shows."""
     return torch.full(shape, math.nan, dtype=dtype, device=device)

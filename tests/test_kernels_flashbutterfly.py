@@ -14,7 +14,7 @@ from lcconv_compile import reference
 from oracles import assert_backward_matches_reference
 from lcconv_compile import kernels
 from lcconv_compile.kernels import FAMILIES, flashbutterfly as fb
-from inputs import rel_err
+from inputs import rel_err, sum_err
 from inputs import as_float64, poisoned, random_args
 
 HAS_CUDA = torch.cuda.is_available()
@@ -134,7 +134,12 @@ def test_backward_equals_reference_and_is_deterministic(n1, n2, L, Lk, options, 
         assert g.shape == w.shape and g.dtype == args[inputs[name]].dtype, name
         assert_written(g)
         assert torch.equal(g, g2), f"{name} differs between identical runs"
-        assert rel_err(g, w) < 1e-5, name
+        if name == "dD":  # a sum over (b, l) whose terms cancel: measured against |terms|
+            gelu_slope_max = 1.13
+            terms = gelu_slope_max * (grad_y.abs() * args["u"].abs() * args["dropout_mask"][..., None]).sum((0, 2))
+            assert sum_err(g, w, terms) < 1e-6, name
+        else:
+            assert rel_err(g, w) < 1e-5, name
 
 
 def test_non_contiguous_u():
