@@ -9,6 +9,7 @@ TRITON_SPEC ?= triton==3.6.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= auto
 
 .PHONY: demo test gpu-check bench clean
 
@@ -24,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m lcconv_compile.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # On the GPU machine (device tool): GPU tests + benchmark in one call, results under $$OUT.
 gpu-check:

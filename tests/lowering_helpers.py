@@ -14,6 +14,7 @@ import operator
 import types
 from typing import Any, Callable, Optional
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
@@ -133,3 +134,16 @@ def compile_once(fn: Callable[..., Any], *inputs: torch.Tensor, train: bool = Fa
         rewrites=_delta(before[REWRITE_COUNTERS], counters[REWRITE_COUNTERS]),
         rejections=_delta(before[REJECTION_COUNTERS], counters[REJECTION_COUNTERS]),
     )
+
+
+@contextlib.contextmanager
+def torch_211_r2c_strides_bug():
+    """torch 2.11's Inductor (CPU) asserts a wrong stride for its own aten._fft_r2c along a middle
+    dim (the generated code's assert_size_stride fails on a graph our passes left alone). Seen on
+    the GPU machine (torch 2.11.0+cu130); fixed by 2.13. Such a run is an expected failure there."""
+    try:
+        yield
+    except AssertionError as exc:
+        if torch.__version__ < (2, 12) and "_fft_r2c" in str(exc) and "stride" in str(exc):
+            pytest.xfail("torch 2.11 Inductor: wrong assert_size_stride for aten._fft_r2c along dim 1")
+        raise

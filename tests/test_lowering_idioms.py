@@ -9,7 +9,6 @@ fresh random inputs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import expecttest
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 import lcconv_compile
 from inputs import rel_err
-from lowering_helpers import compile_once
+from lowering_helpers import compile_once, torch_211_r2c_strides_bug
 from oracles import direct_causal_conv
 
 B, H, L, LK = 2, 4, 24, 20
@@ -31,110 +30,122 @@ def next_pow2(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------- idioms --
-def textbook(u, k):
-    seqlen = u.shape[-1]
-    n = next_pow2(seqlen + k.shape[-1] - 1)
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+# Each spelling takes the time dim t: -1 for (B, H, L) signals and (H, Lk) kernels (torch.fft's
+# default dim, so `dim=-1` is what `rfft(u, n=n)` traces to), -2 for (B, L, H) and (Lk, H).
+def crop(y, seqlen, t):
+    return y[..., :seqlen] if t == -1 else y[:, :seqlen]
 
 
-def kernel_first_exact_size(u, k):
-    seqlen = u.shape[-1]
-    n = seqlen + k.shape[-1] - 1  # the smallest non-circular size, odd here
-    return torch.fft.irfft(torch.fft.rfft(k, n=n) * torch.fft.rfft(u, n=n), n=n)[..., :seqlen]
+def pad(x, n, t):
+    return F.pad(x, (0, n - x.shape[t])) if t == -1 else F.pad(x, (0, 0, 0, n - x.shape[t]))
 
 
-def explicit_pad(u, k):
-    seqlen = u.shape[-1]
+def textbook(u, k, t=-1):
+    seqlen = u.shape[t]
+    n = next_pow2(seqlen + k.shape[t] - 1)
+    return crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t), seqlen, t)
+
+
+def kernel_first_exact_size(u, k, t=-1):
+    seqlen = u.shape[t]
+    n = seqlen + k.shape[t] - 1  # the smallest non-circular size, odd here
+    return crop(torch.fft.irfft(torch.fft.rfft(k, n=n, dim=t) * torch.fft.rfft(u, n=n, dim=t), n=n, dim=t), seqlen, t)
+
+
+def explicit_pad(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.rfft(F.pad(u, (0, n - seqlen)))
-    k_f = torch.fft.rfft(F.pad(k, (0, n - k.shape[-1])))
-    return torch.fft.irfft(u_f * k_f, n=n)[..., :seqlen]
+    u_f = torch.fft.rfft(pad(u, n, t), dim=t)
+    k_f = torch.fft.rfft(pad(k, n, t), dim=t)
+    return crop(torch.fft.irfft(u_f * k_f, n=n, dim=t), seqlen, t)
 
 
-def unsqueezed_kernel(u, k):
-    seqlen = u.shape[-1]
+def unsqueezed_kernel(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k.unsqueeze(0), n=n), n=n)[..., :seqlen]
+    return crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k.unsqueeze(0), n=n, dim=t), n=n, dim=t),
+                seqlen, t)
 
 
-def h3_style(u, k):
+def h3_style(u, k, t=-1):
     # H3 / Hyena / FlashFFTConv reference code.
-    seqlen = u.shape[-1]
+    seqlen = u.shape[t]
     fft_size = 2 * seqlen
-    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
-    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
-    return torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+    k_f = torch.fft.rfft(k, n=fft_size, dim=t) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size, dim=t)
+    return crop(torch.fft.irfft(u_f * k_f, n=fft_size, dim=t, norm="forward"), seqlen, t)
 
 
-def forward_norm_on_signal(u, k):
-    seqlen = u.shape[-1]
+def forward_norm_on_signal(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.rfft(u, n=n, norm="forward")
-    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
+    u_f = torch.fft.rfft(u, n=n, dim=t, norm="forward")
+    return crop(torch.fft.irfft(u_f * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t, norm="forward"), seqlen, t)
 
 
-def scaled_signal(u, k):
-    seqlen = u.shape[-1]
+def scaled_signal(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.rfft(u, n=n) / n
-    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
+    u_f = torch.fft.rfft(u, n=n, dim=t) / n
+    return crop(torch.fft.irfft(u_f * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t, norm="forward"), seqlen, t)
 
 
-def scaled_product(u, k):
-    seqlen = u.shape[-1]
+def scaled_product(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n
-    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+    y_f = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) / n
+    return crop(torch.fft.irfft(y_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
-def ortho(u, k):
-    seqlen = u.shape[-1]
+def ortho(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.rfft(u, n=n, norm="ortho")
-    k_f = torch.fft.rfft(k, n=n, norm="ortho")
-    return torch.fft.irfft(u_f * k_f, n=n, norm="ortho")[..., :seqlen] * n**0.5
+    u_f = torch.fft.rfft(u, n=n, dim=t, norm="ortho")
+    k_f = torch.fft.rfft(k, n=n, dim=t, norm="ortho")
+    return crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="ortho"), seqlen, t) * n**0.5
 
 
-def complex_fft(u, k):
-    seqlen = u.shape[-1]
+def complex_fft(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n))[..., :seqlen].real
+    return crop(torch.fft.ifft(torch.fft.fft(u, n=n, dim=t) * torch.fft.fft(k, n=n, dim=t), dim=t), seqlen, t).real
 
 
-def complex_fft_real_first(u, k):
-    seqlen = u.shape[-1]
+def complex_fft_real_first(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
+    return crop(torch.fft.ifft(torch.fft.fft(u, n=n, dim=t) * torch.fft.fft(k, n=n, dim=t), dim=t).real, seqlen, t)
 
 
-def reciprocal_product(u, k):
-    seqlen = u.shape[-1]
+def reciprocal_product(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen + 3  # not a power of two: 1 / n is inexact in floating point
-    y_f = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) * (1 / n)
-    return torch.fft.irfft(y_f, n=n, norm="forward")[..., :seqlen]
+    y_f = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) * (1 / n)
+    return crop(torch.fft.irfft(y_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
-def crop_from_the_end(u, k):
-    seqlen = u.shape[-1]
+def crop_from_the_end(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., -n:-n + seqlen]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t)
+    return y[..., -n:-n + seqlen] if t == -1 else y[:, -n:-n + seqlen]
 
 
-def complex_fft_padded(u, k):
+def complex_fft_padded(u, k, t=-1):
     # FlashFFTConv's README style: explicit padding, complex FFTs along dim=-1.
-    seqlen = u.shape[-1]
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
-    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
-    return torch.fft.ifft(u_f * k_f, dim=-1)[..., :seqlen].real
+    u_f = torch.fft.fft(pad(u, n, t), dim=t)
+    k_f = torch.fft.fft(pad(k, n, t), dim=t)
+    return crop(torch.fft.ifft(u_f * k_f, dim=t), seqlen, t).real
 
 
-def complex_fft_padded_real_first(u, k):
-    seqlen = u.shape[-1]
+def complex_fft_padded_real_first(u, k, t=-1):
+    seqlen = u.shape[t]
     n = 2 * seqlen
-    u_f = torch.fft.fft(F.pad(u, (0, n - seqlen)), dim=-1)
-    k_f = torch.fft.fft(F.pad(k, (0, n - k.shape[-1])), dim=-1)
-    return torch.fft.ifft(u_f * k_f, dim=-1).real[..., :seqlen]
+    u_f = torch.fft.fft(pad(u, n, t), dim=t)
+    k_f = torch.fft.fft(pad(k, n, t), dim=t)
+    return crop(torch.fft.ifft(u_f * k_f, dim=t).real, seqlen, t)
 
 
 # (idiom, counter family): the counter is "<family>_inference" or "<family>_training".
@@ -158,23 +169,46 @@ IDIOMS = {
 # The forward pattern is symmetric in its two spectra, so for inference a kernel-first product
 # is matched by the plain pattern (the replacement picks the roles from the shapes).
 INFERENCE_FAMILY = {"kernel_first_exact_size": "rfft_conv"}
+# Layouts: "BHL" is u (B, H, L) with k (H, Lk); "BLH" is u (B, L, H) with k (Lk, H), time dim 1.
+TIME_DIM = {"BHL": -1, "BLH": -2}
 
 
-def fresh_inputs(train: bool, u_grad: bool = True):
+def fresh_inputs(train: bool, u_grad: bool = True, layout: str = "BHL"):
     u = torch.randn(B, H, L, requires_grad=train and u_grad)
     k = (torch.randn(H, LK) / LK**0.5).requires_grad_(train)
+    if layout == "BLH":
+        u = torch.randn(B, L, H, requires_grad=train and u_grad)
+        k = (torch.randn(LK, H) / LK**0.5).requires_grad_(train)
     return u, k
 
 
+def in_layout(name: str, layout: str):
+    fn = IDIOMS[name][0]
+    if layout == "BHL":
+        return fn
+    t = TIME_DIM[layout]
+
+    def spelled_in_layout(u, k):  # a plain function: compile_once compiles a fresh copy of it
+        return fn(u, k, t)
+
+    return spelled_in_layout
+
+
+def direct_conv_in_layout(u, k, layout):
+    if layout == "BHL":
+        return direct_causal_conv(u, k)
+    return direct_causal_conv(u.transpose(1, 2), k.t()).transpose(1, 2)
+
+
 @functools.cache
-def compiled(name: str, train: bool):
-    return compile_once(IDIOMS[name][0], *fresh_inputs(train), train=train)
+def compiled(name: str, train: bool, layout: str = "BHL"):
+    return compile_once(in_layout(name, layout), *fresh_inputs(train, layout=layout), train=train)
 
 
 # --------------------------------------------------------------------------- pinned graphs --
 class IdiomGraphTest(expecttest.TestCase):
     def test_every_idiom_becomes_one_op_call_for_inference(self):
-        graphs = {name: compiled(name, train=False).graphs for name in IDIOMS}
+        graphs = {name: compiled(name, False, "BHL").graphs for name in IDIOMS}
         for name, recorded in graphs.items():
             self.assertEqual(recorded, graphs["textbook"], name)
         self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
@@ -183,7 +217,7 @@ v0 = lcconv.fftconv(in0, in1)
 return (v0,)""")
 
     def test_every_idiom_calls_op_and_backward_op_when_training(self):
-        graphs = {name: compiled(name, train=True).graphs for name in IDIOMS}
+        graphs = {name: compiled(name, True, "BHL").graphs for name in IDIOMS}
         for name, recorded in graphs.items():
             self.assertEqual(recorded, graphs["textbook"], name)
         forward, backward = graphs["textbook"]
@@ -197,6 +231,37 @@ v0 = lcconv.fftconv_bwd(in2, in0, in1, None, None, None, False, None)
 v1 = getitem(v0, 0)
 v2 = getitem(v0, 1)
 return (v1, v2)""")
+
+    def test_time_along_dim_1_calls_the_op_on_transposed_views(self):
+        graphs = {name: compiled(name, False, "BLH").graphs for name in IDIOMS}
+        for name, recorded in graphs.items():
+            self.assertEqual(recorded, graphs["textbook"], name)
+        self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
+inputs in0: f32[2, 24, 4], in1: f32[20, 4]
+v0 = aten.permute(in0, [0, 2, 1])
+v1 = aten.permute(in1, [1, 0])
+v2 = lcconv.fftconv(v0, v1)
+v3 = aten.permute(v2, [0, 2, 1])
+return (v3,)""")
+        train = {name: compiled(name, True, "BLH").graphs for name in IDIOMS}
+        for name, recorded in train.items():
+            self.assertEqual(recorded, train["textbook"], name)
+        self.assertExpectedInline("\n\n".join(train["textbook"]), """\
+inputs in0: f32[2, 24, 4], in1: f32[20, 4]
+v0 = aten.permute(in0, [0, 2, 1])
+v1 = aten.permute(in1, [1, 0])
+v2 = lcconv.fftconv(v0, v1)
+v3 = aten.permute(v2, [0, 2, 1])
+return (v3, v0, v1)
+
+inputs in0: f32[2, 4, 24], in1: f32[4, 20], in2: f32[2, 24, 4]
+v0 = aten.permute(in2, [0, 2, 1])
+v1 = lcconv.fftconv_bwd(v0, in0, in1, None, None, None, False, None)
+v2 = getitem(v1, 0)
+v3 = getitem(v1, 1)
+v4 = aten.permute(v3, [1, 0])
+v5 = aten.permute(v2, [0, 2, 1])
+return (v5, v4)""")
 
     def test_kernel_longer_than_signal_is_truncated(self):
         def long_kernel(u, k):
@@ -233,26 +298,30 @@ return (v0,)""")
 
 
 # ---------------------------------------------------------------------- counters, numerics --
+@pytest.mark.parametrize("layout", TIME_DIM)
 @pytest.mark.parametrize("name", IDIOMS)
-def test_inference_counter_and_output(name):
-    result = compiled(name, train=False)
+def test_inference_counter_and_output(name, layout):
+    result = compiled(name, False, layout)
     family = INFERENCE_FAMILY.get(name, IDIOMS[name][1])
     assert result.rewrites == {f"{family}_inference": 1}
     assert result.rejections == {}
-    u, k = fresh_inputs(train=False)
-    assert rel_err(result.fn(u, k), direct_causal_conv(u, k)) < 1e-5
+    u, k = fresh_inputs(train=False, layout=layout)
+    assert rel_err(result.fn(u, k), direct_conv_in_layout(u, k, layout)) < 1e-5
 
 
+@pytest.mark.parametrize("layout", TIME_DIM)
 @pytest.mark.parametrize("name", IDIOMS)
-def test_training_counter_and_gradients(name):
-    result = compiled(name, train=True)
+def test_training_counter_and_gradients(name, layout):
+    result = compiled(name, True, layout)
     assert result.rewrites == {f"{IDIOMS[name][1]}_training": 1}
-    u, k = fresh_inputs(train=True)
-    grad_y = torch.randn(B, H, L)
-    du, dk = torch.autograd.grad(result.fn(u, k), (u, k), grad_y)
+    assert "lcconv.fftconv_bwd(" in result.graphs[1] and "_fft_" not in result.graphs[1]
+    u, k = fresh_inputs(train=True, layout=layout)
+    y = result.fn(u, k)
+    grad_y = torch.randn(y.shape)
+    du, dk = torch.autograd.grad(y, (u, k), grad_y)
     # The oracle: the same idiom in float64, differentiated eagerly.
     u64, k64 = (t.detach().double().requires_grad_() for t in (u, k))
-    du64, dk64 = torch.autograd.grad(IDIOMS[name][0](u64, k64), (u64, k64), grad_y.double())
+    du64, dk64 = torch.autograd.grad(in_layout(name, layout)(u64, k64), (u64, k64), grad_y.double())
     assert rel_err(du, du64) < 1e-5 and rel_err(dk, dk64) < 1e-5
 
 
@@ -331,11 +400,11 @@ REFUSED = {
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (1, 63 - L)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, 64 - LK)), dim=-1), dim=-1)[..., :L].real,
         (B, H, L), (H, LK), "padding"),
-    # A spelling not rewritten (yet), refused with a reason that says what to change.
-    "time_along_dim_1": (
+    # Time along dim 1 (transforms and inverse), but the crop keeps channels instead.
+    "time_along_dim_1_cropped_along_dim_2": (
         lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64, dim=1) * torch.fft.rfft(k, n=64, dim=0), n=64,
-                                     dim=1)[:, :L],
-        (B, L, H), (LK, H), "transform_dim"),
+                                     dim=1)[..., :2],
+        (B, L, H), (LK, H), "crop"),
     "complex_padded_circular": (
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
@@ -343,24 +412,11 @@ REFUSED = {
 }
 
 
-@contextlib.contextmanager
-def _torch_211_r2c_strides_bug():
-    """torch 2.11's Inductor (CPU) asserts a wrong stride for its own aten._fft_r2c along a middle
-    dim (the generated code's assert_size_stride fails on a graph our passes left alone). Seen on
-    the GPU machine (torch 2.11.0+cu130); fixed by 2.13. Such a run is an expected failure there."""
-    try:
-        yield
-    except AssertionError as exc:
-        if torch.__version__ < (2, 12) and "_fft_r2c" in str(exc) and "stride" in str(exc):
-            pytest.xfail("torch 2.11 Inductor: wrong assert_size_stride for aten._fft_r2c along dim 1")
-        raise
-
-
 @pytest.mark.parametrize("name", REFUSED)
 def test_guard_refuses(name):
     fn, u_shape, k_shape, code = REFUSED[name]
     u, k = torch.randn(u_shape), torch.randn(k_shape)
-    with _torch_211_r2c_strides_bug():
+    with torch_211_r2c_strides_bug():
         result = compile_once(fn, u, k)
     assert result.rewrites == {}
     assert result.rejections == {code: 1}
@@ -369,15 +425,93 @@ def test_guard_refuses(name):
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
 
 
-# Spellings no pattern matches (yet); explain must say what to change. name: (fn, u, k, words)
+# Spellings with spectra reshaped after the FFT: an einsum product, a kernel spectrum broadcast
+# over heads (Hyena's multi-head branch, safari's fftconv_ref). name: (fn, u shape, k shape, family)
+HEADS = 3
+
+
+def einsum_product(u, k):
+    return torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=64), torch.fft.rfft(k, n=64)), n=64)[..., :L]
+
+
+def einsum_h3_style(u, k):
+    k_f = torch.fft.rfft(k, n=2 * L) / (2 * L)
+    y = torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=2 * L), k_f), n=2 * L, norm="forward")
+    return y[..., :L]
+
+
+def multi_head_broadcast(u, k):
+    return torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[..., :L]
+
+
+def hyena_multi_head(u, k):
+    # safari's fftconv_ref, with u (B, H, heads, L).
+    seqlen = u.shape[-1]
+    fft_size = 2 * seqlen
+    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    if len(u.shape) > 3:
+        k_f = k_f.unsqueeze(1)
+    return torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
+
+
+RESHAPED_SPECTRA = {
+    "einsum_product": (einsum_product, (B, H, L), (H, LK), "einsum_conv"),
+    "einsum_h3_style": (einsum_h3_style, (B, H, L), (H, LK), "einsum_conv_scaled_kernel"),
+    "multi_head_broadcast": (multi_head_broadcast, (B, H, HEADS, L), (H, LK), "broadcast_kernel_conv"),
+    "hyena_multi_head": (hyena_multi_head, (B, H, HEADS, L), (H, LK), "broadcast_scaled_kernel_conv"),
+}
+
+
+def direct_conv_of(name, u, k):
+    """The oracle for RESHAPED_SPECTRA: each head (dim 2) convolved with its channel's kernel."""
+    if u.dim() == 4:
+        return torch.stack([direct_causal_conv(u[:, :, i], k) for i in range(u.shape[2])], dim=2)
+    return direct_causal_conv(u, k)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", RESHAPED_SPECTRA)
+def test_reshaped_spectra_are_rewritten(name, train):
+    fn, u_shape, k_shape, family = RESHAPED_SPECTRA[name]
+
+    def inputs():
+        return torch.randn(u_shape, requires_grad=train), (torch.randn(k_shape) / LK**0.5).requires_grad_(train)
+
+    result = compile_once(fn, *inputs(), train=train)
+    assert result.rewrites == {f"{family}_{'training' if train else 'inference'}": 1}
+    assert "_fft_" not in "".join(result.graphs) and result.graphs[0].count("lcconv.fftconv(") == 1
+    u, k = inputs()
+    y = result.fn(u, k)
+    assert rel_err(y, direct_conv_of(name, u.detach().double(), k.detach().double())) < 1e-5
+    if train:
+        grad_y = torch.randn(y.shape)
+        got = torch.autograd.grad(y, (u, k), grad_y)
+        u64, k64 = (t.detach().double().requires_grad_() for t in (u, k))
+        want = torch.autograd.grad(fn(u64, k64), (u64, k64), grad_y.double())
+        assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want))
+
+
+def test_multi_head_graph_flattens_heads_into_channels():
+    _, u_shape, k_shape, _ = RESHAPED_SPECTRA["multi_head_broadcast"]
+    result = compile_once(multi_head_broadcast, torch.randn(u_shape), torch.randn(k_shape))
+    assert result.graphs[0].splitlines()[1:] == [
+        "v0 = aten.reshape(in0, [2, 12, 24])",  # (B, H, heads, L) -> (B, H * heads, L): a view
+        "v1 = aten.unsqueeze(in1, 1)",
+        "v2 = aten.expand(v1, [4, 3, 20])",
+        "v3 = aten.clone(v2, memory_format=torch.contiguous_format)",
+        "v4 = aten.reshape(v3, [12, 20])",  # the kernel repeated per head: (H * heads, Lk)
+        "v5 = lcconv.fftconv(v0, v4)",
+        "v6 = aten.reshape(v5, [2, 4, 3, 24])",
+        "return (v6,)",
+    ]
+
+
+# Spellings no pattern matches; explain must say what to change. name: (fn, u, k, words)
 NOT_MATCHED = {
-    "einsum_product": (
-        lambda u, k: torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=64), torch.fft.rfft(k, n=64)),
-                                     n=64)[..., :L],
-        (B, H, L), (H, LK), "a spectrum is reshaped after its FFT (permute([0, 1, 2]))"),
-    "multi_head_broadcast": (
-        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[..., :L],
-        (B, H, 2, L), (H, LK), "a spectrum is reshaped after its FFT (unsqueeze(1))"),
+    "spectrum_viewed": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).view(1, H, 33), n=64)[..., :L],
+        (B, H, L), (H, LK), "a spectrum is reshaped after its FFT (view([1, 4, 33]))"),
 }
 
 
@@ -394,11 +528,11 @@ def test_spellings_not_matched_stay_as_written_and_say_why(name):
     assert words in report.rejected[0].reason
 
 
-def test_time_along_dim_1_says_transpose():
-    fn, u_shape, k_shape, _ = REFUSED["time_along_dim_1"]
-    with torch.no_grad(), _torch_211_r2c_strides_bug():
-        report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
-    assert "a (B, L, H) layout is not rewritten; transpose to (B, H, L)" in report.rejected[0].reason
+def test_explain_says_where_time_is():
+    fn = in_layout("textbook", "BLH")
+    report = lcconv_compile.explain(fn, *fresh_inputs(train=False, layout="BLH"))
+    assert [r.pattern for r in report.rewritten] == ["rfft_conv_inference"]
+    assert "time along dim 1 of (2, 24, 4)" in report.rewritten[0].detail
 
 
 def test_kernel_of_higher_precision_is_not_rewritten():

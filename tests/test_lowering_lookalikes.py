@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lcconv_compile import fftconv
 from inputs import rel_err
-from lowering_helpers import compile_once
+from lowering_helpers import compile_once, torch_211_r2c_strides_bug
 
 B, H, L = 2, 3, 8
 N = 2 * L  # FFT size of the hand-written convolutions
@@ -267,7 +267,8 @@ def lookalike_inputs(fn):
 @pytest.mark.parametrize("fn", LOOKALIKES, ids=lambda fn: fn.__name__)
 def test_lookalike(fn):
     rewrites, refusals = LOOKALIKES[fn]
-    result = compile_once(fn, *lookalike_inputs(fn))
+    with torch_211_r2c_strides_bug():  # idiom_transforms_channels: a graph left alone
+        result = compile_once(fn, *lookalike_inputs(fn))
     assert (result.rewrites, result.rejections) == (rewrites, refusals)
     x = lookalike_inputs(fn)
     got, want = result.fn(*x), fn(*x)

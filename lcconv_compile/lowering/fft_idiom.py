@@ -7,13 +7,18 @@ A hand-written causal FFT convolution reaches the graph Inductor sees as (CPU, t
     constant_pad_nd(k) -> _fft_r2c --/
 
 with optional scalar multiplies or divides on either spectrum, on their product or on the
-result, ``unsqueeze(k, 0)`` before the
-kernel's padding, and, for the complex spelling (``fft``/``ifft`` + ``.real``), ``_fft_c2c`` and
-``view_as_real -> select`` in place of ``_fft_c2r``. :func:`parse_fft_conv` walks that chain from
-its last node and names the parts (:class:`FFTConvIdiom`); it reads the graph only.
+result, ``unsqueeze(k, 0)`` before the kernel's padding, ``unsqueeze``/``permute`` between an FFT
+and the product (an ``einsum`` product, a multi-head ``k_f.unsqueeze(1)``), and, for the complex
+spelling (``fft``/``ifft`` + ``.real``), ``_fft_c2c`` and ``view_as_real -> select`` in place of
+``_fft_c2r``. The FFTs may run along any one dim (a (B, L, H) layout transforms dim 1).
+:func:`parse_fft_conv` walks that chain from its last node and names the parts
+(:class:`FFTConvIdiom`); :func:`product_dims` says which dim of an FFT's output feeds each dim of
+the product. It reads the graph only.
 
-It decides nothing: whether the parts compute exactly ``lcconv::fftconv`` (sizes, normalisation,
-slice bounds) is for :mod:`.guards`. It must not edit graphs.
+It decides nothing: whether the parts compute exactly ``lcconv::fftconv`` (sizes, layout,
+normalisation, slice bounds) is for :mod:`.guards`, which hands the layout it accepted to the
+replacement through :func:`hand_over_layout` (the replacement is traced right after the guard
+accepts, from tensors alone, which do not say which dim is time). It must not edit graphs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Spectrum:
     pad: Node  # constant_pad_nd
     transform: Node  # _fft_r2c
     scales: tuple[Node, ...]  # scalar mul/div applied to the spectrum
+    reshapes: tuple[Node, ...] = ()  # unsqueeze/permute between the FFT and the product, first applied first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,30 +100,35 @@ def _is_call(node: Any, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
-# Ops that only reshape a tensor: between a spectrum and the product they mean the spectra are
-# combined some other way than elementwise (einsum, a broadcast over heads).
-_RESHAPES = (aten.permute.default, aten.unsqueeze.default, aten.view.default, aten.expand.default,
-             aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.transpose.int)
+# Ops that only reshape a tensor. unsqueeze and permute between a spectrum and the product are
+# read (:func:`product_dims`); any other reshape there is not understood.
+_READ_RESHAPES = (aten.permute.default, aten.unsqueeze.default)
+_RESHAPES = _READ_RESHAPES + (aten.view.default, aten.expand.default, aten.reshape.default,
+                              aten._unsafe_view.default, aten.squeeze.dim, aten.transpose.int)
 
 
-def _reshaped_spectrum(node: Node) -> Optional[str]:
-    """The reshapes between an FFT and ``node``, in words, when ``node`` is a reshaped spectrum."""
-    steps = []
+def _peel_reshapes(node: Node) -> tuple[Node, tuple[Node, ...], Optional[str]]:
+    """Walk up through reshapes; return the node above them, the ones read (first applied first)
+    and, when one is not readable, its description."""
+    read = []
     while isinstance(node, Node) and node.op == "call_function" and node.target in _RESHAPES:
-        steps.append(f"{node.target.__name__.split('.')[0]}({', '.join(repr(arg) for arg in node.args[1:])})")
+        if node.target not in _READ_RESHAPES:
+            args = ", ".join(repr(arg) for arg in node.args[1:])
+            return node, (), f"{node.target.__name__.split('.')[0]}({args})"
+        read.append(node)
         node = node.args[0]
-    if steps and isinstance(node, Node) and node.target in (aten._fft_r2c.default, aten._fft_c2c.default):
-        return ", ".join(reversed(steps))
-    return None
+    return node, tuple(reversed(read)), None
 
 
 def _parse_spectrum(node: Node) -> Union[Spectrum, str]:
     node, scales = _peel_scales(node)
-    reshaped = _reshaped_spectrum(node)
-    if reshaped is not None:
-        return (f"a spectrum is reshaped after its FFT ({reshaped}), as einsum or a multi-head "
-                "`k_f.unsqueeze(1)` do: only the elementwise product of (B, H, n) and (H, n) spectra is "
-                "rewritten (reshape before the FFT, or call lcconv_compile.fftconv per head)")
+    node, reshapes, unread = _peel_reshapes(node)
+    if unread is not None:
+        return (f"a spectrum is reshaped after its FFT ({unread}): only unsqueeze and permute (an einsum "
+                "product, a multi-head `k_f.unsqueeze(1)`) are read there (reshape before the FFT, or call "
+                "lcconv_compile.fftconv)")
+    node, more_scales = _peel_scales(node)
+    scales += more_scales
     if _is_call(node, aten._fft_c2c.default):
         return "a spectrum is a complex-to-complex FFT: complex inputs are not rewritten"
     if not _is_call(node, aten._fft_r2c.default):
@@ -131,7 +142,73 @@ def _parse_spectrum(node: Node) -> Union[Spectrum, str]:
         source = source.args[0]
     if not isinstance(source, Node):
         return "an FFT input is a constant"
-    return Spectrum(source, unsqueezed, pad, node, scales)
+    return Spectrum(source, unsqueezed, pad, node, scales, reshapes)
+
+
+def product_dims(spectrum: Spectrum, product_rank: int) -> Optional[list[Optional[int]]]:
+    """For each dim of the product (broadcast to ``product_rank``): the dim of the spectrum's FFT
+    output that feeds it, or None where a unit dim was inserted (by unsqueeze or broadcasting).
+    None when the reshapes are not understood (a dim out of range)."""
+    rank = value(spectrum.transform).dim()
+    dims: list[Optional[int]] = list(range(rank))
+    for node in spectrum.reshapes:
+        if node.target == aten.unsqueeze.default:
+            at = node.args[1]
+            at = at + len(dims) + 1 if at < 0 else at
+            if not 0 <= at <= len(dims):
+                return None
+            dims.insert(at, None)
+        else:  # permute
+            order = [d + len(dims) if d < 0 else d for d in node.args[1]]
+            if sorted(order) != list(range(len(dims))):
+                return None
+            dims = [dims[d] for d in order]
+    if len(dims) > product_rank:
+        return None
+    return [None] * (product_rank - len(dims)) + dims
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayout:
+    """Where the op's (B, H, L) and (H, Lk) sit in a matched convolution's tensors.
+
+    The signal's dims are the product's; ``time`` is the product dim the FFTs run along.
+    ``kernel_dims[j]`` is the kernel dim that varies along product dim ``j`` (a channel dim), or
+    None where the kernel is broadcast; the kernel's other dims are ``kernel_time`` and unit dims.
+    Product dims before the first channel dim are flattened into the op's B, the rest (time
+    excluded) into its H, the kernel expanded along the broadcast ones among them.
+    """
+
+    rank: int
+    time: int
+    kernel_rank: int  # the kernel's rank before any unsqueeze(0) in front of its FFT
+    kernel_time: int
+    kernel_dims: tuple[Optional[int], ...]
+
+    @staticmethod
+    def plain(kernel_rank: int = 2) -> "ConvLayout":
+        """(B, H, L) with an (H, Lk) kernel: the op's own layout."""
+        return ConvLayout(3, 2, kernel_rank, kernel_rank - 1, (None, kernel_rank - 2, None))
+
+
+_handed_over: list[tuple[ConvLayout, tuple, tuple]] = []
+
+
+def hand_over_layout(layout: Optional[ConvLayout], signal_shape=(), kernel_shape=()) -> None:
+    """The guard, on accepting a match: the layout for the replacement traced next (None clears)."""
+    _handed_over.clear()
+    if layout is not None:
+        _handed_over.append((layout, tuple(signal_shape), tuple(kernel_shape)))
+
+
+def handed_over_layout(signal: torch.Tensor, kernel: torch.Tensor) -> Optional[ConvLayout]:
+    """The layout the guard accepted for tensors of these shapes, or None."""
+    if not _handed_over:
+        return None
+    layout, signal_shape, kernel_shape = _handed_over[0]
+    if signal_shape != tuple(signal.shape) or kernel_shape not in (tuple(kernel.shape), tuple(kernel.shape[1:])):
+        return None
+    return layout
 
 
 def signal_first(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import events
 from .arguments import READ, Only, OpenArguments, check_arguments
-from .fft_idiom import FFTConvIdiom, Spectrum, parse_fft_conv, value
+from .fft_idiom import ConvLayout, FFTConvIdiom, Spectrum, hand_over_layout, parse_fft_conv, product_dims, value
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -140,19 +140,26 @@ def _net_scale(idiom: FFTConvIdiom, fft_size) -> tuple[float, float]:
     return constant, power
 
 
-def _check_padding(spectrum: Spectrum, fft_size, what: str) -> None:
+def _check_padding(spectrum: Spectrum, time: int, fft_size, what: str) -> None:
+    """Zeros appended along ``time`` (a dim of the padded tensor) up to the FFT size, nothing else."""
     pad_args = spectrum.pad.args
     pads = pad_args[1]
     fill = pad_args[2] if len(pad_args) > 2 else 0
     if not isinstance(fill, (int, float)) or fill != 0:
         _refuse("padding", f"{what} is padded with {fill!r}, not zeros")
-    if not isinstance(pads, (list, tuple)) or len(pads) < 2:
+    padded = _tensor(spectrum.pad, what)
+    if not isinstance(pads, (list, tuple)) or len(pads) % 2 or len(pads) > 2 * padded.dim():
         _refuse("padding", f"{what}'s padding {pads!r} is not understood")
-    left, right = (_size_of(p) for p in pads[:2])
+    pairs = [tuple(_size_of(p) for p in pads[i:i + 2]) for i in range(0, len(pads), 2)]  # last dim first
+    time_pair = padded.dim() - 1 - time
+    if time_pair >= len(pairs):
+        _refuse("fft_size", f"{what} is not zero-padded along the dim its FFT transforms")
+    left, right = pairs[time_pair]
     _require(left == 0, "padding", f"{what} is padded on the left by {left}: the output is shifted")
-    for other in pads[2:]:
-        _require(_size_of(other) == 0, "padding", f"{what} is padded along a dimension other than time")
-    length = _tensor(spectrum.pad.args[0], what).shape[-1]
+    for i, (before, after) in enumerate(pairs):
+        if i != time_pair:
+            _require(before == 0 and after == 0, "padding", f"{what} is padded along a dimension other than time")
+    length = _tensor(spectrum.pad.args[0], what).shape[time]
     _require(
         length + right == fft_size,
         "fft_size",
@@ -160,12 +167,13 @@ def _check_padding(spectrum: Spectrum, fft_size, what: str) -> None:
     )
 
 
-def _check_transform_dims(node: Node, what: str) -> None:
+def _transform_dim(node: Node, what: str) -> int:
+    """The one dim an FFT node transforms, counted from 0."""
     rank = _tensor(node.args[0], what).dim()
-    dims = node.args[1]
-    if list(dims) not in ([rank - 1], [-1]):
-        _refuse("transform_dim", f"{what} transforms dims {list(dims)}, not the last (time) dim: a (B, L, H) "
-                "layout is not rewritten; transpose to (B, H, L) first or call lcconv_compile.fftconv")
+    dims = list(node.args[1])
+    if len(dims) != 1 or not -rank <= dims[0] < rank:
+        _refuse("transform_dim", f"{what} transforms dims {dims}: a convolution transforms one (time) dim")
+    return dims[0] % rank
 
 
 # What the idiom patterns leave open (sizes, dims, normalisations, scalar factors: traced at
@@ -173,50 +181,83 @@ def _check_transform_dims(node: Node, what: str) -> None:
 # :mod:`.arguments` (e.g. a slice's step must be 1).
 IDIOM_OPEN_ARGUMENTS: OpenArguments = {
     aten.constant_pad_nd.default: {"pad": READ, "value": READ},  # _check_padding
-    aten._fft_r2c.default: {"dim": READ, "normalization": READ},  # _check_transform_dims, _net_scale
+    aten._fft_r2c.default: {"dim": READ, "normalization": READ},  # _transform_dim, _net_scale
     aten._fft_c2r.default: {"dim": READ, "normalization": READ, "last_dim_size": READ},  # + fft_size
     aten._fft_c2c.default: {"dim": READ, "normalization": READ},
     aten.slice.Tensor: {"dim": READ, "start": READ, "end": READ},  # the crop checks
     aten.select.int: {"dim": READ, "index": READ},  # the real-part checks
     aten.mul.Tensor: {"other": READ},  # scale factors: _net_scale
     aten.div.Tensor: {"other": READ},
-    # The replacement takes the kernel from before the unsqueeze and squeezes dim 0 only.
-    aten.unsqueeze.default: {"dim": Only((0,), "the kernel is unsqueezed elsewhere than in front")},
+    # unsqueeze before the kernel's FFT (dim 0 only: the replacement squeezes dim 0) or after an
+    # FFT; permute after an FFT (einsum). _layout reads where each puts the dims.
+    aten.unsqueeze.default: {"dim": READ},
+    aten.permute.default: {"dims": READ},
 }
+_UNSQUEEZE_BEFORE_FFT = Only((0,), "the kernel is unsqueezed elsewhere than in front")
 
 
-def _check_idiom(idiom: FFTConvIdiom) -> str:
-    """Refuse unless ``idiom`` computes exactly ``fftconv(u, k)``; return a one-line summary."""
+def _layout(idiom: FFTConvIdiom, product: torch.Tensor, time: int, u: torch.Tensor,
+            k: torch.Tensor) -> ConvLayout:
+    """Where B, H and L sit: the signal must be the product's own dims (no reshape, no
+    broadcast); the kernel varies along some of them (its channels) and is broadcast along the
+    others. Refuses what the op cannot compute by flattening dims."""
+    rank = product.dim()
+    signal_dims = product_dims(idiom.signal, rank)
+    if idiom.signal.unsqueezed or signal_dims != list(range(rank)) or u.dim() != rank:
+        _refuse("signal_shape", f"the signal {_shape_str(u)} is reshaped or broadcast into the product "
+                                f"{_shape_str(product)}: the op needs it as the product's own dims")
+    kernel_dims = product_dims(idiom.kernel, rank)
+    if kernel_dims is None:
+        _refuse("kernel_shape", "the kernel's spectrum is reshaped in a way that is not understood")
+    shift = 1 if idiom.kernel.unsqueezed else 0  # FFT-output dims -> the kernel's own dims
+    padded = _tensor(idiom.kernel.pad, "the padded kernel")
+    kernel_time = _transform_dim(idiom.kernel.transform, "the kernel's FFT")
+    if kernel_dims[time] != kernel_time:
+        _refuse("transform_dim", f"the kernel's FFT transforms its dim {kernel_time - shift}, which is not "
+                                 f"the product's time dim {time} (the inverse FFT's)")
+    channels: list[Optional[int]] = [None] * rank
+    for j, d in enumerate(kernel_dims):
+        if j == time or d is None:
+            continue
+        size, product_size = padded.shape[d], product.shape[j]
+        if _decide(size == product_size):
+            if d < shift:
+                continue
+            channels[j] = d - shift
+        elif not _decide(size == 1):
+            _refuse("symbolic" if _decide(size == 1) is None else "kernel_shape",
+                    f"the kernel's dim of size {size} meets the product's dim of size {product_size}")
+    varying = [j for j, d in enumerate(channels) if d is not None]
+    if not varying:
+        _refuse("kernel_shape", f"the kernel {_shape_str(k)} is shared over channels: the op needs one kernel per "
+                                f"channel, (H, Lk)")
+    if varying[0] == 0 and rank >= 3:
+        _refuse("kernel_varies_over_batch", f"the kernel has shape {_shape_str(k)}: one kernel per batch element, "
+                                            "the op shares one over the batch")
+    return ConvLayout(rank, time, k.dim(), kernel_time - shift, tuple(channels))
+
+
+def _check_idiom(idiom: FFTConvIdiom) -> tuple[str, ConvLayout]:
+    """Refuse unless ``idiom`` computes exactly ``fftconv(u, k)`` in some layout of its dims;
+    return a one-line summary and the layout."""
     u = _tensor(idiom.signal.source, "the signal")
     k = _tensor(idiom.kernel.source, "the kernel")
     out = _tensor(idiom.output, "the output")
     for name, t in (("signal", u), ("kernel", k)):
         if t.dtype not in _REAL_FLOATS:
             _refuse("dtype", f"the {name} has dtype {t.dtype}: only real floating inputs are rewritten")
-    # Transform dims first: FFTs over another dim (a (B, L, H) layout) also make every shape
-    # check below fail, and the layout is the reason worth reporting.
-    for node, what in ((idiom.signal.transform, "the signal's FFT"), (idiom.kernel.transform, "the kernel's FFT"),
-                       (idiom.inverse, "the inverse FFT")):
-        _check_transform_dims(node, what)
-    if u.dim() != 3:
+    product = _tensor(idiom.product, "the product of spectra")
+    if u.dim() < 2:
         _refuse("signal_shape", f"the signal has shape {_shape_str(u)}: the op needs (B, H, L)")
-    if idiom.kernel.unsqueezed and k.dim() != 2:
-        _refuse("kernel_shape", f"the kernel has shape {_shape_str(k)} before unsqueeze(0): need (H, Lk)")
-    if k.dim() == 3:
-        _require(
-            k.shape[0] == 1,
-            "kernel_varies_over_batch",
-            f"the kernel has shape {_shape_str(k)}: one kernel per batch element, the op shares one over the batch",
-        )
-    elif k.dim() != 2:
-        _refuse("kernel_shape", f"the kernel has shape {_shape_str(k)}: the op needs (H, Lk)")
-    batch, channels, seqlen = u.shape
-    kernel_len = k.shape[-1]
-    _require(
-        k.shape[-2] == channels,
-        "kernel_shape",
-        f"the kernel has {k.shape[-2]} channels, the signal {channels}: the op needs one kernel per channel",
-    )
+    # Time is the inverse FFT's dim; both FFTs must transform that dim of their inputs.
+    time = _transform_dim(idiom.inverse, "the inverse FFT")
+    signal_time = _transform_dim(idiom.signal.transform, "the signal's FFT")
+    if signal_time != time or idiom.signal.reshapes and product_dims(idiom.signal, product.dim()) != list(
+            range(product.dim())):
+        _refuse("transform_dim", f"the signal's FFT transforms dim {signal_time}, the inverse FFT dim {time}")
+    layout = _layout(idiom, product, time, u, k)
+    seqlen = u.shape[time]
+    kernel_len = k.shape[layout.kernel_time]
     if u.device != k.device:
         _refuse("device", f"signal on {u.device}, kernel on {k.device}")
     if out.dtype != u.dtype:
@@ -233,7 +274,7 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
             _refuse("structure", "the complex result's imaginary part is kept, not its real part")
         if idiom.real_part.args[1] not in (-1, _tensor(idiom.real_part.args[0], "the result").dim() - 1):
             _refuse("structure", "the real part is not taken along the complex dimension")
-        fft_size = _tensor(inverse, "the inverse FFT").shape[-1]
+        fft_size = _tensor(inverse, "the inverse FFT").shape[time]
     else:
         fft_size = _size_of(inverse.args[3])
     onesided = not complex_spelling
@@ -241,8 +282,8 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
         if spectrum.transform.args[3] is not onesided:
             _refuse("structure", "a one-sided and a two-sided spectrum are mixed")
 
-    _check_padding(idiom.signal, fft_size, "the signal")
-    _check_padding(idiom.kernel, fft_size, "the kernel")
+    _check_padding(idiom.signal, signal_time, fft_size, "the signal")
+    _check_padding(idiom.kernel, _transform_dim(idiom.kernel.transform, "the kernel's FFT"), fft_size, "the kernel")
     _require(
         fft_size >= seqlen + kernel_len - 1,
         "circular",
@@ -255,8 +296,8 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     # The slice's end is checked through the result's length: ends past L are clamped alike.
     dim, start, _end, step = (list(idiom.crop.args) + [None] * 5)[1:5]
     rank = _tensor(idiom.crop.args[0], "the sliced result").dim()
-    if dim not in (rank - 1, -1):
-        _refuse("crop", f"the result is sliced along dim {dim}, not time")
+    if not isinstance(dim, int) or dim % rank != time:
+        _refuse("crop", f"the result is sliced along dim {dim}, not time (dim {time})")
     written_start = start = 0 if start is None else _size_of(start)
     # A negative start counts from the end of the inverse FFT's n outputs (and stops at 0), as
     # Python's slices do: `y[..., -n:-n + L]` keeps outputs 0..L-1.
@@ -264,14 +305,14 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
     if negative is None:
         _refuse("symbolic", "cannot prove without a new guard whether the slice starts from the end")
     if negative:
-        start = start + _tensor(idiom.crop.args[0], "the sliced result").shape[-1]
+        start = start + _tensor(idiom.crop.args[0], "the sliced result").shape[time]
         start = 0 if _decide(start < 0) else start
     from_end = f" (output {start} counted from the front)" if negative else ""
     _require(start == 0, "non_causal_slice",
              f"the slice starts at {written_start}{from_end}: a causal convolution keeps outputs 0..L-1")
     if step not in (None, 1):
         _refuse("non_causal_slice", f"the slice has step {step}")
-    _require(out.shape[-1] == seqlen, "crop", f"the slice keeps {out.shape[-1]} outputs, the signal has L = {seqlen}")
+    _require(out.shape[time] == seqlen, "crop", f"the slice keeps {out.shape[time]} outputs, the signal has L = {seqlen}")
     _require(_same_shape(out, u), "shape", f"the result has shape {_shape_str(out)}, the signal {_shape_str(u)}")
 
     constant, power = _net_scale(idiom, fft_size)
@@ -283,7 +324,8 @@ def _check_idiom(idiom: FFTConvIdiom) -> str:
         _refuse("symbolic", f"the result is scaled by {constant:g} * n^{power:g} with a symbolic FFT size n")
     if not math.isclose(total, 1.0, rel_tol=1e-6):
         _refuse("normalisation", f"normalisation: the result is {total:g} times the convolution")
-    return f"L={seqlen}, Lk={kernel_len}, fft_size={fft_size}"
+    where = "" if layout == ConvLayout.plain(k.dim()) else f", time along dim {time} of {_shape_str(u)}"
+    return f"L={seqlen}, Lk={kernel_len}, fft_size={fft_size}{where}", layout
 
 
 # ----------------------------------------------------------------------------- fusion guards --
@@ -499,8 +541,17 @@ def check_idiom(pattern: str) -> Callable[[Any], bool]:
 
         def check() -> str:
             _check_match_arguments(match, IDIOM_OPEN_ARGUMENTS)
-            return _check_idiom(idiom)
+            for node in match.nodes:  # an unsqueeze in front of an FFT: the replacement squeezes dim 0
+                if node.target == aten.unsqueeze.default and any(
+                        user.target == aten.constant_pad_nd.default for user in node.users):
+                    if not _UNSQUEEZE_BEFORE_FFT.allows(node.args[1]):
+                        _refuse("argument", f"aten::unsqueeze dim={node.args[1]!r}: {_UNSQUEEZE_BEFORE_FFT.why}")
+            summary, layout = _check_idiom(idiom)
+            hand_over_layout(layout, _tensor(idiom.signal.source, "the signal").shape,
+                             _tensor(idiom.kernel.source, "the kernel").shape)
+            return summary
 
+        hand_over_layout(None)
         return _run("idiom", pattern, anchor, check)
 
     return extra_check

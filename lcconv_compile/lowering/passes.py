@@ -149,6 +149,9 @@ def joint_stage(graph: Graph) -> int:
     if not any(is_inverse_fft(node) for node in graph.nodes):
         return 0
     _register_idiom_patterns()
+    # A dead node gives its inputs an extra user, which a pattern's user counts refuse (autograd
+    # leaves one in the backward of an FFT along dim 0: a slice whose copy was folded away).
+    graph.eliminate_dead_code()
     with events.pass_run():
         count = IDIOM_PATTERNS.apply(graph)
         if events.collecting():

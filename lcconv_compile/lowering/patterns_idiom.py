@@ -22,111 +22,189 @@ import torch.nn.functional as F
 from torch._inductor.pattern_matcher import fwd_only, joint_fwd_bwd
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fft_idiom import signal_first
+from .fft_idiom import ConvLayout, handed_over_layout, signal_first
 
 
-def _sizes(u: torch.Tensor) -> tuple[int, int]:
+def _sizes(u: torch.Tensor, t: int = -1) -> tuple[int, int]:
     """(L, fft_size) for tracing a pattern. Any fft_size >= L + Lk - 1 would do: matching
     ignores sizes, and the guard checks the real graph's fft_size against its L and Lk."""
-    seqlen = u.shape[-1]
+    seqlen = u.shape[t]
     return seqlen, 2 * seqlen
 
 
-def _rfft_conv_pattern(u, k):
-    seqlen, n = _sizes(u)
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+def _crop(y: torch.Tensor, seqlen, t: int) -> torch.Tensor:
+    """``y[..., :seqlen]`` along dim ``t`` (-1, or -2 for a (B, L, H) layout)."""
+    return y[(Ellipsis, slice(None, seqlen)) + (slice(None),) * (-1 - t)]
 
 
-def _rfft_conv_kernel_first_pattern(u, k):
-    seqlen, n = _sizes(u)
-    return torch.fft.irfft(torch.fft.rfft(k, n=n) * torch.fft.rfft(u, n=n), n=n)[..., :seqlen]
+def _pad(x: torch.Tensor, n, t: int) -> torch.Tensor:
+    """``F.pad(x, (0, n - length))`` along dim ``t``."""
+    return F.pad(x, (0, 0) * (-1 - t) + (0, n - x.shape[t]))
 
 
-def _padded_rfft_conv_pattern(u, k):
-    seqlen, n = _sizes(u)
-    u_padded = F.pad(u, (0, n - seqlen))
-    k_padded = F.pad(k, (0, n - k.shape[-1]))
-    return torch.fft.irfft(torch.fft.rfft(u_padded) * torch.fft.rfft(k_padded), n=n)[..., :seqlen]
+# Each spelling takes the time dim ``t``: -1 for (B, H, L) with an (H, Lk) kernel, -2 for
+# (B, L, H) with an (Lk, H) kernel. Matching ignores dims, so the t=-1 traces match both layouts
+# in inference graphs; a training graph's backward differs between them, so both are traced.
+def _rfft_conv_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    return _crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t), seqlen, t)
 
 
-def _rfft_conv_unsqueezed_kernel_pattern(u, k):
-    seqlen, n = _sizes(u)
-    k_f = torch.fft.rfft(k.unsqueeze(0), n=n)
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., :seqlen]
+def _rfft_conv_kernel_first_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    return _crop(torch.fft.irfft(torch.fft.rfft(k, n=n, dim=t) * torch.fft.rfft(u, n=n, dim=t), n=n, dim=t), seqlen, t)
 
 
-def _rfft_conv_scaled_kernel_pattern(u, k):
+def _padded_rfft_conv_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    u_f, k_f = torch.fft.rfft(_pad(u, n, t), dim=t), torch.fft.rfft(_pad(k, n, t), dim=t)
+    return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t), seqlen, t)
+
+
+def _rfft_conv_unsqueezed_kernel_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    k_f = torch.fft.rfft(k.unsqueeze(0), n=n, dim=t)
+    return _crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * k_f, n=n, dim=t), seqlen, t)
+
+
+def _rfft_conv_scaled_kernel_pattern(u, k, t=-1):
     # H3 / Hyena / FlashFFTConv reference: the 1/n sits on the kernel's spectrum.
+    seqlen, n = _sizes(u, t)
+    k_f = torch.fft.rfft(k, n=n, dim=t) / n
+    u_f = torch.fft.rfft(u, n=n, dim=t)
+    return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def _rfft_conv_scaled_signal_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    u_f = torch.fft.rfft(u, n=n, dim=t) / n
+    return _crop(torch.fft.irfft(u_f * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def _rfft_conv_scaled_product_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    product = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) / n
+    return _crop(torch.fft.irfft(product, n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def _rfft_conv_reciprocal_product_pattern(u, k, t=-1):
+    # `* (1 / n)` is a multiply by a number, not the divide of the pattern above.
+    seqlen, n = _sizes(u, t)
+    product = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) * (1 / n)
+    return _crop(torch.fft.irfft(product, n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def _rfft_conv_scaled_output_pattern(u, k, t=-1):
+    # norm="ortho" on all three transforms leaves the result 1/sqrt(n) too small.
+    seqlen, n = _sizes(u, t)
+    u_f = torch.fft.rfft(u, n=n, dim=t, norm="ortho")
+    k_f = torch.fft.rfft(k, n=n, dim=t, norm="ortho")
+    return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="ortho"), seqlen, t) * n**0.5
+
+
+def _fft_conv_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    return _crop(torch.fft.ifft(torch.fft.fft(u, n=n, dim=t) * torch.fft.fft(k, n=n, dim=t), dim=t), seqlen, t).real
+
+
+def _fft_conv_real_first_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    return _crop(torch.fft.ifft(torch.fft.fft(u, n=n, dim=t) * torch.fft.fft(k, n=n, dim=t), dim=t).real, seqlen, t)
+
+
+def _padded_fft_conv_pattern(u, k, t=-1):
+    # FlashFFTConv's README: both signals padded by hand, complex FFTs along dim=-1.
+    seqlen, n = _sizes(u, t)
+    y = torch.fft.ifft(torch.fft.fft(_pad(u, n, t), dim=t) * torch.fft.fft(_pad(k, n, t), dim=t), dim=t)
+    return _crop(y, seqlen, t).real
+
+
+def _padded_fft_conv_real_first_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    y = torch.fft.ifft(torch.fft.fft(_pad(u, n, t), dim=t) * torch.fft.fft(_pad(k, n, t), dim=t), dim=t)
+    return _crop(y.real, seqlen, t)
+
+
+def _einsum_conv_pattern(u, k):
+    seqlen, n = _sizes(u)
+    return torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=n), torch.fft.rfft(k, n=n)), n=n)[..., :seqlen]
+
+
+def _einsum_conv_scaled_kernel_pattern(u, k):
     seqlen, n = _sizes(u)
     k_f = torch.fft.rfft(k, n=n) / n
-    u_f = torch.fft.rfft(u, n=n)
-    return torch.fft.irfft(u_f * k_f, n=n, norm="forward")[..., :seqlen]
+    return torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=n), k_f), n=n, norm="forward")[..., :seqlen]
 
 
-def _rfft_conv_scaled_signal_pattern(u, k):
+def _broadcast_kernel_pattern(u, k):
+    # A multi-head branch (Hyena): u (B, H, heads, L), one kernel per H shared over heads.
     seqlen, n = _sizes(u)
-    u_f = torch.fft.rfft(u, n=n) / n
-    return torch.fft.irfft(u_f * torch.fft.rfft(k, n=n), n=n, norm="forward")[..., :seqlen]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n).unsqueeze(1), n=n)[..., :seqlen]
 
 
-def _rfft_conv_scaled_product_pattern(u, k):
+def _broadcast_scaled_kernel_pattern(u, k):
+    # safari's fftconv_ref: k_f = rfft(k, n) / n; if u.dim() > 3: k_f = k_f.unsqueeze(1).
     seqlen, n = _sizes(u)
-    product = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n
-    return torch.fft.irfft(product, n=n, norm="forward")[..., :seqlen]
-
-
-def _rfft_conv_reciprocal_product_pattern(u, k):
-    # `* (1 / n)` is a multiply by a number, not the divide of the pattern above.
-    seqlen, n = _sizes(u)
-    product = torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) * (1 / n)
-    return torch.fft.irfft(product, n=n, norm="forward")[..., :seqlen]
-
-
-def _rfft_conv_scaled_output_pattern(u, k):
-    # norm="ortho" on all three transforms leaves the result 1/sqrt(n) too small.
-    seqlen, n = _sizes(u)
-    u_f = torch.fft.rfft(u, n=n, norm="ortho")
-    k_f = torch.fft.rfft(k, n=n, norm="ortho")
-    return torch.fft.irfft(u_f * k_f, n=n, norm="ortho")[..., :seqlen] * n**0.5
-
-
-def _fft_conv_pattern(u, k):
-    seqlen, n = _sizes(u)
-    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n))[..., :seqlen].real
-
-
-def _fft_conv_real_first_pattern(u, k):
-    seqlen, n = _sizes(u)
-    return torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(k, n=n)).real[..., :seqlen]
-
-
-def _padded_fft_conv_pattern(u, k):
-    # FlashFFTConv's README: both signals padded by hand, complex FFTs along dim=-1.
-    seqlen, n = _sizes(u)
-    u_padded = F.pad(u, (0, n - seqlen))
-    k_padded = F.pad(k, (0, n - k.shape[-1]))
-    y = torch.fft.ifft(torch.fft.fft(u_padded, dim=-1) * torch.fft.fft(k_padded, dim=-1), dim=-1)
-    return y[..., :seqlen].real
-
-
-def _padded_fft_conv_real_first_pattern(u, k):
-    seqlen, n = _sizes(u)
-    u_padded = F.pad(u, (0, n - seqlen))
-    k_padded = F.pad(k, (0, n - k.shape[-1]))
-    y = torch.fft.ifft(torch.fft.fft(u_padded, dim=-1) * torch.fft.fft(k_padded, dim=-1), dim=-1)
-    return y.real[..., :seqlen]
+    k_f = (torch.fft.rfft(k, n=n) / n).unsqueeze(1)
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n, norm="forward")[..., :seqlen]
 
 
 def _fftconv_replacement(u, k):
     # The spectra's product is commutative, so a match may bind the pattern's `u` to the kernel:
     # pick the roles from shapes, by the rule the guard used.
     signal, kernel = (u, k) if signal_first(u, k) else (k, u)
-    seqlen = signal.shape[-1]
-    if kernel.dim() == 3:  # (1, H, Lk): the guard proved the leading size is 1
+    layout = handed_over_layout(signal, kernel) or ConvLayout.plain(kernel.dim())
+    if kernel.dim() == layout.kernel_rank + 1:  # bound after unsqueeze(0): the guard proved it unit
         kernel = kernel.squeeze(0)
+    if layout == ConvLayout.plain(kernel.dim()):
+        if kernel.dim() == 3:  # (1, H, Lk): the guard proved the leading size is 1
+            kernel = kernel.squeeze(0)
+        return _op_with_kernel_cropped(signal, kernel)
+    return _fftconv_in_layout(signal, kernel, layout)
+
+
+def _op_with_kernel_cropped(signal, kernel):
+    seqlen = signal.shape[-1]
     if statically_known_true(kernel.shape[-1] > seqlen):
         kernel = kernel[..., :seqlen]  # taps beyond L never reach the first L outputs
     return torch.ops.lcconv.fftconv.default(signal, kernel)
+
+
+def _fftconv_in_layout(signal, kernel, layout: ConvLayout):
+    """The op on views of the matched tensors: time moved last, the product dims before the first
+    kernel channel flattened into B, the rest into H (the kernel expanded along those it is
+    broadcast over), and the result put back in the signal's layout."""
+    x = signal.movedim(layout.time, -1) if layout.time != layout.rank - 1 else signal
+    others = [j for j in range(layout.rank) if j != layout.time]
+    first = next(i for i, j in enumerate(others) if layout.kernel_dims[j] is not None)
+    channel_dims = others[first:]
+    batch_shape, channel_shape, seqlen = x.shape[:first], x.shape[first:-1], x.shape[-1]
+    # The kernel as (channels it varies along..., Lk), its unit dims squeezed, then expanded.
+    varying = [layout.kernel_dims[j] for j in channel_dims if layout.kernel_dims[j] is not None]
+    order = varying + [layout.kernel_time]
+    units = [d for d in range(kernel.dim()) if d not in order]
+    if order + units != list(range(kernel.dim())):
+        kernel = kernel.permute(order + units)
+    for _ in units:
+        kernel = kernel.squeeze(-1)
+    for i, j in enumerate(channel_dims):
+        if layout.kernel_dims[j] is None:
+            kernel = kernel.unsqueeze(i)
+    if any(layout.kernel_dims[j] is None for j in channel_dims):
+        kernel = kernel.expand(*channel_shape, kernel.shape[-1])
+    channels = 1
+    for size in channel_shape:
+        channels = channels * size
+    batch = 1
+    for size in batch_shape:
+        batch = batch * size
+    if len(channel_shape) != 1:
+        kernel = kernel.reshape(channels, kernel.shape[-1])
+    u3 = x if len(batch_shape) == 1 and len(channel_shape) == 1 else x.reshape(batch, channels, seqlen)
+    y = _op_with_kernel_cropped(u3, kernel)
+    if u3 is not x:
+        y = y.reshape(x.shape)
+    return y.movedim(-1, layout.time) if layout.time != layout.rank - 1 else y
 
 
 # Registration order is match order for patterns ending in the same op: a pattern that is a
@@ -146,7 +224,15 @@ IDIOMS: dict[str, Callable[..., Any]] = {
     "fft_conv_real_first": _fft_conv_real_first_pattern,
     "fft_conv_padded": _padded_fft_conv_pattern,
     "fft_conv_padded_real_first": _padded_fft_conv_real_first_pattern,
+    "einsum_conv": _einsum_conv_pattern,
+    "einsum_conv_scaled_kernel": _einsum_conv_scaled_kernel_pattern,
+    "broadcast_kernel_conv": _broadcast_kernel_pattern,
+    "broadcast_scaled_kernel_conv": _broadcast_scaled_kernel_pattern,
 }
+# The spellings also traced with time along dim 1 of (B, L, H) (all but einsum and broadcast).
+TIME_ALONG_DIM_1 = tuple(family for family in IDIOMS if not family.startswith(("einsum", "broadcast")))
+# Example shapes for patterns whose signal is not (B, H, L).
+_SIGNAL_SHAPE = {"broadcast_kernel_conv": (2, 3, 2, 8), "broadcast_scaled_kernel_conv": (2, 3, 2, 8)}
 
 # (suffix, trace function, u needs grad, k needs grad). A training graph's backward depends on
 # which inputs need gradients, so each set is traced; inference graphs have no backward.
@@ -171,14 +257,38 @@ class PatternSpec:
 
 def idiom_pattern_specs(device: torch.device) -> Iterator[PatternSpec]:
     """Every idiom pattern with every trace. Call under a FakeTensorMode (inputs are ``empty``)."""
-    signal = functools.partial(torch.empty, (2, 3, 8), device=device)
     kernel = functools.partial(torch.empty, (3, 8), device=device)
     for family, pattern in IDIOMS.items():
+        signal = functools.partial(torch.empty, _SIGNAL_SHAPE.get(family, (2, 3, 8)), device=device)
+        search = _time_along(pattern, -1) if family in TIME_ALONG_DIM_1 else pattern
         for suffix, trace_fn, u_grad, k_grad in TRACES:
             yield PatternSpec(
                 name=f"{family}_{suffix}",
-                search_fn=pattern,
+                search_fn=search,
                 replace_fn=_fftconv_replacement,
                 example_inputs=(signal(requires_grad=u_grad), kernel(requires_grad=k_grad)),
                 trace_fn=trace_fn,
             )
+    # (B, L, H) with an (Lk, H) kernel: training graphs only (inference ones match the above).
+    signal, kernel = (functools.partial(torch.empty, shape, device=device) for shape in ((2, 8, 3), (8, 3)))
+    for family in TIME_ALONG_DIM_1:
+        for suffix, trace_fn, u_grad, k_grad in TRACES:
+            if suffix == "training":
+                yield PatternSpec(
+                    name=f"{family}_{suffix}",
+                    search_fn=_time_along(IDIOMS[family], -2),
+                    replace_fn=_fftconv_replacement,
+                    example_inputs=(signal(requires_grad=u_grad), kernel(requires_grad=k_grad)),
+                    trace_fn=trace_fn,
+                )
+
+
+def _time_along(pattern: Callable[..., Any], t: int) -> Callable[..., Any]:
+    """``pattern`` with its time dim fixed to ``t``, as a function of (u, k) only (the matcher
+    reads the search function's parameters as the pattern's inputs)."""
+
+    def search(u, k):
+        return pattern(u, k, t)
+
+    search.__name__ = f"{pattern.__name__}_time_{t}"
+    return search
