@@ -310,3 +310,96 @@ def test_export_with_a_dynamic_length_has_no_hidden_bounds(head_dim, kernel_type
         with conv_implementation("reference"):
             expected = layer(x)
         torch.testing.assert_close(exported(x), expected, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------- state passing --
+@pytest.mark.parametrize("head_dim", [1, 2])
+@pytest.mark.parametrize("seqlen,chunk", [(1, 16), (37, 16), (100, 40), (64, 64), (50, 200), (33, 1)])
+def test_prefill_in_chunks_equals_forward_and_reaches_the_step_state(head_dim, seqlen, chunk):
+    layer = make(l_max=None, head_dim=head_dim, d_state=6)
+    x = torch.randn(3, seqlen, 8, dtype=torch.float64)
+    y, state = layer.prefill(x, chunk=chunk)
+    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-12)
+    stepped = layer.allocate_state(3)
+    for t in range(seqlen):
+        _, stepped = layer.step(x[:, t], stepped)
+    torch.testing.assert_close(state.shift, stepped.shift, rtol=1e-12, atol=1e-14)  # batched vs per-token matmul
+    torch.testing.assert_close(state.ssm, stepped.ssm, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_prompt_prefilled_in_pieces_then_stepped_equals_one_forward(head_dim):
+    layer = make(l_max=None, head_dim=head_dim, d_state=6)
+    x = torch.randn(2, 90, 8, dtype=torch.float64)
+    full = layer(x)
+    first, state = layer.prefill(x[:, :50], chunk=16)
+    second, state = layer.prefill(x[:, 50:80], state, chunk=7)
+    outputs = [first, second]
+    for t in range(80, 90):
+        y_t, state = layer.step(x[:, t], state)
+        outputs.append(y_t.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_prefill_uses_no_kernel_longer_than_the_chunk(monkeypatch):
+    layer = make(l_max=None, d_state=6)
+    lengths = []
+    real_kernel = layer.ssm_kernel
+    monkeypatch.setattr(layer, "ssm_kernel", lambda seqlen: lengths.append(seqlen) or real_kernel(seqlen))
+    layer.prefill(torch.randn(1, 100, 8, dtype=torch.float64), chunk=32)
+    assert lengths == [32, 32, 32, 4]
+
+
+def test_prefill_with_key_padding_equals_forward():
+    layer = make(l_max=None, d_state=6)
+    x = torch.randn(2, 30, 8, dtype=torch.float64)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 20:] = True
+    y, _ = layer.prefill(x, chunk=8, key_padding_mask=mask)
+    torch.testing.assert_close(y, layer(x, key_padding_mask=mask), rtol=1e-10, atol=1e-12)
+
+
+def test_prefill_float32_matches_float64():
+    layer = make(l_max=None, head_dim=2)
+    x = torch.randn(2, 300, 8)
+    y32, _ = layer.float().prefill(x, chunk=64)
+    y64 = layer.double()(x.double())
+    assert ((y32.double() - y64).norm() / y64.norm()).item() < 1e-5
+
+
+def test_prefill_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="H3.prefill: the recurrent form needs kernel='ssm'"):
+        make(kernel="longconv").prefill(torch.randn(1, 4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk"):
+        make(l_max=None).prefill(torch.randn(1, 4, 8, dtype=torch.float64), chunk=0)
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_state_chunk_forward_and_its_gradients_equal_the_full_convolution(head_dim):
+    full = make(l_max=None, head_dim=head_dim, d_state=6)
+    chunked = make(l_max=None, head_dim=head_dim, d_state=6, state_chunk=16)
+    chunked.load_state_dict(full.state_dict())
+    x = torch.randn(2, 50, 8, dtype=torch.float64)
+    grad_y = torch.randn(2, 50, 8, dtype=torch.float64)
+    ys, grads = [], []
+    for layer in (full, chunked):
+        y = layer(x)
+        ys.append(y)
+        grads.append(torch.autograd.grad(y, list(layer.parameters()), grad_y))
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-10, atol=1e-12)
+    for (name, _), g_chunked, g_full in zip(full.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(g_chunked, g_full, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_state_chunk_needs_the_ssm_kernel():
+    with pytest.raises(ValueError, match="state_chunk needs kernel='ssm'"):
+        H3(8, 40, kernel="longconv", state_chunk=16)
+    with pytest.raises(ValueError, match="state_chunk"):
+        H3(8, state_chunk=0)
+
+
+def test_state_chunk_compiled_equals_eager():
+    layer = H3(8, head_dim=2, d_state=6, state_chunk=16)
+    x = torch.randn(2, 40, 8)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)

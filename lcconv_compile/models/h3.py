@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ._common import apply_key_padding, check_choice, check_divisible, check_positive, check_seqlen
 from ._conv import long_conv
 from .longconv import check_kernel_options, init_kernel_weight, regularised_kernel
+from .ssm_chunks import state_output, state_update
 
 __all__ = ["H3", "H3State", "vandermonde_chunk"]
 
@@ -96,6 +97,9 @@ class H3(nn.Module):
         kernel: ``"ssm"`` (S4D diagonal SSM, the paper's H3) or ``"longconv"`` (a learned long
             kernel per head with Squash and Smooth, seed 000).
         shift_len: taps of the shift SSM's FIR filter (its state size).
+        state_chunk: with the SSM kernel, sequences longer than this run through :meth:`prefill`
+            (chunks of ``state_chunk`` with the SSM state passed between them: no convolution,
+            FFT or kernel longer than a chunk). None (default): one full-length convolution.
 
     Options of ``kernel="ssm"``:
         d_state: diagonal-SSM state size N (N/2 complex modes); must be even. Default 64.
@@ -118,6 +122,7 @@ class H3(nn.Module):
         head_dim: int = 1,
         kernel: str = "ssm",
         shift_len: int = 4,
+        state_chunk: Optional[int] = None,
         device=None,
         dtype=None,
         **kernel_options,
@@ -128,6 +133,11 @@ class H3(nn.Module):
             check_positive("H3", l_max=l_max)
         check_divisible("H3", d_model, "head_dim", head_dim)
         check_choice("H3", "kernel", kernel, KERNELS)
+        if state_chunk is not None:
+            check_positive("H3", state_chunk=state_chunk)
+            if kernel != "ssm":
+                raise ValueError(f"H3: state_chunk needs kernel='ssm' (a finite diagonal state), got kernel={kernel!r}")
+        self.state_chunk = state_chunk
         defaults, other = (SSM_OPTIONS, LONGCONV_OPTIONS) if kernel == "ssm" else (LONGCONV_OPTIONS, SSM_OPTIONS)
         for name in kernel_options:
             if name in other:
@@ -268,6 +278,8 @@ class H3(nn.Module):
         Padded positions get zero k and v, so they add nothing to the state seen by other positions.
         """
         seqlen = check_seqlen("H3", x, self.d_model, self.l_max)
+        if self.state_chunk is not None and not isinstance(seqlen, torch.SymInt) and seqlen > self.state_chunk:
+            return self.prefill(x, chunk=self.state_chunk, key_padding_mask=key_padding_mask)[0]
         batch, heads, hd = x.shape[0], self.n_heads, self.head_dim
         q = self.q_proj(x).transpose(1, 2)
         k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
@@ -298,6 +310,63 @@ class H3(nn.Module):
         # so all taps run on L + shift_len - 1 samples and the first L outputs are kept.
         padded = F.pad(k, (0, self.shift_len - 1))
         return long_conv(padded, self.shift_kernel, self.shift_D).narrow(2, 0, seqlen)
+
+    # ---------------------------------------------------------------------- state passing --
+    def prefill(self, x: Tensor, state: Optional[H3State] = None, *, chunk: int = 4096,
+                key_padding_mask: Optional[Tensor] = None) -> tuple[Tensor, H3State]:
+        """Run the layer over ``x`` ``(B, L, d_model)`` ``chunk`` samples at a time, passing the
+        diagonal SSM's state between chunks (module ``ssm_chunks``); returns ``(y, state)``.
+
+        ``y`` equals ``forward(x)`` (from the zero state) and the returned state is the one
+        ``step`` would reach after the same tokens, so generation can continue with ``step``; a
+        given ``state`` continues a sequence (a prompt prefilled in pieces). No convolution,
+        FFT or SSM kernel is longer than ``chunk``, whatever L is. Needs ``kernel="ssm"``.
+        """
+        self._check_recurrent("prefill")
+        check_positive("H3.prefill", chunk=chunk)
+        seqlen = check_seqlen("H3", x, self.d_model, None)
+        batch, heads, hd = x.shape[0], self.n_heads, self.head_dim
+        if state is None:
+            state = self.allocate_state(batch, device=x.device, dtype=self.q_proj.weight.dtype)
+        q = self.q_proj(x).transpose(1, 2)
+        k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
+        v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)  # (B, d_model, L)
+
+        # Shift SSM, continuing from the previous k values (the state's shift register).
+        history = torch.cat([state.shift.to(k.dtype), k], dim=-1)
+        next_shift = history[..., history.shape[-1] - (self.shift_len - 1):]
+        k = long_conv(history, self.shift_kernel, self.shift_D)[..., self.shift_len - 1:]
+
+        dta_re, dta_im, _, _ = self._discretised()
+        a = torch.exp(torch.complex(dta_re, dta_im))  # (H, M)
+        b = self._b_bar()
+        c = torch.view_as_complex(self.C.contiguous())
+        pairs = hd * hd
+        x_ssm = state.ssm.reshape(batch, heads, pairs, -1)
+        outputs = []
+        for start in range(0, seqlen, chunk):
+            length = min(chunk, seqlen - start)
+            q_c, k_c, v_c = (t[..., start:start + length] for t in (q, k, v))
+            head_kernel = self.ssm_kernel(length)
+            kv = (k_c.view(batch, heads, hd, 1, length) * v_c.view(batch, heads, 1, hd, length))
+            kv = kv.reshape(batch, heads, pairs, length)
+            carried = state_output(x_ssm, a, c, length)  # (B, H, pairs, length)
+            if hd == 1:
+                y_c = long_conv(v_c, head_kernel, self.D, gate_in=k_c, gate_out=q_c)
+                y_c = y_c + q_c * carried.reshape(batch, heads, length).to(y_c.dtype)
+            else:
+                kernel = head_kernel.unsqueeze(1).expand(heads, pairs, length).reshape(heads * pairs, length)
+                skip = self.D.unsqueeze(1).expand(heads, pairs).reshape(heads * pairs)
+                s = long_conv(kv.reshape(batch, heads * pairs, length), kernel, skip)
+                s = s.view(batch, heads, pairs, length) + carried.to(s.dtype)
+                s = s.view(batch, heads, hd, hd, length)
+                y_c = (q_c.view(batch, heads, hd, 1, length) * s).sum(dim=2).reshape(batch, self.d_model, length)
+            outputs.append(y_c)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x_ssm = state_update(x_ssm, kv.to(self.q_proj.weight.dtype), a, b)
+        y = torch.cat(outputs, dim=-1)
+        next_state = H3State(next_shift, x_ssm.reshape(state.ssm.shape))
+        return self.out_proj(y.transpose(1, 2).to(x.dtype)), next_state
 
     # ----------------------------------------------------------------------- recurrent form --
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> H3State:
@@ -357,5 +426,5 @@ class H3(nn.Module):
             kernel = f"squash_lambda={self.squash_lambda}, smooth_radius={self.smooth_radius}, kernel_dropout={self.kernel_dropout}"
         return (
             f"d_model={self.d_model}, l_max={self.l_max}, head_dim={self.head_dim}, kernel={self.kernel_type!r}, "
-            f"{kernel}, shift_len={self.shift_len}"
+            f"{kernel}, shift_len={self.shift_len}" + (f", state_chunk={self.state_chunk}" if self.state_chunk else "")
         )
