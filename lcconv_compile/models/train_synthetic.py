@@ -78,6 +78,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=16, help="H3 head_dim; attention uses d_model/head_dim heads")
     p.add_argument("--ssm-init", choices=["lin", "real"], default="real", help="H3 diagonal-SSM initialisation")
     p.add_argument("--ssm-c-scale", type=float, default=1.0, help="H3 initial C scale (see H3's c_scale)")
+    p.add_argument("--ssm-lr", type=float, default=None,
+                   help="H3: learning rate of the SSM's dynamics (log_dt, A), no weight decay, as in S4/H3 "
+                        "(default: --lr)")
     p.add_argument("--squash-lambda", type=float, default=None, help="h3-longconv/longconv: Squash threshold")
     p.add_argument("--smooth-radius", type=int, default=None, help="h3-longconv/longconv: Smooth half-width")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -164,15 +167,25 @@ def _autocast(args):
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on the weight matrices of Linear layers only (not kernels, SSM params, norms)."""
+SSM_DYNAMICS = ("log_dt", "log_A_real", "A_imag")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float, ssm_lr: Optional[float] = None):
+    """Weight decay on the weight matrices of Linear layers only (not kernels, SSM params, norms);
+    with ``ssm_lr``, the SSM's dynamics (step size and A) in a group of their own at that rate."""
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     decay.discard(id(model.embedding.weight))  # tied with the head: no decay on embeddings
+    dynamics = set()
+    if ssm_lr is not None:
+        dynamics = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in SSM_DYNAMICS}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) not in decay and id(p) not in dynamics], "weight_decay": 0.0},
     ]
+    if dynamics:
+        groups.append({"params": [p for p in params if id(p) in dynamics], "weight_decay": 0.0, "lr": ssm_lr})
+    return groups
 
 
 def build_model(args) -> LongConvLM:
@@ -218,7 +231,7 @@ def train(args) -> dict:
     model = build_model(args).to(device)
     answer_only = not model.causal
     runner = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay, args.ssm_lr), lr=args.lr, betas=(0.9, 0.98))
     warmup = max(1, int(args.warmup_frac * args.steps))
 
     def lr_scale(step: int) -> float:  # linear warm-up, cosine decay to 10%
