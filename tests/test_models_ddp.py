@@ -94,3 +94,34 @@ def test_compiled_h3_lm_under_ddp_matches_one_process(tmp_path):
     for step, loss in enumerate(single_losses):
         mean_of_ranks = (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2
         assert abs(mean_of_ranks - loss) < 1e-5 * max(1.0, abs(loss)), step
+
+
+def _multi_gpu_script(tmp_path, strategy: str) -> list[float]:
+    """benchmarks/train_multi_gpu.py at tiny sizes on CPU: alone, or under torchrun with 2 ranks."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / f"{strategy}.json"
+    launcher = [sys.executable] if strategy == "single" else [sys.executable, "-m", "torch.distributed.run",
+                                                              "--nproc-per-node", str(WORLD)]
+    command = launcher + [str(root / "benchmarks" / "train_multi_gpu.py"), "--strategy", strategy, "--d-model", "16",
+                          "--n-layers", "1", "--seq-len", "64", "--global-batch", "4", "--vocab-size", "16",
+                          "--steps", "4", "--no-compile", "--json", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())["losses"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_multi_gpu_script_ddp_and_fsdp2_follow_the_single_process_loss_curve(tmp_path):
+    single = _multi_gpu_script(tmp_path, "single")
+    assert single[-1] < single[0]  # it trains
+    for strategy in ("ddp", "fsdp"):
+        losses = _multi_gpu_script(tmp_path, strategy)
+        assert len(losses) == len(single)
+        for step, (got, want) in enumerate(zip(losses, single)):
+            assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (strategy, step, got, want)
