@@ -207,20 +207,21 @@ def compiled(name: str, train: bool, layout: str = "BHL"):
 
 # --------------------------------------------------------------------------- pinned graphs --
 class IdiomGraphTest(expecttest.TestCase):
-    def test_every_idiom_becomes_one_op_call_for_inference(self):
-        graphs = {name: compiled(name, False, "BHL").graphs for name in IDIOMS}
+    def same_graphs_for_every_idiom(self, train: bool, layout: str) -> list[str]:
+        """The post-grad graphs of every idiom, asserted equal; returns the textbook one's."""
+        graphs = {name: compiled(name, train, layout).graphs for name in IDIOMS}
         for name, recorded in graphs.items():
             self.assertEqual(recorded, graphs["textbook"], name)
-        self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
+        return graphs["textbook"]
+
+    def test_every_idiom_becomes_one_op_call_for_inference(self):
+        self.assertExpectedInline("\n\n".join(self.same_graphs_for_every_idiom(False, "BHL")), """\
 inputs in0: f32[2, 4, 24], in1: f32[4, 20]
 v0 = lcconv.fftconv(in0, in1)
 return (v0,)""")
 
     def test_every_idiom_calls_op_and_backward_op_when_training(self):
-        graphs = {name: compiled(name, True, "BHL").graphs for name in IDIOMS}
-        for name, recorded in graphs.items():
-            self.assertEqual(recorded, graphs["textbook"], name)
-        forward, backward = graphs["textbook"]
+        forward, backward = self.same_graphs_for_every_idiom(True, "BHL")
         self.assertExpectedInline(forward, """\
 inputs in0: f32[2, 4, 24], in1: f32[4, 20]
 v0 = lcconv.fftconv(in0, in1)
@@ -233,20 +234,14 @@ v2 = getitem(v0, 1)
 return (v1, v2)""")
 
     def test_time_along_dim_1_calls_the_op_on_transposed_views(self):
-        graphs = {name: compiled(name, False, "BLH").graphs for name in IDIOMS}
-        for name, recorded in graphs.items():
-            self.assertEqual(recorded, graphs["textbook"], name)
-        self.assertExpectedInline("\n\n".join(graphs["textbook"]), """\
+        self.assertExpectedInline("\n\n".join(self.same_graphs_for_every_idiom(False, "BLH")), """\
 inputs in0: f32[2, 24, 4], in1: f32[20, 4]
 v0 = aten.permute(in0, [0, 2, 1])
 v1 = aten.permute(in1, [1, 0])
 v2 = lcconv.fftconv(v0, v1)
 v3 = aten.permute(v2, [0, 2, 1])
 return (v3,)""")
-        train = {name: compiled(name, True, "BLH").graphs for name in IDIOMS}
-        for name, recorded in train.items():
-            self.assertEqual(recorded, train["textbook"], name)
-        self.assertExpectedInline("\n\n".join(train["textbook"]), """\
+        self.assertExpectedInline("\n\n".join(self.same_graphs_for_every_idiom(True, "BLH")), """\
 inputs in0: f32[2, 24, 4], in1: f32[20, 4]
 v0 = aten.permute(in0, [0, 2, 1])
 v1 = aten.permute(in1, [1, 0])
