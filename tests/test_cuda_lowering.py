@@ -163,10 +163,10 @@ _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
     make_constants = blockfft3._make_constants
     blockfft3._make_constants = lambda *args: make_constants(*args[:-1], torch.device("cpu"))
     with FakeTensorMode():
-        u = torch.empty(2, 4, 1000, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
-        k = torch.empty(4, 300, device="cuda")
+        u = torch.empty(U_SHAPE, device="cuda", dtype=torch.bfloat16)U_VIEW
+        k = torch.empty(K_SHAPE, device="cuda")
         D = torch.empty(4, device="cuda")
-        gm = make_fx(lambda u, k, D: torch.ops.lcconv.fftconv(u.transpose(0, 1), k, D, gelu=True) + 1)(u, k, D)
+        gm = make_fx(lambda u, k, D: CALL + 1)(u, k, D)
     assert cuda_lowering.lower_cuda_calls(gm.graph) == 1
     gm.graph.lint()
     names = []
@@ -181,18 +181,32 @@ _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
 """)
 
 
-def test_stage_traces_forward_launches_on_fake_cuda_tensors():
+# (u's shape, a view of it, k's shape, the call): u as a batch-major view, and the views the
+# idiom rewrite of a (B, L, H) spelling passes (u and k permuted, the result permuted back).
+FAKE_CUDA_CALLS = {
+    "batch_major_view": ((2, 4, 1000), ".transpose(0, 1)", (4, 300),
+                         "torch.ops.lcconv.fftconv(u.transpose(0, 1), k, D, gelu=True)"),
+    "time_along_dim_1": ((2, 1000, 4), "", (300, 4),
+                         "torch.ops.lcconv.fftconv(u.permute(0, 2, 1), k.permute(1, 0), D, gelu=True).permute(0, 2, 1)"),
+}
+
+
+@pytest.mark.parametrize("case", FAKE_CUDA_CALLS)
+def test_stage_traces_forward_launches_on_fake_cuda_tensors(case):
     """The stage's trace, on torch of this machine: run without the interpreter, as on a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", _TRACE_ON_FAKE_CUDA], capture_output=True, text=True,
+    u_shape, u_view, k_shape, call = FAKE_CUDA_CALLS[case]
+    source = (_TRACE_ON_FAKE_CUDA.replace("U_SHAPE", repr(u_shape)).replace("U_VIEW", u_view)
+              .replace("K_SHAPE", repr(k_shape)).replace("CALL", call))
+    result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
     assert lines["kernels"] == "['_fftconv_fwd_kernel']"  # v5: k's spectrum on chip, one launch
     assert lines["op_calls"] == "0"
     assert lines["constants"].count("_lcconv_blockfft3_") == 6  # the three stages and their inverses
-    assert lines["copies"] == "0"  # u's layout (batch-major view, dense) is passed as is
+    assert lines["copies"] == "0"  # u's and k's layouts (strided views) are passed as they are
 
 
 # ------------------------------------------------------------------------------------ GPU --
