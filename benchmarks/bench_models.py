@@ -11,6 +11,8 @@ Models (``LongConvLM``, 2 layers, d_model 768 by default, vocabulary 50304):
                (``models._conv.conv_implementation("reference")``) and our rewrites off
                (``passes_enabled(False)``): H3 compiled by Inductor alone
   h3-longconv  H3 with a learned long kernel (``mixer="h3-longconv"``), through the op
+  h3-chunked   our H3 with state passing (``H3(state_chunk=--state-chunk)``): sequences longer
+               than a chunk run chunk by chunk with the SSM state carried (``H3.prefill``)
   attention    SDPA attention LM of the same width (head_dim 64, rotary)
 
 Training: ``tokens`` tokens per step (B = tokens / L), bf16 autocast on CUDA (fp32 on CPU), AdamW,
@@ -56,6 +58,7 @@ VARIANTS = {
     "h3": ("h3", False),
     "h3-torchfft": ("h3", True),
     "h3-longconv": ("h3-longconv", False),
+    "h3-chunked": ("h3", False),
     "attention": ("attention", False),
 }
 DEFAULT_VARIANTS = ("h3", "h3-torchfft", "attention")
@@ -70,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=50304)
     p.add_argument("--head-dim", type=int, default=1, help="H3 head_dim")
+    p.add_argument("--state-chunk", type=int, default=4096, help="h3-chunked: samples per chunk")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--infer-lengths", nargs="*", type=int, default=[4096], help="inference forward lengths")
@@ -82,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(lengths=[32, 64], tokens=128, d_model=32, vocab_size=64, warmup=1, steps=2,
-                       infer_lengths=[64], gen_context=16, gen_batch=2, gen_tokens=3)
+                       infer_lengths=[64], gen_context=16, gen_batch=2, gen_tokens=3, state_chunk=16)
     args = p.parse_args(argv)
     for length in args.lengths:
         if args.tokens % length:
@@ -134,6 +138,8 @@ class LMLoss(torch.nn.Module):
 def _build(args, variant: str, seqlen: int, device: torch.device) -> LongConvLM:
     mixer = VARIANTS[variant][0]
     options = {"head_dim": args.head_dim} if mixer.startswith("h3") else {}
+    if variant == "h3-chunked":
+        options["state_chunk"] = args.state_chunk
     l_max = seqlen if mixer == "h3-longconv" else None
     torch.manual_seed(0)
     return LongConvLM(args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, l_max=l_max,

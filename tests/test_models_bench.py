@@ -27,7 +27,7 @@ def test_smoke_eager_every_variant(tmp_path, capsys):
     assert ("generate", "h3") in kinds and ("generate", "attention") in kinds
     assert all("error" not in r and r["ms"] > 0 and r["tokens_per_s"] > 0 for r in saved["rows"])
     trains = [r for r in saved["rows"] if r["kind"] == "train"]
-    assert len(trains) == 8 and {r["batch"] for r in trains} == {4, 2}  # 128 tokens at L = 32, 64
+    assert len(trains) == 2 * len(bench.VARIANTS) and {r["batch"] for r in trains} == {4, 2}  # 128 tokens at L = 32, 64
     assert "tokens/s" in capsys.readouterr().out
 
 
