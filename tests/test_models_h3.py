@@ -308,9 +308,6 @@ def test_export_with_a_dynamic_length_has_no_hidden_bounds(head_dim, kernel_type
     # Vandermonde chunk; H3(kernel="longconv") is bounded by its l_max only.
     from torch.export import Dim, export
 
-    if head_dim > 1 and torch.__version__ < (2, 12):
-        pytest.xfail("torch 2.11's symbolic shapes cannot prove min(L, 2L, 4L) == L for L >= 0 in the stride checks "
-                     "of the (B, H, hd, hd, L) outer product: export with a dynamic length needs head_dim=1 there")
     l_max = 80 if kernel_type == "longconv" else None
     layer = H3(16, l_max=l_max, head_dim=head_dim, kernel=kernel_type).double()
     length = Dim("L", max=l_max) if l_max else Dim("L")

@@ -290,6 +290,8 @@ class H3(nn.Module):
         head_kernel = self.kernel(seqlen)  # (H, L)
         if hd == 1:
             y = long_conv(v, head_kernel, self.D, gate_in=k, gate_out=q)
+        elif isinstance(seqlen, torch.SymInt):
+            y = self._outer_product_heads_by_index(q, k, v, head_kernel)
         else:
             # Outer-product heads: channel (h, i, j) carries k_{h,i} * v_{h,j}; all share head h's kernel.
             kv = k.view(batch, heads, hd, 1, seqlen) * v.view(batch, heads, 1, hd, seqlen)
@@ -300,6 +302,20 @@ class H3(nn.Module):
             s = s.view(batch, heads, hd, hd, seqlen)
             y = (q.view(batch, heads, hd, 1, seqlen) * s).sum(dim=2).reshape(batch, self.d_model, seqlen)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
+    def _outer_product_heads_by_index(self, q: Tensor, k: Tensor, v: Tensor, head_kernel: Tensor) -> Tensor:
+        """head_dim > 1 for a symbolic L (torch.export): channel ``(h, i, j)`` gathered by index
+        (k_i as the op's input gate, v_j its input, q_i its output gate), summed over ``i`` by
+        ``index_add``. The same math as the view/expand form of ``forward``, without views of
+        ``(B, H, hd, hd, L)``: torch 2.11 guards ``min(L, 2L, 4L) == L`` in their stride checks,
+        which its symbolic shapes cannot prove. It materialises three ``(B, H*hd^2, L)`` inputs."""
+        heads, hd = self.n_heads, self.head_dim
+        pair = torch.arange(heads * hd * hd, device=q.device)
+        head, i, j = pair // (hd * hd), (pair // hd) % hd, pair % hd
+        row, col = head * hd + i, head * hd + j  # the channels of k_i / q_i and of v_j
+        s = long_conv(v.index_select(1, col), head_kernel.index_select(0, head), self.D.index_select(0, head),
+                      gate_in=k.index_select(1, row), gate_out=q.index_select(1, row))
+        return torch.zeros_like(q, dtype=s.dtype).index_add(1, col, s)
 
     def _shift(self, k: Tensor, seqlen) -> Tensor:
         """The shift SSM on ``k`` ``(B, d_model, L)``: its taps as a short kernel, the op's short path."""
