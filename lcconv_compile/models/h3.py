@@ -280,28 +280,50 @@ class H3(nn.Module):
         seqlen = check_seqlen("H3", x, self.d_model, self.l_max)
         if self.state_chunk is not None and not isinstance(seqlen, torch.SymInt) and seqlen > self.state_chunk:
             return self.prefill(x, chunk=self.state_chunk, key_padding_mask=key_padding_mask)[0]
-        batch, heads, hd = x.shape[0], self.n_heads, self.head_dim
-        q = self.q_proj(x).transpose(1, 2)
-        k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
-        v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)  # (B, d_model, L)
-
+        q, k, v = self._qkv(x, key_padding_mask)
         # The shift SSM's taps as a short kernel (Lk = shift_len): the op's short-kernel path.
         k = self._shift(k, seqlen)
         head_kernel = self.kernel(seqlen)  # (H, L)
-        if hd == 1:
-            y = long_conv(v, head_kernel, self.D, gate_in=k, gate_out=q)
-        elif isinstance(seqlen, torch.SymInt):
+        if self.head_dim > 1 and isinstance(seqlen, torch.SymInt):
             y = self._outer_product_heads_by_index(q, k, v, head_kernel)
         else:
-            # Outer-product heads: channel (h, i, j) carries k_{h,i} * v_{h,j}; all share head h's kernel.
-            kv = k.view(batch, heads, hd, 1, seqlen) * v.view(batch, heads, 1, hd, seqlen)
-            pairs = hd * hd
-            kernel = head_kernel.unsqueeze(1).expand(heads, pairs, seqlen).reshape(heads * pairs, seqlen)
-            skip = self.D.unsqueeze(1).expand(heads, pairs).reshape(heads * pairs)
-            s = long_conv(kv.reshape(batch, heads * pairs, seqlen), kernel, skip)
-            s = s.view(batch, heads, hd, hd, seqlen)
-            y = (q.view(batch, heads, hd, 1, seqlen) * s).sum(dim=2).reshape(batch, self.d_model, seqlen)
+            y = self._heads(q, k, v, head_kernel)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
+    def _qkv(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v projections as ``(B, d_model, L)``; padded positions get zero k and v."""
+        q = self.q_proj(x).transpose(1, 2)
+        k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
+        v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)
+        return q, k, v
+
+    def _kv(self, k: Tensor, v: Tensor) -> Tensor:
+        """The diagonal SSM's input ``(B, H, hd*hd, L)``: channel ``(h, i, j)`` carries ``k_{h,i} * v_{h,j}``."""
+        batch, heads, hd, seqlen = k.shape[0], self.n_heads, self.head_dim, k.shape[-1]
+        kv = k.view(batch, heads, hd, 1, seqlen) * v.view(batch, heads, 1, hd, seqlen)
+        return kv.reshape(batch, heads, hd * hd, seqlen)
+
+    def _heads(self, q: Tensor, k: Tensor, v: Tensor, head_kernel: Tensor, kv: Optional[Tensor] = None,
+               carried: Optional[Tensor] = None) -> Tensor:
+        """``y`` ``(B, d_model, L)`` from q, the shifted k and v ``(B, d_model, L)`` and the heads'
+        kernel ``(H, L)``: the diagonal SSM's convolution of k (outer) v, plus ``carried``
+        ``(B, H, hd*hd, L)`` (earlier chunks' share, see :meth:`prefill`), times q. With
+        ``head_dim == 1`` the gates are fused into the op; ``kv`` is ``_kv(k, v)`` when the
+        caller has it."""
+        batch, heads, hd, seqlen = q.shape[0], self.n_heads, self.head_dim, q.shape[-1]
+        if hd == 1:
+            y = long_conv(v, head_kernel, self.D, gate_in=k, gate_out=q)
+            return y if carried is None else y + q * carried.reshape(batch, heads, seqlen).to(y.dtype)
+        # Outer-product heads: every channel (h, i, j) shares head h's kernel and skip weight.
+        pairs = hd * hd
+        kv = self._kv(k, v) if kv is None else kv
+        kernel = head_kernel.unsqueeze(1).expand(heads, pairs, seqlen).reshape(heads * pairs, seqlen)
+        skip = self.D.unsqueeze(1).expand(heads, pairs).reshape(heads * pairs)
+        s = long_conv(kv.reshape(batch, heads * pairs, seqlen), kernel, skip).view(batch, heads, pairs, seqlen)
+        if carried is not None:
+            s = s + carried.to(s.dtype)
+        s = s.view(batch, heads, hd, hd, seqlen)
+        return (q.view(batch, heads, hd, 1, seqlen) * s).sum(dim=2).reshape(batch, self.d_model, seqlen)
 
     def _outer_product_heads_by_index(self, q: Tensor, k: Tensor, v: Tensor, head_kernel: Tensor) -> Tensor:
         """head_dim > 1 for a symbolic L (torch.export): channel ``(h, i, j)`` gathered by index
@@ -344,10 +366,7 @@ class H3(nn.Module):
         batch, heads, hd = x.shape[0], self.n_heads, self.head_dim
         if state is None:
             state = self.allocate_state(batch, device=x.device, dtype=self.q_proj.weight.dtype)
-        q = self.q_proj(x).transpose(1, 2)
-        k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
-        v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)  # (B, d_model, L)
-
+        q, k, v = self._qkv(x, key_padding_mask)
         # Shift SSM, continuing from the previous k values (the state's shift register).
         history = torch.cat([state.shift.to(k.dtype), k], dim=-1)
         next_shift = history[..., history.shape[-1] - (self.shift_len - 1):]
@@ -363,20 +382,9 @@ class H3(nn.Module):
         for start in range(0, seqlen, chunk):
             length = min(chunk, seqlen - start)
             q_c, k_c, v_c = (t[..., start:start + length] for t in (q, k, v))
-            head_kernel = self.ssm_kernel(length)
-            kv = (k_c.view(batch, heads, hd, 1, length) * v_c.view(batch, heads, 1, hd, length))
-            kv = kv.reshape(batch, heads, pairs, length)
+            kv = self._kv(k_c, v_c)
             carried = state_output(x_ssm, a, c, length)  # (B, H, pairs, length)
-            if hd == 1:
-                y_c = long_conv(v_c, head_kernel, self.D, gate_in=k_c, gate_out=q_c)
-                y_c = y_c + q_c * carried.reshape(batch, heads, length).to(y_c.dtype)
-            else:
-                kernel = head_kernel.unsqueeze(1).expand(heads, pairs, length).reshape(heads * pairs, length)
-                skip = self.D.unsqueeze(1).expand(heads, pairs).reshape(heads * pairs)
-                s = long_conv(kv.reshape(batch, heads * pairs, length), kernel, skip)
-                s = s.view(batch, heads, pairs, length) + carried.to(s.dtype)
-                s = s.view(batch, heads, hd, hd, length)
-                y_c = (q_c.view(batch, heads, hd, 1, length) * s).sum(dim=2).reshape(batch, self.d_model, length)
+            y_c = self._heads(q_c, k_c, v_c, self.ssm_kernel(length), kv=kv, carried=carried)
             outputs.append(y_c)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x_ssm = state_update(x_ssm, kv.to(self.q_proj.weight.dtype), a, b)
