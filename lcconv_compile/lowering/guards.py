@@ -252,10 +252,9 @@ def _check_idiom(idiom: FFTConvIdiom) -> tuple[str, ConvLayout]:
     # Time is the inverse FFT's dim; both FFTs must transform that dim of their inputs.
     time = _transform_dim(idiom.inverse, "the inverse FFT")
     signal_time = _transform_dim(idiom.signal.transform, "the signal's FFT")
-    if signal_time != time or idiom.signal.reshapes and product_dims(idiom.signal, product.dim()) != list(
-            range(product.dim())):
+    if signal_time != time:
         _refuse("transform_dim", f"the signal's FFT transforms dim {signal_time}, the inverse FFT dim {time}")
-    layout = _layout(idiom, product, time, u, k)
+    layout = _layout(idiom, product, time, u, k)  # also refuses a signal reshaped into the product
     seqlen = u.shape[time]
     kernel_len = k.shape[layout.kernel_time]
     if u.device != k.device:
@@ -283,7 +282,7 @@ def _check_idiom(idiom: FFTConvIdiom) -> tuple[str, ConvLayout]:
             _refuse("structure", "a one-sided and a two-sided spectrum are mixed")
 
     _check_padding(idiom.signal, signal_time, fft_size, "the signal")
-    _check_padding(idiom.kernel, _transform_dim(idiom.kernel.transform, "the kernel's FFT"), fft_size, "the kernel")
+    _check_padding(idiom.kernel, layout.kernel_time + idiom.kernel.unsqueezed, fft_size, "the kernel")
     _require(
         fft_size >= seqlen + kernel_len - 1,
         "circular",

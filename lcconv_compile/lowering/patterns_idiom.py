@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -192,12 +193,7 @@ def _fftconv_in_layout(signal, kernel, layout: ConvLayout):
             kernel = kernel.unsqueeze(i)
     if any(layout.kernel_dims[j] is None for j in channel_dims):
         kernel = kernel.expand(*channel_shape, kernel.shape[-1])
-    channels = 1
-    for size in channel_shape:
-        channels = channels * size
-    batch = 1
-    for size in batch_shape:
-        batch = batch * size
+    channels, batch = math.prod(channel_shape), math.prod(batch_shape)
     if len(channel_shape) != 1:
         kernel = kernel.reshape(channels, kernel.shape[-1])
     u3 = x if len(batch_shape) == 1 and len(channel_shape) == 1 else x.reshape(batch, channels, seqlen)
