@@ -14,7 +14,6 @@ module holds the pairs and their example inputs only: no guards, no pass plumbin
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -253,30 +252,22 @@ class PatternSpec:
 
 def idiom_pattern_specs(device: torch.device) -> Iterator[PatternSpec]:
     """Every idiom pattern with every trace. Call under a FakeTensorMode (inputs are ``empty``)."""
-    kernel = functools.partial(torch.empty, (3, 8), device=device)
-    for family, pattern in IDIOMS.items():
-        signal = functools.partial(torch.empty, _SIGNAL_SHAPE.get(family, (2, 3, 8)), device=device)
-        search = _time_along(pattern, -1) if family in TIME_ALONG_DIM_1 else pattern
-        for suffix, trace_fn, u_grad, k_grad in TRACES:
+    # (family, search function, signal shape, kernel shape, traces)
+    variants = [(family, _time_along(pattern, -1) if family in TIME_ALONG_DIM_1 else pattern,
+                 _SIGNAL_SHAPE.get(family, (2, 3, 8)), (3, 8), TRACES) for family, pattern in IDIOMS.items()]
+    # (B, L, H) with an (Lk, H) kernel: training graphs only (inference ones match the above).
+    training = tuple(trace for trace in TRACES if trace[0] == "training")
+    variants += [(family, _time_along(IDIOMS[family], -2), (2, 8, 3), (8, 3), training) for family in TIME_ALONG_DIM_1]
+    for family, search, signal_shape, kernel_shape, traces in variants:
+        for suffix, trace_fn, u_grad, k_grad in traces:
             yield PatternSpec(
                 name=f"{family}_{suffix}",
                 search_fn=search,
                 replace_fn=_fftconv_replacement,
-                example_inputs=(signal(requires_grad=u_grad), kernel(requires_grad=k_grad)),
+                example_inputs=(torch.empty(signal_shape, device=device, requires_grad=u_grad),
+                                torch.empty(kernel_shape, device=device, requires_grad=k_grad)),
                 trace_fn=trace_fn,
             )
-    # (B, L, H) with an (Lk, H) kernel: training graphs only (inference ones match the above).
-    signal, kernel = (functools.partial(torch.empty, shape, device=device) for shape in ((2, 8, 3), (8, 3)))
-    for family in TIME_ALONG_DIM_1:
-        for suffix, trace_fn, u_grad, k_grad in TRACES:
-            if suffix == "training":
-                yield PatternSpec(
-                    name=f"{family}_{suffix}",
-                    search_fn=_time_along(IDIOMS[family], -2),
-                    replace_fn=_fftconv_replacement,
-                    example_inputs=(signal(requires_grad=u_grad), kernel(requires_grad=k_grad)),
-                    trace_fn=trace_fn,
-                )
 
 
 def _time_along(pattern: Callable[..., Any], t: int) -> Callable[..., Any]:

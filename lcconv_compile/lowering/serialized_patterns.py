@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources 41c465b79b43e6281bd8f0e9bf1d4953'
+KEY = 'torch 2.13.0 sources 36ede249869bf99ee436d004532302fd'
 
 
 def build():

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ._common import apply_key_padding, check_choice, check_divisible, check_positive, check_seqlen
 from ._conv import long_conv
 from .longconv import check_kernel_options, init_kernel_weight, regularised_kernel
-from .ssm_chunks import state_output, state_update
+from .ssm_chunks import state_output, state_update, vandermonde_piece
 
 __all__ = ["H3", "H3State", "vandermonde_chunk"]
 
@@ -71,7 +71,7 @@ def vandermonde_chunk(seqlen: int) -> int:
     """Taps per chunk of the SSM kernel: the power of two nearest above sqrt(seqlen)."""
     if isinstance(seqlen, torch.SymInt):
         return SYMBOLIC_CHUNK
-    return 1 << math.ceil(math.log2(seqlen) / 2) if seqlen > 1 else 1
+    return vandermonde_piece(seqlen)
 
 
 class H3State(NamedTuple):

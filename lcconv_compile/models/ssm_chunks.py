@@ -26,11 +26,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["state_output", "state_update"]
+__all__ = ["state_output", "state_update", "vandermonde_piece"]
 
 
-def _piece(length: int) -> int:
-    """Samples per Vandermonde piece: the power of two at or above sqrt(length)."""
+def vandermonde_piece(length: int) -> int:
+    """Samples per Vandermonde piece: the power of two at or above sqrt(length) (also H3's
+    kernel chunk)."""
     return 1 << math.ceil(math.log2(length) / 2) if length > 1 else 1
 
 
@@ -47,7 +48,7 @@ def state_output(x_in: Tensor, a: Tensor, c: Tensor, length: int) -> Tensor:
     ``x_in``: complex ``(B, H, P, M)`` (``P`` channels share head ``h``'s modes); ``a``, ``c``:
     complex ``(H, M)``. Returns real ``(B, H, P, length)``.
     """
-    piece = _piece(length)
+    piece = vandermonde_piece(length)
     pieces = -(-length // piece)
     device = a.device
     row = _powers(a, torch.arange(pieces, device=device) * piece)  # a^(pS): (H, pieces, M)
@@ -63,7 +64,7 @@ def state_update(x_in: Tensor, u: Tensor, a: Tensor, b: Tensor) -> Tensor:
     ``x_in``: complex ``(B, H, P, M)``; ``u``: real ``(B, H, P, T)``; ``a``, ``b``: complex ``(H, M)``.
     """
     length = u.shape[-1]
-    piece = _piece(length)
+    piece = vandermonde_piece(length)
     pieces = -(-length // piece)
     front = pieces * piece - length  # zeros in front leave sum_i a^(T-1-i) u[i] unchanged
     u = torch.nn.functional.pad(u, (front, 0)).to(x_in.dtype).unflatten(-1, (pieces, piece))
