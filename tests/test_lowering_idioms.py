@@ -400,6 +400,13 @@ REFUSED = {
         lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64, dim=1) * torch.fft.rfft(k, n=64, dim=0), n=64,
                                      dim=1)[..., :2],
         (B, L, H), (LK, H), "crop"),
+    # Look-alikes of the reshaped-spectrum spellings: the broadcast pattern matches their structure.
+    "multi_head_kernel_per_batch": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(2), n=64)[..., :L],
+        (B, H, 3, L), (B, H, LK), "kernel_varies_over_batch"),
+    "multi_head_cropped_along_heads": (
+        lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[:, :, :2],
+        (B, H, 3, L), (H, LK), "crop"),
     "complex_padded_circular": (
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
@@ -521,6 +528,21 @@ def test_spellings_not_matched_stay_as_written_and_say_why(name):
         report = lcconv_compile.explain(fn, torch.randn(u_shape), torch.randn(k_shape))
     assert [r.code for r in report.rejected] == ["structure"]
     assert words in report.rejected[0].reason
+
+
+def test_broadcast_scaled_after_the_broadcast_is_left_alone():
+    # `k_f.unsqueeze(1) / n` (scale after the broadcast) is no registered spelling: unmatched.
+    def scaled_after_broadcast(u, k):
+        y_f = torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1) / 64
+        return torch.fft.irfft(y_f, n=64, norm="forward")[..., :L]
+
+    u, k = torch.randn(B, H, 3, L), torch.randn(H, LK)
+    result = compile_once(scaled_after_broadcast, u, k)
+    assert result.rewrites == {} and "lcconv" not in result.graphs[0]
+    u, k = torch.randn(B, H, 3, L), torch.randn(H, LK)
+    torch.testing.assert_close(result.fn(u, k), scaled_after_broadcast(u, k))
+    report = lcconv_compile.explain(scaled_after_broadcast, u, k)
+    assert [r.code for r in report.rejected] == ["unmatched"]
 
 
 def test_explain_says_where_time_is():
