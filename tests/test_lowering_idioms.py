@@ -407,6 +407,10 @@ REFUSED = {
     "multi_head_cropped_along_heads": (
         lambda u, k: torch.fft.irfft(torch.fft.rfft(u, n=64) * torch.fft.rfft(k, n=64).unsqueeze(1), n=64)[:, :, :2],
         (B, H, 3, L), (H, LK), "crop"),
+    "einsum_slice_from_one": (
+        lambda u, k: torch.fft.irfft(torch.einsum("bhf,hf->bhf", torch.fft.rfft(u, n=64), torch.fft.rfft(k, n=64)),
+                                     n=64)[..., 1:L + 1],
+        (B, H, L), (H, LK), "non_causal_slice"),
     "complex_padded_circular": (
         lambda u, k: torch.fft.ifft(torch.fft.fft(F.pad(u, (0, 8)), dim=-1)
                                     * torch.fft.fft(F.pad(k, (0, L + 8 - LK)), dim=-1), dim=-1).real[..., :L],
