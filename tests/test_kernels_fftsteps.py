@@ -1,8 +1,9 @@
 """kernels/fftsteps.py: FlashButterfly's exact-factor steps 1 and 3 (tensor-core DFT of size N1 +
 twiddle) in every mode, against float64 sums written out with torch.fft, outputs poisoned.
 
-CPU: Triton's interpreter at small sizes, including N1 < 16 (padded blocks) and N1 = 128 (two
-row blocks and two K chunks). GPU (marked cuda): the real splits at N1 = 16, 256 and 1024."""
+CPU: Triton's interpreter at small sizes, including N1 < 16 (padded blocks), N1 = 128 (two
+row blocks and two K chunks) and N1 = 256 / 1024 (the two-level kernels). GPU (marked cuda): the
+real splits at N1 = 16 to 1024."""
 
 import math
 
@@ -44,7 +45,8 @@ def interpreter_only():
         pytest.skip("small sizes on CPU tensors are for Triton's interpreter only")
 
 
-SPLITS = [(2, 16, 29), (4, 8, 32), (16, 4, 50), (128, 4, 400)]  # (N1, N2, L): padded N1, multi-chunk N1
+# (N1, N2, L): padded N1, multi-chunk N1, then the two-level kernels (N1 = 16 x Q)
+SPLITS = [(2, 16, 29), (4, 8, 32), (16, 4, 50), (128, 4, 400), (256, 4, 700), (1024, 8, 5000)]
 
 
 @pytest.mark.parametrize("n1,n2,L", SPLITS)
@@ -104,14 +106,18 @@ def test_step3_grad_mode(n1, n2, L, gelu):
 
 def test_blocks():
     assert fftsteps.blocks_for(4, 8192, "fp16")[:3] == (16, 128, 16)  # padded to sm_90's 16
-    assert fftsteps.blocks_for(1024, 8192, "fp16")[:3] == (64, 64, 64)
-    assert fftsteps.blocks_for(1024, 2048, "tf32x3")[:3] == (64, 32, 64)
+    assert fftsteps.blocks_for(128, 8192, "fp16")[:3] == (64, 64, 64)  # chunked
+    assert fftsteps.blocks_for(128, 2048, "tf32x3")[:3] == (64, 32, 64)
+    assert fftsteps.blocks_for(256, 8192, "fp16")[:3] == (256, 16, 16)  # two-level: all of N1
+    assert fftsteps.blocks_for(1024, 8192, "fp16")[:3] == (1024, 4, 16)
+    assert fftsteps.blocks_for(1024, 2048, "tf32x3")[:3] == (1024, 4, 16)
+    assert fftsteps.blocks_for(2048, 2048, "tf32x3")[:3] == (64, 32, 64)  # too large for two levels
 
 
 # ------------------------------------------------------------------------------- on a GPU -----
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("n1,n2", [(16, 8192), (256, 8192), (1024, 2048), (64, 2048)])
+@pytest.mark.parametrize("n1,n2", [(16, 8192), (256, 8192), (512, 8192), (1024, 8192), (1024, 2048), (64, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_steps(n1, n2, dtype):
     B, H, L = 1, 2, n1 * n2 // 2 + 3

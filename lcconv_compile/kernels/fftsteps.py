@@ -47,6 +47,7 @@ from .launch import launch
 __all__ = ["Blocks", "blocks_for", "precision_for", "step1", "step3"]
 
 MIN_DOT = 16  # sm_90's smallest tl.dot dimension
+SPLIT_P = 16  # two-level splits: N1 = SPLIT_P * Q (Q >= 16)
 
 
 class Blocks(NamedTuple):
@@ -59,12 +60,27 @@ class Blocks(NamedTuple):
     num_warps: int
 
 
+def two_level(n1: int, n2: int) -> bool:
+    """Whether a split runs the two-level kernels: N1 = SPLIT_P * Q with 16 <= Q <= 64 (both
+    products have sides >= 16, sm_90's smallest; from Q = 128 the 3xtf32 tile needs more than
+    227 KB of shared memory) and at least 4 columns. Other splits run the chunked kernels."""
+    return SPLIT_P * MIN_DOT <= n1 <= SPLIT_P * 64 and n2 >= 4
+
+
 def blocks_for(n1: int, n2: int, precision: str, block_n: Optional[int] = None,
                rows_per_program: Optional[int] = None, num_warps: Optional[int] = None) -> Blocks:
     """Tiles for a split: BLOCK_M = BLOCK_K = N1 up to 64 (padded to 16), 128 columns while
     N1 <= 32, beyond that 64 (32 for float32 operands, split in three for 3xtf32); 8 warps from
     BLOCK_M = 64 on. Two float32 accumulators, the twiddle tile and the DFT block stay in
-    registers: larger tiles spill (scripts/compile_check.py --butterfly)."""
+    registers: larger tiles spill (scripts/compile_check.py --butterfly).
+
+    Two-level splits (:func:`two_level`) take all N1 rows per program (BLOCK_M = N1, BLOCK_K =
+    SPLIT_P) and 4096 / N1 columns (2048 / N1 for float32 operands), at least 4, with 8 warps:
+    for float16 operands 62-237 registers and no spills at N1 = 256..1024; 16 warps or more
+    columns spill at N1 = 1024 (compile_check, sm_90). 3xtf32 spills 0.4-1.7 KB from N1 = 512."""
+    if two_level(n1, n2):
+        block_n = min(n2, block_n or max(4, (4096 if precision == "fp16" else 2048) // n1))
+        return Blocks(n1, block_n, SPLIT_P, rows_per_program or 4, num_warps or 8)
     block_mk = max(MIN_DOT, min(64, triton.next_power_of_2(n1)))
     block_n = min(n2, block_n or (128 if n1 <= 32 else 64 if precision == "fp16" else 32))
     warps = num_warps or (8 if block_mk >= 64 else 4)
@@ -214,13 +230,16 @@ def step1(
     n_blocks = n2 // block_n
     z = alloc((batch, channels, n1, n2, 2), dtype=out_dtype, device=x.device)
     dd_part = torch.empty((n_blocks, rows), dtype=torch.float32, device=x.device) if dd_with is not None else None
-    launch(
-        _step1_kernel, _grid(n1, n2, rows, tiles), x, dropout_mask, dd_with, z, dd_part, rows, channels, seqlen, float(scale),
-        *x.stride(), *strides(dropout_mask, 2), *strides(dd_with, 3),
-        HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=rpp,
-        N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=warps,
-    )
+    args = (x, dropout_mask, dd_with, z, dd_part, rows, channels, seqlen, float(scale),
+            *x.stride(), *strides(dropout_mask, 2), *strides(dd_with, 3))
+    flags = dict(HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=rpp,
+                 PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=warps)
+    if two_level(n1, n2):
+        launch(_step1_split_kernel, _grid(n1, n2, rows, tiles), *args,
+               P=SPLIT_P, Q=n1 // SPLIT_P, N2=n2, BLOCK_N=block_n, **flags)
+    else:
+        launch(_step1_kernel, _grid(n1, n2, rows, tiles), *args,
+               N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     dd = dd_part.view(n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return z, dd
 
@@ -334,14 +353,170 @@ def step3(
     y = alloc((batch, channels, seqlen), dtype=torch.float32 if grad else out_dtype, device=z.device)
     dd_part = (torch.empty((m_blocks * n_blocks, rows), dtype=torch.float32, device=z.device)
                if grad and D is not None else None)
-    launch(
-        _step3_kernel, _grid(n1, n2, rows, tiles),
-        z, skip, skip_mask, D, grad_y, dropout_mask, y, dd_part, rows, channels, seqlen, float(scale),
-        *strides(skip, 3), *strides(skip_mask, 2), *strides(grad_y, 3), *strides(dropout_mask, 2),
-        HAS_D=D is not None, SKIP_MASK=skip_mask is not None, GRAD=grad, GELU=gelu,
-        HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=rpp,
-        N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=warps,
-    )
+    args = (z, skip, skip_mask, D, grad_y, dropout_mask, y, dd_part, rows, channels, seqlen, float(scale),
+            *strides(skip, 3), *strides(skip_mask, 2), *strides(grad_y, 3), *strides(dropout_mask, 2))
+    flags = dict(HAS_D=D is not None, SKIP_MASK=skip_mask is not None, GRAD=grad, GELU=gelu,
+                 HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=rpp,
+                 PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=warps)
+    if two_level(n1, n2):
+        launch(_step3_split_kernel, _grid(n1, n2, rows, tiles), *args,
+               P=SPLIT_P, Q=n1 // SPLIT_P, N2=n2, BLOCK_N=block_n, **flags)
+    else:
+        launch(_step3_kernel, _grid(n1, n2, rows, tiles), *args,
+               N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     dd = dd_part.view(m_blocks * n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return y, dd
+
+
+# ------------------------------------------------------------- two-level DFT (N1 >= 256) --
+# From N1 = 256 on, one (BLOCK_M x BLOCK_K) DFT block per 64-chunk made every iteration cost
+# more than the data (trig per element per chunk: step 1 5x, step 3 9x its traffic floor at 1M).
+# There the N1-point DFT runs as P x Q (P = SPLIT_P, Q = N1 / P), Cooley-Tukey inside the
+# program, with n1 = Q a + b and k1 = P kb + ka:
+#     X[P kb + ka] = sum_b w_Q^(kb b) w_N1^(ka b) sum_a w_P^(ka a) x[Q a + b]
+# on a tile of all N1 rows and BLOCK_N columns: a (P x P) @ (P x Q*BLOCK_N) product over a, a
+# transpose in registers to [b, (ka, c)], the inner twiddle and a (Q x Q) @ (Q x P*BLOCK_N)
+# product over b, whose rows [kb, (ka, c)] are z's rows k1 in order. Every matrix and twiddle
+# depends on the program's columns only, so it is made once and reused for each of its rows;
+# the outer twiddle w_N^(k1 c) = w_N^(P kb c) w_N^(ka c) is kept as its two small factors.
+@triton.jit
+def _split_constants(col0, P: tl.constexpr, Q: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """The program's DFT matrices w_P (P, P) and w_Q (Q, Q), the inner twiddle w_N1^(ka b) as
+    (Q, P, 1) [b, ka] and the outer twiddle's factors w_N^(P kb c) (Q, 1, BLOCK_N) and
+    w_N^(ka c) (1, P, BLOCK_N)."""
+    N1: tl.constexpr = P * Q
+    ip = tl.arange(0, P)
+    iq = tl.arange(0, Q)
+    fpr, fpi = _dft_block(ip, ip, P, False, FAST_TRIG, PRECISION)
+    fqr, fqi = _dft_block(iq, iq, Q, False, FAST_TRIG, PRECISION)
+    tir, tii = twiddle(iq[:, None, None], ip[None, :, None], N1, FAST_TRIG)
+    cols = col0 + tl.arange(0, BLOCK_N)[None, None, :]
+    thr, thi = twiddle(P * iq[:, None, None], cols, N1 * N2, FAST_TRIG)
+    tlr, tli = twiddle(ip[None, :, None], cols, N1 * N2, FAST_TRIG)
+    return fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli
+
+
+@triton.jit
+def _split_times(col0, P: tl.constexpr, Q: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Times t = (Q a + b) N2 + c of the (P, Q * BLOCK_N) tile [a, (b, c)] of a row of x or y."""
+    j = tl.arange(0, Q * BLOCK_N)[None, :]
+    return (Q * tl.arange(0, P)[:, None] + j // BLOCK_N) * N2 + col0 + j % BLOCK_N
+
+
+@triton.jit
+def _transpose_blocks(x, R: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(R, S * BLOCK_N) [r, (s, c)] -> (S, R * BLOCK_N) [s, (r, c)]: a shuffle on chip."""
+    return tl.reshape(tl.permute(tl.reshape(x, (R, S, BLOCK_N)), (1, 0, 2)), (S, R * BLOCK_N))
+
+
+@triton.jit
+def _split_program(N2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(column block, row group): column blocks fastest, so neighbouring programs read
+    neighbouring columns of the same rows."""
+    N_BLOCKS: tl.constexpr = N2 // BLOCK_N
+    pid = tl.program_id(0)
+    return pid % N_BLOCKS, pid // N_BLOCKS
+
+
+@triton.jit
+def _step1_split_kernel(
+    x_ptr, mask_ptr, u_ptr, z_ptr, dd_ptr, rows, channels, seqlen, scale,
+    sx_b, sx_h, sx_l, sm_b, sm_h, su_b, su_h, su_l,
+    HAS_MASK: tl.constexpr, HAS_DD: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    P: tl.constexpr, Q: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
+    N1: tl.constexpr = P * Q
+    pid_n, pid_r = _split_program(N2, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_constants(col0, P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
+    tlr *= scale
+    tli *= scale
+    t = _split_times(col0, P, Q, N2, BLOCK_N)
+    inside = t < seqlen
+    row0 = pid_r * ROWS_PER_PROGRAM
+    # Each row's tile is loaded one row ahead, so a load is in flight while a row is transformed.
+    nxt = tl.load(x_ptr + (row0 // channels) * sx_b + (row0 % channels) * sx_h + t * sx_l,
+                  mask=inside & (row0 < rows), other=0.0)
+    for r in tl.range(0, ROWS_PER_PROGRAM):
+        row = row0 + r
+        valid = row < rows
+        b = row // channels
+        h = row % channels
+        x = nxt.to(tl.float32)
+        row_n = row + 1
+        nxt = tl.load(x_ptr + (row_n // channels) * sx_b + (row_n % channels) * sx_h + t * sx_l,
+                      mask=inside & (row_n < rows) & (r + 1 < ROWS_PER_PROGRAM), other=0.0)
+        if HAS_MASK:
+            x *= tl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(tl.float32)
+        if HAS_DD:
+            xu = tl.load(u_ptr + b * su_b + h * su_h + t * su_l, mask=inside & valid, other=0.0).to(tl.float32)
+            tl.store(dd_ptr + pid_n * rows + row, tl.sum(tl.sum(x * xu, axis=1), axis=0), mask=valid)
+        xo = operand(x, PRECISION)
+        yr = mma(fpr, xo, tl.zeros((P, Q * BLOCK_N), dtype=tl.float32), PRECISION)  # [ka, (b, c)]
+        yi = mma(fpi, xo, tl.zeros((P, Q * BLOCK_N), dtype=tl.float32), PRECISION)
+        yr = tl.reshape(_transpose_blocks(yr, P, Q, BLOCK_N), (Q, P, BLOCK_N))  # [b, ka, c]
+        yi = tl.reshape(_transpose_blocks(yi, P, Q, BLOCK_N), (Q, P, BLOCK_N))
+        yr, yi = yr * tir - yi * tii, yr * tii + yi * tir
+        yr = operand(tl.reshape(yr, (Q, P * BLOCK_N)), PRECISION)
+        yi = operand(tl.reshape(yi, (Q, P * BLOCK_N)), PRECISION)
+        zr = mma(fqr, yr, tl.zeros((Q, P * BLOCK_N), dtype=tl.float32), PRECISION)  # [kb, (ka, c)]
+        zr = mma(-fqi, yi, zr, PRECISION)
+        zi = mma(fqr, yi, tl.zeros((Q, P * BLOCK_N), dtype=tl.float32), PRECISION)
+        zi = mma(fqi, yr, zi, PRECISION)
+        zr = tl.reshape(zr, (Q, P, BLOCK_N))
+        zi = tl.reshape(zi, (Q, P, BLOCK_N))
+        zr, zi = zr * thr - zi * thi, zr * thi + zi * thr
+        zr, zi = zr * tlr - zi * tli, zr * tli + zi * tlr
+        zz = tl.reshape(tl.join(zr, zi), (N1, 2 * BLOCK_N)).to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + _z_offsets(row, tl.arange(0, N1), col0, N1, N2, BLOCK_N), zz, mask=valid)
+
+
+@triton.jit
+def _step3_split_kernel(
+    z_ptr, skip_ptr, skip_mask_ptr, d_ptr, dy_ptr, mask_ptr, y_ptr, dd_ptr,
+    rows, channels, seqlen, scale,
+    ss_b, ss_h, ss_l, ssm_b, ssm_h, sdy_b, sdy_h, sdy_l, sm_b, sm_h,
+    HAS_D: tl.constexpr, SKIP_MASK: tl.constexpr, GRAD: tl.constexpr, GELU: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    P: tl.constexpr, Q: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+):
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
+    N1: tl.constexpr = P * Q
+    pid_n, pid_r = _split_program(N2, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    # Step 1's constants, conjugated where used: the inverse runs the same stages backwards.
+    fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_constants(col0, P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
+    t = _split_times(col0, P, Q, N2, BLOCK_N)
+    k1 = tl.arange(0, N1)
+    row0 = pid_r * ROWS_PER_PROGRAM
+    nxt = _load_z(z_ptr, row0, k1, col0, row0 < rows, N1, N2, BLOCK_N)
+    for r in tl.range(0, ROWS_PER_PROGRAM):
+        row = row0 + r
+        valid = row < rows
+        zr, zi = tl.split(tl.reshape(nxt.to(tl.float32), (Q, P, BLOCK_N, 2)))  # [kb, ka, c]
+        row_n = row + 1
+        nxt = _load_z(z_ptr, row_n, k1, col0, (row_n < rows) & (r + 1 < ROWS_PER_PROGRAM), N1, N2, BLOCK_N)
+        # z * conj(w_N^(k1 c)); then V[b, (ka, c)] = sum_kb conj(w_Q^(b kb)) z'[kb, (ka, c)].
+        zr, zi = zr * thr + zi * thi, zi * thr - zr * thi
+        zr, zi = zr * tlr + zi * tli, zi * tlr - zr * tli
+        pr = operand(tl.reshape(zr, (Q, P * BLOCK_N)), PRECISION)
+        pi = operand(tl.reshape(zi, (Q, P * BLOCK_N)), PRECISION)
+        vr = mma(fqr, pr, tl.zeros((Q, P * BLOCK_N), dtype=tl.float32), PRECISION)
+        vr = mma(fqi, pi, vr, PRECISION)
+        vi = mma(fqr, pi, tl.zeros((Q, P * BLOCK_N), dtype=tl.float32), PRECISION)
+        vi = mma(-fqi, pr, vi, PRECISION)
+        # times conj(w_N1^(ka b)), back to [ka, (b, c)]; then y[a, (b, c)] = Re sum_ka conj(w_P^(a ka)) V.
+        vr = tl.reshape(vr, (Q, P, BLOCK_N))
+        vi = tl.reshape(vi, (Q, P, BLOCK_N))
+        wr = _transpose_blocks(tl.reshape(vr * tir + vi * tii, (Q, P * BLOCK_N)), Q, P, BLOCK_N)
+        wi = _transpose_blocks(tl.reshape(vi * tir - vr * tii, (Q, P * BLOCK_N)), Q, P, BLOCK_N)
+        acc = mma(fpr, operand(wr, PRECISION), tl.zeros((P, Q * BLOCK_N), dtype=tl.float32), PRECISION)
+        acc = mma(fpi, operand(wi, PRECISION), acc, PRECISION)
+        _step3_epilogue(acc * scale, t, row, valid, row // channels, row % channels, pid_n, skip_ptr, skip_mask_ptr,
+                        d_ptr, dy_ptr, mask_ptr, y_ptr, dd_ptr, rows, seqlen,
+                        ss_b, ss_h, ss_l, ssm_b, ssm_h, sdy_b, sdy_h, sdy_l, sm_b, sm_h,
+                        HAS_D, SKIP_MASK, GRAD, GELU, HAS_MASK, N1, N2)
