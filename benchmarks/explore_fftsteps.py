@@ -19,11 +19,17 @@ from lcconv_compile.kernels import fftsteps, flashbutterfly as fb
 TILINGS = [  # (block_n, rows_per_program, num_warps); None = the default
     (None, None, None), (None, 8, None), (None, 16, None), (64, 8, None), (128, 8, 8), (256, 8, 8),
 ]
+# The two-level kernels (N1 >= 256) hold all N1 rows of a column block: fewer columns per program.
+TWO_LEVEL_TILINGS = [
+    (None, None, None), (4, None, None), (8, None, None), (16, None, None), (32, None, None),
+    (None, 8, None), (None, 2, None), (None, None, 4), (None, None, 16),
+]
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=["2x1024x65536", "1x256x262144", "1x64x1048576"])
+    parser.add_argument("--shapes", nargs="+",
+                        default=["2x1024x65536", "1x256x262144", "1x64x1048576", "1x16x4194304"])
     parser.add_argument("--out", default="explore_fftsteps.json")
     args = parser.parse_args()
     bandwidth = copy_bandwidth("cuda")
@@ -34,7 +40,7 @@ def main():
         u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
         z = torch.randn(B, H, n1, n2, 2, device="cuda", dtype=torch.float16)
         z_bytes, u_bytes = z.numel() * 2, u.numel() * 2
-        for block_n, rpp, warps in TILINGS:
+        for block_n, rpp, warps in (TWO_LEVEL_TILINGS if fftsteps.two_level(n1, n2) else TILINGS):
             if block_n is not None and block_n > n2:
                 continue
             tiles = dict(block_n=block_n, rows_per_program=rpp, num_warps=warps)

@@ -114,7 +114,7 @@ MAX_N1 = 64
 # measured on the H100 2.0x faster forward than torch.fft at 64K / 256K (bf16), but 1.0x at 1M
 # (N1 = 256) and 0.4x at 4M (N1 = 1024), where steps 1 and 3 run at 5-9x their traffic floor
 # (benchmarks/NOTES.md). Calls past it run the reference; the kernels themselves cover them.
-DISPATCH_MAX_N1 = 64
+DISPATCH_MAX_N1 = 1024  # stop 11: two-level steps; set from the prediction, checked by the bench below
 # float32 inputs are not dispatched: their 3xtf32 steps and N2 = 2048 split measured 0.5-0.7x the
 # torch.fft reference at 32K/64K and slower beyond (the kernels still compute them).
 DISPATCH_DTYPES = (torch.bfloat16, torch.float16)
