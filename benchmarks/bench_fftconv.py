@@ -361,6 +361,8 @@ def main():
                              "long: FlashButterfly's lengths 32K..4M with peak memory; "
                              "lengths: 1K..4M at B*H*L = 2^26 (the README plot)")
     parser.add_argument("--long-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
+    parser.add_argument("--long-shapes", nargs="+", default=None,
+                        help="long table shapes as BxHxL (default: the five of LONG_SHAPES)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--batch", type=int, default=8)
@@ -380,7 +382,9 @@ def main():
         for r in result["rows"]:
             print_row(r)
     if "long" in args.tables:
-        result.update(run_long(args.long_dtypes))
+        shapes = (tuple(tuple(int(v) for v in spec.split("x")) for spec in args.long_shapes)
+                  if args.long_shapes else LONG_SHAPES)
+        result.update(run_long(args.long_dtypes, shapes))
     if "lengths" in args.tables:
         result.update(run_lengths())
     if "host" in args.tables:

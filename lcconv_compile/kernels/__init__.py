@@ -27,8 +27,8 @@ __all__ = ["FAMILIES", "select"]
 # faster forward+backward, and on chip up to 16K.
 # flashbutterfly (three steps through HBM) takes what flashconv3 leaves, where its split has
 # N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 2.0x faster forward than the torch.fft reference
-# at 64K and 256K (bf16), at par or slower at 1M / 4M (benchmarks/NOTES.md, "FlashButterfly steps
-# 1 and 3 on tensor cores"), where the op keeps running the reference.
+# at 64K, 256K and 1M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md, "two-level
+# DFT"), where the op keeps running the reference.
 FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3, flashbutterfly)
 
 

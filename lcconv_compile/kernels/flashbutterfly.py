@@ -110,11 +110,12 @@ MAX_SEQLEN = 1 << 22  # 4M: the op's longest; what runs here is what covers() sa
 # N1 = 64 compiles for sm_90 at 178-255 registers (96 spilled bytes in K3's backward), N1 = 256
 # cannot (scripts/compile_check.py --butterfly; module docstring).
 MAX_N1 = 64
-# The op dispatches here only up to this N1 (L = 256K for half inputs at Lk = L, 64K for float32):
-# measured on the H100 2.0x faster forward than torch.fft at 64K / 256K (bf16), but 1.0x at 1M
-# (N1 = 256) and 0.4x at 4M (N1 = 1024), where steps 1 and 3 run at 5-9x their traffic floor
-# (benchmarks/NOTES.md). Calls past it run the reference; the kernels themselves cover them.
-DISPATCH_MAX_N1 = 1024  # stop 11: two-level steps; set from the prediction, checked by the bench below
+# The op dispatches here only up to this N1 (L = 1M for half inputs at Lk = L, 64K for float32):
+# measured on the H100 (bf16) 2.0-2.2x faster forward and 1.8-2.1x faster forward+backward than
+# torch.fft at 64K, 256K and 1M (N1 = 256, two-level steps). At 4M (N1 = 1024) forward is 1.5x
+# faster but forward+backward 0.91x, and 2M is not measured (benchmarks/NOTES.md, stop 11).
+# Calls past it run the reference; the kernels themselves cover them.
+DISPATCH_MAX_N1 = 256
 # float32 inputs are not dispatched: their 3xtf32 steps and N2 = 2048 split measured 0.5-0.7x the
 # torch.fft reference at 32K/64K and slower beyond (the kernels still compute them).
 DISPATCH_DTYPES = (torch.bfloat16, torch.float16)
