@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=32, help="timed generated tokens")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true",
+                   help="training: CUDA time by kernel of one more step (torch.profiler), in the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (other flags still apply), for a CPU check")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
@@ -185,10 +187,49 @@ def bench_train(args, variant: str, seqlen: int, device: torch.device) -> dict:
 
     with _variant_context(variant):
         first_s, times = _timed(step, device, args.warmup, args.steps)
+        profile = _profile(step, device) if args.profile else None
     ms = statistics.median(times)
-    return {"kind": "train", "variant": variant, "seqlen": seqlen, "batch": batch, "ms": ms,
-            "tokens_per_s": args.tokens / ms * 1e3, "peak_mib": _peak_mib(device), "first_step_s": first_s,
-            "times_ms": times}
+    row = {"kind": "train", "variant": variant, "seqlen": seqlen, "batch": batch, "ms": ms,
+           "tokens_per_s": args.tokens / ms * 1e3, "peak_mib": _peak_mib(device), "first_step_s": first_s,
+           "times_ms": times}
+    if profile is not None:
+        row["profile"] = profile
+    return row
+
+
+# Kernel-name groups of --profile, first match wins (lower-case substrings).
+PROFILE_GROUPS = (
+    ("ours: fftconv", ("fftconv", "_k2_", "_step1", "_step3", "_short", "_conv_")),
+    ("fft (cuFFT)", ("fft",)),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "matmul", "mm_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def _profile(step, device: torch.device, top: int = 25) -> dict:
+    """CUDA time of one more step by kernel (torch.profiler): the ``top`` kernels and totals per
+    group of PROFILE_GROUPS, in ms. None off CUDA (no kernels to attribute)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    kernels = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total and event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.key] = kernels.get(event.key, 0.0) + total / 1e3
+    groups: dict[str, float] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        group = next((g for g, keys in PROFILE_GROUPS if any(k in low for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    return {"total_ms": sum(kernels.values()), "groups_ms": groups, "top_ms": dict((k[:120], v) for k, v in ranked)}
 
 
 @torch.no_grad()
