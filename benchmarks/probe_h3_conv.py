@@ -1,0 +1,66 @@
+"""The op at H3's shapes alone (GPU machine): why the convolution costs more inside the H3 LM step
+than in bench_fftconv's table. Times forward and forward+backward of ``lcconv_compile.fftconv``
+at (B, 768, L) bf16 (B*L = 32K, the LM benchmark's tokens), with and without H3's gates and skip,
+and with a bf16 or float32 output gradient, through autograd. Prints a table; ``--out`` writes JSON.
+
+    python benchmarks/probe_h3_conv.py [--lengths 2048 8192] [--out probe.json]
+
+Measures and reports; asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import git_commit  # noqa: E402  (this folder)
+from lcconv_compile import fftconv, kernels  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--channels", type=int, default=768)
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = []
+    for L in args.lengths:
+        B, H = args.tokens // L, args.channels
+        u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = (torch.randn(H, L, device="cuda") / L ** 0.5).requires_grad_(True)
+        D = torch.randn(H, device="cuda", requires_grad=True)
+        q, g = (torch.randn_like(u).requires_grad_(True) for _ in range(2))
+        family = kernels.select(u, k)
+        cases = {"plain": {}, "D": dict(D=D), "gates+D": dict(D=D, gate_in=g, gate_out=q)}
+        for name, opts in cases.items():
+            for dy_dtype in (torch.bfloat16, torch.float32):
+                dy = torch.randn(B, H, L, device="cuda", dtype=dy_dtype)
+
+                def fwd():
+                    return fftconv(u, k, **opts)
+
+                def fwd_bwd():
+                    y = fftconv(u, k, **opts)
+                    y.float().backward(dy.float()) if dy_dtype == torch.float32 else y.backward(dy)
+
+                ms_f = triton.testing.do_bench(fwd, warmup=5, rep=50, return_mode="median")
+                ms_fb = triton.testing.do_bench(fwd_bwd, warmup=5, rep=50, return_mode="median")
+                row = dict(shape=[B, H, L], case=name, dy=str(dy_dtype)[6:],
+                           family=getattr(family, "__name__", None), fwd_ms=ms_f, fwd_bwd_ms=ms_fb)
+                rows.append(row)
+                print(f"({B},{H},{L}) {name:8s} dy {row['dy']:8s} {row['family']}: fwd {ms_f:.3f} ms, "
+                      f"fwd+bwd {ms_fb:.3f} ms", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), commit=git_commit(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
