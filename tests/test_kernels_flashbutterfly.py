@@ -330,7 +330,8 @@ def test_gpu_dispatch_by_length():
     assert select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is None  # float32 past v5: reference
     assert select(torch.randn(1, 2, 1 << 18, device="cuda", dtype=torch.bfloat16), k(1 << 18)) is fb  # N1 = 64
     assert select(torch.randn(1, 2, 1 << 20, device="cuda", dtype=torch.bfloat16), k(1 << 20)) is fb  # N1 = 256
-    assert select(torch.randn(1, 2, 1 << 21, device="cuda", dtype=torch.bfloat16), k(1 << 21)) is None  # N1 = 512
+    assert select(torch.randn(1, 2, 1 << 21, device="cuda", dtype=torch.bfloat16), k(1 << 21)) is fb  # N1 = 512
+    assert select(torch.randn(1, 2, 1 << 22, device="cuda", dtype=torch.bfloat16), k(1 << 22)) is None  # N1 = 1024
     assert select(torch.randn(1, 2, 1 << 16, device="cuda", dtype=torch.float64), k(1 << 16)) is None
 
 

@@ -26,9 +26,9 @@ __all__ = ["FAMILIES", "select"]
 # measurements are in benchmarks/NOTES.md and git history): 1.0-1.9x faster forward and 1.4-1.6x
 # faster forward+backward, and on chip up to 16K.
 # flashbutterfly (three steps through HBM) takes what flashconv3 leaves, where its split has
-# N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 2.0x faster forward than the torch.fft reference
-# at 64K, 256K and 1M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md, "two-level
-# DFT"), where the op keeps running the reference.
+# N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 1.8-2.2x faster forward than the torch.fft
+# reference from 32K to 2M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md,
+# "two-level DFT"), where the op keeps running the reference.
 FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3, flashbutterfly)
 
 

@@ -110,12 +110,12 @@ MAX_SEQLEN = 1 << 22  # 4M: the op's longest; what runs here is what covers() sa
 # N1 = 64 compiles for sm_90 at 178-255 registers (96 spilled bytes in K3's backward), N1 = 256
 # cannot (scripts/compile_check.py --butterfly; module docstring).
 MAX_N1 = 64
-# The op dispatches here only up to this N1 (L = 1M for half inputs at Lk = L, 64K for float32):
-# measured on the H100 (bf16) 2.0-2.2x faster forward and 1.8-2.1x faster forward+backward than
-# torch.fft at 64K, 256K and 1M (N1 = 256, two-level steps). At 4M (N1 = 1024) forward is 1.5x
-# faster but forward+backward 0.91x, and 2M is not measured (benchmarks/NOTES.md, stop 11).
-# Calls past it run the reference; the kernels themselves cover them.
-DISPATCH_MAX_N1 = 256
+# The op dispatches here only up to this N1 (L = 2M for half inputs at Lk = L, 64K for float32):
+# measured on the H100 (bf16) 1.8-2.2x faster forward and 1.6-2.1x faster forward+backward than
+# torch.fft at 64K, 256K, 1M and 2M (N1 = 256 / 512 run the two-level steps). At 4M (N1 = 1024)
+# forward is 1.5x faster but forward+backward 0.91x: its backward's 3xtf32 step 3 (dk) spills
+# (benchmarks/NOTES.md, stop 11). Calls past it run the reference; the kernels cover them.
+DISPATCH_MAX_N1 = 512
 # float32 inputs are not dispatched: their 3xtf32 steps and N2 = 2048 split measured 0.5-0.7x the
 # torch.fft reference at 32K/64K and slower beyond (the kernels still compute them).
 DISPATCH_DTYPES = (torch.bfloat16, torch.float16)
