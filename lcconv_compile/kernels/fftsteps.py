@@ -138,6 +138,17 @@ def _grid(n1: int, n2: int, rows: int, tiles: Blocks) -> tuple[int]:
     return (triton.cdiv(n1, tiles.block_m) * (n2 // tiles.block_n) * triton.cdiv(rows, tiles.rows_per_program),)
 
 
+def _launch_step(kernels: tuple, n1: int, n2: int, rows: int, tiles: Blocks, args: tuple, flags: dict) -> None:
+    """One step's launch: ``kernels = (two-level kernel, chunked kernel)``, by :func:`two_level`."""
+    two_level_kernel, chunked_kernel = kernels
+    if two_level(n1, n2):
+        launch(two_level_kernel, _grid(n1, n2, rows, tiles), *args,
+               P=SPLIT_P, Q=n1 // SPLIT_P, N2=n2, BLOCK_N=tiles.block_n, **flags)
+    else:
+        launch(chunked_kernel, _grid(n1, n2, rows, tiles), *args, N1=n1, N2=n2, BLOCK_M=tiles.block_m,
+               BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, **flags)
+
+
 # --------------------------------------------------------------------------------- step 1 --
 @triton.jit
 def _rows_and_chunk(it, row0, rows, channels, ROWS_PER_PROGRAM: tl.constexpr, NK: tl.constexpr):
@@ -234,12 +245,7 @@ def step1(
             *x.stride(), *strides(dropout_mask, 2), *strides(dd_with, 3))
     flags = dict(HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=rpp,
                  PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=warps)
-    if two_level(n1, n2):
-        launch(_step1_split_kernel, _grid(n1, n2, rows, tiles), *args,
-               P=SPLIT_P, Q=n1 // SPLIT_P, N2=n2, BLOCK_N=block_n, **flags)
-    else:
-        launch(_step1_kernel, _grid(n1, n2, rows, tiles), *args,
-               N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+    _launch_step((_step1_split_kernel, _step1_kernel), n1, n2, rows, tiles, args, flags)
     dd = dd_part.view(n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return z, dd
 
@@ -358,12 +364,7 @@ def step3(
     flags = dict(HAS_D=D is not None, SKIP_MASK=skip_mask is not None, GRAD=grad, GELU=gelu,
                  HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=rpp,
                  PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=warps)
-    if two_level(n1, n2):
-        launch(_step3_split_kernel, _grid(n1, n2, rows, tiles), *args,
-               P=SPLIT_P, Q=n1 // SPLIT_P, N2=n2, BLOCK_N=block_n, **flags)
-    else:
-        launch(_step3_kernel, _grid(n1, n2, rows, tiles), *args,
-               N1=n1, N2=n2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
+    _launch_step((_step3_split_kernel, _step3_kernel), n1, n2, rows, tiles, args, flags)
     dd = dd_part.view(m_blocks * n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return y, dd
 
@@ -411,12 +412,18 @@ def _transpose_blocks(x, R: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _split_program(N2: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(column block, row group): column blocks fastest, so neighbouring programs read
-    neighbouring columns of the same rows."""
+def _split_program(P: tl.constexpr, Q: tl.constexpr, N2: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """Column block, row group, first column, the times of the [a, (b, c)] tile and the
+    :func:`_split_constants` of this program. Column blocks run fastest, so neighbouring programs
+    read neighbouring columns of the same rows."""
     N_BLOCKS: tl.constexpr = N2 // BLOCK_N
     pid = tl.program_id(0)
-    return pid % N_BLOCKS, pid // N_BLOCKS
+    pid_n = pid % N_BLOCKS
+    col0 = pid_n * BLOCK_N
+    fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_constants(col0, P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
+    t = _split_times(col0, P, Q, N2, BLOCK_N)
+    return pid_n, pid // N_BLOCKS, col0, t, fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli
 
 
 @triton.jit
@@ -429,12 +436,10 @@ def _step1_split_kernel(
 ):
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     N1: tl.constexpr = P * Q
-    pid_n, pid_r = _split_program(N2, BLOCK_N)
-    col0 = pid_n * BLOCK_N
-    fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_constants(col0, P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
+    pid_n, pid_r, col0, t, fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_program(
+        P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
     tlr *= scale
     tli *= scale
-    t = _split_times(col0, P, Q, N2, BLOCK_N)
     inside = t < seqlen
     row0 = pid_r * ROWS_PER_PROGRAM
     # Each row's tile is loaded one row ahead, so a load is in flight while a row is transformed.
@@ -486,11 +491,9 @@ def _step3_split_kernel(
 ):
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
     N1: tl.constexpr = P * Q
-    pid_n, pid_r = _split_program(N2, BLOCK_N)
-    col0 = pid_n * BLOCK_N
     # Step 1's constants, conjugated where used: the inverse runs the same stages backwards.
-    fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_constants(col0, P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
-    t = _split_times(col0, P, Q, N2, BLOCK_N)
+    pid_n, pid_r, col0, t, fpr, fpi, fqr, fqi, tir, tii, thr, thi, tlr, tli = _split_program(
+        P, Q, N2, BLOCK_N, PRECISION, FAST_TRIG)
     k1 = tl.arange(0, N1)
     row0 = pid_r * ROWS_PER_PROGRAM
     nxt = _load_z(z_ptr, row0, k1, col0, row0 < rows, N1, N2, BLOCK_N)
