@@ -240,14 +240,13 @@ def step1(
     rows = batch * channels
     precision = precision_for(out_dtype, x.is_cuda)
     tiles = blocks_for(n1, n2, precision, block_n, rows_per_program, num_warps)
-    block_m, block_n, block_k, rpp, warps = tiles
-    n_blocks = n2 // block_n
+    n_blocks = n2 // tiles.block_n
     z = alloc((batch, channels, n1, n2, 2), dtype=out_dtype, device=x.device)
     dd_part = torch.empty((n_blocks, rows), dtype=torch.float32, device=x.device) if dd_with is not None else None
     args = (x, dropout_mask, dd_with, z, dd_part, rows, channels, seqlen, float(scale),
             *x.stride(), *strides(dropout_mask, 2), *strides(dd_with, 3))
-    flags = dict(HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=rpp,
-                 PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=warps)
+    flags = dict(HAS_MASK=dropout_mask is not None, HAS_DD=dd_with is not None, ROWS_PER_PROGRAM=tiles.rows_per_program,
+                 PRECISION=precision, FAST_TRIG=x.is_cuda, num_warps=tiles.num_warps)
     _launch_step((_step1_split_kernel, _step1_kernel), n1, n2, rows, tiles, args, flags)
     dd = dd_part.view(n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return z, dd
@@ -356,8 +355,7 @@ def step3(
     rows = batch * channels
     precision = precision_for(z.dtype, z.is_cuda)
     tiles = blocks_for(n1, n2, precision, block_n, rows_per_program, num_warps)
-    block_m, block_n, block_k, rpp, warps = tiles
-    n_blocks, m_blocks = n2 // block_n, triton.cdiv(n1, block_m)
+    n_blocks, m_blocks = n2 // tiles.block_n, triton.cdiv(n1, tiles.block_m)
     grad = grad_y is not None
     y = alloc((batch, channels, seqlen), dtype=torch.float32 if grad else out_dtype, device=z.device)
     dd_part = (torch.empty((m_blocks * n_blocks, rows), dtype=torch.float32, device=z.device)
@@ -365,8 +363,8 @@ def step3(
     args = (z, skip, skip_mask, D, grad_y, dropout_mask, y, dd_part, rows, channels, seqlen, float(scale),
             *strides(skip, 3), *strides(skip_mask, 2), *strides(grad_y, 3), *strides(dropout_mask, 2))
     flags = dict(HAS_D=D is not None, SKIP_MASK=skip_mask is not None, GRAD=grad, GELU=gelu,
-                 HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=rpp,
-                 PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=warps)
+                 HAS_MASK=dropout_mask is not None, ROWS_PER_PROGRAM=tiles.rows_per_program,
+                 PRECISION=precision, FAST_TRIG=z.is_cuda, num_warps=tiles.num_warps)
     _launch_step((_step3_split_kernel, _step3_kernel), n1, n2, rows, tiles, args, flags)
     dd = dd_part.view(m_blocks * n_blocks, batch, channels).sum(dim=(0, 1)) if dd_part is not None else None
     return y, dd
