@@ -15,6 +15,14 @@ Models (``LongConvLM``, 2 layers, d_model 768 by default, vocabulary 50304):
                than a chunk run chunk by chunk with the SSM state carried (``H3.prefill``)
   attention    SDPA attention LM of the same width (head_dim 64, rotary)
 
+Ablations of our H3 (the layer as it was before a change, to time that change in one run):
+
+  h3-stop11     q, k, v as transposed views of nn.Linear outputs (L stride = d_model) and the
+                output gate fused into the differentiated op call (its backward recomputes the
+                pre-gate convolution): the layer as stop 11 measured it
+  h3-transposed only the first of the two (``models._projections._CHANNELS_FIRST = False``)
+  h3-fused-gate only the second (``ops._OUTPUT_GATE_APART = False``)
+
 Training: ``tokens`` tokens per step (B = tokens / L), bf16 autocast on CUDA (fp32 on CPU), AdamW,
 the model and its loss compiled together with ``torch.compile`` (default options; dynamo is
 reset before each model, so every length compiles with static shapes); the optimizer step runs
@@ -51,6 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, als
 import lcconv_compile  # noqa: E402
 from common import git_commit  # noqa: E402  (this folder)
 from lcconv_compile.models import LongConvLM  # noqa: E402
+from lcconv_compile import ops  # noqa: E402
+from lcconv_compile.models import _projections  # noqa: E402
 from lcconv_compile.models._conv import conv_implementation  # noqa: E402
 
 VARIANTS = {
@@ -60,6 +70,15 @@ VARIANTS = {
     "h3-longconv": ("h3-longconv", False),
     "h3-chunked": ("h3", False),
     "attention": ("attention", False),
+    "h3-stop11": ("h3", False),
+    "h3-transposed": ("h3", False),
+    "h3-fused-gate": ("h3", False),
+}
+# Ablations: module switches (module, attribute, value) set while a variant builds, compiles and runs.
+SWITCHES = {
+    "h3-stop11": ((_projections, "_CHANNELS_FIRST", False), (ops, "_OUTPUT_GATE_APART", False)),
+    "h3-transposed": ((_projections, "_CHANNELS_FIRST", False),),
+    "h3-fused-gate": ((ops, "_OUTPUT_GATE_APART", False),),
 }
 DEFAULT_VARIANTS = ("h3", "h3-torchfft", "attention")
 
@@ -79,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infer-lengths", nargs="*", type=int, default=[4096], help="inference forward lengths")
     p.add_argument("--gen-context", type=int, default=4096, help="KV-cache length for attention generation")
     p.add_argument("--gen-batch", type=int, default=8)
+    p.add_argument("--no-generate", dest="generate", action="store_false", help="skip the generation rows")
     p.add_argument("--gen-tokens", type=int, default=32, help="timed generated tokens")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +133,9 @@ def _variant_context(name: str):
         if VARIANTS[name][1]:
             stack.enter_context(lcconv_compile.passes_enabled(False))
             stack.enter_context(conv_implementation("reference"))
+        for module, attribute, value in SWITCHES.get(name, ()):
+            stack.callback(setattr, module, attribute, getattr(module, attribute))
+            setattr(module, attribute, value)
         yield
 
 
@@ -336,7 +359,7 @@ def main(argv=None) -> dict:
         for seqlen in args.infer_lengths:
             _guarded(rows, {"kind": "infer", "variant": variant, "seqlen": seqlen},
                      lambda: bench_infer(args, variant, seqlen, device), device)
-        if variant in ("h3", "attention"):  # h3-torchfft steps like h3; a learned kernel has no step
+        if args.generate and variant in ("h3", "attention"):  # h3-torchfft steps like h3; a learned kernel has no step
             _guarded(rows, {"kind": "generate", "variant": variant, "context": args.gen_context},
                      lambda: bench_generate(args, variant, device), device)
     print(format_table(rows))

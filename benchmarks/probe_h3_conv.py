@@ -1,7 +1,10 @@
 """The op at H3's shapes alone (GPU machine): why the convolution costs more inside the H3 LM step
 than in bench_fftconv's table. Times forward and forward+backward of ``lcconv_compile.fftconv``
-at (B, 768, L) bf16 (B*L = 32K, the LM benchmark's tokens), with and without H3's gates and skip,
-and with a bf16 or float32 output gradient, through autograd. Prints a table; ``--out`` writes JSON.
+at (B, 768, L) bf16 (B*L = 32K, the LM benchmark's tokens) through autograd: plain, and with H3's
+gates and skip, the output gate fused into the differentiated call (its backward recomputes the
+pre-gate convolution) or apart (``ops._OUTPUT_GATE_APART``: the op without it, then a product);
+each with contiguous (B, H, L) tensors and with transposed views of (B, L, H) ones (the layout of
+nn.Linear outputs). Prints a table; ``--out`` writes JSON.
 
     python benchmarks/probe_h3_conv.py [--lengths 2048 8192] [--out probe.json]
 
@@ -20,7 +23,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import git_commit  # noqa: E402  (this folder)
-from lcconv_compile import fftconv, kernels  # noqa: E402
+from lcconv_compile import fftconv, kernels, ops  # noqa: E402
 
 
 def main():
@@ -33,30 +36,37 @@ def main():
     rows = []
     for L in args.lengths:
         B, H = args.tokens // L, args.channels
-        u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = (torch.randn(H, L, device="cuda") / L ** 0.5).requires_grad_(True)
         D = torch.randn(H, device="cuda", requires_grad=True)
-        q, g = (torch.randn_like(u).requires_grad_(True) for _ in range(2))
-        family = kernels.select(u, k)
-        cases = {"plain": {}, "D": dict(D=D), "gates+D": dict(D=D, gate_in=g, gate_out=q)}
-        for name, opts in cases.items():
-            for dy_dtype in (torch.bfloat16, torch.float32):
-                dy = torch.randn(B, H, L, device="cuda", dtype=dy_dtype)
+        for layout in ("BHL", "BLH"):
+            # BHL: contiguous (B, H, L) tensors. BLH: transposed views of (B, L, H) tensors, as
+            # nn.Linear's output seen through .transpose(1, 2) (L stride = H), for u, both gates
+            # and the output gradient (what stop 11's H3 passed the op).
+            def tensor():
+                t = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
+                return t if layout == "BHL" else t.transpose(1, 2).contiguous().transpose(1, 2)
+            u, q, g = (tensor().requires_grad_(True) for _ in range(3))
+            dy = tensor()
+            family = kernels.select(u, k)
+            cases = {"plain": ({}, True), "gates+D fused": (dict(D=D, gate_in=g, gate_out=q), False),
+                     "gates+D apart": (dict(D=D, gate_in=g, gate_out=q), True)}
+            for name, (opts, apart) in cases.items():
+                ops._OUTPUT_GATE_APART = apart
 
                 def fwd():
                     return fftconv(u, k, **opts)
 
                 def fwd_bwd():
-                    y = fftconv(u, k, **opts)
-                    y.float().backward(dy.float()) if dy_dtype == torch.float32 else y.backward(dy)
+                    fftconv(u, k, **opts).backward(dy)
 
                 ms_f = triton.testing.do_bench(fwd, warmup=5, rep=50, return_mode="median")
                 ms_fb = triton.testing.do_bench(fwd_bwd, warmup=5, rep=50, return_mode="median")
-                row = dict(shape=[B, H, L], case=name, dy=str(dy_dtype)[6:],
+                row = dict(shape=[B, H, L], layout=layout, case=name,
                            family=getattr(family, "__name__", None), fwd_ms=ms_f, fwd_bwd_ms=ms_fb)
                 rows.append(row)
-                print(f"({B},{H},{L}) {name:8s} dy {row['dy']:8s} {row['family']}: fwd {ms_f:.3f} ms, "
+                print(f"({B},{H},{L}) {layout} {name:14s} {row['family']}: fwd {ms_f:.3f} ms, "
                       f"fwd+bwd {ms_fb:.3f} ms", flush=True)
+        ops._OUTPUT_GATE_APART = True
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), commit=git_commit(), rows=rows), f, indent=1)

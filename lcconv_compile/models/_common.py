@@ -44,12 +44,14 @@ def check_seqlen(owner: str, x: Tensor, d_model: int, l_max: Optional[int]) -> i
     return seqlen
 
 
-def apply_key_padding(x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """Zero the positions of ``x`` (B, L, C) where ``key_padding_mask`` (B, L) is True (padding)."""
+def apply_key_padding(x: Tensor, key_padding_mask: Optional[Tensor], *, channels_first: bool = False) -> Tensor:
+    """Zero the positions of ``x`` (B, L, C), or (B, C, L) with ``channels_first``, where
+    ``key_padding_mask`` (B, L) is True (padding)."""
     if key_padding_mask is None:
         return x
-    if key_padding_mask.shape != x.shape[:2]:
+    batch, seqlen = (x.shape[0], x.shape[2]) if channels_first else x.shape[:2]
+    if tuple(key_padding_mask.shape) != (batch, seqlen):
         raise ValueError(
-            f"key_padding_mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(key_padding_mask.shape)}"
+            f"key_padding_mask must have shape (B, L) = {(batch, seqlen)}, got {tuple(key_padding_mask.shape)}"
         )
-    return x.masked_fill(key_padding_mask.bool().unsqueeze(-1), 0.0)
+    return x.masked_fill(key_padding_mask.bool().unsqueeze(1 if channels_first else -1), 0.0)

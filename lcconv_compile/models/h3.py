@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import apply_key_padding, check_choice, check_divisible, check_positive, check_seqlen
+from ._common import check_choice, check_divisible, check_positive, check_seqlen
 from ._conv import long_conv
+from ._projections import project_in, project_out
 from .longconv import check_kernel_options, init_kernel_weight, regularised_kernel
 from .ssm_chunks import state_output, state_update, vandermonde_piece
 
@@ -288,13 +289,14 @@ class H3(nn.Module):
             y = self._outer_product_heads_by_index(q, k, v, head_kernel)
         else:
             y = self._heads(q, k, v, head_kernel)
-        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+        return project_out(self.out_proj, y, x.dtype)
 
     def _qkv(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v projections as ``(B, d_model, L)``; padded positions get zero k and v."""
-        q = self.q_proj(x).transpose(1, 2)
-        k = apply_key_padding(self.k_proj(x), key_padding_mask).transpose(1, 2)
-        v = apply_key_padding(self.v_proj(x), key_padding_mask).transpose(1, 2)
+        """q, k, v projections as ``(B, d_model, L)``, each contiguous (``_projections``); padded
+        positions get zero k and v."""
+        q = project_in(self.q_proj, x)
+        k = project_in(self.k_proj, x, key_padding_mask)
+        v = project_in(self.v_proj, x, key_padding_mask)
         return q, k, v
 
     def _kv(self, k: Tensor, v: Tensor) -> Tensor:
@@ -390,7 +392,7 @@ class H3(nn.Module):
                 x_ssm = state_update(x_ssm, kv.to(self.q_proj.weight.dtype), a, b)
         y = torch.cat(outputs, dim=-1)
         next_state = H3State(next_shift, x_ssm.reshape(state.ssm.shape))
-        return self.out_proj(y.transpose(1, 2).to(x.dtype)), next_state
+        return project_out(self.out_proj, y, x.dtype), next_state
 
     # ----------------------------------------------------------------------- recurrent form --
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> H3State:

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import apply_key_padding, check_choice, check_positive, check_seqlen
+from ._common import check_choice, check_positive, check_seqlen
 from ._conv import long_conv
+from ._projections import project_in, project_out
 
 __all__ = [
     "LongConv",
@@ -229,7 +230,7 @@ class LongConv(nn.Module):
         (their own outputs are meaningless, as in attention).
         """
         seqlen = check_seqlen(type(self).__name__, x, self.d_model, self.l_max)
-        u = apply_key_padding(self.in_proj(x), key_padding_mask).transpose(1, 2)  # (B, H, L)
+        u = project_in(self.in_proj, x, key_padding_mask)  # (B, H, L), contiguous
         k = self.kernel(seqlen)
         gelu = self.activation == "gelu"
         mask = self._channel_dropout_mask(u)
@@ -243,7 +244,7 @@ class LongConv(nn.Module):
             y = forward_part + backward_part.flip(-1) + u * self.D.unsqueeze(-1)
             y = F.gelu(y) if gelu else y
             y = y * mask.unsqueeze(-1) if mask is not None else y
-        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+        return project_out(self.out_proj, y, x.dtype)
 
     def extra_repr(self) -> str:
         return (
