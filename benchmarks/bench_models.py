@@ -15,13 +15,11 @@ Models (``LongConvLM``, 2 layers, d_model 768 by default, vocabulary 50304):
                than a chunk run chunk by chunk with the SSM state carried (``H3.prefill``)
   attention    SDPA attention LM of the same width (head_dim 64, rotary)
 
-Ablations of our H3 (the layer as it was before a change, to time that change in one run):
+Ablation of our H3 (the layer as it was before a change, to time that change in one run):
 
-  h3-stop11     q, k, v as transposed views of nn.Linear outputs (L stride = d_model) and the
-                output gate fused into the differentiated op call (its backward recomputes the
-                pre-gate convolution): the layer as stop 11 measured it
-  h3-transposed only the first of the two (``models._projections._CHANNELS_FIRST = False``)
-  h3-fused-gate only the second (``ops._OUTPUT_GATE_APART = False``)
+  h3-transposed  q, k, v and the output projection's input as transposed views of nn.Linear
+                 outputs (L stride = d_model), as stop 11 measured it
+                 (``models._projections._CHANNELS_FIRST = False``)
 
 Training: ``tokens`` tokens per step (B = tokens / L), bf16 autocast on CUDA (fp32 on CPU), AdamW,
 the model and its loss compiled together with ``torch.compile`` (default options; dynamo is
@@ -59,7 +57,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, als
 import lcconv_compile  # noqa: E402
 from common import git_commit  # noqa: E402  (this folder)
 from lcconv_compile.models import LongConvLM  # noqa: E402
-from lcconv_compile import ops  # noqa: E402
 from lcconv_compile.models import _projections  # noqa: E402
 from lcconv_compile.models._conv import conv_implementation  # noqa: E402
 
@@ -70,16 +67,10 @@ VARIANTS = {
     "h3-longconv": ("h3-longconv", False),
     "h3-chunked": ("h3", False),
     "attention": ("attention", False),
-    "h3-stop11": ("h3", False),
     "h3-transposed": ("h3", False),
-    "h3-fused-gate": ("h3", False),
 }
-# Ablations: module switches (module, attribute, value) set while a variant builds, compiles and runs.
-SWITCHES = {
-    "h3-stop11": ((_projections, "_CHANNELS_FIRST", False), (ops, "_OUTPUT_GATE_APART", False)),
-    "h3-transposed": ((_projections, "_CHANNELS_FIRST", False),),
-    "h3-fused-gate": ((ops, "_OUTPUT_GATE_APART", False),),
-}
+# Ablations: module switches (module, attribute, value) set while a variant compiles and runs.
+SWITCHES = {"h3-transposed": ((_projections, "_CHANNELS_FIRST", False),)}
 DEFAULT_VARIANTS = ("h3", "h3-torchfft", "attention")
 
 
@@ -320,15 +311,15 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'kind':9} {'variant':12} {'L/ctx':>6} {'batch':>5} {'ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'first s':>8}"
+    header = f"{'kind':9} {'variant':13} {'L/ctx':>6} {'batch':>5} {'ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'first s':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kind']:9} {r['variant']:12} {r.get('seqlen', r.get('context', '')):>6} error: {r['error']}")
+            lines.append(f"{r['kind']:9} {r['variant']:13} {r.get('seqlen', r.get('context', '')):>6} error: {r['error']}")
             continue
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         lines.append(
-            f"{r['kind']:9} {r['variant']:12} {r.get('seqlen', r.get('context')):>6} {r['batch']:>5} "
+            f"{r['kind']:9} {r['variant']:13} {r.get('seqlen', r.get('context')):>6} {r['batch']:>5} "
             f"{r['ms']:>9.2f} {r['tokens_per_s']:>11.0f} {peak:>9} {r['first_step_s']:>8.1f}"
         )
     return "\n".join(lines)

@@ -1,10 +1,9 @@
 """The op at H3's shapes alone (GPU machine): why the convolution costs more inside the H3 LM step
 than in bench_fftconv's table. Times forward and forward+backward of ``lcconv_compile.fftconv``
-at (B, 768, L) bf16 (B*L = 32K, the LM benchmark's tokens) through autograd: plain, and with H3's
-gates and skip, the output gate fused into the differentiated call (its backward recomputes the
-pre-gate convolution) or apart (``ops._OUTPUT_GATE_APART``: the op without it, then a product);
-each with contiguous (B, H, L) tensors and with transposed views of (B, L, H) ones (the layout of
-nn.Linear outputs). Prints a table; ``--out`` writes JSON.
+at (B, 768, L) bf16 (B*L = 32K, the LM benchmark's tokens) through autograd, plain and with H3's
+gates and skip, each with contiguous (B, H, L) tensors and with transposed views of (B, L, H) ones
+(the layout of nn.Linear outputs). Prints a table; ``--out`` writes JSON. (Commit 4ec9557's version
+also timed the output gate kept apart from the differentiated call; see NOTES, stop 12.)
 
     python benchmarks/probe_h3_conv.py [--lengths 2048 8192] [--out probe.json]
 
@@ -23,7 +22,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import git_commit  # noqa: E402  (this folder)
-from lcconv_compile import fftconv, kernels, ops  # noqa: E402
+from lcconv_compile import fftconv, kernels  # noqa: E402
 
 
 def main():
@@ -48,10 +47,8 @@ def main():
             u, q, g = (tensor().requires_grad_(True) for _ in range(3))
             dy = tensor()
             family = kernels.select(u, k)
-            cases = {"plain": ({}, True), "gates+D fused": (dict(D=D, gate_in=g, gate_out=q), False),
-                     "gates+D apart": (dict(D=D, gate_in=g, gate_out=q), True)}
-            for name, (opts, apart) in cases.items():
-                ops._OUTPUT_GATE_APART = apart
+            cases = {"plain": {}, "gates+D": dict(D=D, gate_in=g, gate_out=q)}
+            for name, opts in cases.items():
 
                 def fwd():
                     return fftconv(u, k, **opts)
@@ -64,9 +61,8 @@ def main():
                 row = dict(shape=[B, H, L], layout=layout, case=name,
                            family=getattr(family, "__name__", None), fwd_ms=ms_f, fwd_bwd_ms=ms_fb)
                 rows.append(row)
-                print(f"({B},{H},{L}) {layout} {name:14s} {row['family']}: fwd {ms_f:.3f} ms, "
+                print(f"({B},{H},{L}) {layout} {name:8s} {row['family']}: fwd {ms_f:.3f} ms, "
                       f"fwd+bwd {ms_fb:.3f} ms", flush=True)
-        ops._OUTPUT_GATE_APART = True
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), commit=git_commit(), rows=rows), f, indent=1)

@@ -160,11 +160,6 @@ def _install_autograd(op_def, function: type) -> None:
         args = args + defaults[len(args):]
         if not _tracks_derivatives([a for a in args if isinstance(a, Tensor)]):
             return _redispatch_below_autograd(overload, keyset, *args)
-        if op_def is fftconv_op and _output_gate_apart(args[4]):
-            # y = c * gate_out, recorded as the op without gate_out (re-entering this kernel)
-            # and a product (see _output_gate_apart).
-            u, k, D, gate_in, gate_out, gelu, dropout_mask = args
-            return _apply_output_gate(fftconv_op(u, k, D, gate_in, None, gelu, dropout_mask), gate_out, u.dtype)
         with enable_single_level_autograd_function():
             return function.apply(*args, _Keyset(keyset))
 
@@ -173,36 +168,6 @@ def _install_autograd(op_def, function: type) -> None:
         # that is the point here, and the warning would reach every user at import.
         warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
         op_def._lib.impl(op_def._name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
-
-
-# Benchmarks switch this off to time the fused call's backward (probe_h3_conv.py, bench_models.py).
-_OUTPUT_GATE_APART = True
-
-
-def _output_gate_apart(gate_out: Optional[Tensor]) -> bool:
-    """Whether a differentiated call with an output gate runs as ``c = fftconv(..., gate_out=None)``
-    then ``y = c * gate_out``, two recorded steps, instead of one op call.
-
-    The fused call saves its inputs, so its backward has to recompute ``c`` (a whole forward
-    convolution, inside the backward kernel) for ``dgate_out = dy * c``; apart, autograd saves
-    ``c`` (one more ``(B, H, L)`` activation) and the backward is the product's plus the op's
-    backward without an output gate. Plain reverse mode only (eager autograd and the graphs that
-    torch.compile traces): under a torch.func transform or a forward-AD level the fused call and
-    its Function stay, as before. ``y`` is rounded twice (``c`` to u's dtype, then the product),
-    at most one unit in the last place from the fused call's single rounding.
-    """
-    return (
-        gate_out is not None
-        and _OUTPUT_GATE_APART
-        and not torch._C._are_functorch_transforms_active()
-        and torch.autograd.forward_ad._current_level < 0
-    )
-
-
-def _apply_output_gate(c: Tensor, gate_out: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``c * gate_out`` in the op's compute dtype, returned in the op's output dtype (u's)."""
-    dtype = reference.compute_dtype(c, gate_out)
-    return (c.to(dtype) * gate_out.to(dtype)).to(out_dtype)
 
 
 class _Keyset(NamedTuple):
@@ -540,9 +505,6 @@ def fftconv(
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (u, k, D, gate_in, gate_out)
         ):
-            if _output_gate_apart(gate_out):
-                c = _EagerFFTConv.apply(family, u, k, D, gate_in, None, gelu, dropout_mask)
-                return _apply_output_gate(c, gate_out, u.dtype)
             return _EagerFFTConv.apply(family, u, k, D, gate_in, gate_out, gelu, dropout_mask)
         return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)

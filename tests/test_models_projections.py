@@ -1,16 +1,11 @@
-"""models/_projections.py (channels-first projections) and the op's output gate kept apart in
-differentiated calls (ops._output_gate_apart): the same math as before, in float64."""
-
-import collections
+"""models/_projections.py: the channels-first projections are nn.Linear's math (float64), and the
+layers using them give the same outputs and gradients in either layout."""
 
 import pytest
 import torch
 from torch import nn
 
-import lcconv_compile
-from lcconv_compile import ops, reference
 from lcconv_compile.models import H3, LongConv, _projections
-from oracles import direct_fftconv
 
 
 @pytest.fixture
@@ -90,93 +85,3 @@ def test_h3_compiled_equals_eager_channels_first(channels_first):
     for g, w in zip(torch.autograd.grad(compiled, (x, *layer.parameters()), dy),
                     torch.autograd.grad(eager, (x, *layer.parameters()), dy)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
-
-
-# ------------------------------------------------------------------ output gate apart --
-def _gated_args(gelu=False, mask=False):
-    torch.manual_seed(5)
-    B, H, L = 2, 3, 40
-    u, gi, go = (torch.randn(B, H, L, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    k = torch.randn(H, 17, dtype=torch.float64, requires_grad=True)
-    D = torch.randn(H, dtype=torch.float64, requires_grad=True)
-    m = (torch.rand(B, H, dtype=torch.float64) * 2).requires_grad_(mask) if mask else None
-    return u, k, D, gi, go, gelu, m
-
-
-@pytest.mark.parametrize("entry", ["fftconv", "op"])
-@pytest.mark.parametrize("gelu,mask", [(False, False), (True, True)])
-def test_output_gate_apart_matches_direct_sum(entry, gelu, mask):
-    u, k, D, gi, go, gelu, m = _gated_args(gelu, mask)
-    if entry == "fftconv":
-        y = lcconv_compile.fftconv(u, k, D, gate_in=gi, gate_out=go, gelu=gelu, dropout_mask=m)
-    else:
-        y = torch.ops.lcconv.fftconv(u, k, D, gi, go, gelu, m)
-    assert type(y.grad_fn).__name__ == "MulBackward0"  # the product, recorded apart
-    want = direct_fftconv(u, k, D, gi, go, gelu, m)
-    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
-    inputs = [t for t in (u, k, D, gi, go, m) if t is not None and t.requires_grad]
-    dy = torch.randn_like(y)
-    for g, w in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(want, inputs, dy)):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
-
-
-def test_output_gate_fused_when_switched_off(monkeypatch):
-    monkeypatch.setattr(ops, "_OUTPUT_GATE_APART", False)
-    u, k, D, gi, go, _, _ = _gated_args()
-    y = torch.ops.lcconv.fftconv(u, k, D, gi, go)
-    assert type(y.grad_fn).__name__ != "MulBackward0"
-    want = reference.fftconv_ref(u, k, D, gate_in=gi, gate_out=go)
-    dy = torch.randn_like(y)
-    for g, w in zip(torch.autograd.grad(y, (u, k, D, gi, go), dy), torch.autograd.grad(want, (u, k, D, gi, go), dy)):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
-
-
-def test_output_gate_stays_fused_without_derivatives_and_under_torch_func():
-    u, k, D, gi, go, _, _ = _gated_args()
-    with torch.no_grad():
-        calls = _op_calls(lambda: torch.ops.lcconv.fftconv(u, k, D, gi, go))
-    assert calls == {"lcconv::fftconv": 1}
-    # torch.func keeps the fused call and its Function (jvp included).
-    _, tangent = torch.func.jvp(lambda g: torch.ops.lcconv.fftconv(u.detach(), k.detach(), D.detach(), gi.detach(), g),
-                                (go.detach(),), (torch.ones_like(go),))
-    want = reference.fftconv_ref(u.detach(), k.detach(), D.detach(), gate_in=gi.detach())
-    torch.testing.assert_close(tangent, want, rtol=1e-10, atol=1e-10)
-
-
-def _op_calls(fn) -> dict:
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fn()
-    return dict(collections.Counter(e.name for e in prof.events() if e.name.startswith("lcconv::")))
-
-
-def test_compiled_training_calls_the_op_once_each_way():
-    """Compiled training: one forward call without the output gate (not folded back into it, which
-    would run the convolution twice), one backward call, and gradients equal to eager."""
-    u, k, D, gi, go, _, _ = _gated_args()
-
-    def f(u, k, D, gi, go):
-        return (lcconv_compile.fftconv(u, k, D, gate_in=gi, gate_out=go) * 1.5).sum()
-
-    compiled = torch.compile(f)
-    compiled(u, k, D, gi, go).backward()  # compile outside the profiler
-    calls = _op_calls(lambda: compiled(u, k, D, gi, go).backward())
-    assert calls == {"lcconv::fftconv": 1, "lcconv::fftconv_bwd": 1}
-    got = torch.autograd.grad(compiled(u, k, D, gi, go), (u, k, D, gi, go))
-    want = torch.autograd.grad(f(u, k, D, gi, go), (u, k, D, gi, go))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
-
-
-def test_apart_output_rounds_at_most_one_ulp_from_fused():
-    """Half inputs: y = round(round(c) * gate_out) against the fused call's round(c * gate_out)."""
-    torch.manual_seed(6)
-    u, gi, go = (torch.randn(2, 4, 64, dtype=torch.bfloat16) for _ in range(3))
-    k, D = torch.randn(4, 64) / 8, torch.randn(4)
-    with torch.no_grad():
-        fused = torch.ops.lcconv.fftconv(u, k, D, gi, go)
-    apart = torch.ops.lcconv.fftconv(u.requires_grad_(), k, D, gi, go)
-    # One bf16 unit in the last place of |y| is at most eps * |y| (eps = 2^-7).
-    ulp = torch.finfo(torch.bfloat16).eps * fused.float().abs()
-    assert ((apart.float() - fused.float()).abs() <= ulp).all()
