@@ -85,3 +85,49 @@ def test_h3_compiled_equals_eager_channels_first(channels_first):
     for g, w in zip(torch.autograd.grad(compiled, (x, *layer.parameters()), dy),
                     torch.autograd.grad(eager, (x, *layer.parameters()), dy)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_default_feeds_the_op_contiguous_rows():
+    """On CUDA the projections are channels-first by default, and the layer equals the
+    transposed-view form (float32; our kernels run in both)."""
+    torch.manual_seed(7)
+    layer = H3(64).cuda()
+    x = torch.randn(2, 256, 64, device="cuda", requires_grad=True)
+    assert _projections.project_in(layer.q_proj, x).is_contiguous()
+    y = layer(x)
+    grads = torch.autograd.grad(y, (x, *layer.parameters()), torch.ones_like(y))
+    _projections._CHANNELS_FIRST = False
+    try:
+        y_t = layer(x)
+        grads_t = torch.autograd.grad(y_t, (x, *layer.parameters()), torch.ones_like(y_t))
+    finally:
+        _projections._CHANNELS_FIRST = None
+    torch.testing.assert_close(y, y_t, rtol=1e-4, atol=1e-4)
+    for g, w in zip(grads, grads_t):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
+def test_cuda_compiled_lm_training_equals_eager():
+    from lcconv_compile.models import LongConvLM
+
+    torch.manual_seed(8)
+    model = LongConvLM(128, d_model=64, n_layers=2, mixer="h3").cuda()
+    ids = torch.randint(128, (2, 513), device="cuda")
+
+    def loss_fn(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    eager = loss_fn(ids)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(loss_fn)(ids)
+    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    for g, w in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
