@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     p.add_argument("--short-steps", type=int, default=800)
     p.add_argument("--long-steps", type=int, default=3000)
     p.add_argument("--ssm-lr", type=float, default=1e-2)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per seed (model and data)")
     p.add_argument("--parallel", type=int, default=18)
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
     p.add_argument("--device", default="cuda")
@@ -54,16 +55,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    jobs = [(seqlen, mixer, task) for seqlen in args.lengths for mixer in args.mixers for task in args.tasks]
+    jobs = [(seqlen, mixer, task, seed) for seqlen in args.lengths for mixer in args.mixers for task in args.tasks
+            for seed in args.seeds]
     pending, running, results = list(jobs), {}, {}
     start = time.time()
     while pending or running:
         while pending and len(running) < args.parallel:
-            seqlen, mixer, task = job = pending.pop(0)
-            name = f"{task}_{mixer}_L{seqlen}"
+            seqlen, mixer, task, seed = job = pending.pop(0)
+            name = f"{task}_{mixer}_L{seqlen}" + (f"_seed{seed}" if seed else "")
             out = os.path.join(args.out_dir, name + ".json")
             cmd = [sys.executable, "-m", "lcconv_compile.models.train_synthetic", *run_args(mixer, task, seqlen, args),
-                   "--json", out]
+                   "--seed", str(seed), "--json", out]
             log = open(os.path.join(args.out_dir, name + ".log"), "w")
             running[job] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cmd, out, time.time(), log)
         for job, (proc, cmd, out, began, log) in list(running.items()):
@@ -84,13 +86,16 @@ def main(argv=None) -> dict:
             del running[job]
         time.sleep(1.0)
 
-    table = [{"seq_len": s, "mixer": m, "task": t, **results[(s, m, t)]} for s, m, t in jobs]
-    print(f"{'L':>6} {'mixer':12} {'induction':>10} {'recall':>8}")
+    table = [{"seq_len": s, "mixer": m, "task": t, "seed": seed, **results[(s, m, t, seed)]} for s, m, t, seed in jobs]
+    print(f"{'L':>6} {'mixer':12} {'induction':>16} {'recall':>16}   (answer accuracy %, one per seed)")
     for seqlen in args.lengths:
         for mixer in args.mixers:
-            acc = {r["task"]: r.get("answer_accuracy") for r in table if r["seq_len"] == seqlen and r["mixer"] == mixer}
-            cells = [f"{100 * acc[t]:.1f}" if acc.get(t) is not None else "-" for t in ("induction", "recall")]
-            print(f"{seqlen:>6} {mixer:12} {cells[0]:>10} {cells[1]:>8}")
+            cells = []
+            for task in ("induction", "recall"):
+                accs = [r.get("answer_accuracy") for r in table
+                        if (r["seq_len"], r["mixer"], r["task"]) == (seqlen, mixer, task)]
+                cells.append(" / ".join(f"{100 * a:.1f}" if a is not None else "-" for a in accs) or "")
+            print(f"{seqlen:>6} {mixer:12} {cells[0]:>16} {cells[1]:>16}")
     summary = {"wall_s": time.time() - start, "runs": table}
     with open(os.path.join(args.out_dir, "table.json"), "w") as f:
         json.dump(summary, f, indent=2)
