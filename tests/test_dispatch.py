@@ -80,3 +80,34 @@ def test_kernels_never_see_empty_inputs(monkeypatch, shape):
     y.sum().backward()
     assert calls == [] and y.shape == shape
     assert u.grad.shape == shape and torch.equal(k.grad, torch.zeros_like(k))
+
+
+@pytest.mark.parametrize("channels, family_name", [(64, "flashbutterfly"), (768, None)])
+def test_inputs_past_32_bit_offsets_go_to_the_reference(channels, family_name):
+    """(1, 768, 1M) bf16: FlashButterfly's intermediate (B, H, N1, N2, 2) holds 3.2e9 numbers, past
+    what its 32-bit offsets index (it faulted on the H100): the op runs the reference instead.
+    (1, 64, 1M) still dispatches. Fake CUDA tensors: no GPU and no memory needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        u = torch.empty(1, channels, 2**20, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(channels, 2**20, dtype=torch.float32, device="cuda")
+        family = kernels.select(u, k)
+    assert getattr(family, "__name__", "None").rsplit(".", 1)[-1] == (family_name or "None")
+
+
+@pytest.mark.parametrize("family_name, shape, kernel_len", [("flashconv3", (64, 4096, 8192), 8192),
+                                                            ("shortconv", (64, 4096, 8192), 4)])
+def test_on_chip_families_refuse_2_31_elements(family_name, shape, kernel_len):
+    """u of exactly 2^31 elements is refused, one batch row fewer is taken."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    family = importlib.import_module(f"lcconv_compile.kernels.{family_name}")
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        u = torch.empty(*shape, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(shape[1], kernel_len, dtype=torch.float32, device="cuda")
+        small = torch.empty(shape[0] - 1, *shape[1:], dtype=torch.bfloat16, device="cuda")
+        assert not family.supports(u, k)
+        assert family.supports(small, k)

@@ -14,7 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gelu", "gelu_grad", "load_gated_pairs", "load_stack", "operand", "sm_count", "stack_rows", "strides"]
+__all__ = ["gelu", "gelu_grad", "load_gated_pairs", "load_stack", "offsets_fit_int32", "operand", "sm_count",
+           "stack_rows", "strides"]
+
+# The kernels compute element offsets in 32-bit integers (e.g. flashconv3 stores at
+# `(b * channels + h) * seqlen + t`, program ids times int32 sizes), so
+# no tensor they index may hold 2^31 elements or more: past that an offset wraps and the kernel
+# reads or writes out of bounds (found as an illegal memory access at (1, 768, 1M), whose
+# FlashButterfly intermediate holds 3.2e9 numbers). The families refuse such inputs (the op then
+# runs the reference) until their offsets are 64-bit.
+INT32_OFFSET_LIMIT = 2**31
+
+
+def offsets_fit_int32(*numels: int) -> bool:
+    """Whether tensors of these element counts can all be indexed with 32-bit offsets."""
+    return all(n < INT32_OFFSET_LIMIT for n in numels)
 
 
 def strides(t: Optional[torch.Tensor], n: int) -> tuple[int, ...]:

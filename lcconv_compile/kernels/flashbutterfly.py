@@ -80,7 +80,7 @@ from .blockfft3 import (
     spectrum_offsets,
 )
 from . import fftsteps
-from .common import gelu, gelu_grad, strides
+from .common import gelu, gelu_grad, offsets_fit_int32, strides
 from .launch import cached_constants, launch
 
 __all__ = [
@@ -825,21 +825,31 @@ def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the op dispatches ``fftconv(u, k, ...)`` here: CUDA tensors, :func:`covers`, a half
-    dtype (:data:`DISPATCH_DTYPES`) and a split with N1 <= :data:`DISPATCH_MAX_N1` (where the
-    kernels were measured faster than the torch.fft reference). Listed after flashconv3 in
+    dtype (:data:`DISPATCH_DTYPES`), a split with N1 <= :data:`DISPATCH_MAX_N1` (where the
+    kernels were measured faster than the torch.fft reference) and an intermediate that 32-bit
+    offsets can index (``common.offsets_fit_int32``). Listed after flashconv3 in
     kernels.FAMILIES, which takes every length it covers."""
     if not (u.is_cuda and u.dim() == 3 and u.dtype in DISPATCH_DTYPES and k.dtype in KERNEL_DTYPES):
         return False
     seqlen, kernel_len = u.shape[-1], k.shape[-1]
-    return covers(u.dtype, seqlen, kernel_len) and split_for(seqlen, kernel_len, u.dtype)[0] <= DISPATCH_MAX_N1
+    if not covers(u.dtype, seqlen, kernel_len):
+        return False
+    n1, n2 = split_for(seqlen, kernel_len, u.dtype)
+    return n1 <= DISPATCH_MAX_N1 and _intermediate_fits(u, n1, n2)
+
+
+def _intermediate_fits(u: torch.Tensor, n1: int, n2: int) -> bool:
+    # z, the largest tensor the kernels index: (B, H, N1, N2, 2) real numbers.
+    return offsets_fit_int32(u.shape[0] * u.shape[1] * n1 * n2 * 2)
 
 
 def supports_learned(u: torch.Tensor, k: torch.Tensor, in_factor: torch.Tensor) -> bool:
     """Whether these kernels run ``lcconv::butterfly_conv`` for validated inputs: CUDA, a kernel
-    dtype and a split (the factors') that :func:`split_compiles`."""
+    dtype, a split (the factors') that :func:`split_compiles` and an intermediate that 32-bit
+    offsets can index."""
     n1, n2 = _split_of(in_factor, None)
     return (u.is_cuda and k.dtype in KERNEL_DTYPES and in_factor.dtype in KERNEL_DTYPES
-            and split_compiles(u.dtype, n1, n2, learned=True))
+            and split_compiles(u.dtype, n1, n2, learned=True) and _intermediate_fits(u, n1, n2))
 
 
 def _gated(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> torch.Tensor:

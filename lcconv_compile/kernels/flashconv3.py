@@ -60,7 +60,8 @@ from .blockfft3 import (
     spectrum_offsets,
     store_kernel_spectrum,
 )
-from .common import gelu, gelu_grad, load_gated_pairs, load_stack, operand, sm_count, stack_rows, strides
+from .common import (gelu, gelu_grad, load_gated_pairs, load_stack, offsets_fit_int32, operand, sm_count, stack_rows,
+                     strides)
 from .launch import launch
 
 # Longest sequence per input dtype. One block-FFT plan reaches N = 16384 (L = 8192) for half
@@ -86,12 +87,15 @@ KERNEL_SPECTRUM = ("scratch", "recompute")
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the v5 kernels handle these inputs (else the caller uses another family)."""
+    """Whether the v5 kernels handle these inputs (else the caller uses another family): CUDA, a
+    supported dtype and length, and 32-bit offsets for u (and its gates and gradients, of u's
+    shape) and for the per-channel spectrum scratch (H rows of at most 2 blocks x 2 x 2L)."""
     return (
         u.is_cuda
         and u.dtype in MAX_SEQLEN
         and k.dtype in KERNEL_DTYPES
         and u.shape[-1] <= MAX_SEQLEN[u.dtype]
+        and offsets_fit_int32(u.numel(), u.shape[1] * 8 * u.shape[-1])
     )
 
 

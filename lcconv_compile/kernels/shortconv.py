@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gelu, gelu_grad, sm_count, strides
+from .common import gelu, gelu_grad, offsets_fit_int32, sm_count, strides
 from .launch import launch as launch_kernel
 
 __all__ = ["SHORT_MAX_KERNEL_LEN", "Tuning", "supports", "fftconv_fwd", "fftconv_bwd"]
@@ -72,12 +72,13 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether these kernels handle the inputs: CUDA, half or float32 u, k float32 or u's dtype,
-    Lk <= SHORT_MAX_KERNEL_LEN (any L)."""
+    Lk <= SHORT_MAX_KERNEL_LEN (any L), and fewer than 2^31 elements in u (32-bit offsets)."""
     return (
         u.is_cuda
         and u.dtype in INPUT_DTYPES
         and k.dtype in (torch.float32, u.dtype)
         and k.shape[-1] <= SHORT_MAX_KERNEL_LEN
+        and offsets_fit_int32(u.numel())
     )
 
 
