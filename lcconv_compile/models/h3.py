@@ -24,8 +24,11 @@ directly learned ``(H, l_max)`` kernel with Squash, Smooth and kernel dropout: t
 of :class:`~lcconv_compile.models.LongConv` (its functions, not a copy). That layer needs ``l_max``
 and has no recurrent ``step``.
 
-Both convolutions go through ``lcconv_compile.fftconv`` (via ``_conv.long_conv``, which benchmarks
-can route through the reference math). The shift SSM passes its ``shift_len`` taps as a short
+The projections are written channels-first (``_projections``: on CUDA, batched products that
+give q, k, v as contiguous ``(B, d_model, L)``, the layout the op's kernels read), so no
+transposed view of an ``nn.Linear`` output reaches the op. Both convolutions go through
+``lcconv_compile.fftconv`` (via ``_conv.long_conv``, which benchmarks can route through the
+reference math). The shift SSM passes its ``shift_len`` taps as a short
 kernel (never zero-padded to L: the op picks its short-kernel path). With ``head_dim == 1`` the
 gating is fused into the op: ``fftconv(v, K, D, gate_in=k, gate_out=q)`` is exactly
 ``q * (conv(k*v) + D*k*v)``. With ``head_dim > 1`` the ``(B, H*head_dim^2, L)`` outer product is
