@@ -91,7 +91,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_cuda_default_feeds_the_op_contiguous_rows():
+def test_cuda_default_feeds_the_op_contiguous_rows(monkeypatch):
     """On CUDA the projections are channels-first by default, and the layer equals the
     transposed-view form (float32; our kernels run in both)."""
     torch.manual_seed(7)
@@ -100,12 +100,9 @@ def test_cuda_default_feeds_the_op_contiguous_rows():
     assert _projections.project_in(layer.q_proj, x).is_contiguous()
     y = layer(x)
     grads = torch.autograd.grad(y, (x, *layer.parameters()), torch.ones_like(y))
-    _projections._CHANNELS_FIRST = False
-    try:
-        y_t = layer(x)
-        grads_t = torch.autograd.grad(y_t, (x, *layer.parameters()), torch.ones_like(y_t))
-    finally:
-        _projections._CHANNELS_FIRST = None
+    monkeypatch.setattr(_projections, "_CHANNELS_FIRST", False)
+    y_t = layer(x)
+    grads_t = torch.autograd.grad(y_t, (x, *layer.parameters()), torch.ones_like(y_t))
     torch.testing.assert_close(y, y_t, rtol=1e-4, atol=1e-4)
     for g, w in zip(grads, grads_t):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
