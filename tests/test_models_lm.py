@@ -78,7 +78,7 @@ def test_butterfly_lm_works_with_its_defaults():
 
 
 def test_non_causal_mixer_needs_causal_false():
-    with pytest.raises(ValueError, match="mixer 'butterfly' with options \{'learn_butterfly': True\} is not causal"):
+    with pytest.raises(ValueError, match=r"mixer 'butterfly' with options \{'learn_butterfly': True\} is not causal"):
         LongConvLM(10, d_model=8, l_max=8, mixer="butterfly", mixer_options={"learn_butterfly": True})
     with pytest.raises(ValueError, match="mixer 'longconv' with options \\{'bidirectional': True\\} is not causal"):
         LongConvLM(10, d_model=8, l_max=8, mixer="longconv", mixer_options={"bidirectional": True})

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcconv_compile.models import H3, LongConv, SwapReport, load_swapped_pretrained, swap_attention
+from lcconv_compile.models import SwapReport, load_swapped_pretrained, swap_attention
 from lcconv_compile.models.swap import GPT2SelfMixer, MultiheadSelfMixer
 
 

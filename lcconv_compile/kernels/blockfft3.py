@@ -142,7 +142,6 @@ def interleaved(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _make_constants(n1: int, n2: int, n3: int, operand_dtype: torch.dtype, device: torch.device):
-    fft_size, rows = n1 * n2 * n3, n2 * n3
     half = n1 // 2
     mats = (
         interleaved(_dft(half, n1, n1, -1.0)),  # stage 1: (2 * N1/2, 2 * N1), n1 < N1/2 only

@@ -23,7 +23,6 @@ This module is plain PyTorch over the op: it must not call ``torch.fft`` itself.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
