@@ -289,6 +289,20 @@ def test_load_swapped_pretrained_refuses_plain_and_mismatched_checkpoints(tmp_pa
         load_swapped_pretrained(GPT2LMHeadModel, str(tmp_path / "edited"))
 
 
+def _cache_of(output):
+    """The model output's cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_keyword(model) -> str:
+    """The keyword that passes a cache back in: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def test_gpt2_cached_generation_runs_the_recurrent_step(monkeypatch):
     torch.manual_seed(0)
     model = tiny_gpt2(pad_token_id=0).double().eval()
@@ -297,13 +311,13 @@ def test_gpt2_cached_generation_runs_the_recurrent_step(monkeypatch):
     more = torch.randint(1, 64, (2, 3))
     full = model(torch.cat([ids, more], 1), use_cache=False).logits
     prompt = model(ids, use_cache=True)
-    assert prompt.past_key_values.get_seq_length() == 7  # positions of the next tokens stay right
+    assert _cache_of(prompt).get_seq_length() == 7  # positions of the next tokens stay right
     torch.testing.assert_close(prompt.logits, full[:, :7], rtol=1e-10, atol=1e-10)
     steps = []
     mixer = model.transformer.h[0].attn.mixer
     real_step = mixer.step
     monkeypatch.setattr(mixer, "step", lambda x_t, state: steps.append(1) or real_step(x_t, state))
-    cont = model(more, past_key_values=prompt.past_key_values, use_cache=True)
+    cont = model(more, **{_cache_keyword(model): _cache_of(prompt)}, use_cache=True)
     assert len(steps) == 3  # one step per new token, the prefix is not recomputed
     torch.testing.assert_close(cont.logits, full[:, 7:], rtol=1e-10, atol=1e-10)
     monkeypatch.undo()
@@ -325,3 +339,21 @@ def test_gpt2_cached_generation_refusals_and_mixers_without_step():
     no_step = tiny_gpt2()
     report = swap_attention(no_step, "h3-longconv")  # a learned kernel: no recurrence
     assert no_step.config.use_cache is False and any("use_cache set to False" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_gpt2_mixer_takes_the_cache_under_either_name(keyword):
+    """transformers 5.24 passes the cache as ``cache=``, earlier 5.x as ``past_key_values=``: the
+    swapped mixer steps through it under either name, whichever transformers is installed."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = tiny_gpt2().double().eval()
+    swap_attention(model, "h3", head_dim=2)
+    block = model.transformer.h[0].attn
+    x = torch.randn(2, 5, model.config.n_embd, dtype=torch.float64)
+    want, _ = block(x)  # no cache: the full-length convolution
+    cache = DynamicCache()
+    got, _ = block(x, **{keyword: cache})
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert cache.get_seq_length() == 5  # stepped, with one placeholder key per token

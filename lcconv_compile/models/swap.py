@@ -30,8 +30,9 @@ Refused or kept, by decision:
   * Padding: ``key_padding_mask`` (torch) or the padding part of GPT-2's attention mask zeroes the
     padded positions' contribution inside the mixer.
   * Cached generation (GPT-2): a mixer with a recurrent ``step`` (H3 with its SSM kernel) keeps its
-    O(1) state in the model's cache object, so ``generate`` and calls with ``past_key_values`` feed
-    one token at a time through ``step`` (the prompt too, token by token); the cache also gets
+    O(1) state in the model's cache object, so ``generate`` and calls with a cache (``cache=``, or
+    ``past_key_values=`` before transformers 5.24) feed one token at a time through ``step`` (the
+    prompt too, token by token); the cache also gets
     one-float placeholder keys so that its length, hence the position ids, stays right. Refused
     with a clear error: padding in a cached call, and cache reordering (beam search). Mixers
     without ``step`` keep no cache: their models get ``config.use_cache = False`` and a call with
@@ -202,8 +203,12 @@ class GPT2SelfMixer(nn.Module):
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
         output_attentions: bool = False,
+        cache=None,
         **kwargs,
     ) -> tuple[Tensor, None]:
+        # transformers 5.24 renamed the attention call's ``past_key_values`` to ``cache``.
+        if past_key_values is None:
+            past_key_values = cache
         if encoder_hidden_states is not None:
             raise ValueError("swap_attention: a swapped GPT-2 self-attention was called as cross-attention")
         if past_key_values is not None:
