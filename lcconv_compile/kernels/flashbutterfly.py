@@ -816,11 +816,17 @@ def split_compiles(dtype: torch.dtype, n1: int, n2: int, learned: bool = False) 
             and (n1 <= MAX_N1 or not learned))
 
 
+def _covered_split(dtype: torch.dtype, seqlen: int, kernel_len: int) -> Optional[tuple[int, int]]:
+    """The split of :func:`split_for` where the kernels cover these lengths, else None."""
+    if dtype not in KERNEL_DTYPES or not 1 <= kernel_len <= seqlen <= MAX_SEQLEN:
+        return None
+    split = split_for(seqlen, kernel_len, dtype)
+    return split if split_compiles(dtype, *split) else None
+
+
 def covers(dtype: torch.dtype, seqlen: int, kernel_len: int) -> bool:
     """Whether the kernels compute ``fftconv`` for this dtype and these lengths on a GPU."""
-    if dtype not in KERNEL_DTYPES or not 1 <= kernel_len <= seqlen <= MAX_SEQLEN:
-        return False
-    return split_compiles(dtype, *split_for(seqlen, kernel_len, dtype))
+    return _covered_split(dtype, seqlen, kernel_len) is not None
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
@@ -831,11 +837,8 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     kernels.FAMILIES, which takes every length it covers."""
     if not (u.is_cuda and u.dim() == 3 and u.dtype in DISPATCH_DTYPES and k.dtype in KERNEL_DTYPES):
         return False
-    seqlen, kernel_len = u.shape[-1], k.shape[-1]
-    if not covers(u.dtype, seqlen, kernel_len):
-        return False
-    n1, n2 = split_for(seqlen, kernel_len, u.dtype)
-    return n1 <= DISPATCH_MAX_N1 and _intermediate_fits(u, n1, n2)
+    split = _covered_split(u.dtype, u.shape[-1], k.shape[-1])
+    return split is not None and split[0] <= DISPATCH_MAX_N1 and _intermediate_fits(u, *split)
 
 
 def _intermediate_fits(u: torch.Tensor, n1: int, n2: int) -> bool:
