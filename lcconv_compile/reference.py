@@ -45,7 +45,7 @@ __all__ = [
 
 def fft_size(seqlen: int, kernel_len: int) -> int:
     """Smallest power of two >= seqlen + kernel_len - 1: no wrap-around in the first seqlen outputs."""
-    return 1 << max(0, math.ceil(math.log2(seqlen + kernel_len - 1)))
+    return 1 << max(0, seqlen + kernel_len - 2).bit_length()  # integers only: no float log2
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:

@@ -320,6 +320,32 @@ def test_export_with_a_dynamic_length_has_no_hidden_bounds(head_dim, kernel_type
         torch.testing.assert_close(exported(x), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("head_dim", [1, 2])
+@pytest.mark.parametrize("l_max", [64, None])
+def test_compiled_with_dynamic_lengths_equals_eager(head_dim, l_max):
+    # torch.compile(dynamic=True) failed at its first call on torch 2.11: the Vandermonde chunk was
+    # 1 << ceil(log2(L) / 2) of a symbolic L (under Dynamo a SymInt looks like an int), a float
+    # expression 2.11 could not evaluate. With l_max, one graph serves every length.
+    torch.manual_seed(0)
+    layer = H3(16, l_max=l_max, head_dim=head_dim, d_state=8)
+    torch._dynamo.reset()  # H3.forward's compiled code is per code object: keep other tests' recompiles apart
+    try:
+        compiled = torch.compile(layer, dynamic=True)
+        for seqlen in (48, 20, 64, 5):
+            x = torch.randn(2, seqlen, 16)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("seqlen,l_max", [(1, 1), (5, 64), (64, 64), (100, None), (4097, None)])
+def test_vandermonde_chunk_depends_on_l_max_not_on_the_length(seqlen, l_max):
+    chunk = h3_module.vandermonde_chunk(seqlen, l_max)
+    bound = l_max if l_max is not None else seqlen
+    assert chunk * chunk >= bound and (chunk == 1 or (chunk // 2) ** 2 < bound)  # the power of two >= sqrt
+    assert chunk & (chunk - 1) == 0
+
+
 # ------------------------------------------------------------------------- state passing --
 @pytest.mark.parametrize("head_dim", [1, 2])
 @pytest.mark.parametrize("seqlen,chunk", [(1, 16), (37, 16), (100, 40), (64, 64), (50, 200), (33, 1)])

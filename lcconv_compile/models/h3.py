@@ -14,9 +14,10 @@ standing for a conjugate pair), ``A = -exp(log_A_real) + i A_imag``, ``dt = exp(
 ``A_bar = exp(dt A)``, ``B_bar = (exp(dt A) - 1) / A * B``, and the kernel is the Vandermonde product
 ``K[l] = 2 Re(sum_n C_n B_bar_n A_bar_n^l)``. It is computed in real arithmetic (``torch.compile``
 sees only real ops) and without the ``(H, N/2, L)`` Vandermonde matrix: with ``l = c*T + j`` (chunks
-of T ~ sqrt(L) taps), ``A_bar^l = A_bar^(cT) A_bar^j``, so the kernel is one batched matrix product
-``(H, L/T, N/2) @ (H, N/2, T)`` whose factors hold ``O(H N sqrt(L))`` numbers (real part of a complex
-product: two real products, stacked into one). Autocast is off there: a bfloat16 Vandermonde
+of T ~ sqrt(l_max) taps, sqrt(L) without l_max), ``A_bar^l = A_bar^(cT) A_bar^j``, so the kernel
+is one batched matrix product ``(H, L/T, N/2) @ (H, N/2, T)`` whose factors hold
+``O(H N (L/T + T))`` numbers (real part of a complex product: two real products, stacked into
+one). T depends on l_max, not L, so one compiled graph serves every length. Autocast is off there: a bfloat16 Vandermonde
 product would lose the kernel's long tail.
 
 ``kernel="longconv"`` (seed 000's language-model setting) replaces the diagonal SSM's kernel by a
@@ -65,14 +66,24 @@ LONGCONV_OPTIONS = {
 }
 
 
-# Chunk for a symbolic length (torch.export with a dynamic L): sqrt(L) would specialise L to the
-# example's value, so a fixed chunk is used; the memory bound O(H*N*sqrt(L)) then holds for
-# L up to SYMBOLIC_CHUNK**2 and grows as O(H*N*L/SYMBOLIC_CHUNK) beyond.
+# Chunk for a symbolic length without l_max (torch.export with a dynamic L): sqrt(L) would
+# specialise L to the example's value, so a fixed chunk is used; the memory bound O(H*N*sqrt(L))
+# then holds for L up to SYMBOLIC_CHUNK**2 and grows as O(H*N*L/SYMBOLIC_CHUNK) beyond.
 SYMBOLIC_CHUNK = 64
 
 
-def vandermonde_chunk(seqlen: int) -> int:
-    """Taps per chunk of the SSM kernel: the power of two nearest above sqrt(seqlen)."""
+def vandermonde_chunk(seqlen: int, l_max: Optional[int] = None) -> int:
+    """Taps per chunk of the SSM kernel: the power of two at or above sqrt(l_max), or sqrt(seqlen)
+    for a layer without l_max.
+
+    With l_max the chunk does not depend on L, so one compiled graph serves every length
+    (``torch.compile(dynamic=True)``, or a second length under automatic dynamic shapes) and eager,
+    compiled and exported layers compute the kernel alike; its factors hold O(H*N*sqrt(l_max))
+    numbers at any L <= l_max. Without l_max, a symbolic L (which under Dynamo looks like an int)
+    gets one graph per band ``4^(e-1) < L <= 4^e`` (see ``vandermonde_piece``).
+    """
+    if l_max is not None:
+        return vandermonde_piece(l_max)
     if isinstance(seqlen, torch.SymInt):
         return SYMBOLIC_CHUNK
     return vandermonde_piece(seqlen)
@@ -231,10 +242,11 @@ class H3(nn.Module):
     def ssm_kernel(self, seqlen: int) -> Tensor:
         """The diagonal SSM's kernel ``K[h, l] = 2 Re(sum_n W_n exp(dt A_n l))``, shape ``(H, seqlen)``.
 
-        Chunked Vandermonde product (module docstring): peak memory O(H*L + H*N*sqrt(L)).
+        Chunked Vandermonde product (module docstring): peak memory O(H*L + H*N*sqrt(l_max))
+        (sqrt(L) without l_max).
         """
         dta_re, dta_im, w_re, w_im = self._discretised()  # (H, M), M = N/2
-        chunk = vandermonde_chunk(seqlen)
+        chunk = vandermonde_chunk(seqlen, self.l_max)
         n_chunks = -(-seqlen // chunk)
         if isinstance(seqlen, torch.SymInt):
             # One spare chunk: every elementwise op on (H, n_chunks, M) asks whether n_chunks == 1

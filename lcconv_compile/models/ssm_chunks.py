@@ -21,7 +21,6 @@ knows about H3's projections or gates.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -31,8 +30,16 @@ __all__ = ["state_output", "state_update", "vandermonde_piece"]
 
 def vandermonde_piece(length: int) -> int:
     """Samples per Vandermonde piece: the power of two at or above sqrt(length) (also H3's
-    kernel chunk)."""
-    return 1 << math.ceil(math.log2(length) / 2) if length > 1 else 1
+    kernel chunk).
+
+    Integer comparisons only: under ``torch.compile`` a length that is symbolic still looks like an
+    int, and ``1 << ceil(log2(L) / 2)`` on it made a float expression that torch 2.11 cannot
+    evaluate. On a symbolic length each comparison is a guard (a graph serves one band
+    ``4^(e-1) < L <= 4^e``)."""
+    piece = 1
+    while piece * piece < length:
+        piece *= 2
+    return piece
 
 
 def _powers(a: Tensor, exponents: Tensor) -> Tensor:
