@@ -5,7 +5,8 @@ its custom-pass hooks (unless ``LCCONV_COMPILE_DISABLE=1``): ``torch.compile`` t
 hand-written FFT convolutions into the op and folds their neighbours into it. The user-facing
 API is :func:`fftconv` (the op), :func:`butterfly_conv` (FlashButterfly with learned factors,
 op ``lcconv::butterfly_conv``), :mod:`lcconv_compile.models` (modules built on them),
-:func:`explain`, and the switches :func:`enable`, :func:`disable`, :func:`passes_enabled`.
+:func:`explain` (and :class:`LostRewriteWarning`, warned when a recompilation loses a rewrite),
+and the switches :func:`enable`, :func:`disable`, :func:`passes_enabled`.
 """
 
 import importlib
@@ -29,6 +30,9 @@ def __getattr__(name: str) -> Any:
         explain_module = importlib.import_module(".lowering.explain", __name__)
         globals().update(explain=explain_module.explain, ExplainReport=explain_module.ExplainReport)
         return globals()[name]
+    if name == "LostRewriteWarning":  # lowering.events imports Dynamo
+        globals()[name] = importlib.import_module(".lowering.events", __name__).LostRewriteWarning
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -40,6 +44,7 @@ __all__ = [
     "enable",
     "explain",
     "fftconv",
+    "LostRewriteWarning",
     "ops",
     "passes_enabled",
     "__version__",

@@ -5,8 +5,12 @@ in ``torch._dynamo.utils.counters`` (``counters["lcconv"][pattern]`` for a rewri
 ``counters["lcconv_rejected"][reason_code]`` for a refusal) so tests can assert on hits, and is
 appended to every collector opened with :func:`collect` (that is how ``explain`` sees them).
 
-This module only records. It must not decide anything, import the patterns or touch Inductor's
-configuration.
+A function compiled again (a new length under automatic dynamic shapes, say) can lose a rewrite
+it had: :func:`pass_run` warns once per call site when an idiom rewritten in an earlier
+compilation is refused in a later one (:class:`LostRewriteWarning`), naming the reason.
+
+This module only records and tells. It must not decide anything, import the patterns or touch
+Inductor's configuration.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 from typing import Iterator, Optional, Union
 
 import torch
@@ -53,8 +58,17 @@ class Rejection:
         return f"{self.pattern}{where}: [{self.code}] {self.reason}"
 
 
+class LostRewriteWarning(UserWarning):
+    """An FFT convolution rewritten in an earlier compilation was left as written in a later one."""
+
+
 Event = Union[Rewrite, Rejection]
 _collectors: list[list[Event]] = []
+# Call sites ("file:line") whose idiom was rewritten in some compilation of this process, and
+# those already warned about; the idiom events of the pass run in progress, by call site.
+_rewritten_sources: set[str] = set()
+_warned_sources: set[str] = set()
+_idiom_run: Optional[dict[str, list[Event]]] = None
 # Several registered patterns can match the same nodes and ask the same guard: a refusal is
 # reported once per node and reason within one run of a pass (see `pass_run`).
 _refused_in_this_run: Optional[set[tuple[int, str]]] = None
@@ -81,13 +95,31 @@ def collecting() -> bool:
 @contextlib.contextmanager
 def pass_run() -> Iterator[None]:
     """Scope of one pass over one graph, for reporting each refusal once."""
-    global _refused_in_this_run, _explained_in_this_run
-    outer = _refused_in_this_run, _explained_in_this_run
-    _refused_in_this_run, _explained_in_this_run = set(), set()
+    global _refused_in_this_run, _explained_in_this_run, _idiom_run
+    outer = _refused_in_this_run, _explained_in_this_run, _idiom_run
+    _refused_in_this_run, _explained_in_this_run, _idiom_run = set(), set(), {}
     try:
         yield
+        _warn_lost_rewrites(_idiom_run)
     finally:
-        _refused_in_this_run, _explained_in_this_run = outer
+        _refused_in_this_run, _explained_in_this_run, _idiom_run = outer
+
+
+def _warn_lost_rewrites(by_source: dict[str, list[Event]]) -> None:
+    """Once per call site: refused in this run, with no rewrite, after a rewrite in an earlier one."""
+    for source, site_events in by_source.items():
+        rewritten = any(isinstance(event, Rewrite) for event in site_events)
+        if rewritten:
+            _rewritten_sources.add(source)
+        elif source in _rewritten_sources and source not in _warned_sources:
+            _warned_sources.add(source)
+            reasons = "; ".join(f"[{e.code}] {e.reason}" for e in site_events if isinstance(e, Rejection))
+            warnings.warn(
+                f"lcconv_compile: the FFT convolution at {source} was rewritten into lcconv::fftconv when it "
+                f"was first compiled, but this recompilation (new sizes or dtypes) leaves it as written, so it "
+                f"runs the unfused torch.fft code: {reasons}. lcconv_compile.explain(fn, *inputs, dynamic=True) "
+                f"reports it too.",
+                LostRewriteWarning, stacklevel=2)
 
 
 def mark_explained(node: torch.fx.Node) -> None:
@@ -109,6 +141,8 @@ def report(event: Event, node: Optional[torch.fx.Node] = None) -> None:
                 return
             _refused_in_this_run.add(key)
         counters[REJECTION_COUNTERS][event.code] += 1
+    if _idiom_run is not None and event.stage == "idiom" and event.source:
+        _idiom_run.setdefault(event.source, []).append(event)
     for events in _collectors:
         events.append(event)
 

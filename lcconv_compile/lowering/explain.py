@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch._inductor import config as inductor_config
@@ -71,8 +71,13 @@ def _describe_break(reason: Any) -> str:
     return str(text)
 
 
-def explain(fn: Callable[..., Any], *example_inputs: Any, **example_kwargs: Any) -> ExplainReport:
+def explain(fn: Callable[..., Any], *example_inputs: Any, dynamic: Optional[bool] = None,
+            **example_kwargs: Any) -> ExplainReport:
     """Compile ``fn`` (a function or ``nn.Module``) on the example inputs and report what happened.
+
+    ``dynamic`` is passed to ``torch.compile``: ``dynamic=True`` explains the graph compiled with
+    symbolic sizes, which is also the one a plain ``torch.compile`` uses from the second length on
+    (automatic dynamic shapes); the default explains the first, static compile.
 
     Training graphs are explained when an input or parameter requires grad (only the forward
     is run; the rewrite happens then, for both halves). The report describes compilations under
@@ -89,7 +94,7 @@ def explain(fn: Callable[..., Any], *example_inputs: Any, **example_kwargs: Any)
     recorded: list[events.Event] = []
     if off is None:
         with _no_compile_caches(), events.collect() as recorded:
-            torch.compile(fn, backend="inductor")(*example_inputs, **example_kwargs)
+            torch.compile(fn, backend="inductor", dynamic=dynamic)(*example_inputs, **example_kwargs)
         torch._dynamo.reset()
 
     rewrites = [e for e in recorded if isinstance(e, events.Rewrite)]

@@ -5,8 +5,15 @@ Patterns are traced with placeholder sizes and match with sizes, scalars and dty
 values: the FFT size against ``L + Lk - 1`` (else the convolution is circular), the slice bounds
 (else it is not causal), the product of normalisations and scalar factors (else it is scaled),
 the kernel's shape (the op takes one kernel per channel, shared over the batch), gate and skip
-shapes (the op does not broadcast them), dtypes and devices. Sizes that are symbolic must be
-provably right without adding guards, or the match is refused.
+shapes (the op does not broadcast them), dtypes and devices.
+
+Symbolic sizes (``dynamic=True``, or the recompile at a second length under automatic dynamic
+shapes) are decided at the graph's example sizes: a condition that is not provable from the
+symbols alone is read off their hints, and each condition so read becomes a guard of the
+compiled graph (:func:`_guard_assumptions`), whether the check accepts or refuses. A rewritten graph is then reused only at sizes where the rewrite is the same math, a
+refused one only where the same reason holds, and Dynamo recompiles elsewhere and decides again
+(a fixed FFT size that is circular at L = 96 is still rewritten at L = 64). Only sizes without a
+hint (data-dependent, unbacked) are refused as ``symbolic``.
 
 Before any of that, every argument of every node a match absorbs goes through
 :func:`.arguments.check_arguments` (the matcher itself ignores keywords such as ``alpha`` that a
@@ -20,14 +27,16 @@ report what they decided to :mod:`.events`. Nothing here edits graphs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import operator
 from typing import Any, Callable, Optional
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_true
 
 from . import events
 from .arguments import READ, Only, OpenArguments, check_arguments
@@ -58,24 +67,59 @@ def _refuse(code: str, reason: str):
     raise _Refused(code, reason)
 
 
+# Conditions decided from hints during the check that is running (None: no check is collecting,
+# e.g. explain's diagnosis of a leftover FFT, which must not add guards).
+_assumptions: Optional[list] = None
+
+
+def _hint(condition: Any) -> Optional[bool]:
+    """A symbolic condition's value at the graph's example sizes, without guarding; None when a
+    size has no hint (unbacked)."""
+    node = getattr(condition, "node", None)
+    if node is None or not node.has_hint():
+        return None
+    return bool(node.hint)
+
+
 def _decide(condition: Any) -> Optional[bool]:
-    """True/False when known without guarding on a symbolic size; None when it is not."""
+    """True/False: known from the symbols alone, or else read at the example sizes (see the module
+    docstring: the answer is recorded and guarded if the check accepts). None when a size has no
+    hint."""
     if condition is None or isinstance(condition, bool):
         return condition
     if statically_known_true(condition):
         return True
     if statically_known_true(torch.sym_not(condition)):
         return False
-    return None
+    answer = _hint(condition)
+    if answer is not None and _assumptions is not None:
+        _assumptions.append(condition if answer else torch.sym_not(condition))
+    return answer
 
 
 def _require(condition: Any, code: str, reason: str) -> None:
-    """Refuse with ``code`` unless ``condition`` holds; with code "symbolic" if it is undecided."""
+    """Refuse with ``code`` unless ``condition`` holds; with code "symbolic" if it cannot be decided."""
     decided = _decide(condition)
     if decided is None:
-        _refuse("symbolic", f"the {code} check depends on a symbolic size and would need a new guard")
+        _refuse("symbolic", f"the {code} check depends on a size without a hint (data-dependent)")
     if not decided:
         _refuse(code, reason)
+
+
+@contextlib.contextmanager
+def _collecting_assumptions():
+    global _assumptions
+    outer, _assumptions = _assumptions, []
+    try:
+        yield _assumptions
+    finally:
+        _assumptions = outer
+
+
+def _guard_assumptions(assumptions: list) -> None:
+    """Make the compiled graph valid only where what was read at the example sizes holds."""
+    for condition in assumptions:
+        guard_bool(condition)
 
 
 def _tensor(node: Any, what: str) -> torch.Tensor:
@@ -90,6 +134,14 @@ def _size_of(arg: Any):
     if isinstance(val, (int, torch.SymInt)):
         return val
     _refuse("shape", f"size argument {arg!r} is not an integer")
+
+
+def _show(size: Any) -> str:
+    """A size for a message: a symbolic one with its value at the example sizes, ``s0 (96 here)``."""
+    node = getattr(size, "node", None)
+    if node is not None and node.has_hint() and not isinstance(size, torch.SymBool):
+        return f"{size} ({node.hint} here)"
+    return str(size)
 
 
 def _shape_str(t: torch.Tensor) -> str:
@@ -129,15 +181,31 @@ def _net_scale(idiom: FFTConvIdiom, fft_size) -> tuple[float, float]:
     for node in idiom.scale_nodes():
         scalar = value(node.args[1])
         sign = 1.0 if node.target == aten.mul.Tensor else -1.0
-        if isinstance(scalar, torch.SymInt) or isinstance(scalar, torch.SymFloat):
-            if statically_known_true(scalar == fft_size):
+        if isinstance(scalar, (torch.SymInt, torch.SymFloat)):
+            divisor = _reciprocal_of(node.args[1])
+            if divisor is not None and _decide(divisor == fft_size):  # `* (1 / n)`, `/ (1 / n)`
+                power -= sign
+                continue
+            if _decide(scalar == fft_size):
                 power += sign
                 continue
-            _refuse("symbolic", "a scale factor is symbolic and not provably the FFT size")
+            _refuse("symbolic", "a scale factor is symbolic and is neither the FFT size nor its reciprocal")
         if not isinstance(scalar, (int, float)) or scalar == 0:
             _refuse("normalisation", f"scale factor {scalar!r} is not a non-zero number")
         constant *= float(scalar) ** sign
     return constant, power
+
+
+def _reciprocal_of(arg: Any):
+    """``m`` when ``arg`` is the graph's symbolic ``1 / m`` (a Python-level ``1 / n`` on a symbolic
+    size reaches the graph as a ``truediv`` node), else None."""
+    if not (isinstance(arg, Node) and arg.op == "call_function" and arg.target is operator.truediv):
+        return None
+    numerator, denominator = arg.args
+    if not (isinstance(numerator, (int, float)) and numerator == 1):
+        return None
+    divisor = value(denominator)
+    return divisor if isinstance(divisor, (int, torch.SymInt)) else None
 
 
 def _check_padding(spectrum: Spectrum, time: int, fft_size, what: str) -> None:
@@ -286,7 +354,7 @@ def _check_idiom(idiom: FFTConvIdiom) -> tuple[str, ConvLayout]:
     _require(
         fft_size >= seqlen + kernel_len - 1,
         "circular",
-        f"circular convolution: FFT size {fft_size} < L + Lk - 1 = {seqlen} + {kernel_len} - 1",
+        f"circular convolution: FFT size {_show(fft_size)} < L + Lk - 1 = {_show(seqlen)} + {_show(kernel_len)} - 1",
     )
 
     if _decide(kernel_len <= seqlen) is None:
@@ -324,7 +392,7 @@ def _check_idiom(idiom: FFTConvIdiom) -> tuple[str, ConvLayout]:
     if not math.isclose(total, 1.0, rel_tol=1e-6):
         _refuse("normalisation", f"normalisation: the result is {total:g} times the convolution")
     where = "" if layout == ConvLayout.plain(k.dim()) else f", time along dim {time} of {_shape_str(u)}"
-    return f"L={seqlen}, Lk={kernel_len}, fft_size={fft_size}{where}", layout
+    return f"L={_show(seqlen)}, Lk={_show(kernel_len)}, fft_size={_show(fft_size)}{where}", layout
 
 
 # ----------------------------------------------------------------------------- fusion guards --
@@ -371,7 +439,7 @@ def _check_skip(match) -> None:
     x = _tensor(match.kwargs["u"], "the conv input")
     D = _tensor(match.kwargs["skip_weight"], "D")
     out = _tensor(op, "the op")
-    if D.dim() != 1 or not statically_known_true(D.shape[0] == x.shape[1]):
+    if D.dim() != 1 or not _decide(D.shape[0] == x.shape[1]):
         _refuse("skip_shape", f"D has shape {_shape_str(D)}: the op needs (H,) = ({x.shape[1]},)")
     (unsqueeze,) = [n for n in match.nodes if n.target == aten.unsqueeze.default]
     if _tensor(unsqueeze, "the unsqueezed D").shape[-1] != 1:  # (1, H) would scale time steps
@@ -428,9 +496,9 @@ def output_multiplier_slot(out: torch.Tensor, multiplier: torch.Tensor) -> Optio
         return "gate_out"
     if (
         multiplier.dim() == 3
-        and statically_known_true(multiplier.shape[0] == out.shape[0])
-        and statically_known_true(multiplier.shape[1] == out.shape[1])
-        and statically_known_true(multiplier.shape[2] == 1)
+        and _decide(multiplier.shape[0] == out.shape[0])
+        and _decide(multiplier.shape[1] == out.shape[1])
+        and _decide(multiplier.shape[2] == 1)
     ):
         return "dropout_mask"
     return None
@@ -511,17 +579,22 @@ def _check_match_arguments(match, open_arguments: OpenArguments) -> None:
 
 # ------------------------------------------------------------------------- extra_check hooks --
 def _run(stage: str, pattern: str, anchor: Node, check: Callable[[], Optional[str]]) -> bool:
-    try:
-        detail = check() or ""
-    except _Refused as refused:
-        events.report(events.Rejection(stage, pattern, refused.refusal.code, refused.refusal.reason,
-                                       events.source_of(anchor)), anchor)
-        return False
-    except Exception as error:  # a bug here must cost a rewrite, never the user's compilation
-        log.warning("lcconv_compile: guard for %s failed on %s; not rewriting", pattern, anchor, exc_info=True)
-        events.report(events.Rejection(stage, pattern, "internal_error", repr(error), events.source_of(anchor)),
-                      anchor)
-        return False
+    with _collecting_assumptions() as assumptions:
+        try:
+            detail = check() or ""
+        except _Refused as refused:
+            # A refusal read off example sizes holds only where they lead to it: guard that too,
+            # so other sizes are decided afresh (e.g. a fixed FFT size, circular at this L only).
+            _guard_assumptions(assumptions)
+            events.report(events.Rejection(stage, pattern, refused.refusal.code, refused.refusal.reason,
+                                           events.source_of(anchor)), anchor)
+            return False
+        except Exception as error:  # a bug here must cost a rewrite, never the user's compilation
+            log.warning("lcconv_compile: guard for %s failed on %s; not rewriting", pattern, anchor, exc_info=True)
+            events.report(events.Rejection(stage, pattern, "internal_error", repr(error), events.source_of(anchor)),
+                          anchor)
+            return False
+        _guard_assumptions(assumptions)
     events.report(events.Rewrite(stage, pattern, events.source_of(anchor), detail), anchor)
     return True
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -144,11 +145,73 @@ def _report_unmatched_ffts(graph: Graph) -> None:
                                        events.source_of(node)), node)
 
 
+def _sym_expression_node(graph: Graph, expr, symbols: dict) -> Optional[Node]:
+    """FX nodes computing the integer sympy expression ``expr`` from the graph's symbol inputs
+    (sums, products, min, max, floor division); None for anything else."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv, Max, Min
+
+    if isinstance(expr, sympy.Integer):
+        return int(expr)
+    if isinstance(expr, sympy.Symbol):
+        return symbols.get(expr)
+    combiners = {sympy.Add: operator.add, sympy.Mul: operator.mul, Min: torch.sym_min, Max: torch.sym_max}
+    if type(expr) in combiners:
+        combine = combiners[type(expr)]
+        terms = [_sym_expression_node(graph, term, symbols) for term in expr.args]
+        if any(term is None for term in terms):
+            return None
+        result = terms[0]
+        for term in terms[1:]:
+            result = graph.call_function(combine, (result, term))
+        return result
+    if isinstance(expr, FloorDiv):
+        base, divisor = (_sym_expression_node(graph, term, symbols) for term in expr.args)
+        if base is None or divisor is None:
+            return None
+        return graph.call_function(operator.floordiv, (base, divisor))
+    return None
+
+
+def read_sizes_from_inputs(graph: Graph) -> None:
+    """Compute each symbolic size the graph reads off an intermediate tensor from the graph's
+    symbol inputs instead.
+
+    With symbolic sizes, the joint graph reads sizes such as ``n // 2 + 1`` off the spectra
+    (``sym_size(_fft_r2c, 1)``). That read is an extra user of the spectrum, and a pattern whose
+    node expects two users (the product and its backward) then fails to match: a training graph
+    recompiled at a second length would silently lose the rewrite. The value is the same symbolic
+    expression either way; only where it is read from changes.
+    """
+    import sympy
+
+    symbols = {}
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+            symbols.setdefault(val.node.expr, node)
+    if not symbols:
+        return
+    for node in list(graph.find_nodes(op="call_function", target=aten.sym_size.int)):
+        source, val = node.args[0], node.meta.get("val")
+        if not isinstance(val, torch.SymInt) or source.op == "placeholder":
+            continue
+        with graph.inserting_before(node):
+            replacement = _sym_expression_node(graph, val.node.expr, symbols)
+        if replacement is None:
+            continue
+        if isinstance(replacement, Node):
+            replacement.meta["val"] = val
+        node.replace_all_uses_with(replacement)  # type: ignore[arg-type]
+        graph.erase_node(node)
+
+
 def joint_stage(graph: Graph) -> int:
     """Rewrite hand-written FFT convolutions into ``lcconv::fftconv`` (+ ``fftconv_bwd``)."""
     if not any(is_inverse_fft(node) for node in graph.nodes):
         return 0
     _register_idiom_patterns()
+    read_sizes_from_inputs(graph)
     # A dead node gives its inputs an extra user, which a pattern's user counts refuse (autograd
     # leaves one in the backward of an FFT along dim 0: a slice whose copy was folded away).
     graph.eliminate_dead_code()
