@@ -431,6 +431,35 @@ def test_guard_refuses(name):
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
 
 
+# B = 1 with a (1, H, Lk) kernel: the batch dim of size 1 on both sides holds one kernel per
+# channel (not one per batch element). name: (fn, kernel shape, counter family)
+SINGLE_BATCH = {
+    "textbook": (textbook, (1, H, LK), "rfft_conv"),
+    "kernel_first_and_shorter": (kernel_first_exact_size, (1, H, LK), "rfft_conv"),
+    "h3_style": (h3_style, (1, H, L), "rfft_conv_scaled_kernel"),
+    "time_along_dim_1": (in_layout("textbook", "BLH"), (1, LK, H), "rfft_conv"),
+}
+
+
+@pytest.mark.parametrize("name", SINGLE_BATCH)
+def test_single_batch_with_a_unit_batch_kernel_is_rewritten(name, fresh_compile):
+    fn, k_shape, family = SINGLE_BATCH[name]
+    u_shape = (1, L, H) if name == "time_along_dim_1" else (1, H, L)
+
+    def inputs():
+        return torch.randn(u_shape), torch.randn(k_shape) / k_shape[-1]**0.5
+
+    result = compile_once(fn, *inputs())
+    assert result.rewrites == {f"{family}_inference": 1} and result.rejections == {}
+    assert "_fft_" not in result.graphs[0]
+    u, k = inputs()
+    if name == "time_along_dim_1":
+        want = direct_causal_conv(u.transpose(1, 2), k[0].t()).transpose(1, 2)
+    else:
+        want = direct_causal_conv(u, k[0])
+    assert rel_err(result.fn(u, k), want) < 1e-5
+
+
 # Spellings with spectra reshaped after the FFT: an einsum product, a kernel spectrum broadcast
 # over heads (Hyena's multi-head branch, safari's fftconv_ref). name: (fn, u shape, k shape, family)
 HEADS = 3

@@ -211,6 +211,14 @@ def idiom_then_floor_division(u, k, D, g):  # div with rounding_mode is div.Tens
     return torch.div(rfft_conv(u, k), 1000.0, rounding_mode="floor")
 
 
+def idiom_kernel_per_batch_element(u, k, D, g):  # g (B, H, L) as the kernel: one per batch element
+    return rfft_conv(u, g)
+
+
+def idiom_single_batch_kernel_shared_over_channels(u, k, D, g):  # B = 1, but a (1, 1, L) kernel
+    return rfft_conv(u[:1], k[None, :1])
+
+
 # name -> (function, rewrites, refusals)
 LOOKALIKES = {
     skip_alpha_one_as_float: ({"fold_skip": 1}, {}),
@@ -254,6 +262,8 @@ LOOKALIKES = {
     idiom_inverse_of_another_size: ({}, {}),
     idiom_output_scaled_by_tensor: ({"rfft_conv_inference": 1}, {"gate_shape": 1}),
     idiom_then_floor_division: ({"rfft_conv_inference": 1}, {}),
+    idiom_kernel_per_batch_element: ({}, {"kernel_varies_over_batch": 1}),
+    idiom_single_batch_kernel_shared_over_channels: ({}, {"kernel_shape": 1}),
 }
 HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format}
 

@@ -228,6 +228,15 @@ def _layout(idiom: FFTConvIdiom, product: torch.Tensor, time: int, u: torch.Tens
             _refuse("symbolic" if _decide(size == 1) is None else "kernel_shape",
                     f"the kernel's dim of size {size} meets the product's dim of size {product_size}")
     varying = [j for j, d in enumerate(channels) if d is not None]
+    # A dim of size 1 in both the kernel and the product (B = 1 with a (1, H, Lk) kernel) holds
+    # one kernel for the one index there: a batch dim as much as a channel dim. Leading ones are
+    # read as batch dims (the kernel is shared over a batch of one), unless that leaves no
+    # channel dim in a signal of rank 2, whose first dim is its channels.
+    def unit_in_both(j: int) -> bool:
+        return bool(_decide(product.shape[j] == 1)) and bool(_decide(padded.shape[channels[j] + shift] == 1))
+
+    while varying and unit_in_both(varying[0]) and (len(varying) > 1 or (varying[0] == 0 and rank >= 3)):
+        channels[varying.pop(0)] = None
     if not varying:
         _refuse("kernel_shape", f"the kernel {_shape_str(k)} is shared over channels: the op needs one kernel per "
                                 f"channel, (H, Lk)")
