@@ -124,6 +124,21 @@ def reciprocal_product(u, k, t=-1):
     return crop(torch.fft.irfft(y_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
+def reciprocal_kernel(u, k, t=-1):
+    # H3 with `* (1 / n)` for its `/ n`: a multiply by a number on the kernel's spectrum.
+    seqlen = u.shape[t]
+    n = 2 * seqlen + 3
+    k_f = torch.fft.rfft(k, n=n, dim=t) * (1 / n)
+    return crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * k_f, n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def reciprocal_signal(u, k, t=-1):
+    seqlen = u.shape[t]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(u, n=n, dim=t) * (1 / n)
+    return crop(torch.fft.irfft(u_f * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t, norm="forward"), seqlen, t)
+
+
 def crop_from_the_end(u, k, t=-1):
     seqlen = u.shape[t]
     n = 2 * seqlen
@@ -161,7 +176,10 @@ IDIOMS = {
     "ortho": (ortho, "rfft_conv_scaled_output"),
     "complex_fft": (complex_fft, "fft_conv"),
     "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
-    "reciprocal_product": (reciprocal_product, "rfft_conv_reciprocal_product"),
+    # A scale by a number matches `* c` and `/ c` alike: these count as the `/ n` spellings.
+    "reciprocal_product": (reciprocal_product, "rfft_conv_scaled_product"),
+    "reciprocal_kernel": (reciprocal_kernel, "rfft_conv_scaled_kernel"),
+    "reciprocal_signal": (reciprocal_signal, "rfft_conv_scaled_signal"),
     "crop_from_the_end": (crop_from_the_end, "rfft_conv"),
     "complex_fft_padded": (complex_fft_padded, "fft_conv_padded"),
     "complex_fft_padded_real_first": (complex_fft_padded_real_first, "fft_conv_padded_real_first"),

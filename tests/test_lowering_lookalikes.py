@@ -219,6 +219,16 @@ def idiom_single_batch_kernel_shared_over_channels(u, k, D, g):  # B = 1, but a 
     return rfft_conv(u[:1], k[None, :1])
 
 
+def idiom_kernel_spectrum_times_n(u, k, D, g):  # `* n` where H3 has `/ n` (or `* (1 / n)`)
+    k_f = torch.fft.rfft(k, n=N) * N
+    return torch.fft.irfft(torch.fft.rfft(u, n=N) * k_f, n=N, norm="forward")[..., :L]
+
+
+def idiom_kernel_spectrum_times_channel_weights(u, k, D, g):  # a tensor, not a number
+    k_f = torch.fft.rfft(k, n=N) * D[:, None]
+    return torch.fft.irfft(torch.fft.rfft(u, n=N) * k_f, n=N, norm="forward")[..., :L]
+
+
 # name -> (function, rewrites, refusals)
 LOOKALIKES = {
     skip_alpha_one_as_float: ({"fold_skip": 1}, {}),
@@ -263,6 +273,8 @@ LOOKALIKES = {
     idiom_output_scaled_by_tensor: ({"rfft_conv_inference": 1}, {"gate_shape": 1}),
     idiom_then_floor_division: ({"rfft_conv_inference": 1}, {}),
     idiom_kernel_per_batch_element: ({}, {"kernel_varies_over_batch": 1}),
+    idiom_kernel_spectrum_times_n: ({}, {"normalisation": 1}),
+    idiom_kernel_spectrum_times_channel_weights: ({}, {}),
     idiom_single_batch_kernel_shared_over_channels: ({}, {"kernel_shape": 1}),
 }
 HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format}

@@ -46,7 +46,7 @@ from . import events, guards, pattern_cache
 from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
 from .patterns_fusion import fusion_pattern_specs
-from .patterns_idiom import PatternSpec, idiom_pattern_specs
+from .patterns_idiom import PatternSpec, idiom_pattern_specs, scale_by_either
 
 IDIOM_PATTERNS = PatternMatcherPass(pass_name="lcconv_idiom")
 FUSION_PATTERNS = PatternMatcherPass(pass_name="lcconv_fusion")
@@ -108,7 +108,7 @@ def _searched_patterns() -> tuple[tuple[str, PatternSpec, object], ...]:
 def _register_idiom_patterns() -> None:
     for kind, spec, generic in _searched_patterns():
         if kind == "idiom":
-            _register(spec, generic, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+            _register(spec, scale_by_either(generic), guards.check_idiom(spec.name), IDIOM_PATTERNS)
 
 
 @functools.cache
