@@ -350,6 +350,50 @@ def test_training_with_only_the_kernel_learned():
     assert rel_err(dk, dk64) < 1e-5
 
 
+def h3_unsqueezed_kernel(u, k):
+    fft_size = 2 * u.shape[-1]
+    k_f = torch.fft.rfft(k.unsqueeze(0), n=fft_size) / fft_size
+    return torch.fft.irfft(torch.fft.rfft(u, n=fft_size) * k_f, n=fft_size, norm="forward")[..., :u.shape[-1]]
+
+
+# H3's spelling with a kernel that arrives as (1, H, Lk): unsqueezed in the function, or passed
+# in so (an SSM kernel with one channel). name: (fn, kernel shape, training family for B > 1)
+UNIT_BATCH_KERNEL = {
+    "unsqueezed_in_the_function": (h3_unsqueezed_kernel, (H, LK), "rfft_conv_unsqueezed_scaled_kernel"),
+    "passed_as_1_h_lk": (h3_style, (1, H, LK), "rfft_conv_scaled_unit_kernel"),
+}
+
+
+@pytest.mark.parametrize("mode", ["inference", "training", "training_kernel_only"])
+@pytest.mark.parametrize("batch", [B, 1])
+@pytest.mark.parametrize("name", UNIT_BATCH_KERNEL)
+def test_unit_batch_kernel_is_rewritten(name, batch, mode, fresh_compile):
+    fn, k_shape, family = UNIT_BATCH_KERNEL[name]
+    train = mode != "inference"
+
+    def inputs():
+        u = torch.randn(batch, H, L, requires_grad=mode == "training")
+        return u, (torch.randn(k_shape) / LK**0.5).requires_grad_(train)
+
+    result = compile_once(fn, *inputs(), train=train)
+    if train:
+        family = family if batch > 1 else f"{family}_batch_1"
+    else:
+        family = "rfft_conv_scaled_kernel"
+    assert result.rewrites == {f"{family}_{'training' if train else 'inference'}": 1} and result.rejections == {}
+    assert "_fft_" not in "".join(result.graphs)
+    u, k = inputs()
+    y = result.fn(u, k)
+    assert rel_err(y, direct_causal_conv(u.detach(), k.detach().reshape(H, LK))) < 1e-5
+    if train:
+        leaves = [t for t in (u, k) if t.requires_grad]
+        grad_y = torch.randn(y.shape)
+        got = torch.autograd.grad(y, leaves, grad_y)
+        leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (u, k)]
+        want = torch.autograd.grad(fn(*leaves64), [t for t in leaves64 if t.requires_grad], grad_y.double())
+        assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want))
+
+
 class TrainedModule(torch.nn.Module):
     """A long-convolution layer written with the idiom, as a training step would use it."""
 

@@ -300,3 +300,24 @@ def test_lookalike(fn):
 
 def test_sweep_is_large_enough():
     assert len(LOOKALIKES) >= 30
+
+
+def test_training_with_a_kernel_per_batch_element_stays_alone():
+    # H3's spelling with a learned (B, H, L) kernel, B = 2: the backward has the shape of a
+    # (1, H, L) kernel's with B = 1 (no sum over the batch), but the kernel varies over batch.
+    def h3_style(u, k):
+        k_f = torch.fft.rfft(k, n=N) / N
+        return torch.fft.irfft(torch.fft.rfft(u, n=N) * k_f, n=N, norm="forward")[..., :L]
+
+    def inputs():
+        return torch.randn(B, H, L, requires_grad=True), torch.randn(B, H, L, requires_grad=True)
+
+    result = compile_once(h3_style, *inputs(), train=True)
+    assert (result.rewrites, result.rejections) == ({}, {"kernel_varies_over_batch": 1})
+    u, k = inputs()
+    y = result.fn(u, k)
+    assert rel_err(y, h3_style(u, k)) < 1e-5
+    grad_y = torch.randn(y.shape)
+    got = torch.autograd.grad(y, (u, k), grad_y)
+    want = torch.autograd.grad(h3_style(u, k), (u, k), grad_y)
+    assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want))

@@ -84,6 +84,13 @@ def _rfft_conv_scaled_kernel_pattern(u, k, t=-1):
     return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
+def _rfft_conv_unsqueezed_scaled_kernel_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    k_f = torch.fft.rfft(k.unsqueeze(0), n=n, dim=t) / n
+    u_f = torch.fft.rfft(u, n=n, dim=t)
+    return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="forward"), seqlen, t)
+
+
 def _rfft_conv_scaled_signal_pattern(u, k, t=-1):
     seqlen, n = _sizes(u, t)
     u_f = torch.fft.rfft(u, n=n, dim=t) / n
@@ -238,6 +245,20 @@ TRACES = (
     ("training", joint_fwd_bwd, False, True),
     ("training", joint_fwd_bwd, True, False),
 )
+_LEARNED_KERNEL = tuple(trace for trace in TRACES if trace[0] == "training" and trace[3])
+
+# H3's spelling with a kernel that arrives as (1, H, Lk), learned: the kernel's gradient is summed
+# over the batch keeping the unit dim (then squeezed, for an unsqueeze in the function), or not
+# summed at all when B = 1, so the backward is not an (H, Lk) kernel's. Inference graphs and
+# graphs where only u learns match `rfft_conv_scaled_kernel` (the replacement squeezes the
+# kernel): only traces with a learned kernel are added, at these shapes. Time along dim -1 only.
+# family: (search function, signal shape, kernel shape)
+UNIT_BATCH_KERNEL_TRAINING = {
+    "rfft_conv_unsqueezed_scaled_kernel": (_rfft_conv_unsqueezed_scaled_kernel_pattern, (2, 3, 8), (3, 8)),
+    "rfft_conv_unsqueezed_scaled_kernel_batch_1": (_rfft_conv_unsqueezed_scaled_kernel_pattern, (1, 3, 8), (3, 8)),
+    "rfft_conv_scaled_unit_kernel": (_rfft_conv_scaled_kernel_pattern, (2, 3, 8), (1, 3, 8)),
+    "rfft_conv_scaled_unit_kernel_batch_1": (_rfft_conv_scaled_kernel_pattern, (1, 3, 8), (1, 3, 8)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +280,8 @@ def idiom_pattern_specs(device: torch.device) -> Iterator[PatternSpec]:
     # (B, L, H) with an (Lk, H) kernel: training graphs only (inference ones match the above).
     training = tuple(trace for trace in TRACES if trace[0] == "training")
     variants += [(family, _time_along(IDIOMS[family], -2), (2, 8, 3), (8, 3), training) for family in TIME_ALONG_DIM_1]
+    variants += [(family, _time_along(pattern, -1), signal_shape, kernel_shape, _LEARNED_KERNEL)
+                 for family, (pattern, signal_shape, kernel_shape) in UNIT_BATCH_KERNEL_TRAINING.items()]
     for family, search, signal_shape, kernel_shape, traces in variants:
         for suffix, trace_fn, u_grad, k_grad in traces:
             yield PatternSpec(

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources 1b210ca2f2ffa882e7988f07c4629d5e'
+KEY = 'torch 2.13.0 sources 23a9cecc0f3c2f493d97def081f68972'
 
 
 def build():
@@ -3008,54 +3008,358 @@ def build():
       None
     ])
 
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_3, Ignored())
+    pattern_100 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_2, Ignored())
+    pattern_101 = MultiOutputPattern([slice_Tensor,
+      None,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_2, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_3, Ignored())
+    pattern_102 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_2, Ignored())
+    pattern_103 = MultiOutputPattern([slice_Tensor,
+      None,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_104 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_105 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_2, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_106 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_107 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), unsqueeze_default)
-    pattern_100 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
+    pattern_108 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
 
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, unsqueeze_default, KeywordArg('u'))
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_101 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
+    pattern_109 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_102 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_110 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_103 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_111 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     mul_Tensor_1 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
     add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
-    pattern_104 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
+    pattern_112 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_105 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    pattern_113 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_106 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    pattern_114 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_107 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_115 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_108 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_116 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_109 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_117 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_110 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_118 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_111 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_119 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_112 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_120 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
     return [
         ('rfft_conv_unsqueezed_kernel_inference', pattern_0),
         ('rfft_conv_unsqueezed_kernel_training', pattern_1),
@@ -3157,17 +3461,25 @@ def build():
         ('fft_conv_padded_real_first_training', pattern_97),
         ('fft_conv_padded_real_first_training', pattern_98),
         ('fft_conv_padded_real_first_training', pattern_99),
-        ('fold_skip', pattern_100),
-        ('fold_skip_first', pattern_101),
-        ('fold_gate_in', pattern_102),
-        ('fold_gate_in', pattern_103),
-        ('fold_gelu', pattern_104),
-        ('fold_output_multiplier', pattern_105),
-        ('fold_output_multiplier', pattern_106),
-        ('fold_output_multiplier_first', pattern_107),
-        ('fold_output_multiplier_first', pattern_108),
-        ('fold_signal_cast', pattern_109),
-        ('fold_signal_cast', pattern_110),
-        ('fold_kernel_cast', pattern_111),
-        ('fold_kernel_cast', pattern_112),
+        ('rfft_conv_unsqueezed_scaled_kernel_training', pattern_100),
+        ('rfft_conv_unsqueezed_scaled_kernel_training', pattern_101),
+        ('rfft_conv_unsqueezed_scaled_kernel_batch_1_training', pattern_102),
+        ('rfft_conv_unsqueezed_scaled_kernel_batch_1_training', pattern_103),
+        ('rfft_conv_scaled_unit_kernel_training', pattern_104),
+        ('rfft_conv_scaled_unit_kernel_training', pattern_105),
+        ('rfft_conv_scaled_unit_kernel_batch_1_training', pattern_106),
+        ('rfft_conv_scaled_unit_kernel_batch_1_training', pattern_107),
+        ('fold_skip', pattern_108),
+        ('fold_skip_first', pattern_109),
+        ('fold_gate_in', pattern_110),
+        ('fold_gate_in', pattern_111),
+        ('fold_gelu', pattern_112),
+        ('fold_output_multiplier', pattern_113),
+        ('fold_output_multiplier', pattern_114),
+        ('fold_output_multiplier_first', pattern_115),
+        ('fold_output_multiplier_first', pattern_116),
+        ('fold_signal_cast', pattern_117),
+        ('fold_signal_cast', pattern_118),
+        ('fold_kernel_cast', pattern_119),
+        ('fold_kernel_cast', pattern_120),
     ]
