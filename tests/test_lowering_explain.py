@@ -96,6 +96,20 @@ graph breaks (0):""")
         assert [(r.pattern, r.code) for r in report.rejected] == [("neighbour_left_outside", "other_users")]
         assert report.rejected[0].reason.endswith("also used by the graph's outputs")
 
+    def test_in_place_ops_on_the_crop_when_training_are_explained(self):
+        # Inference graphs fold them (test_lowering_fusion); a training graph's backward of the
+        # in-place ops (copy, slice_scatter) matches no training pattern: explain says so.
+        def in_place(u, k, D):
+            y = conv(u, k, 2 * L)
+            y.add_(u * D[:, None])
+            return y
+
+        inputs = [torch.randn(B, H, L, requires_grad=True), torch.randn(H, L, requires_grad=True), torch.randn(H)]
+        report = lcconv_compile.explain(in_place, *inputs)
+        assert report.rewritten == []
+        assert [(r.pattern, r.code) for r in report.rejected] == [("unmatched_fft", "unmatched")]
+        assert "in-place ops on the cropped result" in report.rejected[0].reason
+
     def test_graph_breaks_are_reported(self):
         def broken(u, k):
             y = conv(u, k, 2 * L)

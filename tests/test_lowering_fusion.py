@@ -98,6 +98,26 @@ return (v1,)""")
                                      dropout_mask=x["mask"].double().squeeze(-1))
         assert rel_err(result.fn(*x.values()), want) < 1e-5
 
+    def test_in_place_skip_and_gate_on_the_cropped_idiom_fold(self):
+        # Functionalized, each in-place op writes the crop back into the inverse FFT's output and
+        # the next reads it again: read through, the graph is the out-of-place one.
+        def in_place(u, k, D, gate, mask):
+            seqlen, n = u.shape[-1], 2 * u.shape[-1]
+            y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+            y.add_(u * D[:, None])
+            y.mul_(gate)
+            return y
+
+        result = compile_once(in_place, *inputs().values())
+        self.assertExpectedInline("\n".join(result.graphs), """\
+inputs in0: f32[2, 4, 24], in1: f32[4, 24], in2: f32[4], in3: f32[2, 4, 24]
+v0 = lcconv.fftconv(in0, in1, in2, None, in3)
+return (v0,)""")
+        assert result.rewrites == {"rfft_conv_inference": 1, "fold_skip": 1, "fold_output_multiplier": 1}
+        x = inputs()
+        want = reference.fftconv_ref(*(x[n].double() for n in ("u", "k", "D")), gate_out=x["gate"].double())
+        assert rel_err(result.fn(*x.values()), want) < 1e-5
+
     def test_half_precision_block_reads_half_inputs(self):
         def block(u, k, D, gate, mask):
             x = u.float()
@@ -172,5 +192,35 @@ def test_training_forward_folds_only_what_the_backward_does_not_read():
     got = torch.autograd.grad(result.fn(*x.values()), leaves, grad_y)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     want = torch.autograd.grad(block(*leaves64, None, None), leaves64, grad_y.double())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_in_place_ops_on_the_crop_when_training_keep_their_gradients():
+    # The crops read through their scatters in the joint graph; its backward (copy,
+    # slice_scatter) matches no training pattern, so it runs as written, with exact gradients.
+    def in_place(u, k, D, gate, mask):
+        seqlen, n = u.shape[-1], 2 * u.shape[-1]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+        y.add_(u * D[:, None])
+        y.mul_(gate)
+        return y
+
+    x = inputs()
+    for name in ("u", "k", "D"):
+        x[name].requires_grad_()
+    result = compile_once(in_place, *x.values(), train=True)
+    assert result.rewrites == {}
+
+    x = inputs()
+    leaves = [x[n].requires_grad_() for n in ("u", "k", "D")]
+    grad_y = torch.randn(B, H, L)
+    y = result.fn(*x.values())
+    got = torch.autograd.grad(y, leaves, grad_y)
+    x64 = {name: t.detach().double() for name, t in x.items()}
+    leaves64 = [x64[n].requires_grad_() for n in ("u", "k", "D")]
+    y64 = in_place(*x64.values())
+    want = torch.autograd.grad(y64, leaves64, grad_y.double())
+    assert rel_err(y, y64) < 1e-5
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5

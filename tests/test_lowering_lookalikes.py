@@ -229,6 +229,18 @@ def idiom_kernel_spectrum_times_channel_weights(u, k, D, g):  # a tensor, not a 
     return torch.fft.irfft(torch.fft.rfft(u, n=N) * k_f, n=N, norm="forward")[..., :L]
 
 
+def idiom_written_in_place_then_read_shifted(u, k, D, g):  # the read is not the range written
+    y = torch.fft.irfft(torch.fft.rfft(u, n=N) * torch.fft.rfft(k, n=N), n=N)
+    y[..., :L].add_(u * D[:, None])
+    return y[..., 1:L + 1]
+
+
+def idiom_written_in_place_whole_output_read(u, k, D, g):  # the crop reads through; the tail
+    y = torch.fft.irfft(torch.fft.rfft(u, n=N) * torch.fft.rfft(k, n=N), n=N)  # keeps the scatter
+    y[..., :L].mul_(g)
+    return y[..., :L] + y[..., L:].sum(-1, keepdim=True)
+
+
 # name -> (function, rewrites, refusals)
 LOOKALIKES = {
     skip_alpha_one_as_float: ({"fold_skip": 1}, {}),
@@ -275,6 +287,8 @@ LOOKALIKES = {
     idiom_kernel_per_batch_element: ({}, {"kernel_varies_over_batch": 1}),
     idiom_kernel_spectrum_times_n: ({}, {"normalisation": 1}),
     idiom_kernel_spectrum_times_channel_weights: ({}, {}),
+    idiom_written_in_place_then_read_shifted: ({}, {}),
+    idiom_written_in_place_whole_output_read: ({}, {}),
     idiom_single_batch_kernel_shared_over_channels: ({}, {"kernel_shape": 1}),
 }
 HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format}
