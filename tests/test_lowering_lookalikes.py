@@ -57,6 +57,22 @@ def skip_of_double_weight(u, k, D, g):
     return fftconv(u, k) + u * D.double()[:, None]
 
 
+def skip_addcmul_value_two(u, k, D, g):
+    return torch.addcmul(fftconv(u, k), u, D[:, None], value=2)
+
+
+def skip_addcmul_of_another_tensor(u, k, D, g):
+    return torch.addcmul(fftconv(u, k), g, D[:, None])
+
+
+def skip_weight_per_time_step(u, k, D, g):  # (1, 1, L): broadcast over channels, not time
+    return fftconv(u, k) + u * g[:1, :1]
+
+
+def skip_weight_viewed_per_batch_element(u, k, D, g):  # (B, 1, 1)
+    return fftconv(u, k) + u * g[:, :1, :1]
+
+
 # ------------------------------------------------------------------------------------ GELU --
 def gelu_by_hand(u, k, D, g):
     y = fftconv(u, k)
@@ -107,6 +123,30 @@ def gelu_tensor_half(u, k, D, g):
     return y * torch.tensor(0.5) * (1 + torch.erf(y * INV_SQRT2))
 
 
+def gelu_erfc_wrong_sign(u, k, D, g):  # erfc(y / sqrt(2)) = 1 - erf(y / sqrt(2))
+    y = fftconv(u, k)
+    return 0.5 * y * torch.erfc(y / math.sqrt(2))
+
+
+def gelu_erfc_scale_0_6(u, k, D, g):
+    y = fftconv(u, k)
+    return 0.6 * y * torch.erfc(-y / math.sqrt(2))
+
+
+def gelu_erfc_of_product(u, k, D, g):  # the exact GELU too, erfc(-y * 1/sqrt(2)): not folded
+    y = fftconv(u, k)
+    return 0.5 * y * torch.erfc(-y * INV_SQRT2)
+
+
+def gelu_ndtr_of_scaled_output(u, k, D, g):
+    y = fftconv(u, k)
+    return y * torch.special.ndtr(2 * y)
+
+
+def gelu_ndtr_of_another_tensor(u, k, D, g):
+    return g * torch.special.ndtr(fftconv(u, k))
+
+
 # --------------------------------------------------------------------------- gates, masks --
 def input_gate_scalar(u, k, D, g):
     return fftconv(u * 2.0, k)
@@ -151,6 +191,14 @@ def cast_back_to_another_half(u, k, D, g):
 
 def cast_through_double(u, k, D, g):
     return fftconv(u.double(), k.double()).to(u.dtype)
+
+
+def gelu_of_half_output_cast_to_another_half(u, k, D, g):
+    return F.gelu(fftconv(u, k).float()).half()
+
+
+def gelu_tanh_of_half_output(u, k, D, g):
+    return F.gelu(fftconv(u, k), approximate="tanh")
 
 
 def cast_with_copy_and_memory_format(u, k, D, g):
@@ -250,6 +298,10 @@ LOOKALIKES = {
     skip_of_scaled_weight: ({"fold_skip": 1}, {}),
     skip_of_scaled_signal: ({}, {}),
     skip_of_double_weight: ({}, {"dtype": 1}),
+    skip_addcmul_value_two: ({}, {"argument": 1}),
+    skip_addcmul_of_another_tensor: ({}, {}),
+    skip_weight_per_time_step: ({}, {"skip_shape": 1}),
+    skip_weight_viewed_per_batch_element: ({}, {"skip_shape": 1}),
     gelu_by_hand: ({"fold_gelu": 1}, {}),
     gelu_scalars_first: ({"fold_gelu": 1}, {}),
     gelu_add_alpha_one: ({"fold_gelu": 1}, {}),
@@ -260,6 +312,11 @@ LOOKALIKES = {
     gelu_erf_of_quotient: ({}, {}),
     gelu_tanh: ({}, {}),
     gelu_tensor_half: ({}, {"gelu": 1}),
+    gelu_erfc_wrong_sign: ({}, {}),
+    gelu_erfc_scale_0_6: ({}, {"gelu": 1}),
+    gelu_erfc_of_product: ({}, {}),
+    gelu_ndtr_of_scaled_output: ({}, {}),
+    gelu_ndtr_of_another_tensor: ({}, {}),
     input_gate_scalar: ({}, {"shape": 1}),
     input_divided_by_gate: ({}, {}),
     output_times_scalar: ({}, {"gate_shape": 1}),
@@ -272,6 +329,8 @@ LOOKALIKES = {
     cast_back_to_another_half: ({}, {"dtype": 2}),
     cast_through_double: ({}, {"dtype": 2}),
     cast_with_copy_and_memory_format: ({"fold_signal_cast": 1, "fold_kernel_cast": 1}, {}),
+    gelu_of_half_output_cast_to_another_half: ({}, {"dtype": 1}),
+    gelu_tanh_of_half_output: ({}, {}),
     idiom_slice_with_step: ({}, {}),
     idiom_padded_with_ones: ({}, {"padding": 1}),
     idiom_transforms_channels: ({}, {}),
@@ -291,7 +350,8 @@ LOOKALIKES = {
     idiom_written_in_place_whole_output_read: ({}, {}),
     idiom_single_batch_kernel_shared_over_channels: ({}, {"kernel_shape": 1}),
 }
-HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format}
+HALF_INPUTS = {cast_back_to_another_half, cast_through_double, cast_with_copy_and_memory_format,
+               gelu_of_half_output_cast_to_another_half, gelu_tanh_of_half_output}
 
 
 def lookalike_inputs(fn):

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources 23a9cecc0f3c2f493d97def081f68972'
+KEY = 'torch 2.13.0 sources edf7900f0ade146e2a220ae939ad1fee'
 
 
 def build():
@@ -3328,38 +3328,72 @@ def build():
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
     pattern_111 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
 
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('skip_weight'))
+    pattern_112 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
+
+    mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('skip_weight'), KeywordArg('u'))
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_113 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_114 = CallFunction(aten.addcmul.default, lcconv_fftconv_default, KeywordArg('u'), KeywordArg('skip_weight'), _users=0)
+
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     mul_Tensor_1 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
     add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
-    pattern_112 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
+    pattern_115 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_113 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    convert_element_type_default = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, convert_element_type_default, Ignored())
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, convert_element_type_default, Ignored())
+    erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
+    add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor)
+    pattern_116 = CallFunction(prims.convert_element_type.default, mul_Tensor_2, Ignored(), _users=0)
 
-    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_114 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
+    neg_default = CallFunction(aten.neg.default, lcconv_fftconv_default)
+    div_Tensor = CallFunction(aten.div.Tensor, neg_default, Ignored())
+    erfc_default = CallFunction(aten.erfc.default, div_Tensor)
+    pattern_117 = CallFunction(aten.mul.Tensor, mul_Tensor, erfc_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
+    mul_Scalar = CallFunction(aten.mul.Scalar, lcconv_fftconv_default, Ignored())
+    erf_default = CallFunction(aten.erf.default, mul_Scalar)
+    add_Scalar = CallFunction(aten.add.Scalar, erf_default, Ignored())
+    mul_Scalar_1 = CallFunction(aten.mul.Scalar, add_Scalar, Ignored())
+    pattern_118 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, mul_Scalar_1, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_115 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_119 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_116 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_120 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_121 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
+    pattern_122 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_117 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_123 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_118 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_124 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_119 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_125 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_120 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_126 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
     return [
         ('rfft_conv_unsqueezed_kernel_inference', pattern_0),
         ('rfft_conv_unsqueezed_kernel_training', pattern_1),
@@ -3473,13 +3507,19 @@ def build():
         ('fold_skip_first', pattern_109),
         ('fold_gate_in', pattern_110),
         ('fold_gate_in', pattern_111),
-        ('fold_gelu', pattern_112),
-        ('fold_output_multiplier', pattern_113),
-        ('fold_output_multiplier', pattern_114),
-        ('fold_output_multiplier_first', pattern_115),
-        ('fold_output_multiplier_first', pattern_116),
-        ('fold_signal_cast', pattern_117),
-        ('fold_signal_cast', pattern_118),
-        ('fold_kernel_cast', pattern_119),
-        ('fold_kernel_cast', pattern_120),
+        ('fold_skip_weight', pattern_112),
+        ('fold_skip_weight_first', pattern_113),
+        ('fold_skip_addcmul', pattern_114),
+        ('fold_gelu', pattern_115),
+        ('fold_gelu_half', pattern_116),
+        ('fold_gelu_erfc', pattern_117),
+        ('fold_gelu_ndtr', pattern_118),
+        ('fold_output_multiplier', pattern_119),
+        ('fold_output_multiplier', pattern_120),
+        ('fold_output_multiplier_first', pattern_121),
+        ('fold_output_multiplier_first', pattern_122),
+        ('fold_signal_cast', pattern_123),
+        ('fold_signal_cast', pattern_124),
+        ('fold_kernel_cast', pattern_125),
+        ('fold_kernel_cast', pattern_126),
     ]
