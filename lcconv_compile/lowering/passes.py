@@ -267,20 +267,42 @@ def _sharing(graph: Graph, others: list[Node]) -> tuple[str, str]:
     return ("saved_for_backward" if saved else "other_users"), ", ".join(described)
 
 
+def _descendants(nodes: list[Node], limit: int = 32) -> set[Node]:
+    """Nodes computed from ``nodes`` (them included), nearest first, at most ``limit``; not outputs."""
+    found: set[Node] = set()
+    frontier = list(nodes)
+    while frontier and len(found) < limit:
+        node = frontier.pop(0)
+        if node in found or node.op == "output":
+            continue
+        found.add(node)
+        frontier.extend(node.users)
+    return found
+
+
 def _report_unfused_neighbours(graph: Graph) -> None:
     """For ``explain``: name each neighbour left outside an op call because a value the fold
     would absorb has another user (in training, typically the partitioner saving it for the
-    backward), which the pattern matcher does not fold over."""
+    backward), which the pattern matcher does not fold over; or, when every other user feeds
+    the same expression as the neighbours (the output read twice, as a GELU does), that no fold
+    pattern matches that expression."""
     for op in graph.find_nodes(op="call_function", target=guards.FFTCONV):
         outside = [user for user in op.users if user.op == "call_function" and user.target in _FOLDABLE_NEIGHBOURS]
         others = [user for user in op.users if user not in outside]
         if outside and others:  # all users foldable: a guard, not sharing, kept them out (it says why)
-            code, users = _sharing(graph, others)
+            expression = _descendants(outside)
+            sharing = [user for user in others if not _descendants([user]) & expression]
             names = ", ".join(f"{user.target}" for user in outside)
-            events.report(events.Rejection(
-                "fusion", "neighbour_left_outside", code,
-                f"{names} on the op's output stays outside: the output is also used by {users}",
-                events.source_of(outside[0])), op)
+            if sharing:
+                code, users = _sharing(graph, sharing)
+                reason = f"{names} on the op's output stays outside: the output is also used by {users}"
+            else:
+                code = "unmatched"
+                reason = (f"{names} and {', '.join(str(user.target) for user in others)} on the op's output "
+                          "compute one expression that no fold pattern matches (not the exact GELU, skip "
+                          "term or gate as the op computes them, or a spelling of one we do not know)")
+            events.report(events.Rejection("fusion", "neighbour_left_outside", code, reason,
+                                           events.source_of(outside[0])), op)
         signal = op.args[0]
         if (isinstance(signal, Node) and signal.target == aten.mul.Tensor and len(signal.users) > 1
                 and all(isinstance(arg, Node) for arg in signal.args)):
