@@ -370,6 +370,12 @@ def _check_result_dtype(match, op_out: torch.Tensor) -> None:
 
 
 SKIP_OPEN_ARGUMENTS: OpenArguments = {aten.unsqueeze.default: {"dim": READ}}  # the (H, 1) shape check
+# torch 2.11's Inductor decomposes addcmul(y, u, w, value=c) into y + (u * c) * w, so the traced
+# pattern holds u * c with c open (2.13 keeps addcmul, whose value the pattern leaves at 1).
+SKIP_ADDCMUL_OPEN_ARGUMENTS: OpenArguments = {
+    aten.mul.Tensor: {"other": Only((1,), "u is scaled before the skip weight (addcmul's value, decomposed): "
+                                          "the pattern is written for value=1")},
+}
 
 
 def _check_skip(match) -> None:
@@ -564,6 +570,7 @@ def _check_kernel_cast(match) -> None:
 # kind -> (its check, the arguments its patterns leave open for that check to read)
 _FUSION_CHECKS: dict[str, tuple[Callable[[Any], None], OpenArguments]] = {
     "skip": (_check_skip, SKIP_OPEN_ARGUMENTS),
+    "skip_addcmul": (_check_skip, SKIP_ADDCMUL_OPEN_ARGUMENTS),
     "gate_in": (_check_gate_in, {}),
     "gelu": (_gelu_check(_erf_gelu_numbers), GELU_OPEN_ARGUMENTS),
     "gelu_half": (_check_gelu_half, {**GELU_OPEN_ARGUMENTS, **CAST_OPEN_ARGUMENTS}),

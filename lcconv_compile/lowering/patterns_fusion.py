@@ -144,7 +144,7 @@ FUSIONS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any], tuple[str,
                          ("u", "k", "D", "gate", "gate", "mask", "D_column")),
     "fold_skip_weight_first": ("skip", _skip_weight_first_pattern, _skip_replacement,
                                ("u", "k", "D", "gate", "gate", "mask", "D_column")),
-    "fold_skip_addcmul": ("skip", _skip_addcmul_pattern, _skip_replacement,
+    "fold_skip_addcmul": ("skip_addcmul", _skip_addcmul_pattern, _skip_replacement,
                           ("u", "k", "D", "gate", "gate", "mask", "D_column")),
     "fold_gelu": ("gelu", _gelu_pattern, _gelu_replacement, ("u", "k", "D", "gate", "gate", "mask")),
     # F.gelu of a bf16/f16 output: traced on half inputs, the decomposition sits between casts.

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources edf7900f0ade146e2a220ae939ad1fee'
+KEY = 'torch 2.13.0 sources 68dd5a093f840c29f5c9f754ce84a1f2'
 
 
 def build():
