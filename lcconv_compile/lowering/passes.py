@@ -159,7 +159,7 @@ def _slice_bounds(node: Node, first_index: int) -> Optional[tuple]:
         return None
     given = list(node.args[first_index:])
     dim, start, end, step = given + [0, None, None, 1][len(given):]
-    if node.kwargs or not isinstance(dim, int) or step != 1:
+    if node.kwargs or not isinstance(dim, int) or not (isinstance(step, int) and step == 1):
         return None
     size = base.shape[dim % base.dim()]
     bounds = []
@@ -198,7 +198,7 @@ def read_crops_through_scatters(graph: Graph) -> set[Node]:
             bounds = _slice_bounds(scatter, 2)
             for user in list(scatter.users):
                 if (bounds is not None and user.target == aten.slice.Tensor and user.args[0] is scatter
-                        and _same_bounds(_slice_bounds(user, 1), bounds)):
+                        and _same_bounds(_slice_bounds(user, 1), bounds) and _same_value_type(user, scatter.args[1])):
                     user.replace_all_uses_with(scatter.args[1])
             base = scatter
     return written
@@ -206,6 +206,14 @@ def read_crops_through_scatters(graph: Graph) -> set[Node]:
 
 def _same_bounds(a: Optional[tuple], b: Optional[tuple]) -> bool:
     return a is not None and b is not None and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _same_value_type(a: Node, b: object) -> bool:
+    """Whether nodes ``a`` and ``b`` hold tensors of one shape, dtype and device."""
+    a_val, b_val = a.meta.get("val"), b.meta.get("val") if isinstance(b, Node) else None
+    return (isinstance(a_val, torch.Tensor) and isinstance(b_val, torch.Tensor) and a_val.dtype == b_val.dtype
+            and a_val.device == b_val.device and a_val.dim() == b_val.dim()
+            and all(statically_known_true(x == y) for x, y in zip(a_val.shape, b_val.shape)))
 
 
 def joint_stage(graph: Graph) -> int:
