@@ -3,6 +3,7 @@ was fused, what was left alone and why, and where Dynamo broke the graph."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import expecttest
@@ -95,6 +96,39 @@ graph breaks (0):""")
         assert [r.pattern for r in report.rewritten] == ["rfft_conv_inference"] and report.fused == []
         assert [(r.pattern, r.code) for r in report.rejected] == [("neighbour_left_outside", "other_users")]
         assert report.rejected[0].reason.endswith("also used by the graph's outputs")
+
+    def test_in_place_ops_on_the_crop_when_training_are_explained(self):
+        # Inference graphs fold them (test_lowering_fusion); a training graph's backward of the
+        # in-place ops (copy, slice_scatter) matches no training pattern: explain says so.
+        def in_place(u, k, D):
+            y = conv(u, k, 2 * L)
+            y.add_(u * D[:, None])
+            return y
+
+        inputs = [torch.randn(B, H, L, requires_grad=True), torch.randn(H, L, requires_grad=True), torch.randn(H)]
+        report = lcconv_compile.explain(in_place, *inputs)
+        assert report.rewritten == []
+        assert [(r.pattern, r.code) for r in report.rejected] == [("unmatched_fft", "unmatched")]
+        assert "in-place ops on the cropped result" in report.rejected[0].reason
+
+    def test_gelu_spellings_fold_and_a_look_alike_is_not_called_sharing(self):
+        def gelu_by_erfc(u, k):
+            y = lcconv_compile.fftconv(u, k)
+            return 0.5 * y * torch.erfc(-y / math.sqrt(2))
+
+        def wrong_sign(u, k):  # erfc(y / sqrt(2)) is 1 - erf(y / sqrt(2)): not Phi(y)
+            y = lcconv_compile.fftconv(u, k)
+            return 0.5 * y * torch.erfc(y / math.sqrt(2))
+
+        u, k = torch.randn(B, H, L), torch.randn(H, L)
+        with torch.no_grad():
+            report = lcconv_compile.explain(gelu_by_erfc, u, k)
+            assert [r.pattern for r in report.fused] == ["fold_gelu_erfc"] and report.rejected == []
+            # Nothing else reads the op's output: no fold matches the expression, no sharing.
+            report = lcconv_compile.explain(wrong_sign, u, k)
+        assert report.fused == []
+        assert [(r.pattern, r.code) for r in report.rejected] == [("neighbour_left_outside", "unmatched")]
+        assert "no fold pattern matches" in report.rejected[0].reason
 
     def test_graph_breaks_are_reported(self):
         def broken(u, k):

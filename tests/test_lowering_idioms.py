@@ -124,6 +124,21 @@ def reciprocal_product(u, k, t=-1):
     return crop(torch.fft.irfft(y_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
+def reciprocal_kernel(u, k, t=-1):
+    # H3 with `* (1 / n)` for its `/ n`: a multiply by a number on the kernel's spectrum.
+    seqlen = u.shape[t]
+    n = 2 * seqlen + 3
+    k_f = torch.fft.rfft(k, n=n, dim=t) * (1 / n)
+    return crop(torch.fft.irfft(torch.fft.rfft(u, n=n, dim=t) * k_f, n=n, dim=t, norm="forward"), seqlen, t)
+
+
+def reciprocal_signal(u, k, t=-1):
+    seqlen = u.shape[t]
+    n = 2 * seqlen
+    u_f = torch.fft.rfft(u, n=n, dim=t) * (1 / n)
+    return crop(torch.fft.irfft(u_f * torch.fft.rfft(k, n=n, dim=t), n=n, dim=t, norm="forward"), seqlen, t)
+
+
 def crop_from_the_end(u, k, t=-1):
     seqlen = u.shape[t]
     n = 2 * seqlen
@@ -161,7 +176,10 @@ IDIOMS = {
     "ortho": (ortho, "rfft_conv_scaled_output"),
     "complex_fft": (complex_fft, "fft_conv"),
     "complex_fft_real_first": (complex_fft_real_first, "fft_conv_real_first"),
-    "reciprocal_product": (reciprocal_product, "rfft_conv_reciprocal_product"),
+    # A scale by a number matches `* c` and `/ c` alike: these count as the `/ n` spellings.
+    "reciprocal_product": (reciprocal_product, "rfft_conv_scaled_product"),
+    "reciprocal_kernel": (reciprocal_kernel, "rfft_conv_scaled_kernel"),
+    "reciprocal_signal": (reciprocal_signal, "rfft_conv_scaled_signal"),
     "crop_from_the_end": (crop_from_the_end, "rfft_conv"),
     "complex_fft_padded": (complex_fft_padded, "fft_conv_padded"),
     "complex_fft_padded_real_first": (complex_fft_padded_real_first, "fft_conv_padded_real_first"),
@@ -332,6 +350,50 @@ def test_training_with_only_the_kernel_learned():
     assert rel_err(dk, dk64) < 1e-5
 
 
+def h3_unsqueezed_kernel(u, k):
+    fft_size = 2 * u.shape[-1]
+    k_f = torch.fft.rfft(k.unsqueeze(0), n=fft_size) / fft_size
+    return torch.fft.irfft(torch.fft.rfft(u, n=fft_size) * k_f, n=fft_size, norm="forward")[..., :u.shape[-1]]
+
+
+# H3's spelling with a kernel that arrives as (1, H, Lk): unsqueezed in the function, or passed
+# in so (an SSM kernel with one channel). name: (fn, kernel shape, training family for B > 1)
+UNIT_BATCH_KERNEL = {
+    "unsqueezed_in_the_function": (h3_unsqueezed_kernel, (H, LK), "rfft_conv_unsqueezed_scaled_kernel"),
+    "passed_as_1_h_lk": (h3_style, (1, H, LK), "rfft_conv_scaled_unit_kernel"),
+}
+
+
+@pytest.mark.parametrize("mode", ["inference", "training", "training_kernel_only"])
+@pytest.mark.parametrize("batch", [B, 1])
+@pytest.mark.parametrize("name", UNIT_BATCH_KERNEL)
+def test_unit_batch_kernel_is_rewritten(name, batch, mode, fresh_compile):
+    fn, k_shape, family = UNIT_BATCH_KERNEL[name]
+    train = mode != "inference"
+
+    def inputs():
+        u = torch.randn(batch, H, L, requires_grad=mode == "training")
+        return u, (torch.randn(k_shape) / LK**0.5).requires_grad_(train)
+
+    result = compile_once(fn, *inputs(), train=train)
+    if train:
+        family = family if batch > 1 else f"{family}_batch_1"
+    else:
+        family = "rfft_conv_scaled_kernel"
+    assert result.rewrites == {f"{family}_{'training' if train else 'inference'}": 1} and result.rejections == {}
+    assert "_fft_" not in "".join(result.graphs)
+    u, k = inputs()
+    y = result.fn(u, k)
+    assert rel_err(y, direct_causal_conv(u.detach(), k.detach().reshape(H, LK))) < 1e-5
+    if train:
+        leaves = [t for t in (u, k) if t.requires_grad]
+        grad_y = torch.randn(y.shape)
+        got = torch.autograd.grad(y, leaves, grad_y)
+        leaves64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (u, k)]
+        want = torch.autograd.grad(fn(*leaves64), [t for t in leaves64 if t.requires_grad], grad_y.double())
+        assert all(rel_err(g, w) < 1e-5 for g, w in zip(got, want))
+
+
 class TrainedModule(torch.nn.Module):
     """A long-convolution layer written with the idiom, as a training step would use it."""
 
@@ -429,6 +491,35 @@ def test_guard_refuses(name):
     assert "lcconv" not in result.graphs[0] and "_fft_c2" in result.graphs[0]  # c2r, or c2c if complex
     u, k = torch.randn(u_shape), torch.randn(k_shape)
     torch.testing.assert_close(result.fn(u, k), fn(u, k))
+
+
+# B = 1 with a (1, H, Lk) kernel: the batch dim of size 1 on both sides holds one kernel per
+# channel (not one per batch element). name: (fn, kernel shape, counter family)
+SINGLE_BATCH = {
+    "textbook": (textbook, (1, H, LK), "rfft_conv"),
+    "kernel_first_and_shorter": (kernel_first_exact_size, (1, H, LK), "rfft_conv"),
+    "h3_style": (h3_style, (1, H, L), "rfft_conv_scaled_kernel"),
+    "time_along_dim_1": (in_layout("textbook", "BLH"), (1, LK, H), "rfft_conv"),
+}
+
+
+@pytest.mark.parametrize("name", SINGLE_BATCH)
+def test_single_batch_with_a_unit_batch_kernel_is_rewritten(name, fresh_compile):
+    fn, k_shape, family = SINGLE_BATCH[name]
+    u_shape = (1, L, H) if name == "time_along_dim_1" else (1, H, L)
+
+    def inputs():
+        return torch.randn(u_shape), torch.randn(k_shape) / k_shape[-1]**0.5
+
+    result = compile_once(fn, *inputs())
+    assert result.rewrites == {f"{family}_inference": 1} and result.rejections == {}
+    assert "_fft_" not in result.graphs[0]
+    u, k = inputs()
+    if name == "time_along_dim_1":
+        want = direct_causal_conv(u.transpose(1, 2), k[0].t()).transpose(1, 2)
+    else:
+        want = direct_causal_conv(u, k[0])
+    assert rel_err(result.fn(u, k), want) < 1e-5
 
 
 # Spellings with spectra reshaped after the FFT: an einsum product, a kernel spectrum broadcast

@@ -216,7 +216,8 @@ def signal_first(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     The product of spectra is commutative, so a graph does not say which operand is the signal.
     The signal is the operand of higher rank; between two (B, H, L)-shaped operands, the kernel
-    is the one of batch size 1 when exactly one is, else the first operand is the signal.
+    is the one of batch size 1 when exactly one is, the one with fewer elements when both are
+    (B = 1 with a (1, H, Lk) kernel, Lk < L), else the first operand is the signal.
     The replacement uses the same rule, so the guard judges what the replacement will build.
     """
     from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -227,6 +228,8 @@ def signal_first(a: torch.Tensor, b: torch.Tensor) -> bool:
         a_single, b_single = (statically_known_true(t.shape[0] == 1) for t in (a, b))
         if a_single != b_single:
             return b_single
+        if a_single and statically_known_true(a.numel() < b.numel()):
+            return False
     return True
 
 

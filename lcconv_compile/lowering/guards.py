@@ -296,6 +296,15 @@ def _layout(idiom: FFTConvIdiom, product: torch.Tensor, time: int, u: torch.Tens
             _refuse("symbolic" if _decide(size == 1) is None else "kernel_shape",
                     f"the kernel's dim of size {size} meets the product's dim of size {product_size}")
     varying = [j for j, d in enumerate(channels) if d is not None]
+    # A dim of size 1 in both the kernel and the product (B = 1 with a (1, H, Lk) kernel) holds
+    # one kernel for the one index there: a batch dim as much as a channel dim. Leading ones are
+    # read as batch dims (the kernel is shared over a batch of one), unless that leaves no
+    # channel dim in a signal of rank 2, whose first dim is its channels.
+    def unit_in_both(j: int) -> bool:
+        return bool(_decide(product.shape[j] == 1)) and bool(_decide(padded.shape[channels[j] + shift] == 1))
+
+    while varying and unit_in_both(varying[0]) and (len(varying) > 1 or (varying[0] == 0 and rank >= 3)):
+        channels[varying.pop(0)] = None
     if not varying:
         _refuse("kernel_shape", f"the kernel {_shape_str(k)} is shared over channels: the op needs one kernel per "
                                 f"channel, (H, Lk)")
@@ -429,25 +438,47 @@ def _check_result_dtype(match, op_out: torch.Tensor) -> None:
 
 
 SKIP_OPEN_ARGUMENTS: OpenArguments = {aten.unsqueeze.default: {"dim": READ}}  # the (H, 1) shape check
+# torch 2.11's Inductor decomposes addcmul(y, u, w, value=c) into y + (u * c) * w, so the traced
+# pattern holds u * c with c open (2.13 keeps addcmul, whose value the pattern leaves at 1).
+SKIP_ADDCMUL_OPEN_ARGUMENTS: OpenArguments = {
+    aten.mul.Tensor: {"other": Only((1,), "u is scaled before the skip weight (addcmul's value, decomposed): "
+                                          "the pattern is written for value=1")},
+}
 
 
 def _check_skip(match) -> None:
+    """``+ u * w`` (either order, or ``addcmul(y, u, w)``) with ``w`` one weight per channel as it
+    multiplies u: ``D.unsqueeze(-1)`` (the pattern's unsqueeze, of D (H,) or (1, H)), or a weight
+    already shaped (H, 1) or (1, H, 1) (``D.view(H, 1)``, ``D[None, :, None]``)."""
     op = _the_op(match)
     op_args = op_arguments(op)
     _require_unset(op_args, ("D", "gate_in", "gate_out", "gelu", "dropout_mask"),
                    "the skip term is added to the bare convolution only")
     x = _tensor(match.kwargs["u"], "the conv input")
+    if not isinstance(value(match.kwargs["skip_weight"]), torch.Tensor):
+        _refuse("skip_shape", "u is multiplied by a number, not by a weight per channel")
     D = _tensor(match.kwargs["skip_weight"], "D")
     out = _tensor(op, "the op")
-    if D.dim() != 1 or not _decide(D.shape[0] == x.shape[1]):
-        _refuse("skip_shape", f"D has shape {_shape_str(D)}: the op needs (H,) = ({x.shape[1]},)")
-    (unsqueeze,) = [n for n in match.nodes if n.target == aten.unsqueeze.default]
-    if _tensor(unsqueeze, "the unsqueezed D").shape[-1] != 1:  # (1, H) would scale time steps
-        _refuse("skip_shape", "D is unsqueezed to (1, H): it scales time steps, not channels")
+    unsqueezed = [n for n in match.nodes if n.target == aten.unsqueeze.default]
+    weight = _tensor(unsqueezed[0], "the unsqueezed D") if unsqueezed else D
+    channels = x.shape[1]
+    # Broadcast against (B, H, L), the weight must vary along H only: (..., H, 1) with unit dims
+    # in front, at most rank 3. (1, H) would scale time steps, (B, H, 1) batch elements.
+    per_channel = (
+        2 <= weight.dim() <= 3
+        and _decide(weight.shape[-1] == 1)
+        and _decide(weight.shape[-2] == channels)
+        and all(_decide(size == 1) for size in weight.shape[:-2])
+    )
+    if not per_channel:
+        _refuse("skip_shape", f"u is multiplied by a weight of shape {_shape_str(weight)}: one weight per "
+                              f"channel is (H, 1) = ({channels}, 1) (or (1, H, 1)); it scales other dims")
     if D.dtype not in _REAL_FLOATS:
         _refuse("dtype", f"D has dtype {D.dtype}")
     _check_same_device(x, D)
     _check_result_dtype(match, out)
+    _require(_same_shape(_tensor(match.output_node(), "the fused result"), out), "skip_shape",
+             "the skip term broadcasts the result beyond the op's output")
 
 
 def _check_gate_in(match) -> None:
@@ -466,28 +497,74 @@ def _check_gate_in(match) -> None:
     _check_same_device(u, gate)
 
 
-# The exact GELU, y * 0.5 * (1 + erf(y * 1/sqrt(2))): the pattern leaves its three scalars open.
+# The exact GELU y * Phi(y), in the spellings the patterns trace; each leaves its numbers open and
+# its reader below says where they sit. y * 0.5 * (1 + erf(y * 1/sqrt(2))) (F.gelu's decomposition):
 GELU_OPEN_ARGUMENTS: OpenArguments = {aten.mul.Tensor: {"other": READ}, aten.add.Tensor: {"other": READ}}
+# 0.5 * y * erfc(-y / sqrt(2)):
+GELU_ERFC_OPEN_ARGUMENTS: OpenArguments = {aten.mul.Tensor: {"other": READ}, aten.div.Tensor: {"other": READ}}
+# y * ndtr(y), decomposed to y * (0.5 * (1 + erf(y * 1/sqrt(2)))) with Scalar overloads:
+GELU_NDTR_OPEN_ARGUMENTS: OpenArguments = {aten.mul.Scalar: {"other": READ}, aten.add.Scalar: {"other": READ}}
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
 def _is_number(arg: Any, expected: float) -> bool:
     return isinstance(arg, (int, float)) and not isinstance(arg, bool) and math.isclose(arg, expected, rel_tol=1e-12)
 
 
-def _check_gelu(match) -> None:
+def _erf_gelu_numbers(gelu: Node) -> list[tuple[str, Any, float]]:
+    halved, one_plus_erf = gelu.args
+    erf_input = one_plus_erf.args[0].args[0]
+    return [("y * 0.5", halved.args[1], 0.5), ("erf(y * 1/sqrt(2))", erf_input.args[1], _SQRT_HALF),
+            ("1 + erf", one_plus_erf.args[1], 1.0)]
+
+
+def _erfc_gelu_numbers(gelu: Node) -> list[tuple[str, Any, float]]:
+    halved, erfc = gelu.args
+    return [("0.5 * y", halved.args[1], 0.5), ("erfc(-y / sqrt(2))", erfc.args[0].args[1], math.sqrt(2.0))]
+
+
+def _ndtr_gelu_numbers(gelu: Node) -> list[tuple[str, Any, float]]:
+    _, cdf = gelu.args
+    one_plus_erf = cdf.args[0]
+    erf_input = one_plus_erf.args[0].args[0]
+    return [("ndtr's 0.5 * (1 + erf)", cdf.args[1], 0.5), ("ndtr's 1 + erf", one_plus_erf.args[1], 1.0),
+            ("ndtr's erf(y * 1/sqrt(2))", erf_input.args[1], _SQRT_HALF)]
+
+
+def _check_gelu_numbers(gelu: Node, numbers: Callable[[Node], list[tuple[str, Any, float]]]) -> None:
+    # Each number is read where it sits: swapping 0.5 and 1/sqrt(2) is another function.
+    wrong = [f"{where} has {actual!r}" for where, actual, expected in numbers(gelu) if not _is_number(actual, expected)]
+    if wrong:
+        _refuse("gelu", "not the exact GELU y * 0.5 * (1 + erf(y / sqrt(2))): " + ", ".join(wrong))
+
+
+def _gelu_check(numbers: Callable[[Node], list[tuple[str, Any, float]]]) -> Callable[[Any], None]:
+    def check(match) -> None:
+        op = _the_op(match)
+        _require_unset(op_arguments(op), ("gate_out", "dropout_mask"),
+                       "GELU applies before the output gate and the mask")
+        _check_gelu_numbers(match.output_node(), numbers)
+        _check_result_dtype(match, _tensor(op, "the op"))
+
+    return check
+
+
+def _check_gelu_half(match) -> None:
+    """F.gelu of a half-precision op output: cast to float32, the erf GELU, cast back. The op
+    computes it in float32 from its float32 pre-activation and casts once (reference.fftconv_ref),
+    so the fold drops one rounding, of y to u's dtype before the GELU, as Inductor's own fused
+    kernels do: within the half type's precision, not bitwise."""
     op = _the_op(match)
     _require_unset(op_arguments(op), ("gate_out", "dropout_mask"),
                    "GELU applies before the output gate and the mask")
-    # Each scalar is read where it sits: swapping 0.5 and 1/sqrt(2) is another function.
-    result = match.output_node()
-    halved, one_plus_erf = result.args
-    erf_input = one_plus_erf.args[0].args[0]
-    scalars = {"y * 0.5": halved.args[1], "erf(y * 1/sqrt(2))": erf_input.args[1], "1 + erf": one_plus_erf.args[1]}
-    expected = {"y * 0.5": 0.5, "erf(y * 1/sqrt(2))": 1.0 / math.sqrt(2.0), "1 + erf": 1.0}
-    wrong = [f"{where} has {scalars[where]!r}" for where in scalars if not _is_number(scalars[where], expected[where])]
-    if wrong:
-        _refuse("gelu", "not the exact erf GELU y * 0.5 * (1 + erf(y / sqrt(2))): " + ", ".join(wrong))
-    _check_result_dtype(match, _tensor(op, "the op"))
+    out = _tensor(op, "the op")
+    downcast = match.output_node()
+    (upcast,) = [cast for cast in _casts(match) if cast is not downcast]
+    if out.dtype not in _HALF_FLOATS or upcast.args[1] != torch.float32 or downcast.args[1] != out.dtype:
+        _refuse("dtype", f"the GELU of a {out.dtype} output is computed in {upcast.args[1]} and cast to "
+                         f"{downcast.args[1]}: the op computes it in float32 and returns {out.dtype}")
+    _check_gelu_numbers(downcast.args[0], _erf_gelu_numbers)
+    _check_result_dtype(match, out)
 
 
 def output_multiplier_slot(out: torch.Tensor, multiplier: torch.Tensor) -> Optional[str]:
@@ -561,8 +638,12 @@ def _check_kernel_cast(match) -> None:
 # kind -> (its check, the arguments its patterns leave open for that check to read)
 _FUSION_CHECKS: dict[str, tuple[Callable[[Any], None], OpenArguments]] = {
     "skip": (_check_skip, SKIP_OPEN_ARGUMENTS),
+    "skip_addcmul": (_check_skip, SKIP_ADDCMUL_OPEN_ARGUMENTS),
     "gate_in": (_check_gate_in, {}),
-    "gelu": (_check_gelu, GELU_OPEN_ARGUMENTS),
+    "gelu": (_gelu_check(_erf_gelu_numbers), GELU_OPEN_ARGUMENTS),
+    "gelu_half": (_check_gelu_half, {**GELU_OPEN_ARGUMENTS, **CAST_OPEN_ARGUMENTS}),
+    "gelu_erfc": (_gelu_check(_erfc_gelu_numbers), GELU_ERFC_OPEN_ARGUMENTS),
+    "gelu_ndtr": (_gelu_check(_ndtr_gelu_numbers), GELU_NDTR_OPEN_ARGUMENTS),
     "output_multiplier": (_check_output_multiplier, {}),
     "signal_cast": (_check_signal_cast, CAST_OPEN_ARGUMENTS),
     "kernel_cast": (_check_kernel_cast, CAST_OPEN_ARGUMENTS),

@@ -5,7 +5,8 @@
   the forward graph of an inference compile, *before* the partitioner splits training graphs.
   That is the one place where both halves are visible: matching there replaces the forward FFTs
   by the op and their autograd-generated backward FFTs by ``lcconv::fftconv_bwd`` (the patterns
-  are traced with ``joint_fwd_bwd``, as Inductor's own ``fuse_attention`` does). A post-grad
+  are traced with ``joint_fwd_bwd``, as Inductor's own ``fuse_attention`` does). Crops written in
+  place are first read back through their scatters (:func:`read_crops_through_scatters`). A post-grad
   match would see the forward only and leave the backward on FFTs; a pre-grad match would have
   to read Dynamo's un-normalised torch-level graph, with every spelling of every call.
 * :func:`post_grad_stage` (Inductor's post-grad hook) runs :data:`POST_GRAD_STAGES` in order:
@@ -40,6 +41,7 @@ from torch._inductor.pattern_matcher import (
 )
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -47,7 +49,7 @@ from . import events, guards, pattern_cache
 from .cuda_lowering import lower_cuda_calls
 from .fft_idiom import is_inverse_fft
 from .patterns_fusion import fusion_pattern_specs
-from .patterns_idiom import PatternSpec, idiom_pattern_specs
+from .patterns_idiom import PatternSpec, idiom_pattern_specs, scale_by_either
 
 IDIOM_PATTERNS = PatternMatcherPass(pass_name="lcconv_idiom")
 FUSION_PATTERNS = PatternMatcherPass(pass_name="lcconv_fusion")
@@ -109,7 +111,7 @@ def _searched_patterns() -> tuple[tuple[str, PatternSpec, object], ...]:
 def _register_idiom_patterns() -> None:
     for kind, spec, generic in _searched_patterns():
         if kind == "idiom":
-            _register(spec, generic, guards.check_idiom(spec.name), IDIOM_PATTERNS)
+            _register(spec, scale_by_either(generic), guards.check_idiom(spec.name), IDIOM_PATTERNS)
 
 
 @functools.cache
@@ -130,14 +132,19 @@ def _backward_nodes(graph: Graph) -> set[Node]:
     return backward
 
 
-def _report_unmatched_ffts(graph: Graph) -> None:
+def _report_unmatched_ffts(graph: Graph, written_in_place: set[Node]) -> None:
     """For ``explain``: say why each forward inverse FFT that survived the idiom pass is there."""
     backward = _backward_nodes(graph)
     for node in graph.nodes:
         if not is_inverse_fft(node) or node in backward or events.is_explained(node):
             continue
         refusal = guards.diagnose_inverse_fft(node)
-        if refusal is None:
+        if refusal is None and node in written_in_place and backward:
+            refusal = guards.Refusal(
+                "unmatched", "the guards accept it, but in-place ops on the cropped result (`y.add_`, "
+                "`y.mul_`) give a training graph's backward a form (copy, slice_scatter) no training "
+                "pattern matches: write them out of place (`y = y + u * D`)")
+        elif refusal is None:
             refusal = guards.Refusal(
                 "unmatched", "the guards accept it, but no pattern matched: an intermediate "
                 "(a spectrum, the product) has other users, or the spelling is not one we know")
@@ -206,19 +213,86 @@ def read_sizes_from_inputs(graph: Graph) -> None:
         graph.erase_node(node)
 
 
+def _slice_bounds(node: Node, first_index: int) -> Optional[tuple]:
+    """(dim, start, end) of a slice or slice_scatter with step 1, counted from 0 and clamped to
+    the sliced dim; None when a step or a bound is not a plain or provable value."""
+    base = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if not isinstance(base, torch.Tensor) or base.dim() == 0:
+        return None
+    given = list(node.args[first_index:])
+    dim, start, end, step = given + [0, None, None, 1][len(given):]
+    if node.kwargs or not isinstance(dim, int) or not (isinstance(step, int) and step == 1):
+        return None
+    size = base.shape[dim % base.dim()]
+    bounds = []
+    for bound, default in ((start, 0), (end, size)):
+        bound = default if bound is None else bound
+        if not isinstance(bound, (int, torch.SymInt)):
+            return None
+        if statically_known_true(bound < 0):
+            bound = bound + size
+        bounds.append(torch.sym_min(torch.sym_max(bound, 0), size))
+    return (dim % base.dim(), *bounds)
+
+
+def read_crops_through_scatters(graph: Graph) -> set[Node]:
+    """Below each inverse FFT, replace ``slice(slice_scatter(base, src, d, s, e), d, s, e)`` by
+    ``src``; return the inverse FFTs whose output was written into.
+
+    In-place ops on a cropped convolution (``y = irfft(...)[..., :L]; y.add_(u * D); y.mul_(g)``)
+    reach the graph functionalized: each writes its result back into the inverse FFT's whole
+    output (``slice_scatter``) and the next reads the crop again (``slice``), so the inverse FFT
+    has two users and no pattern matches. Reading a range back from the tensor just written into
+    it gives what was written: with those reads replaced, the scatters are dead (unless something
+    else reads the whole buffer) and the graph is the out-of-place one, ``irfft -> slice -> add
+    -> mul``, which the idiom and then the folds match. Values are unchanged.
+    """
+    written: set[Node] = set()
+    for inverse in [node for node in graph.nodes if is_inverse_fft(node)]:
+        base = inverse
+        while True:
+            scatters = [user for user in base.users
+                        if user.target == aten.slice_scatter.default and user.args[0] is base]
+            if len(scatters) != 1:
+                break
+            scatter = scatters[0]
+            written.add(inverse)
+            bounds = _slice_bounds(scatter, 2)
+            for user in list(scatter.users):
+                if (bounds is not None and user.target == aten.slice.Tensor and user.args[0] is scatter
+                        and _same_bounds(_slice_bounds(user, 1), bounds) and _same_value_type(user, scatter.args[1])):
+                    user.replace_all_uses_with(scatter.args[1])
+            base = scatter
+    return written
+
+
+def _same_bounds(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    return a is not None and b is not None and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _same_value_type(a: Node, b: object) -> bool:
+    """Whether nodes ``a`` and ``b`` hold tensors of one shape, dtype and device."""
+    a_val, b_val = a.meta.get("val"), b.meta.get("val") if isinstance(b, Node) else None
+    return (isinstance(a_val, torch.Tensor) and isinstance(b_val, torch.Tensor) and a_val.dtype == b_val.dtype
+            and a_val.device == b_val.device and a_val.dim() == b_val.dim()
+            and all(statically_known_true(x == y) for x, y in zip(a_val.shape, b_val.shape)))
+
+
 def joint_stage(graph: Graph) -> int:
     """Rewrite hand-written FFT convolutions into ``lcconv::fftconv`` (+ ``fftconv_bwd``)."""
     if not any(is_inverse_fft(node) for node in graph.nodes):
         return 0
     _register_idiom_patterns()
     read_sizes_from_inputs(graph)
+    written_in_place = read_crops_through_scatters(graph)
     # A dead node gives its inputs an extra user, which a pattern's user counts refuse (autograd
-    # leaves one in the backward of an FFT along dim 0: a slice whose copy was folded away).
+    # leaves one in the backward of an FFT along dim 0: a slice whose copy was folded away; the
+    # scatters of in-place ops on a crop, once nothing reads them).
     graph.eliminate_dead_code()
     with events.pass_run():
         count = IDIOM_PATTERNS.apply(graph)
         if events.collecting():
-            _report_unmatched_ffts(graph)
+            _report_unmatched_ffts(graph, written_in_place)
     if count:
         # A joint replacement is inserted where the forward output was, before the backward
         # nodes that feed its fftconv_bwd: restore topological order for the passes after ours.
@@ -264,20 +338,42 @@ def _sharing(graph: Graph, others: list[Node]) -> tuple[str, str]:
     return ("saved_for_backward" if saved else "other_users"), ", ".join(described)
 
 
+def _descendants(nodes: list[Node], limit: int = 32) -> set[Node]:
+    """Nodes computed from ``nodes`` (them included), nearest first, at most ``limit``; not outputs."""
+    found: set[Node] = set()
+    frontier = list(nodes)
+    while frontier and len(found) < limit:
+        node = frontier.pop(0)
+        if node in found or node.op == "output":
+            continue
+        found.add(node)
+        frontier.extend(node.users)
+    return found
+
+
 def _report_unfused_neighbours(graph: Graph) -> None:
     """For ``explain``: name each neighbour left outside an op call because a value the fold
     would absorb has another user (in training, typically the partitioner saving it for the
-    backward), which the pattern matcher does not fold over."""
+    backward), which the pattern matcher does not fold over; or, when every other user feeds
+    the same expression as the neighbours (the output read twice, as a GELU does), that no fold
+    pattern matches that expression."""
     for op in graph.find_nodes(op="call_function", target=guards.FFTCONV):
         outside = [user for user in op.users if user.op == "call_function" and user.target in _FOLDABLE_NEIGHBOURS]
         others = [user for user in op.users if user not in outside]
         if outside and others:  # all users foldable: a guard, not sharing, kept them out (it says why)
-            code, users = _sharing(graph, others)
+            expression = _descendants(outside)
+            sharing = [user for user in others if not _descendants([user]) & expression]
             names = ", ".join(f"{user.target}" for user in outside)
-            events.report(events.Rejection(
-                "fusion", "neighbour_left_outside", code,
-                f"{names} on the op's output stays outside: the output is also used by {users}",
-                events.source_of(outside[0])), op)
+            if sharing:
+                code, users = _sharing(graph, sharing)
+                reason = f"{names} on the op's output stays outside: the output is also used by {users}"
+            else:
+                code = "unmatched"
+                reason = (f"{names} and {', '.join(str(user.target) for user in others)} on the op's output "
+                          "compute one expression that no fold pattern matches (not the exact GELU, skip "
+                          "term or gate as the op computes them, or a spelling of one we do not know)")
+            events.report(events.Rejection("fusion", "neighbour_left_outside", code, reason,
+                                           events.source_of(outside[0])), op)
         signal = op.args[0]
         if (isinstance(signal, Node) and signal.target == aten.mul.Tensor and len(signal.users) > 1
                 and all(isinstance(arg, Node) for arg in signal.args)):

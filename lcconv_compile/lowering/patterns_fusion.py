@@ -1,8 +1,9 @@
 """Fusion patterns: pointwise neighbours of an ``lcconv::fftconv`` call, folded into its options.
 
 Each ``_*_pattern`` is the op plus a neighbour as it appears in a post-grad graph (the skip term
-``+ u * D.unsqueeze(-1)``, an input gate ``u * g``, the exact GELU, an output gate or a (B, H, 1)
-dropout mask, half-precision casts around the call), beside the replacement that moves the
+``+ u * D.unsqueeze(-1)`` or with the weight shaped otherwise or through ``addcmul``, an input
+gate ``u * g``, the exact GELU through erf, erfc or ndtr, an output gate or a (B, H, 1) dropout
+mask, half-precision casts around the call), beside the replacement that moves the
 neighbour into the op. They apply to graphs that called the op directly and to idioms that
 :mod:`.patterns_idiom` rewrote.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,7 +42,23 @@ def _skip_first_pattern(u, k, D, gate_in, gate_out, dropout_mask, skip_weight):
     return skip_weight.unsqueeze(-1) * u + _fftconv(u, k, D, gate_in, gate_out, False, dropout_mask)
 
 
+def _skip_weight_pattern(u, k, D, gate_in, gate_out, dropout_mask, skip_weight):
+    # The weight shaped per channel by other means: D.view(H, 1), D.reshape(1, H, 1), an (H, 1) tensor.
+    return _fftconv(u, k, D, gate_in, gate_out, False, dropout_mask) + u * skip_weight
+
+
+def _skip_weight_first_pattern(u, k, D, gate_in, gate_out, dropout_mask, skip_weight):
+    return skip_weight * u + _fftconv(u, k, D, gate_in, gate_out, False, dropout_mask)
+
+
+def _skip_addcmul_pattern(u, k, D, gate_in, gate_out, dropout_mask, skip_weight):
+    return torch.addcmul(_fftconv(u, k, D, gate_in, gate_out, False, dropout_mask), u, skip_weight)
+
+
 def _skip_replacement(u, k, D, gate_in, gate_out, dropout_mask, skip_weight):
+    # The guard proved one weight per channel: D (H,), or with unit dims, (1, H), (H, 1), (1, H, 1).
+    if skip_weight.dim() != 1:
+        skip_weight = skip_weight.reshape(-1)
     return _fftconv(u, k, skip_weight, gate_in, gate_out, False, dropout_mask)
 
 
@@ -56,7 +74,21 @@ def _gelu_pattern(u, k, D, gate_in, gate_out, dropout_mask):
     return F.gelu(_fftconv(u, k, D, gate_in, gate_out, False, dropout_mask))
 
 
+def _gelu_erfc_pattern(u, k, D, gate_in, gate_out, dropout_mask):
+    # The exact GELU through the complementary error function: erfc(-y / sqrt(2)) = 1 + erf(y / sqrt(2)).
+    y = _fftconv(u, k, D, gate_in, gate_out, False, dropout_mask)
+    return 0.5 * y * torch.erfc(-y / math.sqrt(2.0))
+
+
+def _gelu_ndtr_pattern(u, k, D, gate_in, gate_out, dropout_mask):
+    # y * Phi(y) with the normal CDF; Inductor decomposes ndtr into 0.5 * (1 + erf(y / sqrt(2))).
+    y = _fftconv(u, k, D, gate_in, gate_out, False, dropout_mask)
+    return y * torch.special.ndtr(y)
+
+
 def _gelu_replacement(u, k, D, gate_in, gate_out, dropout_mask):
+    # Half-precision outputs too (fold_gelu_half): the op computes GELU in float32 before casting
+    # to u's dtype, as the decomposition between its casts does, minus rounding y to u's dtype first.
     return _fftconv(u, k, D, gate_in, gate_out, True, dropout_mask)
 
 
@@ -108,7 +140,17 @@ FUSIONS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any], tuple[str,
     "fold_skip": ("skip", _skip_pattern, _skip_replacement, ("u", "k", "D", "gate", "gate", "mask", "D")),
     "fold_skip_first": ("skip", _skip_first_pattern, _skip_replacement, ("u", "k", "D", "gate", "gate", "mask", "D")),
     "fold_gate_in": ("gate_in", _gate_in_pattern, _gate_in_replacement, ("u", "gate", "k", "D", "gate", "gate", "mask")),
+    "fold_skip_weight": ("skip", _skip_weight_pattern, _skip_replacement,
+                         ("u", "k", "D", "gate", "gate", "mask", "D_column")),
+    "fold_skip_weight_first": ("skip", _skip_weight_first_pattern, _skip_replacement,
+                               ("u", "k", "D", "gate", "gate", "mask", "D_column")),
+    "fold_skip_addcmul": ("skip_addcmul", _skip_addcmul_pattern, _skip_replacement,
+                          ("u", "k", "D", "gate", "gate", "mask", "D_column")),
     "fold_gelu": ("gelu", _gelu_pattern, _gelu_replacement, ("u", "k", "D", "gate", "gate", "mask")),
+    # F.gelu of a bf16/f16 output: traced on half inputs, the decomposition sits between casts.
+    "fold_gelu_half": ("gelu_half", _gelu_pattern, _gelu_replacement, ("half_u", "half_k", "D", "gate", "gate", "mask")),
+    "fold_gelu_erfc": ("gelu_erfc", _gelu_erfc_pattern, _gelu_replacement, ("u", "k", "D", "gate", "gate", "mask")),
+    "fold_gelu_ndtr": ("gelu_ndtr", _gelu_ndtr_pattern, _gelu_replacement, ("u", "k", "D", "gate", "gate", "mask")),
     "fold_output_multiplier": ("output_multiplier", _output_multiplier_pattern, _output_multiplier_replacement,
                                ("u", "k", "D", "gate", "gate", "mask", "gate")),
     "fold_output_multiplier_first": ("output_multiplier", _output_multiplier_first_pattern,
@@ -128,7 +170,7 @@ def fusion_pattern_specs(device: torch.device) -> Iterator[tuple[str, PatternSpe
     """
     B, H, L = 2, 3, 8
     examples = {
-        "u": (B, H, L), "gate": (B, H, L), "k": (H, L), "D": (H,), "mask": (B, H),
+        "u": (B, H, L), "gate": (B, H, L), "k": (H, L), "D": (H,), "D_column": (H, 1), "mask": (B, H),
         "half_u": (B, H, L), "half_k": (H, L),
     }
 

@@ -7,8 +7,10 @@ once, at placeholder sizes, for inference graphs (``fwd_only``) and for training
 same way, so a training graph gets ``lcconv::fftconv`` *and* its ``lcconv::fftconv_bwd``.
 
 Sizes, scalars and dtypes are ignored when matching (so any FFT size, any ``L``, any scale
-matches the structure): :func:`.guards.check_idiom` then checks the graph's own numbers. This
-module holds the pairs and their example inputs only: no guards, no pass plumbing.
+matches the structure): :func:`.guards.check_idiom` then checks the graph's own numbers. A scale
+by a number matches ``* c`` and ``/ c`` alike (:func:`scale_by_either`: ``rfft(k, n) * (1 / n)``
+is H3's ``rfft(k, n) / n``), so each spelling is written with one of them. This module holds the
+pairs and their example inputs only: no guards, no pass plumbing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.pattern_matcher import fwd_only, joint_fwd_bwd
+from torch._inductor.pattern_matcher import (
+    CallFunction,
+    Ignored,
+    KeywordArg,
+    MultiOutputPattern,
+    fwd_only,
+    joint_fwd_bwd,
+)
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fft_idiom import ConvLayout, handed_over_layout, signal_first
@@ -75,6 +84,13 @@ def _rfft_conv_scaled_kernel_pattern(u, k, t=-1):
     return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="forward"), seqlen, t)
 
 
+def _rfft_conv_unsqueezed_scaled_kernel_pattern(u, k, t=-1):
+    seqlen, n = _sizes(u, t)
+    k_f = torch.fft.rfft(k.unsqueeze(0), n=n, dim=t) / n
+    u_f = torch.fft.rfft(u, n=n, dim=t)
+    return _crop(torch.fft.irfft(u_f * k_f, n=n, dim=t, norm="forward"), seqlen, t)
+
+
 def _rfft_conv_scaled_signal_pattern(u, k, t=-1):
     seqlen, n = _sizes(u, t)
     u_f = torch.fft.rfft(u, n=n, dim=t) / n
@@ -84,13 +100,6 @@ def _rfft_conv_scaled_signal_pattern(u, k, t=-1):
 def _rfft_conv_scaled_product_pattern(u, k, t=-1):
     seqlen, n = _sizes(u, t)
     product = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) / n
-    return _crop(torch.fft.irfft(product, n=n, dim=t, norm="forward"), seqlen, t)
-
-
-def _rfft_conv_reciprocal_product_pattern(u, k, t=-1):
-    # `* (1 / n)` is a multiply by a number, not the divide of the pattern above.
-    seqlen, n = _sizes(u, t)
-    product = torch.fft.rfft(u, n=n, dim=t) * torch.fft.rfft(k, n=n, dim=t) * (1 / n)
     return _crop(torch.fft.irfft(product, n=n, dim=t, norm="forward"), seqlen, t)
 
 
@@ -213,7 +222,6 @@ IDIOMS: dict[str, Callable[..., Any]] = {
     "rfft_conv_scaled_kernel": _rfft_conv_scaled_kernel_pattern,
     "rfft_conv_scaled_signal": _rfft_conv_scaled_signal_pattern,
     "rfft_conv_scaled_product": _rfft_conv_scaled_product_pattern,
-    "rfft_conv_reciprocal_product": _rfft_conv_reciprocal_product_pattern,
     "rfft_conv_scaled_output": _rfft_conv_scaled_output_pattern,
     "fft_conv": _fft_conv_pattern,
     "fft_conv_real_first": _fft_conv_real_first_pattern,
@@ -237,6 +245,20 @@ TRACES = (
     ("training", joint_fwd_bwd, False, True),
     ("training", joint_fwd_bwd, True, False),
 )
+_LEARNED_KERNEL = tuple(trace for trace in TRACES if trace[0] == "training" and trace[3])
+
+# H3's spelling with a kernel that arrives as (1, H, Lk), learned: the kernel's gradient is summed
+# over the batch keeping the unit dim (then squeezed, for an unsqueeze in the function), or not
+# summed at all when B = 1, so the backward is not an (H, Lk) kernel's. Inference graphs and
+# graphs where only u learns match `rfft_conv_scaled_kernel` (the replacement squeezes the
+# kernel): only traces with a learned kernel are added, at these shapes. Time along dim -1 only.
+# family: (search function, signal shape, kernel shape)
+UNIT_BATCH_KERNEL_TRAINING = {
+    "rfft_conv_unsqueezed_scaled_kernel": (_rfft_conv_unsqueezed_scaled_kernel_pattern, (2, 3, 8), (3, 8)),
+    "rfft_conv_unsqueezed_scaled_kernel_batch_1": (_rfft_conv_unsqueezed_scaled_kernel_pattern, (1, 3, 8), (3, 8)),
+    "rfft_conv_scaled_unit_kernel": (_rfft_conv_scaled_kernel_pattern, (2, 3, 8), (1, 3, 8)),
+    "rfft_conv_scaled_unit_kernel_batch_1": (_rfft_conv_scaled_kernel_pattern, (1, 3, 8), (1, 3, 8)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +280,8 @@ def idiom_pattern_specs(device: torch.device) -> Iterator[PatternSpec]:
     # (B, L, H) with an (Lk, H) kernel: training graphs only (inference ones match the above).
     training = tuple(trace for trace in TRACES if trace[0] == "training")
     variants += [(family, _time_along(IDIOMS[family], -2), (2, 8, 3), (8, 3), training) for family in TIME_ALONG_DIM_1]
+    variants += [(family, _time_along(pattern, -1), signal_shape, kernel_shape, _LEARNED_KERNEL)
+                 for family, (pattern, signal_shape, kernel_shape) in UNIT_BATCH_KERNEL_TRAINING.items()]
     for family, search, signal_shape, kernel_shape, traces in variants:
         for suffix, trace_fn, u_grad, k_grad in traces:
             yield PatternSpec(
@@ -279,3 +303,38 @@ def _time_along(pattern: Callable[..., Any], t: int) -> Callable[..., Any]:
 
     search.__name__ = f"{pattern.__name__}_time_{t}"
     return search
+
+
+_SCALES = (torch.ops.aten.div.Tensor, torch.ops.aten.mul.Tensor)
+
+
+def scale_by_either(pattern: Any) -> Any:
+    """``pattern`` (a traced idiom pattern) with each scale by a number matching ``x * c`` and
+    ``x / c`` alike; returns it, changed in place.
+
+    A scale is a ``div.Tensor`` or ``mul.Tensor`` node of a tensor pattern and a number traced as
+    anything (``Ignored``): the guard reads which operator and number the graph has
+    (``_net_scale``), so one traced spelling covers both. In a training pattern this includes the
+    backward's scale of the same spectrum (``grad / c`` or ``grad * c``, whichever the forward
+    had: autograd's derivative of it). Products of two spectra (two tensor patterns) are not
+    scales and keep their one operator.
+    """
+    seen: set[int] = set()
+    stack = [pattern]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MultiOutputPattern):
+            stack.extend(output for output in node.outputs if output is not None)
+            continue
+        if not isinstance(node, CallFunction):
+            continue
+        if (set(node.fns) <= set(_SCALES) and len(node.args) == 2 and not node.kwargs
+                and isinstance(node.args[1], Ignored) and isinstance(node.args[0], (CallFunction, KeywordArg))):
+            node.fns = list(_SCALES)
+            node.fns_set = type(node.fns_set)(node.fns)
+        for arg in list(node.args) + list(node.kwargs.values()):
+            stack.extend(arg if isinstance(arg, (list, tuple)) else [arg])
+    return pattern

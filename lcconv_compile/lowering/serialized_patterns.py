@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources 36ede249869bf99ee436d004532302fd'
+KEY = 'torch 2.13.0 sources 68dd5a093f840c29f5c9f754ce84a1f2'
 
 
 def build():
@@ -811,126 +811,9 @@ def build():
     constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    pattern_28 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored(), _users=2)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
-    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
-    mul_Tensor_4 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default_1)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_4, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, view_default)
-    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_29 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      constant_pad_nd_default_3
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_3, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, view_default)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_30 = MultiOutputPattern([slice_Tensor,
-      None,
-      constant_pad_nd_default_2
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_31 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      None
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
     slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    pattern_32 = CallFunction(aten.mul.Tensor, slice_Tensor, Ignored(), _users=0)
+    pattern_28 = CallFunction(aten.mul.Tensor, slice_Tensor, Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
@@ -971,7 +854,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_33 = MultiOutputPattern([mul_Tensor_1,
+    pattern_29 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1004,7 +887,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_34 = MultiOutputPattern([mul_Tensor_1,
+    pattern_30 = MultiOutputPattern([mul_Tensor_1,
       None,
       constant_pad_nd_default_2
     ])
@@ -1035,7 +918,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_35 = MultiOutputPattern([mul_Tensor_1,
+    pattern_31 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       None
     ])
@@ -1048,7 +931,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
     view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    pattern_36 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
+    pattern_32 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -1081,7 +964,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_37 = MultiOutputPattern([select_int,
+    pattern_33 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1110,7 +993,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_38 = MultiOutputPattern([select_int,
+    pattern_34 = MultiOutputPattern([select_int,
       None,
       constant_pad_nd_default_2
     ])
@@ -1137,7 +1020,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_39 = MultiOutputPattern([select_int,
+    pattern_35 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       None
     ])
@@ -1150,7 +1033,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    pattern_40 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_36 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -1183,7 +1066,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_41 = MultiOutputPattern([slice_Tensor,
+    pattern_37 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1212,7 +1095,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_42 = MultiOutputPattern([slice_Tensor,
+    pattern_38 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1239,7 +1122,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_43 = MultiOutputPattern([slice_Tensor,
+    pattern_39 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -1252,7 +1135,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
     view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    pattern_44 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
+    pattern_40 = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -1285,7 +1168,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_45 = MultiOutputPattern([select_int,
+    pattern_41 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1314,7 +1197,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_46 = MultiOutputPattern([select_int,
+    pattern_42 = MultiOutputPattern([select_int,
       None,
       constant_pad_nd_default_2
     ])
@@ -1341,7 +1224,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_47 = MultiOutputPattern([select_int,
+    pattern_43 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       None
     ])
@@ -1354,7 +1237,7 @@ def build():
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    pattern_48 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_44 = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
@@ -1387,7 +1270,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_49 = MultiOutputPattern([slice_Tensor,
+    pattern_45 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1416,7 +1299,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_50 = MultiOutputPattern([slice_Tensor,
+    pattern_46 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1443,7 +1326,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_51 = MultiOutputPattern([slice_Tensor,
+    pattern_47 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -1457,7 +1340,7 @@ def build():
     permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    pattern_52 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_48 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
@@ -1501,7 +1384,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_53 = MultiOutputPattern([slice_Tensor,
+    pattern_49 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1536,7 +1419,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_54 = MultiOutputPattern([slice_Tensor,
+    pattern_50 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1547,6 +1430,138 @@ def build():
     constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
     unsqueeze_default = CallFunction(aten.unsqueeze.default, _fft_r2c_default_1, Ignored())
+    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, permute_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    permute_default_2 = CallFunction(aten.permute.default, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, permute_default_2)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_51 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
+    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    pattern_52 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored(), _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
+    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, permute_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    permute_default_2 = CallFunction(aten.permute.default, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, permute_default_2)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, permute_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    permute_default_3 = CallFunction(aten.permute.default, sum_dim_IntList, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, permute_default_3, Ignored())
+    div_Tensor_1 = CallFunction(aten.div.Tensor, squeeze_dim, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_53 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored(), _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
+    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, permute_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    permute_default_2 = CallFunction(aten.permute.default, sum_dim_IntList, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, permute_default_2, Ignored())
+    div_Tensor_1 = CallFunction(aten.div.Tensor, squeeze_dim, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_54 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
+    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
     permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored(), _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
@@ -1576,144 +1591,12 @@ def build():
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored())
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
-    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
-    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored())
-    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    pattern_56 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored(), _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
-    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
-    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored(), _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
-    _conj_default = CallFunction(aten._conj.default, permute_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
-    permute_default_2 = CallFunction(aten.permute.default, mul_Tensor_1, Ignored())
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, permute_default_2)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
-    _conj_default_1 = CallFunction(aten._conj.default, permute_default)
-    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
-    permute_default_3 = CallFunction(aten.permute.default, sum_dim_IntList, Ignored())
-    squeeze_dim = CallFunction(aten.squeeze.dim, permute_default_3, Ignored())
-    div_Tensor_1 = CallFunction(aten.div.Tensor, squeeze_dim, Ignored())
-    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
-    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_57 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      constant_pad_nd_default_3
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored(), _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
-    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
-    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored())
-    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    _conj_default = CallFunction(aten._conj.default, permute_default)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
-    permute_default_2 = CallFunction(aten.permute.default, sum_dim_IntList, Ignored())
-    squeeze_dim = CallFunction(aten.squeeze.dim, permute_default_2, Ignored())
-    div_Tensor_1 = CallFunction(aten.div.Tensor, squeeze_dim, Ignored())
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_58 = MultiOutputPattern([slice_Tensor,
-      None,
-      constant_pad_nd_default_2
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    permute_default = CallFunction(aten.permute.default, _fft_r2c_default, Ignored())
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
-    unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
-    permute_default_1 = CallFunction(aten.permute.default, unsqueeze_default, Ignored(), _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, permute_default, permute_default_1)
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    _conj_default = CallFunction(aten._conj.default, permute_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
-    permute_default_2 = CallFunction(aten.permute.default, mul_Tensor_1, Ignored())
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, permute_default_2)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_59 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      None
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
     constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
     unsqueeze_default = CallFunction(aten.unsqueeze.default, _fft_r2c_default_1, Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, unsqueeze_default)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    pattern_60 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_56 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
@@ -1754,7 +1637,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_61 = MultiOutputPattern([slice_Tensor,
+    pattern_57 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1787,7 +1670,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_62 = MultiOutputPattern([slice_Tensor,
+    pattern_58 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1817,7 +1700,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_63 = MultiOutputPattern([slice_Tensor,
+    pattern_59 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -1830,7 +1713,7 @@ def build():
     unsqueeze_default = CallFunction(aten.unsqueeze.default, div_Tensor, Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, unsqueeze_default)
     _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
-    pattern_64 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
+    pattern_60 = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored(), _users=0)
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
@@ -1873,7 +1756,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_65 = MultiOutputPattern([slice_Tensor,
+    pattern_61 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -1908,7 +1791,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_66 = MultiOutputPattern([slice_Tensor,
+    pattern_62 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -1939,7 +1822,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_67 = MultiOutputPattern([slice_Tensor,
+    pattern_63 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -1982,7 +1865,7 @@ def build():
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
     squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_3, Ignored())
-    pattern_68 = MultiOutputPattern([slice_Tensor,
+    pattern_64 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       squeeze_dim
     ])
@@ -2014,7 +1897,7 @@ def build():
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
     squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_2, Ignored())
-    pattern_69 = MultiOutputPattern([slice_Tensor,
+    pattern_65 = MultiOutputPattern([slice_Tensor,
       None,
       squeeze_dim
     ])
@@ -2044,7 +1927,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_70 = MultiOutputPattern([slice_Tensor,
+    pattern_66 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2084,7 +1967,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_71 = MultiOutputPattern([slice_Tensor,
+    pattern_67 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2113,7 +1996,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_72 = MultiOutputPattern([slice_Tensor,
+    pattern_68 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2142,7 +2025,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_73 = MultiOutputPattern([slice_Tensor,
+    pattern_69 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2182,7 +2065,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_74 = MultiOutputPattern([slice_Tensor,
+    pattern_70 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2211,7 +2094,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_75 = MultiOutputPattern([slice_Tensor,
+    pattern_71 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2240,7 +2123,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_76 = MultiOutputPattern([slice_Tensor,
+    pattern_72 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2280,7 +2163,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_77 = MultiOutputPattern([slice_Tensor,
+    pattern_73 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2309,7 +2192,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_78 = MultiOutputPattern([slice_Tensor,
+    pattern_74 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2338,7 +2221,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_79 = MultiOutputPattern([slice_Tensor,
+    pattern_75 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2380,7 +2263,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_80 = MultiOutputPattern([slice_Tensor,
+    pattern_76 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2411,7 +2294,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_81 = MultiOutputPattern([slice_Tensor,
+    pattern_77 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2441,7 +2324,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_82 = MultiOutputPattern([slice_Tensor,
+    pattern_78 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2483,7 +2366,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_83 = MultiOutputPattern([slice_Tensor,
+    pattern_79 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2513,7 +2396,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_84 = MultiOutputPattern([slice_Tensor,
+    pattern_80 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2544,7 +2427,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_85 = MultiOutputPattern([slice_Tensor,
+    pattern_81 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2586,7 +2469,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_86 = MultiOutputPattern([slice_Tensor,
+    pattern_82 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2617,7 +2500,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_87 = MultiOutputPattern([slice_Tensor,
+    pattern_83 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
@@ -2648,111 +2531,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_88 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      None
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored(), _users=2)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
-    mul_Tensor_4 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default_1)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_4, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, view_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_89 = MultiOutputPattern([slice_Tensor,
-      constant_pad_nd_default_2,
-      constant_pad_nd_default_3
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_1, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_3, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, view_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_90 = MultiOutputPattern([slice_Tensor,
-      None,
-      constant_pad_nd_default_2
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, mul_Tensor, Ignored())
-    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor_1, Ignored(), Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
-    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
-    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
-    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, Ignored())
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_3 = CallFunction(aten.mul.Tensor, mul_Tensor_2, clone_default)
-    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_3)
-    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_91 = MultiOutputPattern([slice_Tensor,
+    pattern_84 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       None
     ])
@@ -2794,7 +2573,7 @@ def build():
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_92 = MultiOutputPattern([mul_Tensor_1,
+    pattern_85 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2825,7 +2604,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_93 = MultiOutputPattern([mul_Tensor_1,
+    pattern_86 = MultiOutputPattern([mul_Tensor_1,
       None,
       constant_pad_nd_default_2
     ])
@@ -2856,7 +2635,7 @@ def build():
     view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
     select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
-    pattern_94 = MultiOutputPattern([mul_Tensor_1,
+    pattern_87 = MultiOutputPattern([mul_Tensor_1,
       constant_pad_nd_default_2,
       None
     ])
@@ -2892,7 +2671,7 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_95 = MultiOutputPattern([select_int,
+    pattern_88 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
@@ -2918,44 +2697,228 @@ def build():
     sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
     view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
     _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_89 = MultiOutputPattern([select_int,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_90 = MultiOutputPattern([select_int,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True, _users=2)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
+    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
+    pattern_91 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_92 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_93 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      None
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
+    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
+    pattern_94 = MultiOutputPattern([select_int,
+      constant_pad_nd_default_2,
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_95 = MultiOutputPattern([select_int,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
+    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
     pattern_96 = MultiOutputPattern([select_int,
-      None,
-      constant_pad_nd_default_2
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
-    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_97 = MultiOutputPattern([select_int,
       constant_pad_nd_default_2,
       None
     ])
 
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
@@ -2984,14 +2947,14 @@ def build():
     view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
     select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
     constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_98 = MultiOutputPattern([slice_Tensor,
+    pattern_97 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
 
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
     _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
     _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
     mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
     _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
@@ -3010,273 +2973,427 @@ def build():
     sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
     view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
     _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    pattern_98 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
+    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
     view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
     constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
     pattern_99 = MultiOutputPattern([slice_Tensor,
-      None,
-      constant_pad_nd_default_2
+      constant_pad_nd_default_2,
+      None
     ])
 
     constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
     full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
     slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
     clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_3, Ignored())
     pattern_100 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
-      None
+      squeeze_dim
     ])
 
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
-    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
-    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
-    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
-    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
-    pattern_101 = MultiOutputPattern([select_int,
-      constant_pad_nd_default_2,
-      constant_pad_nd_default_3
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
-    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_102 = MultiOutputPattern([select_int,
-      None,
-      constant_pad_nd_default_2
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2c_default, Ignored(), Ignored(), Ignored())
-    view_as_real_default = CallFunction(aten.view_as_real.default, slice_Tensor)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default, view_as_complex_default, Ignored(), Ignored(), Ignored())
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default, Ignored(), Ignored(), True)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
-    clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
-    pattern_103 = MultiOutputPattern([select_int,
-      constant_pad_nd_default_2,
-      None
-    ])
-
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
     full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
     slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True, _users=2)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
     clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_2, Ignored())
+    pattern_101 = MultiOutputPattern([slice_Tensor,
+      None,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
     _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
     clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
-    mul_Tensor_2 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_2, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_3, Ignored())
+    pattern_102 = MultiOutputPattern([slice_Tensor,
+      constant_pad_nd_default_2,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('k'), Ignored())
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, unsqueeze_default, Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    squeeze_dim = CallFunction(aten.squeeze.dim, constant_pad_nd_default_2, Ignored())
+    pattern_103 = MultiOutputPattern([slice_Tensor,
+      None,
+      squeeze_dim
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
     sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_2, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    _fft_c2c_default_3 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
-    view_as_real_default_2 = CallFunction(aten.view_as_real.default, _fft_c2c_default_3)
-    select_int_2 = CallFunction(aten.select.int, view_as_real_default_2, Ignored(), Ignored())
-    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_2, Ignored())
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
+    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
     pattern_104 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
       constant_pad_nd_default_3
     ])
 
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False, _users=2)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
     full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
     slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
     _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
     clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
     sum_dim_IntList = CallFunction(aten.sum.dim_IntList, mul_Tensor_1, Ignored(), True)
-    view_default = CallFunction(aten.view.default, sum_dim_IntList, Ignored())
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, view_default, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
-    select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    div_Tensor_1 = CallFunction(aten.div.Tensor, sum_dim_IntList, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
     pattern_105 = MultiOutputPattern([slice_Tensor,
       None,
       constant_pad_nd_default_2
     ])
 
-    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored(), Ignored())
-    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), False)
-    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored(), Ignored())
-    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), False, _users=2)
-    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, _fft_r2c_default_1)
-    _fft_c2c_default = CallFunction(aten._fft_c2c.default, mul_Tensor, Ignored(), Ignored(), False)
-    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
-    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
-    slice_Tensor = CallFunction(aten.slice.Tensor, select_int, Ignored(), Ignored(), Ignored())
-    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
     full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
     slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
-    select_scatter_default = CallFunction(aten.select_scatter.default, full_default, slice_scatter_default, Ignored(), Ignored())
-    view_as_complex_default = CallFunction(aten.view_as_complex.default, select_scatter_default)
-    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, view_as_complex_default, Ignored(), Ignored(), True)
-    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default_1)
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored(), _users=2)
+    _conj_default = CallFunction(aten._conj.default, div_Tensor)
     clone_default = CallFunction(aten.clone.default, _conj_default)
-    mul_Tensor_1 = CallFunction(aten.mul.Tensor, _fft_c2c_default_1, clone_default)
-    _fft_c2c_default_2 = CallFunction(aten._fft_c2c.default, mul_Tensor_1, Ignored(), Ignored(), False)
-    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_2)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, mul_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    full_default_2 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_3 = CallFunction(aten.slice.Tensor, full_default_2, Ignored(), Ignored(), Ignored())
+    _conj_default_1 = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default_1 = CallFunction(aten.clone.default, _conj_default_1)
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default_1)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_2, Ignored())
+    copy_default_1 = CallFunction(aten.copy.default, slice_Tensor_3, div_Tensor_1)
+    slice_scatter_default_3 = CallFunction(aten.slice_scatter.default, full_default_2, copy_default_1, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default_1 = CallFunction(aten._fft_c2c.default, slice_scatter_default_3, Ignored(), Ignored(), False)
+    view_as_real_default_1 = CallFunction(aten.view_as_real.default, _fft_c2c_default_1)
     select_int_1 = CallFunction(aten.select.int, view_as_real_default_1, Ignored(), Ignored())
-    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
+    constant_pad_nd_default_3 = CallFunction(aten.constant_pad_nd.default, select_int_1, Ignored())
     pattern_106 = MultiOutputPattern([slice_Tensor,
       constant_pad_nd_default_2,
-      None
+      constant_pad_nd_default_3
+    ])
+
+    constant_pad_nd_default = CallFunction(aten.constant_pad_nd.default, KeywordArg('u'), Ignored())
+    _fft_r2c_default = CallFunction(aten._fft_r2c.default, constant_pad_nd_default, Ignored(), Ignored(), True, _users=2)
+    constant_pad_nd_default_1 = CallFunction(aten.constant_pad_nd.default, KeywordArg('k'), Ignored())
+    _fft_r2c_default_1 = CallFunction(aten._fft_r2c.default, constant_pad_nd_default_1, Ignored(), Ignored(), True)
+    div_Tensor = CallFunction(aten.div.Tensor, _fft_r2c_default_1, Ignored())
+    mul_Tensor = CallFunction(aten.mul.Tensor, _fft_r2c_default, div_Tensor)
+    _fft_c2r_default = CallFunction(aten._fft_c2r.default, mul_Tensor, Ignored(), Ignored(), Ignored())
+    slice_Tensor = CallFunction(aten.slice.Tensor, _fft_c2r_default, Ignored(), Ignored(), Ignored())
+    full_default = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False, _users=2)
+    slice_Tensor_1 = CallFunction(aten.slice.Tensor, full_default, Ignored(), Ignored(), Ignored())
+    full_default_1 = CallFunction(aten.full.default, Ignored(), Ignored(), dtype=Ignored(), layout=torch.strided, device=Ignored(), pin_memory=False)
+    slice_scatter_default = CallFunction(aten.slice_scatter.default, full_default_1, KeywordArg('tangents_1'), Ignored(), Ignored(), Ignored())
+    _fft_r2c_default_2 = CallFunction(aten._fft_r2c.default, slice_scatter_default, Ignored(), Ignored(), True, _users=2)
+    slice_Tensor_2 = CallFunction(aten.slice.Tensor, _fft_r2c_default_2, Ignored(), Ignored(), Ignored())
+    mul_Scalar = CallFunction(aten.mul.Scalar, slice_Tensor_2, Ignored())
+    slice_scatter_default_1 = CallFunction(aten.slice_scatter.default, _fft_r2c_default_2, mul_Scalar, Ignored(), Ignored(), Ignored())
+    _conj_default = CallFunction(aten._conj.default, _fft_r2c_default)
+    clone_default = CallFunction(aten.clone.default, _conj_default)
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, slice_scatter_default_1, clone_default)
+    div_Tensor_1 = CallFunction(aten.div.Tensor, mul_Tensor_1, Ignored())
+    copy_default = CallFunction(aten.copy.default, slice_Tensor_1, div_Tensor_1)
+    slice_scatter_default_2 = CallFunction(aten.slice_scatter.default, full_default, copy_default, Ignored(), Ignored(), Ignored())
+    _fft_c2c_default = CallFunction(aten._fft_c2c.default, slice_scatter_default_2, Ignored(), Ignored(), False)
+    view_as_real_default = CallFunction(aten.view_as_real.default, _fft_c2c_default)
+    select_int = CallFunction(aten.select.int, view_as_real_default, Ignored(), Ignored())
+    constant_pad_nd_default_2 = CallFunction(aten.constant_pad_nd.default, select_int, Ignored())
+    pattern_107 = MultiOutputPattern([slice_Tensor,
+      None,
+      constant_pad_nd_default_2
     ])
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), unsqueeze_default)
-    pattern_107 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
+    pattern_108 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
 
     unsqueeze_default = CallFunction(aten.unsqueeze.default, KeywordArg('skip_weight'), Ignored())
     mul_Tensor = CallFunction(aten.mul.Tensor, unsqueeze_default, KeywordArg('u'))
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_108 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
+    pattern_109 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_109 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_110 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('gate'))
-    pattern_110 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_111 = CallFunction(lcconv.fftconv.default, mul_Tensor, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('u'), KeywordArg('skip_weight'))
+    pattern_112 = CallFunction(aten.add.Tensor, lcconv_fftconv_default, mul_Tensor, _users=0)
+
+    mul_Tensor = CallFunction(aten.mul.Tensor, KeywordArg('skip_weight'), KeywordArg('u'))
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_113 = CallFunction(aten.add.Tensor, mul_Tensor, lcconv_fftconv_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_114 = CallFunction(aten.addcmul.default, lcconv_fftconv_default, KeywordArg('u'), KeywordArg('skip_weight'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
     mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     mul_Tensor_1 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
     erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
     add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
-    pattern_111 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
+    pattern_115 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_112 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    convert_element_type_default = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, convert_element_type_default, Ignored())
+    mul_Tensor_1 = CallFunction(aten.mul.Tensor, convert_element_type_default, Ignored())
+    erf_default = CallFunction(aten.erf.default, mul_Tensor_1)
+    add_Tensor = CallFunction(aten.add.Tensor, erf_default, Ignored())
+    mul_Tensor_2 = CallFunction(aten.mul.Tensor, mul_Tensor, add_Tensor)
+    pattern_116 = CallFunction(prims.convert_element_type.default, mul_Tensor_2, Ignored(), _users=0)
 
-    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_113 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
+    mul_Tensor = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, Ignored())
+    neg_default = CallFunction(aten.neg.default, lcconv_fftconv_default)
+    div_Tensor = CallFunction(aten.div.Tensor, neg_default, Ignored())
+    erfc_default = CallFunction(aten.erfc.default, div_Tensor)
+    pattern_117 = CallFunction(aten.mul.Tensor, mul_Tensor, erfc_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=2)
+    mul_Scalar = CallFunction(aten.mul.Scalar, lcconv_fftconv_default, Ignored())
+    erf_default = CallFunction(aten.erf.default, mul_Scalar)
+    add_Scalar = CallFunction(aten.add.Scalar, erf_default, Ignored())
+    mul_Scalar_1 = CallFunction(aten.mul.Scalar, add_Scalar, Ignored())
+    pattern_118 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, mul_Scalar_1, _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_114 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_119 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
 
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_115 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+    pattern_120 = CallFunction(aten.mul.Tensor, lcconv_fftconv_default, KeywordArg('multiplier'), _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
+    pattern_121 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
+
+    lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, KeywordArg('u'), KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
+    pattern_122 = CallFunction(aten.mul.Tensor, KeywordArg('multiplier'), lcconv_fftconv_default, _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'))
-    pattern_116 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_123 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('u'), Ignored())
     lcconv_fftconv_default = CallFunction(lcconv.fftconv.default, convert_element_type_default, KeywordArg('k'), KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'))
-    pattern_117 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
+    pattern_124 = CallFunction(prims.convert_element_type.default, lcconv_fftconv_default, Ignored(), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_118 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
+    pattern_125 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), False, KeywordArg('dropout_mask'), _users=0)
 
     convert_element_type_default = CallFunction(prims.convert_element_type.default, KeywordArg('k'), Ignored())
-    pattern_119 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
+    pattern_126 = CallFunction(lcconv.fftconv.default, KeywordArg('u'), convert_element_type_default, KeywordArg('D'), KeywordArg('gate_in'), KeywordArg('gate_out'), True, KeywordArg('dropout_mask'), _users=0)
     return [
         ('rfft_conv_unsqueezed_kernel_inference', pattern_0),
         ('rfft_conv_unsqueezed_kernel_training', pattern_1),
@@ -3306,96 +3423,103 @@ def build():
         ('rfft_conv_scaled_product_training', pattern_25),
         ('rfft_conv_scaled_product_training', pattern_26),
         ('rfft_conv_scaled_product_training', pattern_27),
-        ('rfft_conv_reciprocal_product_inference', pattern_28),
-        ('rfft_conv_reciprocal_product_training', pattern_29),
-        ('rfft_conv_reciprocal_product_training', pattern_30),
-        ('rfft_conv_reciprocal_product_training', pattern_31),
-        ('rfft_conv_scaled_output_inference', pattern_32),
-        ('rfft_conv_scaled_output_training', pattern_33),
-        ('rfft_conv_scaled_output_training', pattern_34),
-        ('rfft_conv_scaled_output_training', pattern_35),
-        ('fft_conv_inference', pattern_36),
-        ('fft_conv_training', pattern_37),
-        ('fft_conv_training', pattern_38),
-        ('fft_conv_training', pattern_39),
-        ('fft_conv_real_first_inference', pattern_40),
-        ('fft_conv_real_first_training', pattern_41),
-        ('fft_conv_real_first_training', pattern_42),
-        ('fft_conv_real_first_training', pattern_43),
-        ('fft_conv_padded_inference', pattern_44),
-        ('fft_conv_padded_training', pattern_45),
-        ('fft_conv_padded_training', pattern_46),
-        ('fft_conv_padded_training', pattern_47),
-        ('fft_conv_padded_real_first_inference', pattern_48),
-        ('fft_conv_padded_real_first_training', pattern_49),
-        ('fft_conv_padded_real_first_training', pattern_50),
-        ('fft_conv_padded_real_first_training', pattern_51),
-        ('einsum_conv_inference', pattern_52),
-        ('einsum_conv_training', pattern_53),
-        ('einsum_conv_training', pattern_54),
-        ('einsum_conv_training', pattern_55),
-        ('einsum_conv_scaled_kernel_inference', pattern_56),
-        ('einsum_conv_scaled_kernel_training', pattern_57),
-        ('einsum_conv_scaled_kernel_training', pattern_58),
-        ('einsum_conv_scaled_kernel_training', pattern_59),
-        ('broadcast_kernel_conv_inference', pattern_60),
-        ('broadcast_kernel_conv_training', pattern_61),
-        ('broadcast_kernel_conv_training', pattern_62),
-        ('broadcast_kernel_conv_training', pattern_63),
-        ('broadcast_scaled_kernel_conv_inference', pattern_64),
-        ('broadcast_scaled_kernel_conv_training', pattern_65),
-        ('broadcast_scaled_kernel_conv_training', pattern_66),
-        ('broadcast_scaled_kernel_conv_training', pattern_67),
-        ('rfft_conv_unsqueezed_kernel_training', pattern_68),
-        ('rfft_conv_unsqueezed_kernel_training', pattern_69),
-        ('rfft_conv_unsqueezed_kernel_training', pattern_70),
-        ('rfft_conv_training', pattern_71),
-        ('rfft_conv_training', pattern_72),
-        ('rfft_conv_training', pattern_73),
-        ('rfft_conv_kernel_first_training', pattern_74),
-        ('rfft_conv_kernel_first_training', pattern_75),
-        ('rfft_conv_kernel_first_training', pattern_76),
-        ('rfft_conv_padded_training', pattern_77),
-        ('rfft_conv_padded_training', pattern_78),
-        ('rfft_conv_padded_training', pattern_79),
-        ('rfft_conv_scaled_kernel_training', pattern_80),
-        ('rfft_conv_scaled_kernel_training', pattern_81),
-        ('rfft_conv_scaled_kernel_training', pattern_82),
-        ('rfft_conv_scaled_signal_training', pattern_83),
-        ('rfft_conv_scaled_signal_training', pattern_84),
-        ('rfft_conv_scaled_signal_training', pattern_85),
-        ('rfft_conv_scaled_product_training', pattern_86),
-        ('rfft_conv_scaled_product_training', pattern_87),
-        ('rfft_conv_scaled_product_training', pattern_88),
-        ('rfft_conv_reciprocal_product_training', pattern_89),
-        ('rfft_conv_reciprocal_product_training', pattern_90),
-        ('rfft_conv_reciprocal_product_training', pattern_91),
-        ('rfft_conv_scaled_output_training', pattern_92),
-        ('rfft_conv_scaled_output_training', pattern_93),
-        ('rfft_conv_scaled_output_training', pattern_94),
-        ('fft_conv_training', pattern_95),
-        ('fft_conv_training', pattern_96),
-        ('fft_conv_training', pattern_97),
-        ('fft_conv_real_first_training', pattern_98),
-        ('fft_conv_real_first_training', pattern_99),
-        ('fft_conv_real_first_training', pattern_100),
-        ('fft_conv_padded_training', pattern_101),
-        ('fft_conv_padded_training', pattern_102),
-        ('fft_conv_padded_training', pattern_103),
-        ('fft_conv_padded_real_first_training', pattern_104),
-        ('fft_conv_padded_real_first_training', pattern_105),
-        ('fft_conv_padded_real_first_training', pattern_106),
-        ('fold_skip', pattern_107),
-        ('fold_skip_first', pattern_108),
-        ('fold_gate_in', pattern_109),
+        ('rfft_conv_scaled_output_inference', pattern_28),
+        ('rfft_conv_scaled_output_training', pattern_29),
+        ('rfft_conv_scaled_output_training', pattern_30),
+        ('rfft_conv_scaled_output_training', pattern_31),
+        ('fft_conv_inference', pattern_32),
+        ('fft_conv_training', pattern_33),
+        ('fft_conv_training', pattern_34),
+        ('fft_conv_training', pattern_35),
+        ('fft_conv_real_first_inference', pattern_36),
+        ('fft_conv_real_first_training', pattern_37),
+        ('fft_conv_real_first_training', pattern_38),
+        ('fft_conv_real_first_training', pattern_39),
+        ('fft_conv_padded_inference', pattern_40),
+        ('fft_conv_padded_training', pattern_41),
+        ('fft_conv_padded_training', pattern_42),
+        ('fft_conv_padded_training', pattern_43),
+        ('fft_conv_padded_real_first_inference', pattern_44),
+        ('fft_conv_padded_real_first_training', pattern_45),
+        ('fft_conv_padded_real_first_training', pattern_46),
+        ('fft_conv_padded_real_first_training', pattern_47),
+        ('einsum_conv_inference', pattern_48),
+        ('einsum_conv_training', pattern_49),
+        ('einsum_conv_training', pattern_50),
+        ('einsum_conv_training', pattern_51),
+        ('einsum_conv_scaled_kernel_inference', pattern_52),
+        ('einsum_conv_scaled_kernel_training', pattern_53),
+        ('einsum_conv_scaled_kernel_training', pattern_54),
+        ('einsum_conv_scaled_kernel_training', pattern_55),
+        ('broadcast_kernel_conv_inference', pattern_56),
+        ('broadcast_kernel_conv_training', pattern_57),
+        ('broadcast_kernel_conv_training', pattern_58),
+        ('broadcast_kernel_conv_training', pattern_59),
+        ('broadcast_scaled_kernel_conv_inference', pattern_60),
+        ('broadcast_scaled_kernel_conv_training', pattern_61),
+        ('broadcast_scaled_kernel_conv_training', pattern_62),
+        ('broadcast_scaled_kernel_conv_training', pattern_63),
+        ('rfft_conv_unsqueezed_kernel_training', pattern_64),
+        ('rfft_conv_unsqueezed_kernel_training', pattern_65),
+        ('rfft_conv_unsqueezed_kernel_training', pattern_66),
+        ('rfft_conv_training', pattern_67),
+        ('rfft_conv_training', pattern_68),
+        ('rfft_conv_training', pattern_69),
+        ('rfft_conv_kernel_first_training', pattern_70),
+        ('rfft_conv_kernel_first_training', pattern_71),
+        ('rfft_conv_kernel_first_training', pattern_72),
+        ('rfft_conv_padded_training', pattern_73),
+        ('rfft_conv_padded_training', pattern_74),
+        ('rfft_conv_padded_training', pattern_75),
+        ('rfft_conv_scaled_kernel_training', pattern_76),
+        ('rfft_conv_scaled_kernel_training', pattern_77),
+        ('rfft_conv_scaled_kernel_training', pattern_78),
+        ('rfft_conv_scaled_signal_training', pattern_79),
+        ('rfft_conv_scaled_signal_training', pattern_80),
+        ('rfft_conv_scaled_signal_training', pattern_81),
+        ('rfft_conv_scaled_product_training', pattern_82),
+        ('rfft_conv_scaled_product_training', pattern_83),
+        ('rfft_conv_scaled_product_training', pattern_84),
+        ('rfft_conv_scaled_output_training', pattern_85),
+        ('rfft_conv_scaled_output_training', pattern_86),
+        ('rfft_conv_scaled_output_training', pattern_87),
+        ('fft_conv_training', pattern_88),
+        ('fft_conv_training', pattern_89),
+        ('fft_conv_training', pattern_90),
+        ('fft_conv_real_first_training', pattern_91),
+        ('fft_conv_real_first_training', pattern_92),
+        ('fft_conv_real_first_training', pattern_93),
+        ('fft_conv_padded_training', pattern_94),
+        ('fft_conv_padded_training', pattern_95),
+        ('fft_conv_padded_training', pattern_96),
+        ('fft_conv_padded_real_first_training', pattern_97),
+        ('fft_conv_padded_real_first_training', pattern_98),
+        ('fft_conv_padded_real_first_training', pattern_99),
+        ('rfft_conv_unsqueezed_scaled_kernel_training', pattern_100),
+        ('rfft_conv_unsqueezed_scaled_kernel_training', pattern_101),
+        ('rfft_conv_unsqueezed_scaled_kernel_batch_1_training', pattern_102),
+        ('rfft_conv_unsqueezed_scaled_kernel_batch_1_training', pattern_103),
+        ('rfft_conv_scaled_unit_kernel_training', pattern_104),
+        ('rfft_conv_scaled_unit_kernel_training', pattern_105),
+        ('rfft_conv_scaled_unit_kernel_batch_1_training', pattern_106),
+        ('rfft_conv_scaled_unit_kernel_batch_1_training', pattern_107),
+        ('fold_skip', pattern_108),
+        ('fold_skip_first', pattern_109),
         ('fold_gate_in', pattern_110),
-        ('fold_gelu', pattern_111),
-        ('fold_output_multiplier', pattern_112),
-        ('fold_output_multiplier', pattern_113),
-        ('fold_output_multiplier_first', pattern_114),
-        ('fold_output_multiplier_first', pattern_115),
-        ('fold_signal_cast', pattern_116),
-        ('fold_signal_cast', pattern_117),
-        ('fold_kernel_cast', pattern_118),
-        ('fold_kernel_cast', pattern_119),
+        ('fold_gate_in', pattern_111),
+        ('fold_skip_weight', pattern_112),
+        ('fold_skip_weight_first', pattern_113),
+        ('fold_skip_addcmul', pattern_114),
+        ('fold_gelu', pattern_115),
+        ('fold_gelu_half', pattern_116),
+        ('fold_gelu_erfc', pattern_117),
+        ('fold_gelu_ndtr', pattern_118),
+        ('fold_output_multiplier', pattern_119),
+        ('fold_output_multiplier', pattern_120),
+        ('fold_output_multiplier_first', pattern_121),
+        ('fold_output_multiplier_first', pattern_122),
+        ('fold_signal_cast', pattern_123),
+        ('fold_signal_cast', pattern_124),
+        ('fold_kernel_cast', pattern_125),
+        ('fold_kernel_cast', pattern_126),
     ]
