@@ -338,6 +338,23 @@ def test_compiled_with_dynamic_lengths_equals_eager(head_dim, l_max):
         torch._dynamo.reset()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_with_dynamic_lengths_equals_eager_on_cuda():
+    # The issue's case: torch.compile(H3(256, l_max=8192).cuda(), dynamic=True) failed at its first
+    # call on the H100's torch 2.11.
+    torch.manual_seed(0)
+    layer = H3(256, l_max=8192).cuda()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, dynamic=True)
+        for seqlen in (2048, 1000, 8192):
+            x = torch.randn(2, seqlen, 256, device="cuda")
+            torch.testing.assert_close(compiled(x), layer(x), rtol=2e-3, atol=2e-3)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("seqlen,l_max", [(1, 1), (5, 64), (64, 64), (100, None), (4097, None)])
 def test_vandermonde_chunk_depends_on_l_max_not_on_the_length(seqlen, l_max):
     chunk = h3_module.vandermonde_chunk(seqlen, l_max)

@@ -115,8 +115,8 @@ def _warn_lost_rewrites(by_source: dict[str, list[Event]]) -> None:
             _warned_sources.add(source)
             reasons = "; ".join(f"[{e.code}] {e.reason}" for e in site_events if isinstance(e, Rejection))
             warnings.warn(
-                f"lcconv_compile: the FFT convolution at {source} was rewritten into lcconv::fftconv when it "
-                f"was first compiled, but this recompilation (new sizes or dtypes) leaves it as written, so it "
+                f"lcconv_compile: the FFT convolution at {source} was rewritten into lcconv::fftconv in an "
+                f"earlier compilation, but this one (other sizes, shapes or dtypes) leaves it as written, so it "
                 f"runs the unfused torch.fft code: {reasons}. lcconv_compile.explain(fn, *inputs, dynamic=True) "
                 f"reports it too.",
                 LostRewriteWarning, stacklevel=2)
