@@ -11,7 +11,16 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 PYTEST_WORKERS ?= auto
 
-.PHONY: demo test gpu-check bench clean
+# The oldest torch we support, for the compile-path tests (the op, the lowering passes, the models,
+# export) in a venv of its own. PyPI's only Linux x86_64 build of torch 2.11 is the CUDA one (about
+# 4.6 GB with its CUDA libraries, a minute to install); it runs on CPU machines too.
+OLDEST_VENV ?= .venv-torch-oldest
+OLDEST_TORCH_SPEC ?= torch==2.11.0
+OLDEST_TESTS ?= tests/test_ops.py tests/test_butterfly_ops.py tests/test_lowering_*.py tests/test_models_*.py
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+
+.PHONY: demo test test-oldest-torch gpu-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -27,6 +36,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q "$(OLDEST_TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(OLDEST_PY) -m pip install -q -e '.[test]'
+	$(OLDEST_PY) -c "import torch; assert torch.__version__.startswith('$(subst torch==,,$(OLDEST_TORCH_SPEC))'), torch.__version__"
+	touch $@
+
+# CI runs this after `make test`: the compile-path tests on the oldest supported torch.
+test-oldest-torch: $(OLDEST_STAMP)
+	$(OLDEST_PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS) $(OLDEST_TESTS)
+
 # On the GPU machine (device tool): GPU tests + benchmark in one call, results under $$OUT.
 gpu-check:
 	bash scripts/gpu_check.sh
@@ -35,4 +56,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fftconv.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info
