@@ -16,8 +16,11 @@ Lengths table (``--tables lengths``, the README plot): L = 1K..4M at a constant 
 samples ((1, 2^26 / L, L), bf16, Lk = L): ours (the op as dispatched by default), torch.fft and
 the floor, forward and forward+backward; ``benchmarks/plot_lengths.py`` draws it.
 
-Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, forward and
-forward+backward, for eager, ``torch.compile`` (default) and ``mode="reduce-overhead"``:
+Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, plain
+(``fftconv(u, k, D)``) and gated (``gate_in=g, gate_out=g``), forward and forward+backward, for
+eager, ``torch.compile`` (default), ``mode="reduce-overhead"`` and reduce-overhead with the inputs
+marked static (``torch._dynamo.mark_static_address``, so the CUDA graph reads them in place instead
+of copying them in on every call); ``copy_us`` = GPU us per call in copy kernels (profiler):
 ``host_us`` = host time to issue one call (many calls back to back, timed before the single
 synchronisation), ``wall_us`` = the same including it (what a training loop sees), ``gpu_us`` =
 GPU time of one call (CUDA events around a CUDA-graph replay of it, so host gaps do not count;
@@ -251,23 +254,35 @@ def run_lengths(dtype_name="bf16", device="cuda"):
 
 # ----------------------------------------------------------------------------- host overhead --
 HOST_SHAPES = ((2, 4, 1024), (8, 1024, 1024))
-HOST_MODES = ("eager", "compile", "reduce-overhead")
+# reduce-overhead-static: inputs at fixed addresses (torch._dynamo.mark_static_address), which CUDA
+# graph trees read in place; plain reduce-overhead copies every other input into the graph's own
+# buffers on each call (README "CUDA graphs").
+HOST_MODES = ("eager", "compile", "reduce-overhead", "reduce-overhead-static")
+HOST_VARIANTS = ("plain", "gated")  # fftconv(u, k, D) / fftconv(u, k, D, gate_in=g, gate_out=g)
 
 
-def _host_step(mode, backward, u, k, D, grad):
+def _host_call(variant):
+    if variant == "plain":
+        return lambda u, k, D, g: torch.ops.lcconv.fftconv(u, k, D)
+    return lambda u, k, D, g: lcconv_compile.fftconv(u, k, D, gate_in=g, gate_out=g)
+
+
+def _host_step(mode, backward, variant, inputs, grad):
     """One call of the op (forward, or forward + backward) as the given mode runs it."""
-    conv = ours if mode == "eager" else torch.compile(
-        ours, mode="reduce-overhead" if mode == "reduce-overhead" else None, dynamic=False)
-    mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
+    call = _host_call(variant)
+    conv = call if mode == "eager" else torch.compile(
+        call, mode="reduce-overhead" if mode.startswith("reduce-overhead") else None, dynamic=False)
+    mark_step = torch.compiler.cudagraph_mark_step_begin if mode.startswith("reduce-overhead") else (lambda: None)
+    wrt = [t for t in inputs if t.requires_grad]
     if backward:
         def step():
             mark_step()
-            return torch.autograd.grad(conv(u, k, D), (u, k, D), grad)
+            return torch.autograd.grad(conv(*inputs), wrt, grad)
     else:
         def step():
             mark_step()
             with torch.no_grad():
-                return conv(u, k, D)
+                return conv(*inputs)
     return step
 
 
@@ -297,44 +312,87 @@ def host_and_wall_us(step, calls):
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
+def gpu_kernels_per_call(step, calls=5):
+    """{kernel name: (launches per call, GPU us per call)} from the profiler, over ``calls`` calls:
+    shows what a mode adds on the GPU (e.g. the input copies of a CUDA-graph replay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels_seen = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0)
+        if device_us and event.count:
+            kernels_seen[event.key[:80]] = (event.count / calls, device_us / calls)
+    return kernels_seen
+
+
+def _host_inputs(B, H, L, mode, backward, device):
+    u, k, D, grad = _inputs(B, H, L, torch.bfloat16, device)
+    g = torch.randn_like(u)
+    inputs = (u, k, D, g)
+    for t in inputs:
+        t.requires_grad_(backward)
+        if mode == "reduce-overhead-static":
+            torch._dynamo.mark_static_address(t)
+    return inputs, grad
+
+
 def host_overhead(calls=200, device="cuda"):
     rows = []
     for B, H, L in HOST_SHAPES:
-        u, k, D, grad = _inputs(B, H, L, torch.bfloat16, device)
-        for backward in (False, True):
-            for t in (u, k, D):
-                t.requires_grad_(backward)
-            for mode in HOST_MODES:
-                torch._dynamo.reset()
-                counters.clear()
-                step = _host_step(mode, backward, u, k, D, grad)
-                row = dict(B=B, H=H, L=L, dtype="bf16", pass_="fwd+bwd" if backward else "fwd", mode=mode)
-                try:
-                    row["host_us"], row["wall_us"] = host_and_wall_us(step, calls)
-                    row["gpu_us"], row["gpu_timing"] = _gpu_us(step) if mode != "reduce-overhead" else (
-                        triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events")
-                except Exception as exc:  # report and go on: one broken mode must not hide the rest
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                # Graphs Inductor refused to put in CUDA graphs (reduce-overhead), with its reasons.
-                row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
-                rows.append(row)
-                print_host_row(row)
-                sys.stdout.flush()
+        for variant in HOST_VARIANTS:
+            for backward in (False, True):
+                for mode in HOST_MODES:
+                    torch._dynamo.reset()
+                    counters.clear()
+                    inputs, grad = _host_inputs(B, H, L, mode, backward, device)
+                    step = _host_step(mode, backward, variant, inputs, grad)
+                    row = dict(B=B, H=H, L=L, dtype="bf16", variant=variant,
+                               pass_="fwd+bwd" if backward else "fwd", mode=mode)
+                    try:
+                        row["host_us"], row["wall_us"] = host_and_wall_us(step, calls)
+                        row["gpu_us"], row["gpu_timing"] = _gpu_us(step) if not mode.startswith(
+                            "reduce-overhead") else (
+                            triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median") * 1e3, "events")
+                        row["gpu_kernels"] = gpu_kernels_per_call(step)
+                    except Exception as exc:  # report and go on: one broken mode must not hide the rest
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    # Graphs Inductor refused to put in CUDA graphs (reduce-overhead), with its reasons.
+                    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+                    rows.append(row)
+                    print_host_row(row)
+                    sys.stdout.flush()
+                    del inputs, grad, step
+                    torch.cuda.empty_cache()
     torch._dynamo.reset()
     return rows
 
 
-HOST_HEADER = (f"{'B,H,L':>14} {'pass':>8} {'mode':>16} {'host_us':>8} {'wall_us':>8} {'gpu_us':>8} "
-               f"{'wall/gpu':>8} {'cg_skips':>6}")
+def _copy_us(row) -> float:
+    """GPU us per call in copy kernels and memcpys (the CUDA-graph input copies show up here)."""
+    return sum(us for name, (_, us) in row.get("gpu_kernels", {}).items()
+               if "copy" in name.lower() or "memcpy" in name.lower())
+
+
+HOST_HEADER = (f"{'B,H,L':>14} {'variant':>7} {'pass':>8} {'mode':>22} {'host_us':>8} {'wall_us':>8} "
+               f"{'gpu_us':>8} {'wall/gpu':>8} {'copy_us':>8} {'cg_skips':>6}")
 
 
 def print_host_row(r):
     shape = f"{r['B']},{r['H']},{r['L']}"
+    head = f"{shape:>14} {r['variant']:>7} {r['pass_']:>8} {r['mode']:>22}"
     if "error" in r:
-        print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16}  error: {r['error']}")
+        print(f"{head}  error: {r['error']}")
         return
-    print(f"{shape:>14} {r['pass_']:>8} {r['mode']:>16} {r['host_us']:8.1f} {r['wall_us']:8.1f} "
-          f"{r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f} {r['cudagraph_skips']:>6}")
+    print(f"{head} {r['host_us']:8.1f} {r['wall_us']:8.1f} {r['gpu_us']:8.1f} {r['wall_us'] / r['gpu_us']:8.2f} "
+          f"{_copy_us(r):8.1f} {r['cudagraph_skips']:>6}")
 
 
 HEADER = (f"{'L':>6} {'dtype':>5} {'pass':>8} {'ours':>8} {'fft':>8} {'compiled':>8} {'sdpa':>8} "
