@@ -492,11 +492,16 @@ def fftconv(
     forward-over-forward (``torch.func.hessian``, ``jacfwd(jacfwd(...))``) raise
     NotImplementedError. Ordinary training graphs hold ``lcconv::fftconv_bwd``, no FFT ops.
 
-    NaN and Inf: the convolution is computed through an FFT (reference and FlashConv kernels),
-    which spreads a non-finite value over the whole row: NaN or Inf in ``u[b, h, t]`` or
-    ``gate_in[b, h, t]`` at any single t makes every output ``y[b, h, :]`` NaN, earlier time
-    steps too; in ``k[h, j]`` or ``D[h]``, every output of channel h. ``gate_out`` and
-    ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
+    NaN and Inf: the convolution is computed through an FFT (reference, FlashConv and
+    FlashButterfly kernels), which spreads a non-finite value over the whole row: NaN or Inf in
+    ``u[b, h, t]`` or ``gate_in[b, h, t]`` at any single t makes every output ``y[b, h, :]`` NaN,
+    earlier time steps too; in ``k[h, j]`` or ``D[h]``, every output of channel h. ``gate_out``
+    and ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
+    The short kernels (CUDA, ``Lk <= 128``) compute the sum directly: a NaN/Inf in u at t reaches
+    only ``y[b, h, t .. t+Lk-1]``.
+
+    Bad arguments raise TypeError/ValueError naming the argument (under torch.compile too; with
+    ``fullgraph=True`` Dynamo's Unsupported carries that error's type and message: README).
     """
     if torch.compiler.is_compiling():
         return _fftconv_traced(u, k, D, gate_in, gate_out, gelu, dropout_mask)
