@@ -6,6 +6,11 @@ Run it alone for the single-device baseline, or under torchrun for several devic
     torchrun --nproc-per-node 2 benchmarks/train_multi_gpu.py --strategy ddp --json ddp.json
     torchrun --nproc-per-node 2 benchmarks/train_multi_gpu.py --strategy fsdp --json fsdp.json
 
+Where it runs (``--device``, default ``auto``): on CUDA (NCCL between ranks) when the machine has
+a GPU for each rank on it, else on CPU (gloo), e.g. two ranks on a one-GPU machine; ``--device
+cpu`` asks for CPU and gloo anywhere, ``--device cuda`` refuses to fall back. Rank 0 says which
+it used, and why, on stderr and in the JSON (``device``, ``backend``, ``device_reason``).
+
 Every run trains on the same global batches (associative-recall sequences from one seed, next-token
 loss on every position); each of the W ranks takes its 1/W share, so the averaged gradient is the
 global batch's and the loss curves of all three runs should agree up to bf16 rounding. It prints
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: CUDA when there is a GPU for every rank on this machine, else CPU (gloo)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast (default: bf16 on cuda)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
@@ -53,24 +60,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
-    if args.dtype is None:
-        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
     return args
 
 
-def setup(strategy: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
+def choose_device(requested: str, local_ranks: int) -> tuple[str, str]:
+    """("cuda" or "cpu", why) for ``local_ranks`` processes on this machine, one GPU each.
+
+    Every rank of the machine sees the same GPU count, so all of them choose alike. A rank
+    without a GPU of its own cannot use CUDA (torch.cuda.set_device(1) on a one-GPU machine
+    fails with "invalid device ordinal"), so ``auto`` falls back to CPU and gloo."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = f"{gpus} CUDA device{'s' if gpus != 1 else ''} for {local_ranks} rank{'s' if local_ranks != 1 else ''}"
+    if requested == "cpu":
+        return "cpu", f"--device cpu ({have})"
+    if gpus >= local_ranks:
+        return "cuda", have
+    if requested == "cuda":
+        raise SystemExit(f"--device cuda: {have} on this machine; run fewer ranks or --device auto/cpu")
+    return "cpu", f"{have}: CPU and gloo"
+
+
+def setup(strategy: str, requested: str) -> tuple[int, int, torch.device, str, str]:
+    """(rank, world size, device, backend, why this device); initialises the process group under
+    torchrun (backend None for a single process)."""
     if strategy == "single":
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kind, why = choose_device(requested, 1)
+        return 0, 1, torch.device(kind), None, why
     if "RANK" not in os.environ:
         raise SystemExit(f"--strategy {strategy} runs under torchrun (e.g. torchrun --nproc-per-node 2 {sys.argv[0]})")
-    if torch.cuda.is_available():
+    kind, why = choose_device(requested, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    if kind == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank), "nccl", why
     dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), "gloo", why
 
 
 def build(args, device: torch.device, world: int):
@@ -102,7 +127,12 @@ def global_batch(args, step: int, device: torch.device):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rank, world, device = setup(args.strategy)
+    rank, world, device, backend, device_reason = setup(args.strategy, args.device)
+    if args.dtype is None:  # from the device chosen, not from whether the machine has a GPU
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if rank == 0:
+        print(f"{args.strategy} x{world} on {device.type}" + (f" ({backend})" if backend else "")
+              + f": {device_reason}; {args.dtype}", file=sys.stderr)
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the world size {world}")
     model, runner = build(args, device, world)
@@ -134,7 +164,8 @@ def main(argv=None) -> dict:
     timed = step_s[min(5, len(step_s) - 1):]  # the first steps compile
     step_ms = 1e3 * sorted(timed)[len(timed) // 2]
     result = {
-        "config": vars(args), "world_size": world, "device": str(device),
+        "config": vars(args), "world_size": world, "device": str(device), "backend": backend,
+        "device_reason": device_reason,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": os.environ.get("LCCONV_COMMIT", ""),
         "losses": losses, "step_ms": [1e3 * s for s in step_s], "median_step_ms": step_ms,

@@ -41,7 +41,7 @@ from torch.autograd.function import _SingleLevelFunction
 
 from . import reference
 from .kernels import select
-from .validation import check_fftconv_args, check_fftconv_call
+from .validation import check_fftconv_args, check_fftconv_call, fftconv_problem
 
 __all__ = ["fftconv", "fftconv_backward_impl", "fftconv_bwd_op", "fftconv_forward_impl", "fftconv_op"]
 
@@ -492,12 +492,19 @@ def fftconv(
     forward-over-forward (``torch.func.hessian``, ``jacfwd(jacfwd(...))``) raise
     NotImplementedError. Ordinary training graphs hold ``lcconv::fftconv_bwd``, no FFT ops.
 
-    NaN and Inf: the convolution is computed through an FFT (reference and FlashConv kernels),
-    which spreads a non-finite value over the whole row: NaN or Inf in ``u[b, h, t]`` or
-    ``gate_in[b, h, t]`` at any single t makes every output ``y[b, h, :]`` NaN, earlier time
-    steps too; in ``k[h, j]`` or ``D[h]``, every output of channel h. ``gate_out`` and
-    ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
+    NaN and Inf: the convolution is computed through an FFT (reference, FlashConv and
+    FlashButterfly kernels), which spreads a non-finite value over the whole row: NaN or Inf in
+    ``u[b, h, t]`` or ``gate_in[b, h, t]`` at any single t makes every output ``y[b, h, :]`` NaN,
+    earlier time steps too; in ``k[h, j]`` or ``D[h]``, every output of channel h. ``gate_out``
+    and ``dropout_mask`` act pointwise: only the outputs they multiply. Other rows stay finite.
+    The short kernels (CUDA, ``Lk <= 128``) compute the sum directly: a NaN/Inf in u at t reaches
+    only ``y[b, h, t .. t+Lk-1]``.
+
+    Bad arguments raise TypeError/ValueError naming the argument (under torch.compile too; with
+    ``fullgraph=True`` Dynamo's Unsupported carries that error's type and message: README).
     """
+    if torch.compiler.is_compiling():
+        return _fftconv_traced(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
     family = _plain_eager_kernel_family(u, k, D, gate_in, gate_out, dropout_mask)
     if family is not None:
@@ -507,6 +514,31 @@ def fftconv(
         ):
             return _EagerFFTConv.apply(family, u, k, D, gate_in, gate_out, gelu, dropout_mask)
         return family.fftconv_fwd(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+
+
+def _fftconv_traced(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> Tensor:
+    """``fftconv`` as Dynamo (torch.compile, strict torch.export) traces it: the checks in Python,
+    so that bad arguments raise their own ValueError/TypeError there too.
+
+    Checked only inside the op (its fake kernel), a bad argument reaches the user as Dynamo's
+    TorchRuntimeError. Checked here, a failure could simply be raised, but a raise that leaves the
+    compiled frame makes Dynamo skip that frame (the user's model) for good: after one caught bad
+    call the model would run eagerly (torch 2.11 and 2.13). Hence the graph break first: Dynamo
+    compiles the graph up to this call and the code after the break runs outside it, where the
+    checks raise the original error (Dynamo then gives up only on that code, not on the caller).
+    Under fullgraph=True or strict export the graph break is itself an error,
+    torch._dynamo.exc.Unsupported, whose message is the original error's type and message.
+
+    On valid arguments the checks evaluate what the fake kernel evaluates anyway: no graph break,
+    no guard the op's own tracing does not add (tests/test_ops.py), nothing in the compiled code.
+    """
+    problem = fftconv_problem(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    if problem is not None:
+        torch._dynamo.graph_break(msg=f"{type(problem).__name__}: {problem.args[0]}")
+        # Runs after the graph break, i.e. eagerly: raises the error found above.
+        check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+        check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)
 
 
@@ -528,9 +560,8 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 def _plain_eager_kernel_family(u, k, D, gate_in, gate_out, dropout_mask):
     """The kernel family a plain eager call can run directly (kernels.select's choice), else None
     (the call goes through the op)."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
+    if (  # (compiling was ruled out by fftconv)
+        torch._C._are_functorch_transforms_active()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch.autograd.forward_ad._current_level >= 0

@@ -1,8 +1,10 @@
 """Input checks for ``lcconv::fftconv``: one place that turns bad arguments into clear errors.
 
-Called by the op's real and fake implementations, so eager calls, ``torch.compile`` tracing and
-``torch.export`` all refuse the same inputs with the same message. Checks only shapes, dtypes and
-devices: it never reads tensor data (it must work on fake tensors).
+Called by the public ``fftconv`` and by the op's real and fake implementations, so eager calls,
+``torch.compile`` tracing and ``torch.export`` all refuse the same inputs with the same message.
+Checks only shapes, dtypes and devices: it never reads tensor data (it must work on fake tensors).
+``fftconv`` also runs them in code that Dynamo traces (see ops._fftconv_traced), so they are
+written in what Dynamo traces without a graph break or a guard of its own.
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _sizes(t: Tensor) -> str:
+    """t's shape written as a tuple, e.g. "(3,)" or "(2, 3, 10)". Built from f-strings of the sizes,
+    not str(tuple(t.shape)): under torch.compile with dynamic shapes the sizes are symbolic, and
+    Dynamo turns an f-string of one into a constant string but cannot format a tuple of them
+    (fftconv hands the message to Dynamo as a graph break's reason, which must be a constant)."""
+    sizes = [f"{size}" for size in t.shape]
+    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+
 def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"shape {_sizes(t)}, dtype {t.dtype}, device {t.device}"
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -80,7 +91,11 @@ def check_fftconv_args(
     _check_float("u", u)
     if u.dim() != 3:
         raise ValueError(f"fftconv: `u` must have shape (B, H, L), got {_describe(u)}")
-    batch, channels, seqlen = u.shape
+    # .size(), not .shape: with dynamic sizes Dynamo adds a type guard on a tensor whose .shape
+    # is read in traced code (not for .size()), a guard the op's own tracing does not add. Each
+    # size is read once: .size() costs a little more than .shape.
+    u_size = u.size()
+    batch, channels, seqlen = u_size
     if seqlen == 0:
         raise ValueError(f"fftconv: `u` has sequence length L = 0 ({_describe(u)}); need L >= 1")
 
@@ -93,12 +108,13 @@ def check_fftconv_args(
     _check_same_device("k", k, u)
     if k.dim() != 2:
         raise ValueError(f"fftconv: `k` must have shape (H, Lk), got {_describe(k)}")
-    if k.shape[0] != channels:
+    k_channels, kernel_len = k.size()
+    if k_channels != channels:
         raise ValueError(
             f"fftconv: `k` has {k.shape[0]} channels but `u` has H = {channels} "
             f"(u: {_describe(u)}; k: {_describe(k)}){_layout_hint(u, k)}"
         )
-    if k.shape[1] == 0 or k.shape[1] > seqlen:
+    if kernel_len == 0 or kernel_len > seqlen:
         raise ValueError(
             f"fftconv: kernel length Lk = {k.shape[1]} must satisfy 1 <= Lk <= L = {seqlen} "
             f"(k: {_describe(k)}); truncate the kernel or pad u"
@@ -107,7 +123,7 @@ def check_fftconv_args(
     if D is not None:
         _check_float("D", D)
         _check_same_device("D", D, u)
-        if D.dim() != 1 or D.shape[0] != channels:
+        if D.dim() != 1 or D.size(0) != channels:
             raise ValueError(f"fftconv: `D` must have shape (H,) = ({channels},), got {_describe(D)}")
 
     for name, gate in (("gate_in", gate_in), ("gate_out", gate_out)):
@@ -115,16 +131,29 @@ def check_fftconv_args(
             continue
         _check_float(name, gate)
         _check_same_device(name, gate, u)
-        if gate.shape != u.shape:
+        if gate.size() != u_size:
             raise ValueError(
-                f"fftconv: `{name}` must have the shape of `u` {tuple(u.shape)}, got {_describe(gate)}"
+                f"fftconv: `{name}` must have the shape of `u` {_sizes(u)}, got {_describe(gate)}"
             )
 
     if dropout_mask is not None:
         _check_float("dropout_mask", dropout_mask)
         _check_same_device("dropout_mask", dropout_mask, u)
-        if dropout_mask.shape != (batch, channels):
+        if dropout_mask.size() != (batch, channels):
             raise ValueError(
                 f"fftconv: `dropout_mask` must have shape (B, H) = ({batch}, {channels}), "
                 f"got {_describe(dropout_mask)}"
             )
+
+
+def fftconv_problem(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> Optional[Exception]:
+    """The TypeError/ValueError that the public ``fftconv``'s checks (:func:`check_fftconv_call`,
+    then :func:`check_fftconv_args`) raise for these arguments, returned rather than raised; None
+    when they pass. For ``fftconv`` under torch.compile, which must break the graph before it
+    raises (ops._fftconv_traced); the eager path calls the checks themselves, without this wrapper."""
+    try:
+        check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+        check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
+    except (TypeError, ValueError) as problem:
+        return problem
+    return None

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# `make gpu-check`: on the GPU machine, the GPU tests and the benchmarks in one call. Logs and
+# `make gpu-check`: on the GPU machine, the GPU tests and the benchmarks, in parts. Logs and
 # JSON go under $OUT (the device tool brings that folder back). Each part has its own time limit,
 # so one slow part cannot eat the others' time; the tail of each log is printed as it ends.
 #   GPU_PARTS      parts to run, in order (default: tests bench sweep explore)
-#   GPU_TEST_ARGS  pytest arguments (default: tests)          TEST_LIMIT    seconds (default 300)
+#   GPU_TEST_ARGS  pytest arguments (default: tests)          TEST_LIMIT    seconds (default 480)
+#   GPU_TEST_WORKERS  pytest-xdist workers for the tests part (default 10; 0 or 1: one process)
 #   BENCH_ARGS     bench_fftconv.py arguments                 BENCH_LIMIT   seconds (default 240)
 #   SWEEP_ARGS     sweep_shortconv.py arguments               SWEEP_LIMIT   seconds (default 150)
 #   EXPLORE_ARGS   explore_flashconv3.py arguments            EXPLORE_LIMIT seconds (default 200)
 #   LCCONV_COMMIT  the commit measured, written into every JSON (a copied tree may have no .git)
+# A device call lasts at most 10 minutes. The suite (~1300 tests) does not fit one in a single
+# process; with pytest-xdist `pytest -n 10` took 5m38 on the H100 machine (16 cores), so the tests
+# part runs GPU_TEST_WORKERS workers and may take 8 minutes: GPU_PARTS=tests fits one call, and
+# the benchmark parts go in another (GPU_PARTS="bench sweep explore"). --durations lists the
+# slowest tests in the log, to see what to trim if the suite grows past that.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -35,10 +41,22 @@ run_part() {  # name, time limit, command...
     [ "$rc" = 0 ] || status=1
 }
 
+test_workers() {  # pytest's -n for GPU_TEST_WORKERS, or nothing (one process, or no pytest-xdist)
+    local workers=${GPU_TEST_WORKERS:-10}
+    if [ "$workers" -gt 1 ] 2>/dev/null; then
+        if python3 -c "import xdist" 2>/dev/null; then
+            echo "-n $workers"
+        else
+            echo "gpu_check: pytest-xdist is missing, the tests run in one process" >&2
+        fi
+    fi
+}
+
 for part in ${GPU_PARTS:-tests bench sweep explore}; do
     case $part in
         # shellcheck disable=SC2086
-        tests) run_part tests "${TEST_LIMIT:-300}" python3 -m pytest -q -p no:cacheprovider ${GPU_TEST_ARGS:-tests} ;;
+        tests) run_part tests "${TEST_LIMIT:-480}" python3 -m pytest -q -p no:cacheprovider $(test_workers) \
+                   --durations=15 ${GPU_TEST_ARGS:-tests} ;;
         # shellcheck disable=SC2086
         bench) run_part bench "${BENCH_LIMIT:-240}" python3 benchmarks/bench_fftconv.py \
                    --out "$OUT/bench_fftconv.json" ${BENCH_ARGS:-} ;;

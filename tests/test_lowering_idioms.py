@@ -700,3 +700,67 @@ def test_a_failing_guard_costs_the_rewrite_not_the_compilation(monkeypatch):
     result = compile_once(textbook, u, k)
     assert result.rewrites == {} and result.rejections == {"internal_error": 1}
     assert rel_err(result.fn(u, k), direct_causal_conv(u, k)) < 1e-5
+
+
+# ------------------------------------------------------------------------------ NaN and Inf --
+def hand_written_fft_conv(u, k):
+    """The idiom as people write it: FFT size 2L, kernel zero-padded by rfft's n."""
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+
+
+_requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_CUDA = [pytest.mark.cuda, _requires_cuda]
+
+
+@pytest.mark.parametrize("device,seqlen,kernel_len,family", [
+    ("cpu", 256, 16, None),  # CPU: the compiled graph runs the op's reference (an FFT)
+    ("cpu", 256, 256, None),
+    pytest.param("cuda", 1024, 64, "shortconv", marks=_CUDA),  # Lk <= 128: the short kernels
+    pytest.param("cuda", 1024, 1024, "flashconv3", marks=_CUDA),  # FlashConv v5
+])
+def test_rewrite_narrows_nan_and_inf_never_widens(device, seqlen, kernel_len, family):
+    """README, "NaN and Inf": a rewrite may narrow NaN/Inf propagation, never widen it. Wherever
+    the compiled output is non-finite, the eager hand-written code's output is non-finite too;
+    where both are finite they agree. The compiled output is also non-finite at least where the
+    causal sum itself is (outputs t .. t+Lk-1 of the row: a rewrite never hides a NaN), and its
+    finite outputs equal the float64 direct sum. On CPU the compiled graph runs the reference,
+    an FFT like the eager code: there both spread over the whole row and the sets are equal. On
+    CUDA the short kernels compute the sum directly, so only outputs t .. t+Lk-1 are NaN/Inf."""
+    from lcconv_compile import kernels
+
+    batch, channels = 2, 3
+    u = torch.randn(batch, channels, seqlen, device=device)
+    k = torch.randn(channels, kernel_len, device=device) / kernel_len ** 0.5
+    if family is not None:  # the path under test is the one the op dispatches to
+        assert kernels.select(u, k).__name__.rsplit(".", 1)[-1] == family
+    # Static sizes: other tests compile the same function at other sizes, and Dynamo's automatic
+    # dynamic shapes would make these symbolic (left unrewritten, guards.py's `symbolic`).
+    compiled = compile_once(hand_written_fft_conv, u, k, dynamic=False)
+    assert sum(compiled.rewrites.values()) == 1, compiled.rewrites  # the op runs, not the FFTs
+
+    # A NaN in one row and an Inf in another, at one time step each, away from both ends.
+    nan_at, inf_at = (0, 1, seqlen // 2), (1, 2, seqlen // 3)
+    u[nan_at], u[inf_at] = float("nan"), float("inf")
+    got = compiled.fn(u, k)
+    eager = hand_written_fft_conv(u, k)
+    direct = direct_causal_conv(u, k)  # float64, tap by tap: non-finite exactly at t .. t+Lk-1
+
+    got_bad, eager_bad, direct_bad = ~got.isfinite(), ~eager.isfinite(), ~direct.isfinite()
+    rows, reach = torch.zeros_like(eager_bad), torch.zeros_like(eager_bad)
+    for b, h, t in (nan_at, inf_at):
+        rows[b, h] = True
+        reach[b, h, t:t + kernel_len] = True
+    assert torch.equal(direct_bad, reach)  # the oracle says what the causal sum reaches
+    assert not (got_bad & ~eager_bad).any(), "compiled non-finite where the eager code is finite"
+    assert not (direct_bad & ~got_bad).any(), "compiled finite where the causal sum is not"
+    both_finite = ~got_bad & ~eager_bad
+    assert rel_err(got[both_finite], eager[both_finite]) < 1e-4
+    assert rel_err(got[~got_bad], direct[~got_bad]) < 1e-4
+    # The eager FFT spreads each one over its whole row, earlier steps too, and nowhere else.
+    assert torch.equal(eager_bad, rows)
+    if device == "cpu":
+        assert torch.equal(got_bad, eager_bad)
+    elif family == "shortconv":
+        assert torch.equal(got_bad, direct_bad)

@@ -96,8 +96,19 @@ def test_compiled_h3_lm_under_ddp_matches_one_process(tmp_path):
         assert abs(mean_of_ranks - loss) < 1e-5 * max(1.0, abs(loss)), step
 
 
-def _multi_gpu_script(tmp_path, strategy: str) -> list[float]:
-    """benchmarks/train_multi_gpu.py at tiny sizes on CPU: alone, or under torchrun with 2 ranks."""
+# The script's runs go where the machine allows: with a GPU per rank on CUDA (NCCL), else on CPU
+# (gloo), e.g. on a one-GPU machine, where two ranks cannot each have a GPU. The 2-rank runs
+# choose for themselves (--device auto, the default, which is what is tested); the single process
+# is told the same device, and all use float32, so that the loss curves are comparable.
+SCRIPT_DEVICE = "cuda" if torch.cuda.device_count() >= WORLD else "cpu"
+# CPU: float32 summation order only. CUDA: also our kernels' fixed-order reductions over a batch
+# of 2 rows (DDP) instead of 4 (one process): a few ulps per step, grown through 4 AdamW steps.
+SCRIPT_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-4}[SCRIPT_DEVICE]
+
+
+def _multi_gpu_script(tmp_path, strategy: str, device: str) -> dict:
+    """benchmarks/train_multi_gpu.py at tiny sizes, alone or under torchrun with 2 ranks, with
+    ``--device device``; the JSON it writes, after checking it ran on SCRIPT_DEVICE."""
     import json
     import pathlib
     import subprocess
@@ -109,19 +120,51 @@ def _multi_gpu_script(tmp_path, strategy: str) -> list[float]:
                                                               "--nproc-per-node", str(WORLD)]
     command = launcher + [str(root / "benchmarks" / "train_multi_gpu.py"), "--strategy", strategy, "--d-model", "16",
                           "--n-layers", "1", "--seq-len", "64", "--global-batch", "4", "--vocab-size", "16",
-                          "--steps", "4", "--no-compile", "--json", str(out)]
+                          "--steps", "4", "--no-compile", "--device", device, "--dtype", "fp32",
+                          "--json", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())["losses"]
+    result = json.loads(out.read_text())
+    # It says where it ran, on stderr and in the JSON.
+    backend = None if strategy == "single" else {"cpu": "gloo", "cuda": "nccl"}[SCRIPT_DEVICE]
+    assert result["device"].split(":")[0] == SCRIPT_DEVICE and result["backend"] == backend, result
+    assert f"on {SCRIPT_DEVICE}" in done.stderr and result["device_reason"] in done.stderr
+    return result
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(SCRIPT_DEVICE == "cuda" and not dist.is_nccl_available(), reason="needs NCCL for CUDA ranks")
 def test_multi_gpu_script_ddp_and_fsdp2_follow_the_single_process_loss_curve(tmp_path):
-    single = _multi_gpu_script(tmp_path, "single")
+    single = _multi_gpu_script(tmp_path, "single", SCRIPT_DEVICE)["losses"]
     assert single[-1] < single[0]  # it trains
     for strategy in ("ddp", "fsdp"):
-        losses = _multi_gpu_script(tmp_path, strategy)
+        result = _multi_gpu_script(tmp_path, strategy, "auto")
+        assert result["world_size"] == WORLD
+        losses = result["losses"]
         assert len(losses) == len(single)
         for step, (got, want) in enumerate(zip(losses, single)):
-            assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (strategy, step, got, want)
+            assert abs(got - want) < SCRIPT_TOLERANCE * max(1.0, abs(want)), (strategy, step, got, want)
+
+
+def test_multi_gpu_script_falls_back_to_cpu_without_a_gpu_per_rank(monkeypatch):
+    """Two ranks on a one-GPU machine (the GPU suite's machine) run on CPU with gloo, and say so;
+    --device cuda refuses rather than fall back; --device cpu is honoured with GPUs present."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_multi_gpu.py"
+    spec = importlib.util.spec_from_file_location("train_multi_gpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert script.choose_device("auto", 1) == ("cuda", "1 CUDA device for 1 rank")
+    kind, why = script.choose_device("auto", 2)
+    assert kind == "cpu" and why == "1 CUDA device for 2 ranks: CPU and gloo"
+    with pytest.raises(SystemExit, match="--device cuda: 1 CUDA device for 2 ranks"):
+        script.choose_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert script.choose_device("auto", 2)[0] == "cuda"
+    assert script.choose_device("cpu", 2)[0] == "cpu"

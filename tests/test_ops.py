@@ -177,7 +177,7 @@ def _good():
     return dict(u=torch.randn(2, 3, 10), k=torch.randn(3, 4), D=torch.randn(3))
 
 
-@pytest.mark.parametrize("change,exc,message", [
+_BAD_TENSORS = [  # (change to _good(), exception, message): every message names the argument
     (dict(u=torch.randn(3, 10)), ValueError, r"`u` must have shape \(B, H, L\), got shape \(3, 10\)"),
     (dict(u=torch.randn(2, 3, 0), k=torch.randn(3, 1)), ValueError, r"L = 0"),
     (dict(k=torch.randn(3)), ValueError, r"`k` must have shape \(H, Lk\), got shape \(3,\)"),
@@ -195,7 +195,19 @@ def _good():
     (dict(gate_in=torch.randn(2, 3, 9)), ValueError, r"`gate_in` must have the shape of `u`"),
     (dict(gate_out=torch.randn(2, 3, 10, dtype=torch.complex64)), TypeError, r"`gate_out` must be a real"),
     (dict(dropout_mask=torch.rand(2, 3, 1)), ValueError, r"`dropout_mask` must have shape \(B, H\) = \(2, 3\)"),
-])
+]
+_BAD_PYTHON_VALUES = [
+    (dict(gelu="tanh"), TypeError, r"`gelu` must be True or False .*got str 'tanh'; only the exact \(erf\) GELU"),
+    (dict(gelu=1), TypeError, r"`gelu` must be True or False .*got int 1$"),
+    (dict(u=[1.0, 2.0]), TypeError, r"`u` must be a torch.Tensor, got list"),
+    (dict(k=None), TypeError, r"`k` must be a torch.Tensor, got NoneType"),
+    (dict(D=0.5), TypeError, r"`D` must be a torch.Tensor or None, got float 0.5"),
+    (dict(gate_in=2), TypeError, r"`gate_in` must be a torch.Tensor or None, got int 2"),
+    (dict(dropout_mask=0.1), TypeError, r"`dropout_mask` must be a torch.Tensor or None, got float 0.1"),
+]
+
+
+@pytest.mark.parametrize("change,exc,message", _BAD_TENSORS)
 def test_bad_input_gets_clear_error(change, exc, message):
     args = _good()
     args.update(change)
@@ -203,19 +215,11 @@ def test_bad_input_gets_clear_error(change, exc, message):
         fftconv(**args)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(gelu="tanh"), r"`gelu` must be True or False .*got str 'tanh'; only the exact \(erf\) GELU"),
-    (dict(gelu=1), r"`gelu` must be True or False .*got int 1$"),
-    (dict(u=[1.0, 2.0]), r"`u` must be a torch.Tensor, got list"),
-    (dict(k=None), r"`k` must be a torch.Tensor, got NoneType"),
-    (dict(D=0.5), r"`D` must be a torch.Tensor or None, got float 0.5"),
-    (dict(gate_in=2), r"`gate_in` must be a torch.Tensor or None, got int 2"),
-    (dict(dropout_mask=0.1), r"`dropout_mask` must be a torch.Tensor or None, got float 0.1"),
-])
-def test_non_tensor_arguments_get_clear_errors(change, message):
+@pytest.mark.parametrize("change,exc,message", _BAD_PYTHON_VALUES)
+def test_non_tensor_arguments_get_clear_errors(change, exc, message):
     args = _good()
     args.update(change)
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(exc, match=message):
         fftconv(**args)
 
 
@@ -232,9 +236,149 @@ def test_channels_last_layout_gets_a_transpose_hint():
         fftconv(torch.randn(2, 3, 10), torch.randn(4, 4))
 
 
-def test_bad_input_errors_under_compile_too(fresh_compile):
-    with pytest.raises(Exception, match=r"Lk = 11 must satisfy"):
-        torch.compile(fftconv, fullgraph=True)(torch.randn(2, 3, 10), torch.randn(3, 11))
+# Under torch.compile and torch.export. Where each type holds (README, "The op"):
+#   eager, torch.compile (fullgraph=False, static or dynamic shapes), non-strict torch.export:
+#       the original ValueError/TypeError. fftconv checks its arguments in code that Dynamo
+#       traces; on a failure it breaks the graph and the rest of the call runs eagerly and raises.
+#   torch.compile(fullgraph=True), strict torch.export: there a graph break is an error, Dynamo's
+#       torch._dynamo.exc.Unsupported (a RuntimeError), whose message holds the original
+#       exception's type and message ("User-inserted graph break. Message: ValueError: ...").
+#   torch.ops.lcconv.fftconv called directly under torch.compile: the check fails in the op's fake
+#       kernel, which Dynamo reports as TorchRuntimeError (a RuntimeError), message kept.
+def _compiled_block(**compile_options):
+    # A neighbour after the call, so that the call sits inside a graph rather than being the graph.
+    return torch.compile(lambda a: fftconv(**a) * 2, **compile_options)
+
+
+@pytest.mark.parametrize("change,exc,message", _BAD_TENSORS + _BAD_PYTHON_VALUES)
+def test_bad_input_keeps_its_type_under_compile(change, exc, message, fresh_compile):
+    args = _good()
+    args.update(change)
+    with pytest.raises(exc, match=message):
+        _compiled_block()(args)
+
+
+@pytest.mark.parametrize("change,exc,message", [_BAD_TENSORS[i] for i in (0, 3, 4, 8, 14)] + _BAD_PYTHON_VALUES[:1])
+def test_bad_input_keeps_its_type_under_compile_with_dynamic_shapes(change, exc, message, fresh_compile):
+    args = _good()
+    args.update(change)
+    with pytest.raises(exc, match=message):
+        _compiled_block(dynamic=True)(args)
+
+
+def test_bad_input_keeps_its_type_after_a_good_call_compiled(fresh_compile):
+    # A compiled graph exists (guards on the good shapes): the bad call fails its guards,
+    # recompiles, and still raises the original type.
+    block = _compiled_block()
+    good = _good()
+    torch.testing.assert_close(block(good), 2 * direct_causal_conv(good["u"], good["k"], good["D"]).float())
+    with pytest.raises(ValueError, match=r"`k` has 4 channels but `u` has H = 3"):
+        block(dict(good, k=torch.randn(4, 4)))
+
+
+def test_a_caught_bad_call_leaves_the_caller_compiled(fresh_compile):
+    """An exception raised in traced code that leaves the compiled frame makes Dynamo skip that
+    frame for good (every later call of the caller would run eagerly); fftconv breaks the graph
+    before raising, so the caller's next calls compile as usual, with the op in their graph."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    backend = EagerAndRecordGraphs()
+    block = torch.compile(lambda u, k, D: fftconv(u, k, D) * 2, backend=backend)
+    with pytest.raises(ValueError, match=r"Lk = 11 must satisfy"):
+        block(torch.randn(2, 3, 10), torch.randn(3, 11), torch.randn(3))
+    graphs_before = len(backend.graphs)
+    u, k, D = torch.randn(2, 3, 12), torch.randn(3, 5), torch.randn(3)
+    torch.testing.assert_close(block(u, k, D), 2 * direct_causal_conv(u, k, D).float())
+    new_graphs = backend.graphs[graphs_before:]
+    assert any("lcconv.fftconv" in graph.code for graph in new_graphs), [g.code for g in new_graphs]
+
+
+_FULLGRAPH_CASES = [_BAD_TENSORS[i] for i in (4, 8)] + _BAD_PYTHON_VALUES[:1]
+
+
+@pytest.mark.parametrize("change,exc,message", _FULLGRAPH_CASES)
+def test_bad_input_under_fullgraph_names_the_original_error(change, exc, message, fresh_compile):
+    args = _good()
+    args.update(change)
+    # Dynamo's error for the graph break, whose reason is the original type's name and message.
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=f"Message: {exc.__name__}: fftconv: .*{message.rstrip('$')}"):
+        _compiled_block(fullgraph=True)(args)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("change,exc,message", _FULLGRAPH_CASES)
+def test_bad_input_under_export(change, exc, message, strict):
+    args = _good()
+    args.update(change)
+    u, k = args.pop("u"), args.pop("k")
+
+    class Block(torch.nn.Module):
+        def forward(self, u, k):
+            return fftconv(u, k, **args)
+
+    expected = (torch._dynamo.exc.Unsupported, f"Message: {exc.__name__}: fftconv: .*{message.rstrip('$')}") if strict else (exc, message)
+    with pytest.raises(expected[0], match=expected[1]):
+        torch.export.export(Block(), (u, k), strict=strict)
+
+
+def test_bad_input_to_the_raw_op_under_compile_is_dynamos_error(fresh_compile):
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"Lk = 11 must satisfy"):
+        torch.compile(op, fullgraph=True)(torch.randn(2, 3, 10), torch.randn(3, 11))
+
+
+def _input_guards(fn, args, dynamic):
+    """The code of the guards that read fn's arguments (Dynamo's cache entry for fn)."""
+    torch._dynamo.reset()
+    torch.compile(fn, backend="eager", fullgraph=True, dynamic=dynamic)(*args)
+    (entry,) = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
+    return sorted(part for part in entry.guard_manager.code_parts if "L[" in part)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_checks_add_no_guard_and_no_graph_break(dynamic, fresh_compile):
+    """The checks fftconv runs in traced code (for the original error types above) cost a valid
+    call nothing: fullgraph=True proves there is no graph break, and the guards on the inputs are
+    those of a direct call of the op (whose fake kernel runs the same checks). Guards on
+    lcconv_compile's own functions and constants (identity checks) are not the inputs' and are
+    left out."""
+    def public(u, k, D, g, m):
+        return fftconv(u, k, D, gate_in=g, gate_out=g, gelu=True, dropout_mask=m)
+
+    def raw(u, k, D, g, m):
+        return op(u, k, D, g, g, True, m)
+
+    args = op_args(2, 3, 16, 8, options=True)
+    inputs = (args["u"], args["k"], args["D"], args["gate_in"], args["dropout_mask"])
+    public_guards = _input_guards(public, inputs, dynamic)
+    assert public_guards == _input_guards(raw, inputs, dynamic)
+    assert any("L['u']" in part for part in public_guards)  # the comparison saw the guards at all
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_an_eager_call_checks_its_arguments_once(fast_path, requires_grad, monkeypatch):
+    """Each check runs once per eager call (issue 23: no check repeated on the way to the
+    kernel), on the op path (CPU: the reference) and on the fast path (a kernel family called
+    directly), with and without autograd; the compiled path's checks are not on this path."""
+    from lcconv_compile import kernels, ops
+
+    calls = []
+    for name in ("check_fftconv_call", "check_fftconv_args"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: (calls.append(_n), _f(*a))[1])
+    if fast_path:
+        family = _RecordingFamily()
+        monkeypatch.setattr(kernels, "FAMILIES", (family,))
+    args = random_args(2, 3, 24, 9, options=True)
+    args["u"].requires_grad_(requires_grad)
+    y = fftconv(**args)
+    torch.testing.assert_close(y, direct_fftconv(**{n: v.detach() if isinstance(v, torch.Tensor) else v
+                                                    for n, v in args.items()}))
+    if requires_grad:
+        y.sum().backward()
+    assert sorted(calls) == ["check_fftconv_args", "check_fftconv_call"]
+    if fast_path:
+        assert family.calls == (["fwd", "bwd"] if requires_grad else ["fwd"])
 
 
 # ----------------------------------------------------------------------- pinned graph shape --
