@@ -17,10 +17,11 @@ samples ((1, 2^26 / L, L), bf16, Lk = L): ours (the op as dispatched by default)
 the floor, forward and forward+backward; ``benchmarks/plot_lengths.py`` draws it.
 
 Host-overhead table (``--tables host``): at (2, 4, 1K) and (8, 1024, 1K) bf16, plain
-(``fftconv(u, k, D)``) and gated (``gate_in=g, gate_out=g``), forward and forward+backward, for
-eager, ``torch.compile`` (default), ``mode="reduce-overhead"`` and reduce-overhead with the inputs
-marked static (``torch._dynamo.mark_static_address``, so the CUDA graph reads them in place instead
-of copying them in on every call); ``copy_us`` = GPU us per call in copy kernels (profiler):
+(``fftconv(u, k, D)``), gated (``gate_in=g, gate_out=g``) and ``torch_mul`` (``u * 2``, no op of
+ours: the control), forward and forward+backward, for eager, ``torch.compile`` (default) and
+``mode="reduce-overhead"`` (``--host-modes`` adds ``reduce-overhead-static``: the inputs marked
+with ``torch._dynamo.mark_static_address``); ``copy_us`` = GPU us per call in copies (profiler; CUDA
+graph trees copy inputs that are not static into the graph's buffers before each replay):
 ``host_us`` = host time to issue one call (many calls back to back, timed before the single
 synchronisation), ``wall_us`` = the same including it (what a training loop sees), ``gpu_us`` =
 GPU time of one call (CUDA events around a CUDA-graph replay of it, so host gaps do not count;
@@ -254,17 +255,23 @@ def run_lengths(dtype_name="bf16", device="cuda"):
 
 # ----------------------------------------------------------------------------- host overhead --
 HOST_SHAPES = ((2, 4, 1024), (8, 1024, 1024))
-# reduce-overhead-static: inputs at fixed addresses (torch._dynamo.mark_static_address), which CUDA
-# graph trees read in place; plain reduce-overhead copies every other input into the graph's own
-# buffers on each call (README "CUDA graphs").
+# reduce-overhead-static: the inputs marked static (torch._dynamo.mark_static_address), which should
+# let CUDA graph trees read them in place instead of copying them into the graph's own buffers on
+# every call (README "CUDA graphs"; not in the default modes: on torch 2.11 the copies stayed).
 HOST_MODES = ("eager", "compile", "reduce-overhead", "reduce-overhead-static")
-HOST_VARIANTS = ("plain", "gated")  # fftconv(u, k, D) / fftconv(u, k, D, gate_in=g, gate_out=g)
+DEFAULT_HOST_MODES = ("eager", "compile", "reduce-overhead")
+# plain: fftconv(u, k, D); gated: fftconv(u, k, D, gate_in=g, gate_out=g); torch_mul: u * 2, a
+# one-kernel graph without our op, the control for what each mode costs by itself.
+HOST_VARIANTS = ("plain", "gated", "torch_mul")
+_VARIANT_INPUTS = {"plain": 3, "gated": 4, "torch_mul": 1}  # how many of (u, k, D, g) it reads
 
 
 def _host_call(variant):
     if variant == "plain":
         return lambda u, k, D, g: torch.ops.lcconv.fftconv(u, k, D)
-    return lambda u, k, D, g: lcconv_compile.fftconv(u, k, D, gate_in=g, gate_out=g)
+    if variant == "gated":
+        return lambda u, k, D, g: lcconv_compile.fftconv(u, k, D, gate_in=g, gate_out=g)
+    return lambda u, k, D, g: u * 2.0
 
 
 def _host_step(mode, backward, variant, inputs, grad):
@@ -273,7 +280,7 @@ def _host_step(mode, backward, variant, inputs, grad):
     conv = call if mode == "eager" else torch.compile(
         call, mode="reduce-overhead" if mode.startswith("reduce-overhead") else None, dynamic=False)
     mark_step = torch.compiler.cudagraph_mark_step_begin if mode.startswith("reduce-overhead") else (lambda: None)
-    wrt = [t for t in inputs if t.requires_grad]
+    wrt = [t for t in inputs[:_VARIANT_INPUTS[variant]] if t.requires_grad]
     if backward:
         def step():
             mark_step()
@@ -344,12 +351,12 @@ def _host_inputs(B, H, L, mode, backward, device):
     return inputs, grad
 
 
-def host_overhead(calls=200, device="cuda"):
+def host_overhead(calls=200, device="cuda", modes=DEFAULT_HOST_MODES, variants=HOST_VARIANTS):
     rows = []
     for B, H, L in HOST_SHAPES:
-        for variant in HOST_VARIANTS:
+        for variant in variants:
             for backward in (False, True):
-                for mode in HOST_MODES:
+                for mode in modes:
                     torch._dynamo.reset()
                     counters.clear()
                     inputs, grad = _host_inputs(B, H, L, mode, backward, device)
@@ -427,6 +434,8 @@ def main():
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
     parser.add_argument("--host-calls", type=int, default=200, help="calls per host-overhead measurement")
+    parser.add_argument("--host-modes", nargs="+", default=list(DEFAULT_HOST_MODES), choices=HOST_MODES)
+    parser.add_argument("--host-variants", nargs="+", default=list(HOST_VARIANTS), choices=HOST_VARIANTS)
     parser.add_argument("--out", default="bench_fftconv.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -447,7 +456,7 @@ def main():
         result.update(run_lengths())
     if "host" in args.tables:
         print("\n# host overhead (us per call)\n" + HOST_HEADER)
-        result["host_rows"] = host_overhead(args.host_calls)
+        result["host_rows"] = host_overhead(args.host_calls, modes=args.host_modes, variants=args.host_variants)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"# wrote {args.out}")
