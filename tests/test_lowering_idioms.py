@@ -738,7 +738,8 @@ def test_rewrite_narrows_nan_and_inf_never_widens(device, seqlen, kernel_len, fa
     # Static sizes: other tests compile the same function at other sizes, and Dynamo's automatic
     # dynamic shapes would make these symbolic (left unrewritten, guards.py's `symbolic`).
     compiled = compile_once(hand_written_fft_conv, u, k, dynamic=False)
-    assert sum(compiled.rewrites.values()) == 1, compiled.rewrites  # the op runs, not the FFTs
+    # The op runs, not the FFTs (on CUDA the lowering stage then counts its launch too).
+    assert compiled.rewrites.get("rfft_conv_inference") == 1, compiled.rewrites
 
     # A NaN in one row and an Inf in another, at one time step each, away from both ends.
     nan_at, inf_at = (0, 1, seqlen // 2), (1, 2, seqlen // 3)
