@@ -28,6 +28,16 @@ def hand_written_conv(u, k):
     return torch.fft.irfft(torch.fft.rfft(u, n=fft_size) * k_f, n=fft_size, norm="forward")[..., :seqlen]
 
 
+
+def in_place_skip_and_gate(u, k, D, gate, mask):
+    """Skip term and gate applied in place to the cropped idiom (functionalized: crop writes)."""
+    seqlen, n = u.shape[-1], 2 * u.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+    y.add_(u * D[:, None])
+    y.mul_(gate)
+    return y
+
+
 def inputs():
     return dict(
         u=torch.randn(B, H, L),
@@ -103,14 +113,7 @@ return (v1,)""")
     def test_in_place_skip_and_gate_on_the_cropped_idiom_fold(self):
         # Functionalized, each in-place op writes the crop back into the inverse FFT's output and
         # the next reads it again: read through, the graph is the out-of-place one.
-        def in_place(u, k, D, gate, mask):
-            seqlen, n = u.shape[-1], 2 * u.shape[-1]
-            y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
-            y.add_(u * D[:, None])
-            y.mul_(gate)
-            return y
-
-        result = compile_once(in_place, *inputs().values())
+        result = compile_once(in_place_skip_and_gate, *inputs().values())
         self.assertExpectedInline("\n".join(result.graphs), """\
 inputs in0: f32[2, 4, 24], in1: f32[4, 24], in2: f32[4], in3: f32[2, 4, 24]
 v0 = lcconv.fftconv(in0, in1, in2, None, in3)
@@ -267,17 +270,10 @@ def test_training_forward_folds_only_what_the_backward_does_not_read():
 def test_in_place_ops_on_the_crop_when_training_keep_their_gradients():
     # The crops read through their scatters in the joint graph; its backward (copy,
     # slice_scatter) matches no training pattern, so it runs as written, with exact gradients.
-    def in_place(u, k, D, gate, mask):
-        seqlen, n = u.shape[-1], 2 * u.shape[-1]
-        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
-        y.add_(u * D[:, None])
-        y.mul_(gate)
-        return y
-
     x = inputs()
     for name in ("u", "k", "D"):
         x[name].requires_grad_()
-    result = compile_once(in_place, *x.values(), train=True)
+    result = compile_once(in_place_skip_and_gate, *x.values(), train=True)
     assert result.rewrites == {}
 
     x = inputs()
@@ -287,7 +283,7 @@ def test_in_place_ops_on_the_crop_when_training_keep_their_gradients():
     got = torch.autograd.grad(y, leaves, grad_y)
     x64 = {name: t.detach().double() for name, t in x.items()}
     leaves64 = [x64[n].requires_grad_() for n in ("u", "k", "D")]
-    y64 = in_place(*x64.values())
+    y64 = in_place_skip_and_gate(*x64.values())
     want = torch.autograd.grad(y64, leaves64, grad_y.double())
     assert rel_err(y, y64) < 1e-5
     for g, w in zip(got, want):
