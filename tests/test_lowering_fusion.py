@@ -28,7 +28,6 @@ def hand_written_conv(u, k):
     return torch.fft.irfft(torch.fft.rfft(u, n=fft_size) * k_f, n=fft_size, norm="forward")[..., :seqlen]
 
 
-
 def in_place_skip_and_gate(u, k, D, gate, mask):
     """Skip term and gate applied in place to the cropped idiom (functionalized: crop writes)."""
     seqlen, n = u.shape[-1], 2 * u.shape[-1]
