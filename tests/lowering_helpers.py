@@ -102,7 +102,8 @@ class Compiled:
     rejections: dict[str, int]  # counters["lcconv_rejected"] increments
 
 
-def _delta(before: collections.Counter, after: collections.Counter) -> dict[str, int]:
+def counter_delta(before: collections.Counter, after: collections.Counter) -> dict[str, int]:
+    """What a counter gained between two readings, by key."""
     return {key: after[key] - before[key] for key in after if after[key] != before[key]}
 
 
@@ -131,8 +132,8 @@ def compile_once(fn: Callable[..., Any], *inputs: torch.Tensor, train: bool = Fa
     return Compiled(
         fn=compiled,
         graphs=recorder.graphs,
-        rewrites=_delta(before[REWRITE_COUNTERS], counters[REWRITE_COUNTERS]),
-        rejections=_delta(before[REJECTION_COUNTERS], counters[REJECTION_COUNTERS]),
+        rewrites=counter_delta(before[REWRITE_COUNTERS], counters[REWRITE_COUNTERS]),
+        rejections=counter_delta(before[REJECTION_COUNTERS], counters[REJECTION_COUNTERS]),
     )
 
 

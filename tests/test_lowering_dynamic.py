@@ -18,7 +18,7 @@ import torch
 
 import lcconv_compile
 from inputs import rel_err
-from lowering_helpers import no_compile_caches
+from lowering_helpers import counter_delta, no_compile_caches
 from lcconv_compile.lowering import install
 from lcconv_compile.lowering.events import REJECTION_COUNTERS, REWRITE_COUNTERS
 from torch._dynamo.utils import counters
@@ -78,8 +78,7 @@ def run_lengths(fn, lengths, kernel_len=None, train=False):
                 want_grads = torch.autograd.grad(want, (u, k), grad)
                 for g, w, name in zip(got_grads, want_grads, ("du", "dk")):
                     assert rel_err(g, w) < 1e-5, (seqlen, name, rel_err(g, w))
-    return {name: {key: counters[name][key] - before[name][key] for key in counters[name]
-                   if counters[name][key] != before[name][key]} for name in before}
+    return {name: counter_delta(before[name], counters[name]) for name in before}
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
@@ -105,7 +104,7 @@ def test_dynamic_true_rewrites_the_first_graph():
         for seqlen in (64, 96, 40):
             u, k = _inputs(seqlen, seqlen, False)
             assert rel_err(compiled(u, k), h3_min_l_max(u, k)) < 1e-5
-    assert counters[REWRITE_COUNTERS] - before == {"rfft_conv_scaled_kernel_inference": 1}
+    assert counter_delta(before, counters[REWRITE_COUNTERS]) == {"rfft_conv_scaled_kernel_inference": 1}
 
 
 def test_length_where_the_lookalike_turns_circular_stays_alone_and_warns():
