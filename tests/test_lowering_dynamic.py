@@ -151,3 +151,26 @@ def test_explain_with_dynamic_true_reports_the_symbolic_graph():
     report = lcconv_compile.explain(h3_min_l_max, u, k, dynamic=True)
     assert [r.pattern for r in report.rewritten] == ["rfft_conv_scaled_kernel_inference"]
     assert report.rejected == []
+
+
+def folded_block(u, k, D, gate):
+    # Skip term through addcmul with a viewed weight, the erfc GELU and an output gate: each folds.
+    seqlen = u.shape[-1]
+    n = 2 * seqlen
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :seqlen]
+    y = torch.addcmul(y, u, D.view(-1, 1))
+    y = 0.5 * y * torch.erfc(-y / 2.0 ** 0.5)
+    return y * gate
+
+
+def test_folds_hold_at_a_second_length():
+    torch._dynamo.reset()
+    before = counters[REWRITE_COUNTERS].copy()
+    with no_compile_caches():
+        install.install_passes()
+        compiled = torch.compile(folded_block)
+        for seqlen in (64, 96, 40):
+            args = (torch.randn(B, H, seqlen), torch.randn(H, seqlen), torch.randn(H), torch.randn(B, H, seqlen))
+            assert rel_err(compiled(*args), folded_block(*args)) < 1e-5, seqlen
+    folds = ("rfft_conv_inference", "fold_skip_addcmul", "fold_gelu_erfc", "fold_output_multiplier")
+    assert counter_delta(before, counters[REWRITE_COUNTERS]) == {name: 2 for name in folds}  # both graphs
