@@ -1,0 +1,116 @@
+"""FlashConv v6's math on CPU (kernels/monarch_plan.py): the plan, the factor matrices, the
+twiddles and index maps against torch.fft, and the kernel's schedule with its float16 roundings
+against the float64 reference. The Gluon kernel itself runs only on the device
+(tests/test_kernels_monarch_conv.py)."""
+
+import math
+
+import pytest
+import torch
+
+from lcconv_compile.kernels import monarch_plan as mp
+from lcconv_compile.reference import fftconv_ref
+
+from inputs import as_float64, random_args, rel_err
+
+
+@pytest.mark.parametrize("seqlen, n, n1, n2, pairs, chunks", [
+    (257, 1024, 64, 16, 4, 1), (512, 1024, 64, 16, 4, 1), (513, 2048, 64, 32, 2, 1),
+    (1024, 2048, 64, 32, 2, 1), (2048, 4096, 64, 64, 1, 1), (3000, 8192, 128, 64, 1, 2),
+    (4096, 8192, 128, 64, 1, 2)])
+def test_plan_for_each_length(seqlen, n, n1, n2, pairs, chunks):
+    plan = mp.plan_for(seqlen)
+    assert (plan.n, plan.n1, plan.n2, plan.pairs, plan.chunks) == (n, n1, n2, pairs, chunks)
+    assert plan.n >= 2 * seqlen and plan.n1 * plan.n2 == plan.n
+    assert plan.shared_bytes() <= 200 * 1024  # leaves room for layout-conversion scratch (227 KB)
+
+
+@pytest.mark.parametrize("seqlen", [1, 256, 4097, 8192])
+def test_no_plan_outside_the_range(seqlen):
+    assert mp.plan_for(seqlen) is None
+    with pytest.raises(ValueError, match="no plan for L"):
+        mp.emulate_forward(torch.randn(2, 1, seqlen), torch.randn(1, 1))
+
+
+def test_flops_count_the_causal_halves():
+    plan = mp.plan_for(4096)  # 128 x 64: S1 and S1' 64 wide, S2 and S2' 64 wide
+    assert plan.flops_per_pair() == 8 * 8192 * (64 + 128 + 64)
+
+
+def test_dft_factor_is_unitary_and_symmetric():
+    fr, fi = mp.dft_factor(64, 64, 64)
+    f = torch.complex(fr, fi)
+    torch.testing.assert_close(f @ f.conj().T, torch.eye(64, dtype=torch.complex128), atol=1e-12, rtol=0)
+    torch.testing.assert_close(f, f.T)
+    half_r, half_i = mp.dft_factor(64, 64, 32)
+    torch.testing.assert_close(torch.complex(half_r, half_i), f[:, :32])
+
+
+@pytest.mark.parametrize("seqlen", [300, 1024, 2048, 4096])
+def test_forward_stages_are_the_dft_in_the_plans_order(seqlen):
+    plan = mp.plan_for(seqlen)
+    st = mp._Stages(plan, operand=None, acc=torch.float64)
+    x = torch.randn(3, seqlen, dtype=torch.complex128)
+    tiles = mp._tiles(x.real, plan), mp._tiles(x.imag, plan)
+    cr, ci = st.forward(*tiles)
+    want = torch.fft.fft(x, n=plan.n) / math.sqrt(plan.n)
+    f1, f2 = torch.arange(plan.n1)[:, None], torch.arange(plan.n2)[None, :]
+    torch.testing.assert_close(torch.complex(cr, ci), want[:, f1 + plan.n1 * f2], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("seqlen", [300, 1024, 2048, 4096])
+def test_inverse_stages_keep_the_causal_half_of_the_inverse_dft(seqlen):
+    plan = mp.plan_for(seqlen)
+    st = mp._Stages(plan, operand=None, acc=torch.float64)
+    e = torch.randn(2, plan.n1, plan.n2, dtype=torch.complex128)
+    yr, yi = st.inverse(e.real, e.imag)
+    f1, f2 = torch.arange(plan.n1)[:, None], torch.arange(plan.n2)[None, :]
+    spectrum = torch.zeros(2, plan.n, dtype=torch.complex128)
+    spectrum[:, f1 + plan.n1 * f2] = e
+    want = torch.fft.ifft(spectrum) * math.sqrt(plan.n)
+    got = torch.complex(yr, yi).reshape(2, plan.n // 2)
+    torch.testing.assert_close(got, want[:, : plan.n // 2], atol=1e-12, rtol=0)
+
+
+def test_twiddle_angles_reduce_in_integers():
+    plan = mp.plan_for(4096)
+    f1, n2 = torch.arange(plan.n1), torch.arange(plan.n2)
+    angle = mp.twiddle_angles(plan, f1, n2).double()
+    want = (-2 * math.pi / plan.n) * (f1[:, None] * n2[None, :] % plan.n).double()
+    assert (angle - want).abs().max() < 1e-5
+    assert angle.min() > -2 * math.pi and angle.max() <= 0
+
+
+@pytest.mark.parametrize("B, L, Lk", [(3, 300, 300), (2, 1000, 7), (5, 1024, 1024), (2, 2048, 999),
+                                      (1, 3000, 3000), (2, 4096, 4096)])
+@pytest.mark.parametrize("options", [False, True])
+def test_schedule_is_exact_without_rounding(B, L, Lk, options):
+    args = random_args(B, 2, L, Lk, dtype=torch.float64, options=options)
+    got = mp.emulate_forward(**args, operand=None, acc=torch.float64)
+    assert rel_err(got, fftconv_ref(**args)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, L, Lk", [(4, 513, 513), (3, 1024, 1024), (2, 2048, 2048), (2, 4096, 4096),
+                                      (2, 4096, 100), (8, 1024, 1)])
+def test_float16_operands_meet_the_error_budget(dtype, B, L, Lk):
+    """The kernel's roundings (float16 operands on power-of-two-scaled tiles, float32
+    accumulation, output in u's dtype) against float64: within the issue's 2e-3."""
+    args = random_args(B, 4, L, Lk, dtype=dtype, options=True, k_dtype=torch.float32)
+    got = mp.emulate_forward(**args)
+    want = fftconv_ref(**as_float64(args))
+    assert got.dtype == dtype
+    assert rel_err(got, want) <= 2e-3
+
+
+def test_scaling_keeps_extreme_magnitudes_in_float16_range():
+    """bf16 inputs far outside float16's range (1e8, 1e-8) come out as accurate as O(1) ones:
+    the power-of-two scales, not the data, carry the magnitude."""
+    args = random_args(2, 2, 1024, 1024, dtype=torch.bfloat16, options=False, k_dtype=torch.float32)
+    args["u"][0] *= 1e8
+    args["u"][1] *= 1e-8
+    args["k"] = args["k"] * 1e-6
+    got = mp.emulate_forward(**args)
+    want = fftconv_ref(**as_float64(args))
+    for b in range(2):
+        assert rel_err(got[b], want[b]) <= 2e-3
