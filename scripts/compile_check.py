@@ -4,6 +4,7 @@ their resources.
     python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--backward]
     python scripts/compile_check.py --short [--kernel-lens 1 4 16 64] [--dtypes bfloat16]
         [--directions bwd]   # kernels/shortconv.py, specialised as a launch at (8, 1024, 8192)
+    python scripts/compile_check.py --family v6 --lengths 1024 2048 4096 [--all-options]
     python scripts/compile_check.py --butterfly --lengths 32768 65536 [--learned] [--all-options]
         [--dtypes bfloat16] [--directions fwd]   # kernels/flashbutterfly.py
 
@@ -56,10 +57,10 @@ def _launch_specialisation(fn, constexprs: dict, unit: tuple, divisible: tuple):
     return constexprs, attrs
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=(), maxnreg=None):
+def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=(), maxnreg=None,
+                   source=ASTSource):
     constexprs, attrs = _launch_specialisation(fn, constexprs, unit, divisible)
-    src = ASTSource(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs,
-                    attrs=attrs)
+    src = source(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 1}
     if maxnreg:
         options["maxnreg"] = maxnreg
@@ -311,6 +312,41 @@ def check_v5(args):
                         f.write(text)
 
 
+def check_v6(args):
+    """FlashConv v6 forward (monarch_conv.py, Gluon) per length: registers, spills, shared memory."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from lcconv_compile.kernels import monarch_conv, monarch_plan
+
+    ty = "*bf16" if args.dtype == "bfloat16" else "*fp16"
+    pointers = {"u_ptr": ty, "gin_ptr": ty, "gout_ptr": ty, "y_ptr": ty, "mask_ptr": ty, "k_ptr": "*fp32",
+                "d_ptr": "*fp32", **{f"{w}_ptr": "*fp16" for w in ("f1r", "f1i", "f1n", "f2r", "f2i")}}
+    on = args.all_options
+    ok = True
+    for seqlen in args.lengths:
+        plan = monarch_plan.plan_for(seqlen)
+        if plan is None:
+            print(f"v6 L={seqlen}: no plan")
+            continue
+        constexprs = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on, N=plan.n, N2=plan.n2,
+                          **monarch_conv.kernel_config(plan))
+        unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sy_l", "sm_h")
+        divisible = ("seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b",
+                     "sy_h", "sm_b")
+        report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, monarch_conv.num_warps(plan),
+                                want_asm=args.asm, unit=unit, divisible=divisible, source=GluonASTSource)
+        asm = report.pop("asm", None)
+        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan)} programs/SM={monarch_conv.programs_per_sm(plan)} "
+              f"plan shared={plan.shared_bytes() // 1024} KB\n    forward   {report}")
+        ok &= (report["spill_bytes"] or 0) == 0 and report["shared"] <= monarch_conv.SHARED_LIMIT
+        if asm is not None:
+            for kind, text in asm.items():
+                if isinstance(text, str):
+                    with open(f"{args.asm}/v6_fwd_L{seqlen}.{kind}", "w") as f:
+                        f.write(text)
+    return ok
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
@@ -323,7 +359,8 @@ def main():
     parser.add_argument("--all-options", action="store_true", help="gates, GELU and mask on")
     parser.add_argument("--short", action="store_true", help="the short-kernel family (shortconv.py)")
     parser.add_argument("--kernel-lens", type=int, nargs="+", default=[1, 4, 16, 32, 64])
-    parser.add_argument("--family", default="v5", choices=["v5"], help="FlashConv v5 (v3 was removed)")
+    parser.add_argument("--family", default="v5", choices=["v5", "v6"],
+                        help="FlashConv v5 (flashconv3.py) or v6 (monarch_conv.py, Gluon, forward only)")
     parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
     parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
     parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
@@ -347,6 +384,8 @@ def main():
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths), dtypes=dtypes,
                                           directions=tuple(args.directions)) else 1)
+    if args.family == "v6":
+        raise SystemExit(0 if check_v6(args) else 1)
     check_v5(args)
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   BENCH_ARGS     bench_fftconv.py arguments                 BENCH_LIMIT   seconds (default 240)
 #   SWEEP_ARGS     sweep_shortconv.py arguments               SWEEP_LIMIT   seconds (default 150)
 #   EXPLORE_ARGS   explore_flashconv3.py arguments            EXPLORE_LIMIT seconds (default 200)
+#   V6_ARGS        explore_monarch_conv.py arguments (part "v6", not in the default list: FlashConv
+#                  v6, Gluon, not yet dispatched)             V6_LIMIT      seconds (default 150)
 #   LCCONV_COMMIT  the commit measured, written into every JSON (a copied tree may have no .git)
 # A device call lasts at most 10 minutes. The suite (~1300 tests) does not fit one in a single
 # process; with pytest-xdist `pytest -n 10` took 5m38 on the H100 machine (16 cores), so the tests
@@ -69,7 +71,10 @@ for part in ${GPU_PARTS:-tests bench sweep explore}; do
         # shellcheck disable=SC2086
         explore) run_part explore "${EXPLORE_LIMIT:-200}" python3 benchmarks/explore_flashconv3.py \
                      --out "$OUT/explore_flashconv3.json" ${EXPLORE_ARGS:-} ;;
-        *) echo "unknown part $part (tests bench sweep explore)"; status=1 ;;
+        # shellcheck disable=SC2086
+        v6) run_part v6 "${V6_LIMIT:-150}" python3 benchmarks/explore_monarch_conv.py \
+                --out "$OUT/explore_monarch_conv.json" ${V6_ARGS:-} ;;
+        *) echo "unknown part $part (tests bench sweep explore v6)"; status=1 ;;
     esac
 done
 exit $status

@@ -14,18 +14,16 @@ from lcconv_compile.reference import fftconv_ref
 from inputs import as_float64, random_args, rel_err
 
 
-@pytest.mark.parametrize("seqlen, n, n1, n2, pairs, chunks", [
-    (257, 1024, 64, 16, 4, 1), (512, 1024, 64, 16, 4, 1), (513, 2048, 64, 32, 2, 1),
-    (1024, 2048, 64, 32, 2, 1), (2048, 4096, 64, 64, 1, 1), (3000, 8192, 128, 64, 1, 2),
-    (4096, 8192, 128, 64, 1, 2)])
-def test_plan_for_each_length(seqlen, n, n1, n2, pairs, chunks):
+@pytest.mark.parametrize("seqlen, n, n2", [(513, 2048, 16), (1024, 2048, 16), (1025, 4096, 32),
+                                           (2048, 4096, 32), (3000, 8192, 64), (4096, 8192, 64)])
+def test_plan_for_each_length(seqlen, n, n2):
     plan = mp.plan_for(seqlen)
-    assert (plan.n, plan.n1, plan.n2, plan.pairs, plan.chunks) == (n, n1, n2, pairs, chunks)
+    assert (plan.n, plan.n1, plan.n2, plan.chunks, plan.half) == (n, 128, n2, 2, 64)
     assert plan.n >= 2 * seqlen and plan.n1 * plan.n2 == plan.n
     assert plan.shared_bytes() <= 200 * 1024  # leaves room for layout-conversion scratch (227 KB)
 
 
-@pytest.mark.parametrize("seqlen", [1, 256, 4097, 8192])
+@pytest.mark.parametrize("seqlen", [1, 512, 4097, 8192])
 def test_no_plan_outside_the_range(seqlen):
     assert mp.plan_for(seqlen) is None
     with pytest.raises(ValueError, match="no plan for L"):
@@ -46,7 +44,7 @@ def test_dft_factor_is_unitary_and_symmetric():
     torch.testing.assert_close(torch.complex(half_r, half_i), f[:, :32])
 
 
-@pytest.mark.parametrize("seqlen", [300, 1024, 2048, 4096])
+@pytest.mark.parametrize("seqlen", [600, 1024, 2048, 4096])
 def test_forward_stages_are_the_dft_in_the_plans_order(seqlen):
     plan = mp.plan_for(seqlen)
     st = mp._Stages(plan, operand=None, acc=torch.float64)
@@ -58,7 +56,7 @@ def test_forward_stages_are_the_dft_in_the_plans_order(seqlen):
     torch.testing.assert_close(torch.complex(cr, ci), want[:, f1 + plan.n1 * f2], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("seqlen", [300, 1024, 2048, 4096])
+@pytest.mark.parametrize("seqlen", [600, 1024, 2048, 4096])
 def test_inverse_stages_keep_the_causal_half_of_the_inverse_dft(seqlen):
     plan = mp.plan_for(seqlen)
     st = mp._Stages(plan, operand=None, acc=torch.float64)
@@ -77,11 +75,12 @@ def test_twiddle_angles_reduce_in_integers():
     f1, n2 = torch.arange(plan.n1), torch.arange(plan.n2)
     angle = mp.twiddle_angles(plan, f1, n2).double()
     want = (-2 * math.pi / plan.n) * (f1[:, None] * n2[None, :] % plan.n).double()
-    assert (angle - want).abs().max() < 1e-5
-    assert angle.min() > -2 * math.pi and angle.max() <= 0
+    wrapped = torch.remainder(angle - want + math.pi, 2 * math.pi) - math.pi  # equal mod 2 pi
+    assert wrapped.abs().max() < 1e-5
+    assert angle.min() > -math.pi - 1e-6 and angle.max() <= math.pi + 1e-6  # the SFU's range
 
 
-@pytest.mark.parametrize("B, L, Lk", [(3, 300, 300), (2, 1000, 7), (5, 1024, 1024), (2, 2048, 999),
+@pytest.mark.parametrize("B, L, Lk", [(3, 600, 600), (2, 1000, 7), (5, 1024, 1024), (2, 2048, 999),
                                       (1, 3000, 3000), (2, 4096, 4096)])
 @pytest.mark.parametrize("options", [False, True])
 def test_schedule_is_exact_without_rounding(B, L, Lk, options):

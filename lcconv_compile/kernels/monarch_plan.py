@@ -16,15 +16,15 @@ The math, for one FFT of size N = N1 N2 (N = 2 * next_pow2(L): causal, no wrap-a
   P   (pointwise)     E = C * K,  K the same transform of k (D folded into k[0])
   S2' (right product) G[f1, n2]  = sum_{f2} E[f1, f2] conj(F2)[f2, n2]
   T2  (twiddle)       G[f1, n2] *= conj(w_N^(f1 n2))
-  S1' (right product on the transposed tile) Y^T[n2, n1] = sum_{f1} G^T[n2, f1] conj(F1)[f1, n1],
-      n1 < N1/2 only (the outputs n < N/2: the causal half)
+  S1' (left product)  Y[n1, n2]  = sum_{f1} conj(F1)[n1, f1] G[f1, n2],  n1 < N1/2 only (the
+      outputs n < N/2: the causal half); its left operand is S1's factor tile read transposed
   y = Y * sqrt(N) / (s_x s_k), where s_x, s_k are the powers of two that scaled each row of x
   and k to max |.| <= 1 before rounding to float16.
 Two real rows a, b of one channel travel as one complex row x = a + i b (k is real), so Y's
-real part is a's convolution and its imaginary part b's. S1 is a left product (its output rows
-are f1, 64 per warpgroup); S2 and S2' are right products whose left operand stays in
-registers; S1' reads G from shared memory transposed, so its rows are n2: where N2 < 64 one
-tile holds ``pairs`` = 64 / N2 pairs side by side.
+real part is a's convolution and its imaginary part b's. N1 = 128 at every N: S1 and S1' are
+left products with 64 output rows each (S1 in two row chunks of f1, S1' exactly the causal
+half n1 < 64), and S2 and S2' are right products whose left operand stays in registers. One
+factor tile F1[f1, n1 < 64] serves S1 (as is) and S1' (transposed, conjugated by signs).
 """
 
 from __future__ import annotations
@@ -40,22 +40,19 @@ __all__ = ["MonarchPlan", "plan_for", "emulate_forward", "dft_factor", "twiddle_
 
 ROWS = 64  # rows of one warpgroup's tensor-core tile (wgmma M)
 MIN_K = 16  # smallest contracted size of a 16-bit wgmma
-MIN_SEQLEN, MAX_SEQLEN = 257, 4096  # N from 1024 (64 x 16) to 8192 (128 x 64)
+N1 = 128  # S1's rows in two chunks of 64; S1' keeps the causal half, exactly 64 rows
+MIN_SEQLEN, MAX_SEQLEN = 513, 4096  # N from 2048 (128 x 16) to 8192 (128 x 64)
 
 
 @dataclass(frozen=True)
 class MonarchPlan:
-    """How one sequence length runs: FFT size ``n`` = ``n1`` x ``n2``, ``pairs`` row pairs per
-    S1' tile, ``chunks`` = n1 / 64 row chunks of the S1 -> S2' chain."""
+    """How one sequence length runs: FFT size ``n`` = ``n1`` x ``n2``, ``chunks`` = n1 / 64
+    row chunks of the S1 -> S2' chain."""
 
     seqlen: int
     n: int
     n1: int
     n2: int
-
-    @property
-    def pairs(self) -> int:
-        return max(1, ROWS // self.n2)
 
     @property
     def chunks(self) -> int:
@@ -78,26 +75,25 @@ class MonarchPlan:
 
     def shared_bytes(self) -> int:
         """Shared memory of one program: F1 (re, im, -im), F2 (re, im), K (float32 re, im),
-        X (re, im) per pair, G (re, im) of the S1' tile; layout-conversion scratch not counted."""
+        X (re, im), G (re, im); layout-conversion scratch not counted."""
         f1 = 3 * self.n1 * self.half * 2
         f2 = 2 * self.n2 * self.n2 * 2
         spectrum = 2 * self.n * 4
-        x = 2 * self.pairs * self.half * self.n2 * 2
-        g = 2 * self.n1 * self.pairs * self.n2 * 2
+        x = 2 * self.half * self.n2 * 2
+        g = 2 * self.n1 * self.n2 * 2
         return f1 + f2 + spectrum + x + g
 
 
 def plan_for(seqlen: int) -> Optional[MonarchPlan]:
     """The plan for sequences of ``seqlen`` samples (any kernel length <= seqlen), or None where
-    v6 has none: N = 2 next_pow2(L) from 1024 to 8192; N1 = 64 up to N = 4096, 128 at 8192
-    (then N2 = 64: two row chunks); N2 >= 16 (wgmma's smallest K)."""
+    v6 has none: N = 2 next_pow2(L) from 2048 to 8192, N1 = 128, N2 = N / 128 >= 16 (wgmma's
+    smallest K)."""
     if not MIN_SEQLEN <= seqlen <= MAX_SEQLEN:
         return None
     n = 2 << (seqlen - 1).bit_length()
-    n1 = max(ROWS, n // ROWS)
-    n2 = n // n1
-    assert n2 >= MIN_K and n1 % ROWS == 0
-    return MonarchPlan(seqlen=seqlen, n=n, n1=n1, n2=n2)
+    n2 = n // N1
+    assert n2 >= MIN_K
+    return MonarchPlan(seqlen=seqlen, n=n, n1=N1, n2=n2)
 
 
 def dft_factor(size: int, rows: int, cols: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +108,11 @@ def dft_factor(size: int, rows: int, cols: int, dtype=torch.float64) -> tuple[to
 
 
 def twiddle_angles(plan: MonarchPlan, f1: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
-    """The angle of w_N^(f1 n2) as the kernel computes it: (f1 n2 mod N) in integers, times
-    -2 pi / N in float32."""
-    product = (f1[:, None].to(torch.int64) * n2[None, :].to(torch.int64)) % plan.n
-    return product.to(torch.float32) * torch.tensor(-2.0 * math.pi / plan.n, dtype=torch.float32)
+    """The angle of w_N^(f1 n2) as the kernel computes it: the exponent f1 n2 reduced to
+    [-N/2, N/2) in integers, times -2 pi / N in float32 (so the angle is in (-pi, pi])."""
+    e = (f1[:, None].to(torch.int64) * n2[None, :].to(torch.int64)) % plan.n
+    e = torch.where(e >= plan.n // 2, e - plan.n, e)
+    return e.to(torch.float32) * torch.tensor(-2.0 * math.pi / plan.n, dtype=torch.float32)
 
 
 def _round(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -164,10 +161,8 @@ class _Stages:
         gi = ei @ self.f2r - er @ self.f2i
         gr, gi = gr * self.twr + gi * self.twi, gi * self.twr - gr * self.twi
         gr, gi = self.op(gr), self.op(gi)
-        t = lambda m: m.transpose(-1, -2)  # noqa: E731  (S1' reads G transposed)
-        yr = t(gr) @ self.f1r + t(gi) @ self.f1i
-        yi = t(gi) @ self.f1r - t(gr) @ self.f1i
-        return t(yr), t(yi)
+        f1r, f1i = self.f1r.T, self.f1i.T  # S1' reads S1's tile transposed: conj(F1)[n1, f1]
+        return f1r @ gr + f1i @ gi, f1r @ gi - f1i @ gr
 
 
 def _tiles(x: torch.Tensor, plan: MonarchPlan) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""FlashConv v6 forward (kernels/monarch_conv.py, Gluon) on the GPU against v5 (the dispatched
+family), torch.fft and the memory floor, with its tensor-core rate.
+
+    python benchmarks/explore_monarch_conv.py --out explore_monarch_conv.json [--lengths 1024 2048 4096]
+
+Shapes: B=8, H=1024, u bf16, k and D float32, forward only (kernels called directly). The floor
+is (u read + k read + y write) / the device-to-device copy bandwidth of the same run; TFLOP/s
+counts v6's tensor-core work (monarch_plan: per row pair plus k's spectrum per channel). Medians
+of ``triton.testing.do_bench``; the JSON is rewritten after every row, so a run cut short keeps
+what it measured. The GPU tests (tests/test_kernels_monarch_conv.py) check v6's results; this
+script reports each row's error against float64 too, so a wrong kernel is never timed unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from common import copy_bandwidth, git_commit  # this folder
+from explore_flashconv3 import torch_fft_conv
+from lcconv_compile import reference
+from lcconv_compile.kernels import flashconv3, monarch_conv, monarch_plan
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=1024)
+    parser.add_argument("--out", default="explore_monarch_conv.json")
+    args = parser.parse_args()
+    B, H = args.batch, args.channels
+    bandwidth = copy_bandwidth("cuda")
+    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  commit=git_commit(), copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
+    print(header, flush=True)
+    rows = []
+    for L in args.lengths:
+        u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(H, L, device="cuda") / math.sqrt(L)
+        D = torch.randn(H, device="cuda")
+        want = reference.fftconv_ref(u.double(), k.double(), D.double())
+        floor_ms = (2 * u.numel() * 2 + k.numel() * 4) / bandwidth * 1e3
+        plan = monarch_plan.plan_for(L)
+        flops = plan.flops_per_pair() * triton.cdiv(B, 2) * H + plan.flops_per_kernel_spectrum() * H
+        for name, fn in [("torch.fft", lambda: torch_fft_conv(u, k, D)),
+                         ("v5 (flashconv3)", lambda: flashconv3.fftconv_fwd(u, k, D)),
+                         ("v6 (monarch_conv)", lambda: monarch_conv.fftconv_fwd(u, k, D))]:
+            row = dict(L=L, name=name, floor_ms=floor_ms)
+            try:
+                y = fn()
+                row["rel_err"] = ((y.double() - want).norm() / want.norm()).item()
+                row["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+                row["x_floor"] = row["ms"] / floor_ms
+                if name.startswith("v6"):
+                    row.update(plan=f"{plan.n1}x{plan.n2}", tflops=flops / row["ms"] / 1e9,
+                               programs_per_sm=monarch_conv.programs_per_sm(plan))
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            print("  ", {n: (round(v, 5) if isinstance(v, float) else v) for n, v in row.items()}, flush=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(header, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
