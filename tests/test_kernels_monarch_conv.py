@@ -60,6 +60,7 @@ def test_forward_matches_float64_reference(dtype, B, L, Lk, options):
 @pytest.mark.cuda
 @requires_hopper
 def test_rows_keep_their_own_scale_and_zero_rows_stay_zero():
+    """As the emulation (test_monarch_plan): a 1e8 and a 1e-8 row of one pair, a zero row."""
     args = random_args(4, 3, 2048, 2048, dtype=torch.bfloat16, options=False, k_dtype=torch.float32, device="cuda")
     args["u"][0] *= 1e8
     args["u"][1] *= 1e-8

@@ -113,3 +113,17 @@ def test_scaling_keeps_extreme_magnitudes_in_float16_range():
     want = fftconv_ref(**as_float64(args))
     for b in range(2):
         assert rel_err(got[b], want[b]) <= 2e-3
+
+
+def test_zero_rows_and_zero_kernels_give_exact_zeros():
+    """A zero row packed with a nonzero partner (the partner's rounding would leak into it
+    through the shared complex transform) and an all-zero k come out as exact zeros."""
+    args = random_args(4, 3, 1024, 1024, dtype=torch.bfloat16, options=False, k_dtype=torch.float32)
+    args["u"][2] = 0
+    args["k"][1] = 0
+    args["D"][1] = 0
+    got = mp.emulate_forward(**args)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
+    want = fftconv_ref(**as_float64(args))
+    assert rel_err(got, want) <= 2e-3

@@ -97,9 +97,17 @@ def _load_tile(ptr, offset, valid, seqlen, stride_l, N2: gl.constexpr, BLK: gl.c
 
 @gluon.jit
 def _row_scale(x):
-    """2^-ceil(log2(max |x|)): an exact scale to max |x| <= 1 (zero tiles get 2^100)."""
-    m = gl.maximum(gl.max(gl.max(gl.abs(x), axis=1), axis=0), 1e-30)
-    return gl.exp2(-gl.ceil(gl.log2(m)))
+    """2^-ceil(log2(max |x|)): an exact scale to max |x| <= 1; 0 for an all-zero tile, whose
+    row is then multiplied by 0 at the end (its partner's rounding never leaks into it)."""
+    m = gl.max(gl.max(gl.abs(x), axis=1), axis=0)
+    return gl.exp2(-gl.ceil(gl.log2(gl.maximum(m, 1e-30)))) * (m > 0).to(gl.float32)
+
+
+@gluon.jit
+def _output_scale(sqrt_n, row_scale, k_scale):
+    """sqrt(N) / (s_row s_k), 0 where the row or k was all zero (scale 0)."""
+    both = row_scale * k_scale
+    return sqrt_n / gl.maximum(both, 1e-30) * (both > 0).to(gl.float32)
 
 
 @gluon.jit
@@ -271,9 +279,9 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
         yi = warpgroup_mma(f1r_s.permute((1, 0)), gi_s, zero, use_acc=False, is_async=True)
         yi = warpgroup_mma(f1n_s.permute((1, 0)), gr_s, yi, is_async=True)
         yr, yi = warpgroup_mma_wait(0, deps=[yr, yi])
-        _epilogue(yr, sqrt_n / (sa * k_scale), y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
+        _epilogue(yr, _output_scale(sqrt_n, sa, k_scale), y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
-        _epilogue(yi, sqrt_n / (sb * k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
+        _epilogue(yi, _output_scale(sqrt_n, sb, k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
 
 

@@ -121,11 +121,19 @@ def _round(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
-    """2^-ceil(log2(max|x|)) over the last two dims (1 where x is all zero): the kernel's
-    exact scale that brings a tile to max |.| <= 1 before rounding to float16."""
+    """2^-ceil(log2(max|x|)) over the last two dims: the kernel's exact scale that brings a tile
+    to max |.| <= 1 before rounding to float16; 0 where x is all zero (the kernel then
+    multiplies that row's output by 0, so its partner's rounding never leaks into it)."""
     m = x.abs().amax(dim=(-2, -1)).to(torch.float32)
     e = torch.ceil(torch.log2(torch.where(m > 0, m, torch.ones_like(m))))
-    return torch.exp2(-e)
+    return torch.where(m > 0, torch.exp2(-e), torch.zeros_like(m))
+
+
+def _output_scale(n: int, row_scale: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """sqrt(N) / (s_row s_k), 0 where either scale is 0 (an all-zero row or k)."""
+    both = row_scale * k_scale
+    return torch.where(both > 0, math.sqrt(n) / torch.where(both > 0, both, torch.ones_like(both)),
+                       torch.zeros_like(both))
 
 
 class _Stages:
@@ -208,7 +216,7 @@ def emulate_forward(
     cr, ci = st.forward(xr, xi)
     er, ei = cr * kr - ci * ki, cr * ki + ci * kr
     yr, yi = st.inverse(er, ei)
-    out_scale = math.sqrt(plan.n) / (sx * sk)
+    out_scale = _output_scale(plan.n, sx, sk)
     y = torch.stack([yr, yi], dim=1) * out_scale
     y = y.reshape(-1, H, plan.n // 2)[:B, :, :L]
     if gelu:
