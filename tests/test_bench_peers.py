@@ -59,7 +59,7 @@ def test_tk_factors_make_the_circular_conv(bench, N):
 
 
 @pytest.mark.parametrize("L", [512, 1024, 2048, 256])
-def test_peer_columns(bench, L):
+def test_peer_columns(bench, L, capsys):
     B, H = 4, 2
     u, k = torch.randn(B, H, L).bfloat16(), torch.randn(H, L) / math.sqrt(L)
 
@@ -83,5 +83,8 @@ def test_peer_columns(bench, L):
     else:
         assert cols == {"thunderkittens_skip": "only N in (1024, 4096)"}
     assert bench.peer_columns("thunderkittens", tk, True, u, k, None) == {"thunderkittens_skip": "no backward"}
+    bench.print_peer_row(dict(ours_ms=0.5, **ffc, **cols), {"flashfftconv": None, "thunderkittens": None})
+    printed = capsys.readouterr().out
+    assert "flashfftconv: 1.000 ms, ours/peer 0.50, rel err" in printed and "thunderkittens: " in printed, printed
     assert bench.peer_columns("flashfftconv", FakeFlashFFTConv, False, u.float(), k, None) == {
         "flashfftconv_skip": "bf16 only"}
