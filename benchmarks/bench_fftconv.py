@@ -27,6 +27,10 @@ synchronisation), ``wall_us`` = the same including it (what a training loop sees
 GPU time of one call (CUDA events around a CUDA-graph replay of it, so host gaps do not count;
 plain CUDA events where capture fails). wall/gpu near 1 means the GPU is kept busy.
 
+Peer rows (``--tables ops``, issue 22): FlashFFTConv and ThunderKittens' fftconv, timed in the
+same run on the same inputs where ``scripts/peers.sh build`` left them importable in peers-build/
+(``PEERS_BUILD``); otherwise one "skipped" line and nothing else changes (see ``load_peers``).
+
 Shapes: B=8, H=1024 (issue 3); u in the given dtype, k and D in float32. The memory floor is
 (bytes that must be read + written) / the device-to-device copy bandwidth measured in the same
 run; forward+backward adds reading dy, u, k and writing du, dk. Times are medians of
@@ -36,8 +40,11 @@ run; forward+backward adds reading dy, u, k and writing du, dk. Times are median
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 
@@ -85,7 +92,7 @@ def bench(fn, backward: bool, inputs, grad):
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
-def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
+def run(lengths, dtypes, batch, channels, with_compile, device="cuda", peers=None):
     bandwidth = copy_bandwidth(device)
     print(f"# device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"# copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
@@ -116,13 +123,143 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda"):
                                            backward, (q,), torch.randn_like(q))
                 except torch.OutOfMemoryError:
                     row["sdpa_ms"] = None
+                for name, peer in (peers or {}).items():
+                    row.update(peer_columns(name, peer, backward, u.detach(), k.detach(), grad))
                 rows.append(row)
                 print_row(row)
+                print_peer_row(row, peers)
                 sys.stdout.flush()
             del u, k, D, grad, q
             torch.cuda.empty_cache()
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 copy_bandwidth_Bps=bandwidth, rows=rows)
+
+
+# ------------------------------------------------------------------------------------- peers --
+# Optional rows for the peers scripts/peers.sh builds into peers-build/ (issue 22), on the ops
+# table's inputs; columns <peer>_ms, <peer>_relerr (the peer's output against an fp64 torch.fft
+# reference of the op it computes, so a mis-wired peer shows), <peer>_mode, or <peer>_skip (why).
+#   flashfftconv: FlashFFTConv(2L, bf16)(u, k), u (B,H,L) bf16 and k (H,L) fp32 as it expects: the
+#     causal conv through its implicit zero padding (FFT size 2L: a power of two, 256 .. 4M; bf16 or
+#     fp16 only, so no fp32 rows); fwd and fwd+bwd (du, dk). k's FFT is inside its call, as inside
+#     ours. It has no D: ours adds u * D in its kernel, the peer's time leaves it out (favours it).
+#   thunderkittens: kernels/fftconv/fftconv_pc.cu, a bf16 circular conv of size N in {1024, 4096},
+#     forward only; k's spectrum and the Monarch factors are made once outside the timing, as in
+#     TK's own harness. Where 2L is such an N (mode "causal N=2L"): u zero-padded to 2L beforehand
+#     (not timed) and y = its first L outputs, the same causal conv as ours at the FLOPs of an FFT
+#     of size 2L, reading and writing 2L samples per row (ours: L): the fair comparison. Where L is
+#     such an N (mode "circular N=L"): TK at its own size on unpadded u, which is NOT the causal conv
+#     (it wraps around): TK's speed at that length, checked against the circular reference. Its
+#     132 persistent blocks take heads 0..131 first; thunderkittens_relerr_h132 is the error over
+#     those alone. (At N = 1024 the kernel's consumers count iterations per head differently from
+#     its producer, fftconv_pc.cu: ceil(B/2) against ceil(B/8), so for B > 2 the heads after 131
+#     may get another head's filter: a large relerr with a small relerr_h132 is that.)
+PEERS_BUILD = os.environ.get("PEERS_BUILD", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                         "peers-build"))
+TK_SIZES = (1024, 4096)
+
+
+def load_peers(build=PEERS_BUILD) -> dict:
+    """{"flashfftconv": its FlashFFTConv class, "thunderkittens": the tk_fftconv module}, for those
+    that import from ``build`` (or from the environment); prints one line for each that does not."""
+    peers = {}
+    if os.path.isdir(os.path.join(build, "site")) and os.path.join(build, "site") not in sys.path:
+        sys.path.append(os.path.join(build, "site"))
+    try:
+        from flashfftconv import FlashFFTConv
+        peers["flashfftconv"] = FlashFFTConv
+    except Exception as exc:  # ImportError, or a .so built for another torch
+        print(f"# peer flashfftconv skipped: {type(exc).__name__}: {exc} (scripts/peers.sh)")
+    try:
+        path = (glob.glob(os.path.join(build, "tk", "tk_fftconv*.so")) or [None])[0]
+        if path is None:
+            raise ImportError(f"no {build}/tk/tk_fftconv*.so")
+        spec = importlib.util.spec_from_file_location("tk_fftconv", path)
+        peers["thunderkittens"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peers["thunderkittens"])
+    except Exception as exc:
+        peers.pop("thunderkittens", None)
+        print(f"# peer thunderkittens skipped: {type(exc).__name__}: {exc} (scripts/peers.sh)")
+    return peers
+
+
+def tk_factors(k, N):
+    """fftconv_pc.cu's host-side inputs for size N (as TK's baselines/tk_fftconv.py makes them), as
+    (real, imag) bf16 pairs of 64x64 matrices: per head the filter spectrum fft(k, N) as an (n, n)
+    matrix (n = sqrt(N)) transposed, the DFT matrix of size n, its inverse, the twiddles / N and the
+    inverse twiddles. For N = 1024 the kernel packs 2x2 sequences in a 64x64 tile: the DFT matrices
+    block-diagonal, the others tiled 2x2."""
+    n = math.isqrt(N)
+    i = torch.arange(n, dtype=torch.float64, device=k.device)
+    dft = torch.exp(-2j * math.pi * torch.outer(i, i) / n)
+    tw = torch.exp(-2j * math.pi * torch.outer(i, i) / N)
+    kf = torch.fft.fft(k.double(), n=N).reshape(-1, n, n).transpose(-1, -2)
+    mats = [kf, dft, dft.conj(), tw / N, tw.conj()]
+    if n == 32:
+        mats = [kf.repeat(1, 2, 2), torch.block_diag(dft, dft), torch.block_diag(dft.conj(), dft.conj()),
+                (tw / N).repeat(2, 2), tw.conj().repeat(2, 2)]
+    return [part.to(torch.bfloat16).contiguous() for m in mats for part in (m.real, m.imag)]
+
+
+def _reference(u, k, n):
+    """fp64 torch.fft reference: the first L outputs of the size-n circular conv (n = 2L: causal)."""
+    L = u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u.double(), n=n) * torch.fft.rfft(k.double(), n=n), n=n)[..., :L]
+
+
+def _peer_call(name, peer, u, k):
+    """(call taking (u, k), FFT size, mode) of one peer at u's length, or a string saying why not."""
+    B, H, L = u.shape
+    if u.dtype != torch.bfloat16:
+        return "bf16 only"
+    if name == "flashfftconv":
+        try:
+            conv = peer(2 * L, dtype=torch.bfloat16).to(u.device)
+        except NotImplementedError:
+            return f"no FFT size {2 * L}"
+        return (lambda u, k: conv(u, k)), 2 * L, "causal N=2L"
+    N, mode = (2 * L, "causal N=2L") if 2 * L in TK_SIZES else (L, "circular N=L") if L in TK_SIZES else (0, "")
+    if not N:
+        return f"only N in {TK_SIZES}"
+    n, factors = math.isqrt(N), tk_factors(k, N)
+    x = (F.pad(u, (0, N - L)) if N != L else u).reshape(B, H, n, n).contiguous()  # padded once, not timed
+
+    def call(u, k):  # u and k are in x and factors already
+        return peer.fftconv(x, *factors, B, H, N, n).view(B, H, N)[..., :L]
+    return call, N, mode
+
+
+def peer_columns(name, peer, backward, u, k, grad) -> dict:
+    """One peer's columns for an ops-table row (see the comment above)."""
+    if backward and name == "thunderkittens":
+        return {f"{name}_skip": "no backward"}
+    try:
+        made = _peer_call(name, peer, u, k)
+        if isinstance(made, str):
+            return {f"{name}_skip": made}
+        call, N, mode = made
+        with torch.no_grad():
+            y = call(u, k).double()
+        ref = _reference(u, k, N)
+        out = {f"{name}_mode": mode, f"{name}_relerr": ((y - ref).norm() / ref.norm()).item()}
+        if name == "thunderkittens":
+            out[f"{name}_relerr_h132"] = ((y - ref)[:, :132].norm() / ref[:, :132].norm()).item()
+        u, k = u.clone().requires_grad_(backward), k.clone().requires_grad_(backward)
+        out[f"{name}_ms"] = bench(call, backward, (u, k), grad)
+        return out
+    except Exception as exc:  # report and go on: a peer that fails must not end the table
+        return {f"{name}_skip": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def print_peer_row(r, peers):
+    for name in peers or {}:
+        if f"{name}_ms" in r:
+            h132 = f" (heads < 132: {r[name + '_relerr_h132']:.1e})" if name + "_relerr_h132" in r else ""
+            print(f"{'':>6} {'':>5} {'':>8}   {name}: {r[name + '_ms']:.3f} ms, ours/peer "
+                  f"{r['ours_ms'] / r[name + '_ms']:.2f}, rel err {r[name + '_relerr']:.1e}{h132}"
+                  f" ({r[name + '_mode']})")
+        else:
+            print(f"{'':>6} {'':>5} {'':>8}   {name}: skipped: {r.get(name + '_skip')}")
 
 
 # ------------------------------------------------------------------------------ long lengths --
@@ -434,6 +571,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1024)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
+    parser.add_argument("--no-peers", action="store_true", help="no FlashFFTConv / ThunderKittens rows (peers-build/)")
     parser.add_argument("--host-calls", type=int, default=200, help="calls per host-overhead measurement")
     parser.add_argument("--host-modes", nargs="+", default=list(DEFAULT_HOST_MODES), choices=HOST_MODES)
     parser.add_argument("--host-variants", nargs="+", default=list(HOST_VARIANTS), choices=HOST_VARIANTS)
@@ -444,11 +582,14 @@ def main():
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   commit=git_commit())
     if "ops" in args.tables:
+        peers = {} if args.no_peers else load_peers()
         print(HEADER)
-        result.update(run(args.lengths, args.dtypes, args.batch, args.channels, not args.no_compile))
+        result.update(run(args.lengths, args.dtypes, args.batch, args.channels, not args.no_compile, peers=peers))
+        result["peers"] = sorted(peers)
         print("\n" + HEADER)
         for r in result["rows"]:
             print_row(r)
+            print_peer_row(r, peers)
     if "long" in args.tables:
         shapes = (tuple(tuple(int(v) for v in spec.split("x")) for spec in args.long_shapes)
                   if args.long_shapes else LONG_SHAPES)
