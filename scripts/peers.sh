@@ -14,9 +14,11 @@
 #   python benchmarks/bench_fftconv.py --tables ops --dtypes bf16 ...   # adds the peer rows by
 #                              # itself when peers-build/ holds them (see its docstring)
 #
-# The device tool's call:  carry ["peers"],  command
-#   scripts/peers.sh build && python benchmarks/bench_fftconv.py --tables ops --dtypes bf16 \
+# On the device tool: one call with carry ["peers"] (5 MiB) and the command `scripts/peers.sh build`,
+# then a second (peers-build/ stays on the warm machine; carry ["peers"] again or nothing):
+#   PYTHONPATH=$PWD python3 benchmarks/bench_fftconv.py --tables ops --dtypes bf16 \
 #       --lengths 512 1024 2048 4096 8192 --out $OUT/bench_peers.json
+# (or both joined with && in one call, if the build leaves the bench enough of its 600 s).
 #
 # What is built, with which flags:
 #   FlashFFTConv: csrc/flashfftconv/setup.py (module monarch_cuda, 25 sources) with three edits to
@@ -117,12 +119,15 @@ build() {
     {
         echo "# $(date -u +%FT%TZ) $(cat "$PEERS/src/COMMITS" | tr '\n' ' ')"
         nvcc --version | tail -2; "$PY" -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
-        local status=()
-        for peer in ffc tk; do
-            local start=$SECONDS
-            echo "## building $peer"
-            if "build_$peer"; then status+=("$peer: built ($((SECONDS - start)) s)")
-            else status+=("$peer: FAILED ($((SECONDS - start)) s), see above"); fi
+        local start=$SECONDS status=() peers=(ffc tk) pids=() i
+        for peer in "${peers[@]}"; do  # side by side: FlashFFTConv's 25 files use most of the cores
+            "build_$peer" > "$BUILD/$peer.log" 2>&1 &
+            pids+=($!)
+        done
+        for i in 0 1; do
+            if wait "${pids[$i]}"; then status+=("${peers[$i]}: built (after $((SECONDS - start)) s)")
+            else status+=("${peers[$i]}: FAILED (after $((SECONDS - start)) s), see above"); fi
+            echo "## ${peers[$i]}"; cat "$BUILD/${peers[$i]}.log"
         done
         printf '# %s\n' "${status[@]}"
         PYTHONPATH="$BUILD/site" "$PY" -c "import flashfftconv; print('# import flashfftconv: ok')" 2>&1 | tail -1
@@ -134,5 +139,5 @@ build() {
 case "${1:-}" in
     prepare) prepare ;;
     build) build ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
