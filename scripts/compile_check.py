@@ -320,7 +320,7 @@ def check_v6(args):
 
     ty = "*bf16" if args.dtype == "bfloat16" else "*fp16"
     pointers = {"u_ptr": ty, "gin_ptr": ty, "gout_ptr": ty, "y_ptr": ty, "mask_ptr": ty, "k_ptr": "*fp32",
-                "d_ptr": "*fp32", **{f"{w}_ptr": "*fp16" for w in ("f1r", "f1i", "f1n", "f2r", "f2i")}}
+                "d_ptr": "*fp32", **{f"{w}_ptr": "*fp16" for w in ("f1r", "f1i", "f1n", "f2r", "f2i", "f2n")}}
     on = args.all_options
     ok = True
     for seqlen in args.lengths:
@@ -329,7 +329,7 @@ def check_v6(args):
             print(f"v6 L={seqlen}: no plan")
             continue
         constexprs = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on, N=plan.n, N2=plan.n2,
-                          **monarch_conv.kernel_config(plan))
+                          BOTH_CHUNKS=monarch_conv.BOTH_CHUNKS[plan.n2], **monarch_conv.kernel_config(plan))
         unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sy_l", "sm_h")
         divisible = ("seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b",
                      "sy_h", "sm_b")

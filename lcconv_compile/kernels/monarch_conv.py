@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .common import offsets_fit_int32, sm_count, strides
@@ -37,7 +38,10 @@ __all__ = ["supports", "fftconv_fwd", "kernel_config", "INPUT_DTYPES"]
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-WARPS = {16: 4, 32: 4, 64: 8}  # per N2: one warpgroup, or two splitting the columns at N2 = 64
+# Stage by stage over both row chunks (one wait per stage) where registers allow: not at N2 = 64
+# (255 registers + 128 B of spills with 8 warps; one chunk after the other: none).
+BOTH_CHUNKS = {16: True, 32: True, 64: False}
+WARPS = {16: 4, 32: 8, 64: 8}  # per N2 (compile_check: no spills); 8 warps split the columns over two warpgroups
 
 
 def num_warps(plan: MonarchPlan) -> int:
@@ -129,34 +133,112 @@ def _twiddle(c: gl.constexpr, N: gl.constexpr, N2: gl.constexpr, MMA: gl.constex
 
 
 @gluon.jit
-def _forward_chunk(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s,
-                   HAS_IMAG: gl.constexpr, N: gl.constexpr, N2: gl.constexpr,
-                   MMA: gl.constexpr, DOT: gl.constexpr):
-    """S1, T1, S2 for f1 in row chunk c: C[f1, f2] (float32, MMA layout) of the tile in xr_s/xi_s."""
-    zero = gl.zeros([64, N2], gl.float32, MMA)
+def _s1_issue(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG: gl.constexpr):
+    """S1 for f1 in row chunk c, issued (not waited): B = F1[chunk, n1 < 64] X."""
     a_r = f1r_s.slice(c * 64, 64)
-    a_i = f1i_s.slice(c * 64, 64)
     br = warpgroup_mma(a_r, xr_s, zero, use_acc=False, is_async=True)
-    bi = warpgroup_mma(a_i, xr_s, zero, use_acc=False, is_async=True)
+    bi = warpgroup_mma(f1i_s.slice(c * 64, 64), xr_s, zero, use_acc=False, is_async=True)
     if HAS_IMAG:
         br = warpgroup_mma(f1n_s.slice(c * 64, 64), xi_s, br, is_async=True)
         bi = warpgroup_mma(a_r, xi_s, bi, is_async=True)
-    br, bi = warpgroup_mma_wait(0, deps=[br, bi])
+    return br, bi
+
+
+@gluon.jit
+def _twiddled(xr, xi, c: gl.constexpr, CONJ: gl.constexpr, N: gl.constexpr, N2: gl.constexpr,
+              MMA: gl.constexpr):
+    """(xr + i xi) times w_N^(f1 n2) (or its conjugate) for row chunk c."""
     tr, ti = _twiddle(c, N, N2, MMA)
-    br, bi = br * tr - bi * ti, br * ti + bi * tr
-    op_r = gl.convert_layout(br.to(gl.float16), DOT)
-    op_i = gl.convert_layout(bi.to(gl.float16), DOT)
-    op_n = gl.convert_layout((-bi).to(gl.float16), DOT)
+    if CONJ:
+        return xr * tr + xi * ti, xi * tr - xr * ti
+    else:
+        return xr * tr - xi * ti, xr * ti + xi * tr
+
+
+@gluon.jit
+def _operands(xr, xi, DOT: gl.constexpr):
+    """Register left operands (float16), re and im (signs live in the F2 tiles: -Im F2 is a
+    third constant tile, which keeps a third register operand per chunk out of registers)."""
+    return gl.convert_layout(xr.to(gl.float16), DOT), gl.convert_layout(xi.to(gl.float16), DOT)
+
+
+@gluon.jit
+def _s2_issue(op_r, op_i, f2r_s, f2i_s, f2n_s, zero):
+    """S2, issued: C = B F2."""
     cr = warpgroup_mma(op_r, f2r_s, zero, use_acc=False, is_async=True)
-    cr = warpgroup_mma(op_n, f2i_s, cr, is_async=True)
+    cr = warpgroup_mma(op_i, f2n_s, cr, is_async=True)
     ci = warpgroup_mma(op_r, f2i_s, zero, use_acc=False, is_async=True)
     ci = warpgroup_mma(op_i, f2r_s, ci, is_async=True)
+    return cr, ci
+
+
+@gluon.jit
+def _s2_inverse_issue(op_r, op_i, f2r_s, f2i_s, f2n_s, zero):
+    """S2', issued: G = E conj(F2)."""
+    gr = warpgroup_mma(op_r, f2r_s, zero, use_acc=False, is_async=True)
+    gr = warpgroup_mma(op_i, f2i_s, gr, is_async=True)
+    gi = warpgroup_mma(op_i, f2r_s, zero, use_acc=False, is_async=True)
+    gi = warpgroup_mma(op_r, f2n_s, gi, is_async=True)
+    return gr, gi
+
+
+@gluon.jit
+def _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.constexpr, N: gl.constexpr,
+             N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+    """S1, T1, S2 for both row chunks, stage by stage (one wait per stage, 8 products in flight):
+    C[f1, f2] (float32, MMA layout) of the tile in xr_s/xi_s, as (chunk 0 re, im, chunk 1 re, im)."""
+    zero = gl.zeros([64, N2], gl.float32, MMA)
+    b0r, b0i = _s1_issue(0, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
+    b1r, b1i = _s1_issue(1, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
+    b0r, b0i, b1r, b1i = warpgroup_mma_wait(0, deps=[b0r, b0i, b1r, b1i])
+    b0r, b0i = _twiddled(b0r, b0i, 0, False, N, N2, MMA)
+    b1r, b1i = _twiddled(b1r, b1i, 1, False, N, N2, MMA)
+    o0r, o0i = _operands(b0r, b0i, DOT)
+    o1r, o1i = _operands(b1r, b1i, DOT)
+    c0r, c0i = _s2_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
+    c1r, c1i = _s2_issue(o1r, o1i, f2r_s, f2i_s, f2n_s, zero)
+    return warpgroup_mma_wait(0, deps=[c0r, c0i, c1r, c1i])
+
+
+@gluon.jit
+def _forward_one(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.constexpr,
+                 N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+    """S1, T1, S2 for row chunk c alone (half the live registers of :func:`_forward`)."""
+    zero = gl.zeros([64, N2], gl.float32, MMA)
+    br, bi = _s1_issue(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
+    br, bi = warpgroup_mma_wait(0, deps=[br, bi])
+    br, bi = _twiddled(br, bi, c, False, N, N2, MMA)
+    o_r, o_i = _operands(br, bi, DOT)
+    cr, ci = _s2_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
     return warpgroup_mma_wait(0, deps=[cr, ci])
 
 
 @gluon.jit
+def _inverse_one(cr, ci, c: gl.constexpr, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero,
+                 N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+    """Times K, S2', T2 for row chunk c; G's rows of the chunk into gr_s/gi_s (float16)."""
+    er, ei = _times_spectrum(cr, ci, kr_s, ki_s, c, MMA)
+    o_r, o_i = _operands(er, ei, DOT)
+    gr, gi = _s2_inverse_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
+    gr, gi = warpgroup_mma_wait(0, deps=[gr, gi])
+    gr, gi = _twiddled(gr, gi, c, True, N, N2, MMA)
+    gr_s.slice(c * 64, 64).store(gr.to(gl.float16))
+    gi_s.slice(c * 64, 64).store(gi.to(gl.float16))
+
+
+@gluon.jit
+def _times_spectrum(cr, ci, kr_s, ki_s, c: gl.constexpr, MMA: gl.constexpr):
+    """E = C K for row chunk c (K float32 in shared memory, one tile live at a time)."""
+    kr = kr_s.slice(c * 64, 64).load(MMA)
+    er = cr * kr
+    ei = ci * kr
+    ki = ki_s.slice(c * 64, 64).load(MMA)
+    return er - ci * ki, ei + cr * ki
+
+
+@gluon.jit
 def _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
-                     f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, HAS_D: gl.constexpr,
+                     f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D: gl.constexpr, BOTH_CHUNKS: gl.constexpr,
                      N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr):
     """K = transform of (k + D at lag 0), scaled, into kr_s/ki_s (float32); returns the scale."""
     kx = _load_tile(k_ptr, h * sk_h, True, kernel_len, sk_l, N2, BLK)
@@ -168,10 +250,17 @@ def _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, 
     scale = _row_scale(kx)
     xr_s.store((kx * scale).to(gl.float16))
     fence_async_shared()
-    for c in gl.static_range(2):
-        kr, ki = _forward_chunk(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, False, N, N2, MMA, DOT)
-        kr_s.slice(c * 64, 64).store(kr)
-        ki_s.slice(c * 64, 64).store(ki)
+    if BOTH_CHUNKS:
+        k0r, k0i, k1r, k1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT)
+        kr_s.slice(0, 64).store(k0r)
+        ki_s.slice(0, 64).store(k0i)
+        kr_s.slice(64, 64).store(k1r)
+        ki_s.slice(64, 64).store(k1i)
+    else:
+        for c in gl.static_range(2):
+            kr, ki = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT)
+            kr_s.slice(c * 64, 64).store(kr)
+            ki_s.slice(c * 64, 64).store(ki)
     return scale
 
 
@@ -195,6 +284,28 @@ def _epilogue(yc, out_scale, y_ptr, gout_ptr, mask_ptr, b, h, valid, seqlen,
 
 
 @gluon.jit
+def _item_rows(it, pairs_per_channel, batch):
+    """Channel and batch rows of item ``it`` (a channel's row pair): h, b_a, b_b, b_b valid."""
+    h = it // pairs_per_channel
+    b_a = 2 * (it - h * pairs_per_channel)
+    return h, b_a, b_a + 1, b_a + 1 < batch
+
+
+@gluon.jit
+def _stage_rows(dst_a, dst_b, ptr, it, end, pairs_per_channel, batch, seqlen, s_b, s_h, s_l,
+                N2: gl.constexpr, BLK: gl.constexpr):
+    """Start asynchronous copies (cp.async) of item ``it``'s two rows into shared memory, zeros
+    past seqlen, past the batch and for it >= end (nothing to stage after the last item)."""
+    h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
+    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
+    c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
+    n = r[:, None] * N2 + c[None, :]
+    live = (n < seqlen) & (it < end)
+    async_copy.async_copy_global_to_shared(dst_a, ptr + b_a * s_b + h * s_h + n * s_l, mask=live)
+    async_copy.async_copy_global_to_shared(dst_b, ptr + b_b * s_b + h * s_h + n * s_l, mask=live & valid_b)
+
+
+@gluon.jit
 def _copy_to_shared(ptr, ROWS: gl.constexpr, COLS: gl.constexpr, LAYOUT: gl.constexpr, BLK: gl.constexpr):
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BLK))
     c = gl.arange(0, COLS, layout=gl.SliceLayout(0, BLK))
@@ -204,74 +315,93 @@ def _copy_to_shared(ptr, ROWS: gl.constexpr, COLS: gl.constexpr, LAYOUT: gl.cons
 # ------------------------------------------------------------------------------ kernel --
 @gluon.jit
 def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
-                f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr,
+                f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr,
                 batch, seqlen, kernel_len, items, pairs_per_channel, sqrt_n,
                 su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
                 sy_b, sy_h, sy_l,
                 HAS_D: gl.constexpr, HAS_GATE_IN: gl.constexpr, HAS_GATE_OUT: gl.constexpr,
                 GELU: gl.constexpr, HAS_MASK: gl.constexpr,
-                N: gl.constexpr, N2: gl.constexpr,
+                N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr,
                 MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
                 F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
-    # Constants, once per program: F1[f1, n1 < 64] (re, im, -im) and F2 (re, im), float16.
+    # Constants, once per program: F1[f1, n1 < 64] and F2 (re, im, -im each), float16.
     f1r_s = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
     f1i_s = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
     f1n_s = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
     f2r_s = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
     f2i_s = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
+    f2n_s = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
     xr_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
     xi_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
     gr_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
     gi_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+    # The next item's rows (and gate_in rows) land here while this item's stages run.
+    ua_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
+    ub_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
+    if HAS_GATE_IN:
+        ga_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
+        gb_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
     fence_async_shared()
 
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     start = pid * items // programs
     end = (pid + 1) * items // programs
+    _stage_rows(ua_s, ub_s, u_ptr, start, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
+    if HAS_GATE_IN:
+        _stage_rows(ga_s, gb_s, gin_ptr, start, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l, N2, BLK)
+    async_copy.commit_group()
     channel = -1
     k_scale = 1.0
+    zero = gl.zeros([64, N2], gl.float32, MMA)
     for it in range(start, end):
-        h = it // pairs_per_channel
-        b_a = 2 * (it - h * pairs_per_channel)
-        b_b = b_a + 1
-        valid_b = b_b < batch
+        h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
         if h != channel:
             k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
-                                       f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, HAS_D, N, N2, MMA, DOT, BLK)
+                                       f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, BOTH_CHUNKS, N, N2, MMA,
+                                       DOT, BLK)
             channel = h
-        xa = _load_tile(u_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, N2, BLK)
-        xb = _load_tile(u_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, N2, BLK)
+        async_copy.wait_group(0)
+        gl.thread_barrier()  # every thread's copies have landed
+        xa = ua_s.load(BLK).to(gl.float32)
+        xb = ub_s.load(BLK).to(gl.float32)
         if HAS_GATE_IN:
-            xa = xa * _load_tile(gin_ptr, b_a * sgi_b + h * sgi_h, True, seqlen, sgi_l, N2, BLK)
-            xb = xb * _load_tile(gin_ptr, b_b * sgi_b + h * sgi_h, valid_b, seqlen, sgi_l, N2, BLK)
+            xa = xa * ga_s.load(BLK).to(gl.float32)
+            xb = xb * gb_s.load(BLK).to(gl.float32)
         sa = _row_scale(xa)
         sb = _row_scale(xb)
         xr_s.store((xa * sa).to(gl.float16))
         xi_s.store((xb * sb).to(gl.float16))
+        gl.thread_barrier()  # the staging buffers are read: the next item's copies may start
+        _stage_rows(ua_s, ub_s, u_ptr, it + 1, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
+        if HAS_GATE_IN:
+            _stage_rows(ga_s, gb_s, gin_ptr, it + 1, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l,
+                        N2, BLK)
+        async_copy.commit_group()
         fence_async_shared()
-        zero = gl.zeros([64, N2], gl.float32, MMA)
-        for c in gl.static_range(2):
-            cr, ci = _forward_chunk(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, True, N, N2, MMA, DOT)
-            kr = kr_s.slice(c * 64, 64).load(MMA)  # one spectrum tile live at a time
-            er = cr * kr
-            ei = ci * kr
-            ki = ki_s.slice(c * 64, 64).load(MMA)
-            er = er - ci * ki
-            ei = ei + cr * ki
-            op_r = gl.convert_layout(er.to(gl.float16), DOT)
-            op_i = gl.convert_layout(ei.to(gl.float16), DOT)
-            op_n = gl.convert_layout((-er).to(gl.float16), DOT)
-            gr = warpgroup_mma(op_r, f2r_s, zero, use_acc=False, is_async=True)
-            gr = warpgroup_mma(op_i, f2i_s, gr, is_async=True)
-            gi = warpgroup_mma(op_i, f2r_s, zero, use_acc=False, is_async=True)
-            gi = warpgroup_mma(op_n, f2i_s, gi, is_async=True)
-            gr, gi = warpgroup_mma_wait(0, deps=[gr, gi])
-            tr, ti = _twiddle(c, N, N2, MMA)
-            gr_s.slice(c * 64, 64).store((gr * tr + gi * ti).to(gl.float16))
-            gi_s.slice(c * 64, 64).store((gi * tr - gr * ti).to(gl.float16))
+        if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
+            c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
+                                          DOT)
+            e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, MMA)
+            e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, MMA)
+            o0r, o0i = _operands(e0r, e0i, DOT)
+            o1r, o1i = _operands(e1r, e1i, DOT)
+            g0r, g0i = _s2_inverse_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
+            g1r, g1i = _s2_inverse_issue(o1r, o1i, f2r_s, f2i_s, f2n_s, zero)
+            g0r, g0i, g1r, g1i = warpgroup_mma_wait(0, deps=[g0r, g0i, g1r, g1i])
+            g0r, g0i = _twiddled(g0r, g0i, 0, True, N, N2, MMA)
+            gr_s.slice(0, 64).store(g0r.to(gl.float16))
+            gi_s.slice(0, 64).store(g0i.to(gl.float16))
+            g1r, g1i = _twiddled(g1r, g1i, 1, True, N, N2, MMA)
+            gr_s.slice(64, 64).store(g1r.to(gl.float16))
+            gi_s.slice(64, 64).store(g1i.to(gl.float16))
+        else:  # one row chunk after the other: half the live registers
+            for c in gl.static_range(2):
+                cr, ci = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
+                                      DOT)
+                _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
         fence_async_shared()
         # S1': Y[n1 < 64, n2] = conj(F1)[n1, f1] G[f1, n2], F1's tile read transposed.
         yr = warpgroup_mma(f1r_s.permute((1, 0)), gr_s, zero, use_acc=False, is_async=True)
@@ -283,6 +413,7 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
         _epilogue(yi, _output_scale(sqrt_n, sb, k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
+    async_copy.wait_group(0)  # no copy outlives the program (the last one stages nothing)
 
 
 # ------------------------------------------------------------------------------ launcher --
@@ -290,13 +421,13 @@ _CONSTANTS: dict = {}
 
 
 def factor_tiles(plan: MonarchPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """F1[f1, n1 < 64] re, im, -im ((128, 64) float16) and F2 re, im ((N2, N2) float16)."""
+    """F1[f1, n1 < 64] re, im, -im ((128, 64) float16) and F2 re, im, -im ((N2, N2) float16)."""
     key = (plan.n, device)
     if key not in _CONSTANTS:
         f1r, f1i = dft_factor(plan.n1, plan.n1, plan.half)
         f2r, f2i = dft_factor(plan.n2, plan.n2, plan.n2)
         _CONSTANTS[key] = tuple(t.to(device=device, dtype=torch.float16).contiguous()
-                                for t in (f1r, f1i, -f1i, f2r, f2i))
+                                for t in (f1r, f1i, -f1i, f2r, f2i, -f2i))
     return _CONSTANTS[key]
 
 
@@ -319,7 +450,8 @@ def launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs: int):
             *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
             *y.stride())
     kwargs = dict(HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
-                  GELU=False, HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2, **kernel_config(plan))
+                  GELU=False, HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2,
+                  BOTH_CHUNKS=BOTH_CHUNKS[plan.n2], **kernel_config(plan))
     return (min(items, programs),), args, kwargs
 
 

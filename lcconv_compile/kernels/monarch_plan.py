@@ -74,14 +74,16 @@ class MonarchPlan:
         return 2 * 2 * self.n * self.half + 8 * self.n * self.n2
 
     def shared_bytes(self) -> int:
-        """Shared memory of one program: F1 (re, im, -im), F2 (re, im), K (float32 re, im),
-        X (re, im), G (re, im); layout-conversion scratch not counted."""
+        """Shared memory of one program: F1 and F2 (re, im, -im each), K (float32 re, im),
+        X (re, im), G (re, im), the next pair's rows (u's 16-bit dtype; gate_in rows not
+        counted); layout-conversion scratch not counted."""
         f1 = 3 * self.n1 * self.half * 2
-        f2 = 2 * self.n2 * self.n2 * 2
+        f2 = 3 * self.n2 * self.n2 * 2
+        staging = 2 * self.half * self.n2 * 2
         spectrum = 2 * self.n * 4
         x = 2 * self.half * self.n2 * 2
         g = 2 * self.n1 * self.n2 * 2
-        return f1 + f2 + spectrum + x + g
+        return f1 + f2 + spectrum + x + g + staging
 
 
 def plan_for(seqlen: int) -> Optional[MonarchPlan]:
