@@ -329,14 +329,17 @@ def check_v6(args):
             print(f"v6 L={seqlen}: no plan")
             continue
         constexprs = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on, N=plan.n, N2=plan.n2,
-                          BOTH_CHUNKS=monarch_conv.BOTH_CHUNKS[plan.n2], **monarch_conv.kernel_config(plan))
+                          BOTH_CHUNKS=monarch_conv.BOTH_CHUNKS[plan.n2], ASYNC_STAGING=seqlen % 16 == 0,
+                          **monarch_conv.kernel_config(plan))
         unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sy_l", "sm_h")
-        divisible = ("seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b",
-                     "sy_h", "sm_b")
+        # the launch at (B, H, L) contiguous: L and the strides specialised as multiples of 16 where they are
+        divisible = ("su_b", "su_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b", "sy_h", "sm_b", "sk_h")
+        divisible = ("seqlen", "kernel_len") + divisible if seqlen % 16 == 0 else ()
         report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, monarch_conv.num_warps(plan),
                                 want_asm=args.asm, unit=unit, divisible=divisible, source=GluonASTSource)
         asm = report.pop("asm", None)
-        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan)} programs/SM={monarch_conv.programs_per_sm(plan)} "
+        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan)} "
+              f"async_staging={seqlen % 16 == 0} programs/SM={monarch_conv.programs_per_sm(plan)} "
               f"plan shared={plan.shared_bytes() // 1024} KB\n    forward   {report}")
         ok &= (report["spill_bytes"] or 0) == 0 and report["shared"] <= monarch_conv.SHARED_LIMIT
         if asm is not None:

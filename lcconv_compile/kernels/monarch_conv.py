@@ -321,7 +321,7 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                 sy_b, sy_h, sy_l,
                 HAS_D: gl.constexpr, HAS_GATE_IN: gl.constexpr, HAS_GATE_OUT: gl.constexpr,
                 GELU: gl.constexpr, HAS_MASK: gl.constexpr,
-                N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr,
+                N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr, ASYNC_STAGING: gl.constexpr,
                 MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
                 F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
     # Constants, once per program: F1[f1, n1 < 64] and F2 (re, im, -im each), float16.
@@ -337,22 +337,24 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     gi_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
-    # The next item's rows (and gate_in rows) land here while this item's stages run.
-    ua_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
-    ub_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
-    if HAS_GATE_IN:
-        ga_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
-        gb_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
+    if ASYNC_STAGING:  # the next item's rows (and gate_in rows) land here while this item's stages run
+        ua_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
+        ub_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
+        if HAS_GATE_IN:
+            ga_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
+            gb_s = gl.allocate_shared_memory(gin_ptr.dtype.element_ty, [64, N2], K_SMEM)
     fence_async_shared()
 
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     start = pid * items // programs
     end = (pid + 1) * items // programs
-    _stage_rows(ua_s, ub_s, u_ptr, start, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
-    if HAS_GATE_IN:
-        _stage_rows(ga_s, gb_s, gin_ptr, start, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l, N2, BLK)
-    async_copy.commit_group()
+    if ASYNC_STAGING:
+        _stage_rows(ua_s, ub_s, u_ptr, start, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
+        if HAS_GATE_IN:
+            _stage_rows(ga_s, gb_s, gin_ptr, start, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l, N2,
+                        BLK)
+        async_copy.commit_group()
     channel = -1
     k_scale = 1.0
     zero = gl.zeros([64, N2], gl.float32, MMA)
@@ -363,23 +365,31 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                                        f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, BOTH_CHUNKS, N, N2, MMA,
                                        DOT, BLK)
             channel = h
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # every thread's copies have landed
-        xa = ua_s.load(BLK).to(gl.float32)
-        xb = ub_s.load(BLK).to(gl.float32)
-        if HAS_GATE_IN:
-            xa = xa * ga_s.load(BLK).to(gl.float32)
-            xb = xb * gb_s.load(BLK).to(gl.float32)
+        if ASYNC_STAGING:
+            async_copy.wait_group(0)
+            gl.thread_barrier()  # every thread's copies have landed
+            xa = ua_s.load(BLK).to(gl.float32)
+            xb = ub_s.load(BLK).to(gl.float32)
+            if HAS_GATE_IN:
+                xa = xa * ga_s.load(BLK).to(gl.float32)
+                xb = xb * gb_s.load(BLK).to(gl.float32)
+        else:  # rows not 16-byte aligned (cp.async moves 4 bytes or more): plain loads, no overlap
+            xa = _load_tile(u_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, N2, BLK)
+            xb = _load_tile(u_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, N2, BLK)
+            if HAS_GATE_IN:
+                xa = xa * _load_tile(gin_ptr, b_a * sgi_b + h * sgi_h, True, seqlen, sgi_l, N2, BLK)
+                xb = xb * _load_tile(gin_ptr, b_b * sgi_b + h * sgi_h, valid_b, seqlen, sgi_l, N2, BLK)
         sa = _row_scale(xa)
         sb = _row_scale(xb)
         xr_s.store((xa * sa).to(gl.float16))
         xi_s.store((xb * sb).to(gl.float16))
-        gl.thread_barrier()  # the staging buffers are read: the next item's copies may start
-        _stage_rows(ua_s, ub_s, u_ptr, it + 1, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
-        if HAS_GATE_IN:
-            _stage_rows(ga_s, gb_s, gin_ptr, it + 1, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l,
-                        N2, BLK)
-        async_copy.commit_group()
+        if ASYNC_STAGING:
+            gl.thread_barrier()  # the staging buffers are read: the next item's copies may start
+            _stage_rows(ua_s, ub_s, u_ptr, it + 1, end, pairs_per_channel, batch, seqlen, su_b, su_h, su_l, N2, BLK)
+            if HAS_GATE_IN:
+                _stage_rows(ga_s, gb_s, gin_ptr, it + 1, end, pairs_per_channel, batch, seqlen, sgi_b, sgi_h, sgi_l,
+                            N2, BLK)
+            async_copy.commit_group()
         fence_async_shared()
         if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
             c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
@@ -413,7 +423,8 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
         _epilogue(yi, _output_scale(sqrt_n, sb, k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
-    async_copy.wait_group(0)  # no copy outlives the program (the last one stages nothing)
+    if ASYNC_STAGING:
+        async_copy.wait_group(0)  # no copy outlives the program (the last one stages nothing)
 
 
 # ------------------------------------------------------------------------------ launcher --
@@ -436,6 +447,17 @@ def programs_per_sm(plan: MonarchPlan) -> int:
     return max(1, SHARED_LIMIT // (plan.shared_bytes() + 16 * 1024))
 
 
+def async_staging(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> bool:
+    """Whether u's (and gate_in's) rows can be copied by cp.async: 16-byte vectors need L and
+    the batch and channel strides to be multiples of 16 (what Triton specialises on), unit
+    stride along L and 16-byte aligned data. Else plain loads (the copies would be 2 bytes,
+    which cp.async cannot do: a compile error, seen with compile_check at L = 513)."""
+    def aligned(t):
+        return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                and all(s % 16 == 0 for s in (t.shape[-1], t.stride(0), t.stride(1))))
+    return aligned(u) and (gate_in is None or aligned(gate_in))
+
+
 def launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs: int):
     """The kernel's positional and keyword arguments for one call (compile_check reuses them)."""
     batch, channels, seqlen = u.shape
@@ -451,7 +473,7 @@ def launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs: int):
             *y.stride())
     kwargs = dict(HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
                   GELU=False, HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2,
-                  BOTH_CHUNKS=BOTH_CHUNKS[plan.n2], **kernel_config(plan))
+                  BOTH_CHUNKS=BOTH_CHUNKS[plan.n2], ASYNC_STAGING=async_staging(u, gate_in), **kernel_config(plan))
     return (min(items, programs),), args, kwargs
 
 
