@@ -7,7 +7,7 @@
 #   scripts/peers.sh prepare   # here (no GPU needed): copy the sources out of the fetched mirrors
 #                              # ($PEERS_MIRROR, default /work/.mirror; the search tool's `fetch`
 #                              # of github:HazyResearch/flash-fft-conv and .../ThunderKittens)
-#                              # into peers/src, plus the einops wheel FlashFFTConv imports (~4 MiB)
+#                              # into peers/src, plus the einops wheel FlashFFTConv imports: 5 MiB
 #   scripts/peers.sh build     # on the device (nvcc >= 12.8 for TK, an sm_90 GPU for the bench):
 #                              # build both into peers-build/, log to $OUT/peers_build.log if $OUT
 #                              # is set; a peer that fails is reported and skipped, exit status 0
@@ -25,7 +25,7 @@
 #     a copy: cc_flag = ['--generate-code=arch=compute_90,code=sm_90'] (upstream: compute_80 PTX
 #     only), arch = 'sm_90' (upstream asks torch.cuda for it; unused otherwise) and
 #     -std=$FFC_STD (default c++20: the torch headers; upstream c++17). Its other nvcc flags stay:
-#     -O3 -lineinfo --use_fast_math (+ --threads 4 only on CUDA 11.2+ minors >= 2, upstream's test).
+#     -O3 -lineinfo --use_fast_math (upstream adds --threads 4 only for CUDA minor versions >= 2).
 #     `setup.py build_ext` (ninja, MAX_JOBS) puts monarch_cuda*.so in peers-build/site, next to a
 #     copy of the pure-Python package flashfftconv/ (and einops when the device has none).
 #   ThunderKittens: kernels/fftconv/fftconv_pc.cu (the producer-consumer kernel, N = 1024 and 4096,
@@ -36,6 +36,9 @@
 #     -Xcompiler=-Wno-psabi -Xcompiler=-fno-strict-aliasing -diag-suppress=3189
 #     -I include -I prototype, linked with -lcuda (TMA descriptors via cuTensorMapEncodeTiled).
 #     sm_90a (wgmma, setmaxnreg) runs on H100/H200 only; the kernel launches 132 persistent blocks.
+# Checked on a CPU machine with the nvcc 13.0.88 wheels and torch 2.13's headers: all 25 FlashFFTConv
+# objects and fftconv_pc.cu compile with these flags (warnings only: #3189 "module" in torch's
+# headers under C++20, #2361 narrowing in fftconv_pc.cu); linking and running need the device.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
