@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcconv_compile.kernels import monarch_plan as mp
-from lcconv_compile.reference import fftconv_ref
+from lcconv_compile.reference import fftconv_bwd_ref, fftconv_ref
 
 from inputs import as_float64, random_args, rel_err
 
@@ -127,3 +127,45 @@ def test_zero_rows_and_zero_kernels_give_exact_zeros():
     assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
     want = fftconv_ref(**as_float64(args))
     assert rel_err(got, want) <= 2e-3
+
+
+@pytest.mark.parametrize("B, L, Lk", [(3, 600, 600), (2, 1024, 100), (4, 2048, 2048), (1, 4096, 4096)])
+@pytest.mark.parametrize("options", [False, True])
+def test_backward_schedule_is_exact_without_rounding(B, L, Lk, options):
+    args = random_args(B, 2, L, Lk, dtype=torch.float64, options=options)
+    grad_y = torch.randn(B, 2, L, dtype=torch.float64)
+    got = mp.emulate_backward(grad_y, **args, operand=None, acc=torch.float64)
+    want = fftconv_bwd_ref(grad_y, **args)
+    for name, g, w in zip(want._fields, got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert rel_err(g, w) < 1e-10, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, L, Lk", [(4, 1024, 1024), (3, 2048, 500), (2, 4096, 4096)])
+def test_backward_float16_operands_meet_the_error_budget(dtype, B, L, Lk):
+    """du, dgate_in, dgate_out as the forward (2e-3 for bf16, mostly the output's rounding);
+    dk and dD (float32 here, as k and D) at the v5 tests' 1e-2 for half inputs."""
+    args = random_args(B, 3, L, Lk, dtype=dtype, options=True, k_dtype=torch.float32)
+    grad_y = torch.randn(B, 3, L).to(dtype)
+    got = mp.emulate_backward(grad_y, **args)
+    want = fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    tol = dict(du=3e-3, dk=1e-2, dD=1e-2, dgate_in=3e-3, dgate_out=3e-3)
+    for name, g, w in zip(want._fields, got, want):
+        assert rel_err(g, w) <= tol[name], (name, rel_err(g, w))
+
+
+def test_backward_rows_of_a_pair_with_zero_x_or_zero_grad():
+    """A row whose x is zero, and a row whose dc is zero, in pairs with ordinary rows: the
+    matched scales must not zero or overflow the partner's gradient."""
+    args = random_args(4, 2, 1024, 300, dtype=torch.bfloat16, options=False, k_dtype=torch.float32)
+    args["u"][1] = 0
+    grad_y = torch.randn(4, 2, 1024).to(torch.bfloat16)
+    grad_y[2] = 0
+    got = mp.emulate_backward(grad_y, **args)
+    want = fftconv_bwd_ref(grad_y.double(), **as_float64(args))
+    for name, g, w in zip(want._fields, got, want):
+        if w is not None:
+            assert rel_err(g, w) <= 1e-2, name
+    assert torch.equal(got[0][2], torch.zeros_like(got[0][2]))  # du of a zero-gradient row

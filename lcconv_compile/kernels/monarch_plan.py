@@ -35,8 +35,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MonarchPlan", "plan_for", "emulate_forward", "dft_factor", "twiddle_angles", "MAX_SEQLEN",
-           "MIN_SEQLEN"]
+__all__ = ["MonarchPlan", "plan_for", "emulate_forward", "emulate_backward", "dft_factor", "twiddle_angles",
+           "MAX_SEQLEN", "MIN_SEQLEN"]
 
 ROWS = 64  # rows of one warpgroup's tensor-core tile (wgmma M)
 MIN_K = 16  # smallest contracted size of a 16-bit wgmma
@@ -181,6 +181,48 @@ def _tiles(x: torch.Tensor, plan: MonarchPlan) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], plan.half, plan.n2)
 
 
+class _Channelwise:
+    """What forward and backward share: the plan's stages, k's spectrum (D folded in) and the
+    packed, per-row-scaled transform of x = u * gate_in."""
+
+    def __init__(self, u, k, D, gate_in, operand, acc):
+        B, H, L = u.shape
+        self.plan = plan = plan_for(L)
+        if plan is None:
+            raise ValueError(f"v6 has no plan for L = {L} (supports {MIN_SEQLEN}..{MAX_SEQLEN})")
+        self.B, self.H, self.L, self.acc = B, H, L, acc
+        self.st = st = _Stages(plan, operand, acc)
+        x = u.to(acc) if gate_in is None else u.to(acc) * gate_in.to(acc)
+        self.x = x
+        kk = k.to(acc).clone()
+        if D is not None:
+            kk[:, 0] += D.to(acc)  # the skip term D x is the convolution with D at lag 0
+        kt = _tiles(kk, plan)
+        self.sk = power_of_two_scale(kt)[:, None, None].to(acc)
+        self.kr, self.ki = st.forward(st.op(kt * self.sk), torch.zeros_like(kt))
+        # pairs (2j, 2j + 1) of each channel as one complex row, each row its own scale
+        self.xt = self.pairs(x)
+        self.sx = power_of_two_scale(self.xt).to(acc)[..., None, None]  # (pairs, 2, H, 1, 1)
+        self.xr, self.xi = st.forward(st.op(self.xt[:, 0] * self.sx[:, 0]), st.op(self.xt[:, 1] * self.sx[:, 1]))
+
+    def pairs(self, t):
+        """(B, H, L) -> (pairs, 2, H, N1/2, N2) tiles, an odd batch padded with a zero row."""
+        if self.B % 2:
+            t = torch.cat([t, torch.zeros_like(t[:1])])
+        return _tiles(t, self.plan).reshape(-1, 2, self.H, self.plan.half, self.plan.n2)
+
+    def rows(self, yr, yi, scale):
+        """Inverse-transformed pairs (Re, Im) times per-row ``scale`` (pairs, 2, H, 1, 1) -> (B, H, L)."""
+        y = torch.stack([yr, yi], dim=1) * scale
+        return y.reshape(-1, self.H, self.plan.n // 2)[: self.B, :, : self.L]
+
+    def convolve(self, cr, ci, row_scales, conj):
+        """Rows of the inverse of C K (or C conj(K)), C packed with ``row_scales``."""
+        ki = -self.ki if conj else self.ki
+        yr, yi = self.st.inverse(cr * self.kr - ci * ki, cr * ki + ci * self.kr)
+        return self.rows(yr, yi, _output_scale(self.plan.n, row_scales, self.sk))
+
+
 def emulate_forward(
     u: torch.Tensor,
     k: torch.Tensor,
@@ -194,33 +236,8 @@ def emulate_forward(
 ) -> torch.Tensor:
     """``fftconv`` forward as v6 computes it (u (B, H, L), k (H, Lk), Lk <= L), returned in u's
     dtype. ``operand=None, acc=float64`` runs the same index maps exactly (no rounding)."""
-    B, H, L = u.shape
-    plan = plan_for(L)
-    if plan is None:
-        raise ValueError(f"v6 has no plan for L = {L} (supports {MIN_SEQLEN}..{MAX_SEQLEN})")
-    st = _Stages(plan, operand, acc)
-    x = u.to(acc) if gate_in is None else u.to(acc) * gate_in.to(acc)
-    if B % 2:
-        x = torch.cat([x, torch.zeros_like(x[:1])])
-    kk = k.to(acc).clone()
-    if D is not None:
-        kk[:, 0] += D.to(acc)  # the skip term D x is the convolution with D at lag 0
-    # k's spectrum, once per channel: X = sk k, no imaginary part
-    kt = _tiles(kk, plan)
-    sk = power_of_two_scale(kt)[:, None, None].to(acc)
-    kr, ki = st.forward(st.op(kt * sk), torch.zeros_like(kt))
-    # pairs (2j, 2j + 1) of each channel as one complex row
-    # (each row its own scale: the transform is linear and k real, so Re and Im stay separate
-    # and each row's error is relative to its own size, not to its partner's)
-    xt = _tiles(x, plan).reshape(-1, 2, H, plan.half, plan.n2)
-    sx = power_of_two_scale(xt).to(acc)[..., None, None]  # (pairs, 2, H, 1, 1)
-    xr, xi = st.op(xt[:, 0] * sx[:, 0]), st.op(xt[:, 1] * sx[:, 1])
-    cr, ci = st.forward(xr, xi)
-    er, ei = cr * kr - ci * ki, cr * ki + ci * kr
-    yr, yi = st.inverse(er, ei)
-    out_scale = _output_scale(plan.n, sx, sk)
-    y = torch.stack([yr, yi], dim=1) * out_scale
-    y = y.reshape(-1, H, plan.n // 2)[:B, :, :L]
+    ch = _Channelwise(u, k, D, gate_in, operand, acc)
+    y = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False)
     if gelu:
         y = torch.nn.functional.gelu(y)
     if dropout_mask is not None:
@@ -228,3 +245,82 @@ def emulate_forward(
     if gate_out is not None:
         y = y * gate_out.to(acc)
     return y.to(u.dtype)
+
+
+def emulate_backward(
+    grad_y: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    gate_in: Optional[torch.Tensor] = None,
+    gate_out: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    operand: Optional[torch.dtype] = torch.float16,
+    acc: torch.dtype = torch.float32,
+) -> tuple:
+    """``fftconv``'s gradients (du, dk, dD, dgate_in, dgate_out; None where the input is None)
+    as the v6 backward is designed to compute them, in the inputs' dtypes, per channel:
+
+    - the pre-activation c (for GELU and dgate_out) recomputed through the forward's stages;
+    - dc = dy * gate_out * mask * gelu'(c); its rows packed as one complex row with scales t_r
+      chosen so that t_r s_r (s_r: x's row scales) is the same for both rows of the pair, q;
+    - dx = corr(dc, k + D delta) = inverse of DC conj(K), whose real and imaginary parts are
+      the two rows' (D folded in as in the forward);
+    - k's gradient spectrum S = sum over pairs, in batch order, of DC conj(X) / q: with equal
+      products of scales the real part of S's inverse is sum_r corr(dc_r, x_r), i.e. dk at
+      lags < Lk (one inverse per channel, after its last pair: deterministic);
+    - dD = sum dc x in float32, batch order (exact sums, not lag 0 of S);
+    - du = dx * gate_in, dgate_in = dx * u.
+    ``operand=None, acc=float64`` runs the same maps exactly.
+    """
+    ch = _Channelwise(u, k, D, gate_in, operand, acc)
+    st, plan = ch.st, ch.plan
+    g = grad_y.to(acc)
+    needs_c = gelu or gate_out is not None
+    c = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False) if needs_c else None
+    dgate_out = None
+    if gate_out is not None:
+        a = torch.nn.functional.gelu(c) if gelu else c
+        if dropout_mask is not None:
+            a = a * dropout_mask.to(acc)[..., None]
+        dgate_out = (g * a).to(gate_out.dtype)
+    dc = g
+    if dropout_mask is not None:
+        dc = dc * dropout_mask.to(acc)[..., None]
+    if gate_out is not None:
+        dc = dc * gate_out.to(acc)
+    if gelu:
+        cdf = 0.5 * (1.0 + torch.erf(c * (1.0 / math.sqrt(2.0))))
+        dc = dc * (cdf + c * torch.exp(-0.5 * c * c) * (1.0 / math.sqrt(2.0 * math.pi)))
+    dct = ch.pairs(dc)
+    own = power_of_two_scale(dct).to(acc)[..., None, None]  # each dc row's own scale
+    # q: the smallest product of a row's own dc scale and its x scale over the rows where both
+    # are nonzero (rows with a zero x or dc add nothing to dk); each row then gets t_r = q / s_r
+    # (<= its own scale: no overflow), a row with zero x its own dc scale.
+    product = own * ch.sx  # (pairs, 2, H, 1, 1)
+    big = torch.tensor(2.0 ** 126, dtype=acc)
+    q = torch.where(product > 0, product, big).amin(dim=1)  # (pairs, H, 1, 1)
+    q = torch.where(q < big, q, torch.ones_like(q))
+    t = torch.where(ch.sx > 0, q[:, None] / torch.where(ch.sx > 0, ch.sx, torch.ones_like(ch.sx)), own)
+    dr, di = st.forward(st.op(dct[:, 0] * t[:, 0]), st.op(dct[:, 1] * t[:, 1]))
+    dx = ch.convolve(dr, di, torch.where(own > 0, t, torch.zeros_like(t)), conj=True)  # zero dc row: exact 0
+    # S = sum_pairs DC conj(X) / q, in batch order; its inverse (scaled to max 1) gives dk
+    sr = torch.zeros(ch.H, plan.n1, plan.n2, dtype=acc)
+    si = torch.zeros_like(sr)
+    for j in range(dr.shape[0]):
+        sr = sr + (dr[j] * ch.xr[j] + di[j] * ch.xi[j]) / q[j]
+        si = si + (di[j] * ch.xr[j] - dr[j] * ch.xi[j]) / q[j]
+    ss = power_of_two_scale(torch.cat([sr, si], dim=-2))[:, None, None].to(acc)
+    yr, _ = st.inverse(sr * ss, si * ss)
+    dk_full = yr.reshape(ch.H, plan.n // 2) * _output_scale(plan.n, ss, torch.ones_like(ss))[:, :, 0]
+    dk = dk_full[:, : k.shape[-1]].to(k.dtype)
+    dD = None
+    if D is not None:
+        dD = torch.zeros(ch.H, dtype=acc)
+        for b in range(ch.B):
+            dD = dD + (dc[b] * ch.x[b]).sum(-1)
+        dD = dD.to(D.dtype)
+    du = dx * gate_in.to(acc) if gate_in is not None else dx
+    dgate_in = (dx * u.to(acc)).to(gate_in.dtype) if gate_in is not None else None
+    return du.to(u.dtype), dk, dD, dgate_in, dgate_out
