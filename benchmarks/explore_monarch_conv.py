@@ -3,8 +3,9 @@ family), torch.fft and the memory floor, with its tensor-core rate.
 
     python benchmarks/explore_monarch_conv.py --out explore_monarch_conv.json [--lengths 1024 2048 4096]
 
-Shapes: B=8, H=1024, u bf16, k and D float32, forward only (kernels called directly). The floor
-is (u read + k read + y write) / the device-to-device copy bandwidth of the same run; TFLOP/s
+Shapes: B=8, H=1024, u bf16, k and D float32; forward, and the backward alone (du's error shown;
+kernels called directly). The floor (both) is the forward's: (u read + k read + y write) / the
+device-to-device copy bandwidth of the same run; TFLOP/s
 counts v6's tensor-core work (monarch_plan: per row pair plus k's spectrum per channel). Medians
 of ``triton.testing.do_bench``; the JSON is rewritten after every row, so a run cut short keeps
 what it measured. The GPU tests (tests/test_kernels_monarch_conv.py) check v6's results; this
@@ -47,16 +48,22 @@ def main():
         floor_ms = (2 * u.numel() * 2 + k.numel() * 4) / bandwidth * 1e3
         plan = monarch_plan.plan_for(L)
         flops = plan.flops_per_pair() * triton.cdiv(B, 2) * H + plan.flops_per_kernel_spectrum() * H
-        for name, fn in [("torch.fft", lambda: torch_fft_conv(u, k, D)),
-                         ("v5 (flashconv3)", lambda: flashconv3.fftconv_fwd(u, k, D)),
-                         ("v6 (monarch_conv)", lambda: monarch_conv.fftconv_fwd(u, k, D))]:
+        dy = torch.randn_like(u)
+        want_du = reference.fftconv_bwd_ref(dy.double(), u.double(), k.double(), D.double()).du
+        runs = [("torch.fft", lambda: torch_fft_conv(u, k, D), want),
+                ("v5 (flashconv3)", lambda: flashconv3.fftconv_fwd(u, k, D), want),
+                ("v6 (monarch_conv)", lambda: monarch_conv.fftconv_fwd(u, k, D), want),
+                ("v5 backward", lambda: flashconv3.fftconv_bwd(dy, u, k, D)[0], want_du)]
+        if monarch_conv.backward_supported(L):
+            runs.append(("v6 backward", lambda: monarch_conv.fftconv_bwd(dy, u, k, D)[0], want_du))
+        for name, fn, ref in runs:
             row = dict(L=L, name=name, floor_ms=floor_ms)
             try:
                 y = fn()
-                row["rel_err"] = ((y.double() - want).norm() / want.norm()).item()
+                row["rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
                 row["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
                 row["x_floor"] = row["ms"] / floor_ms
-                if name.startswith("v6"):
+                if name == "v6 (monarch_conv)":
                     row.update(plan=f"{plan.n1}x{plan.n2}", tflops=flops / row["ms"] / 1e9,
                                programs_per_sm=monarch_conv.programs_per_sm(plan))
             except Exception as exc:  # noqa: BLE001 - report and go on to the next row

@@ -4,7 +4,7 @@ their resources.
     python scripts/compile_check.py [--lengths 1024 4096 8192] [--batch 8] [--backward]
     python scripts/compile_check.py --short [--kernel-lens 1 4 16 64] [--dtypes bfloat16]
         [--directions bwd]   # kernels/shortconv.py, specialised as a launch at (8, 1024, 8192)
-    python scripts/compile_check.py --family v6 --lengths 1024 2048 4096 [--all-options]
+    python scripts/compile_check.py --family v6 --lengths 1024 2048 4096 [--all-options] [--backward]
     python scripts/compile_check.py --butterfly --lengths 32768 65536 [--learned] [--all-options]
         [--dtypes bfloat16] [--directions fwd]   # kernels/flashbutterfly.py
 
@@ -335,12 +335,26 @@ def check_v6(args):
         # the launch at (B, H, L) contiguous: L and the strides specialised as multiples of 16 where they are
         divisible = ("su_b", "su_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b", "sy_h", "sm_b", "sk_h")
         divisible = ("seqlen", "kernel_len") + divisible if seqlen % 16 == 0 else ()
-        report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, monarch_conv.num_warps(plan),
-                                want_asm=args.asm, unit=unit, divisible=divisible, source=GluonASTSource)
+        if args.backward:
+            if not monarch_conv.backward_supported(seqlen):
+                print(f"v6 L={seqlen}: no backward plan")
+                continue
+            constexprs = {n: v for n, v in constexprs.items() if n not in ("BOTH_CHUNKS", "ASYNC_STAGING")}
+            constexprs.update(monarch_conv.kernel_config(plan, backward=True))
+            bwd_pointers = dict(pointers, dy_ptr=ty, du_ptr=ty, dgin_ptr=ty, dgout_ptr=ty, dk_ptr="*fp32",
+                                dd_ptr="*fp32")
+            report = compile_kernel(monarch_conv._bwd_kernel, bwd_pointers, constexprs,
+                                    monarch_conv.num_warps(plan, backward=True),
+                                    want_asm=args.asm, unit=unit + ("sdy_l", "sdk_l"),
+                                    divisible=divisible + (("sdy_b", "sdy_h", "sdk_h", "channels") if divisible else ()),
+                                    source=GluonASTSource)
+        else:
+            report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, monarch_conv.num_warps(plan),
+                                    want_asm=args.asm, unit=unit, divisible=divisible, source=GluonASTSource)
         asm = report.pop("asm", None)
-        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan)} "
+        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan, args.backward)} "
               f"async_staging={seqlen % 16 == 0} programs/SM={monarch_conv.programs_per_sm(plan)} "
-              f"plan shared={plan.shared_bytes() // 1024} KB\n    forward   {report}")
+              f"plan shared={plan.shared_bytes() // 1024} KB\n    {'backward' if args.backward else 'forward':9s} {report}")
         ok &= (report["spill_bytes"] or 0) == 0 and report["shared"] <= monarch_conv.SHARED_LIMIT
         if asm is not None:
             for kind, text in asm.items():

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .common import offsets_fit_int32, sm_count, strides
 from .monarch_plan import MonarchPlan, dft_factor, plan_for
 
-__all__ = ["supports", "fftconv_fwd", "kernel_config", "INPUT_DTYPES"]
+__all__ = ["supports", "fftconv_fwd", "fftconv_bwd", "backward_supported", "kernel_config", "INPUT_DTYPES"]
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,8 +44,11 @@ BOTH_CHUNKS = {16: True, 32: True, 64: False}
 WARPS = {16: 4, 32: 8, 64: 8}  # per N2 (compile_check: no spills); 8 warps split the columns over two warpgroups
 
 
-def num_warps(plan: MonarchPlan) -> int:
-    return WARPS[plan.n2]
+BACKWARD_WARPS = {16: 8, 32: 8}  # the backward holds more at once (compile_check: 4 warps spill at 1K)
+
+
+def num_warps(plan: MonarchPlan, backward: bool = False) -> int:
+    return (BACKWARD_WARPS if backward else WARPS)[plan.n2]
 
 SHARED_LIMIT = 227 * 1024  # per SM on the H100
 
@@ -65,12 +68,12 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------ layouts --
-def kernel_config(plan: MonarchPlan) -> dict:
+def kernel_config(plan: MonarchPlan, backward: bool = False) -> dict:
     """The constexpr layouts of one plan: MMA (accumulators, [64, N2]), DOT (registers as a
     left operand), BLK (coalesced loads and stores of [64, N2] tiles, N2 contiguous), and the
     shared layouts of the float16 operand tiles and the float32 spectrum."""
     n2 = plan.n2
-    warps = num_warps(plan)
+    warps = num_warps(plan, backward)
     # 8 warps split the columns over two warpgroups (each holds half of every accumulator)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warps // 4], instr_shape=[16, n2 * 4 // warps, 16])
     vec = 8  # 16-byte loads of half values
@@ -214,10 +217,17 @@ def _forward_one(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s,
 
 
 @gluon.jit
-def _inverse_one(cr, ci, c: gl.constexpr, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero,
+def _inverse_one(cr, ci, c: gl.constexpr, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, CONJ_K: gl.constexpr,
                  N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
-    """Times K, S2', T2 for row chunk c; G's rows of the chunk into gr_s/gi_s (float16)."""
-    er, ei = _times_spectrum(cr, ci, kr_s, ki_s, c, MMA)
+    """Times K (or conj K: a correlation), S2', T2 for row chunk c; G's rows into gr_s/gi_s."""
+    er, ei = _times_spectrum(cr, ci, kr_s, ki_s, c, CONJ_K, MMA)
+    _inverse_rows(er, ei, c, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
+
+
+@gluon.jit
+def _inverse_rows(er, ei, c: gl.constexpr, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N: gl.constexpr,
+                  N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+    """S2', T2 of spectrum rows E (row chunk c, registers); G's rows into gr_s/gi_s (float16)."""
     o_r, o_i = _operands(er, ei, DOT)
     gr, gi = _s2_inverse_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
     gr, gi = warpgroup_mma_wait(0, deps=[gr, gi])
@@ -227,13 +237,27 @@ def _inverse_one(cr, ci, c: gl.constexpr, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, 
 
 
 @gluon.jit
-def _times_spectrum(cr, ci, kr_s, ki_s, c: gl.constexpr, MMA: gl.constexpr):
-    """E = C K for row chunk c (K float32 in shared memory, one tile live at a time)."""
+def _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero):
+    """S1': Y[n1 < 64, n2] = conj(F1)[n1, f1] G[f1, n2] (F1's tile read transposed), waited."""
+    fence_async_shared()
+    yr = warpgroup_mma(f1r_s.permute((1, 0)), gr_s, zero, use_acc=False, is_async=True)
+    yr = warpgroup_mma(f1i_s.permute((1, 0)), gi_s, yr, is_async=True)
+    yi = warpgroup_mma(f1r_s.permute((1, 0)), gi_s, zero, use_acc=False, is_async=True)
+    yi = warpgroup_mma(f1n_s.permute((1, 0)), gr_s, yi, is_async=True)
+    return warpgroup_mma_wait(0, deps=[yr, yi])
+
+
+@gluon.jit
+def _times_spectrum(cr, ci, kr_s, ki_s, c: gl.constexpr, CONJ_K: gl.constexpr, MMA: gl.constexpr):
+    """E = C K (or C conj(K)) for row chunk c (K float32 in shared memory, one tile live at a time)."""
     kr = kr_s.slice(c * 64, 64).load(MMA)
     er = cr * kr
     ei = ci * kr
     ki = ki_s.slice(c * 64, 64).load(MMA)
-    return er - ci * ki, ei + cr * ki
+    if CONJ_K:
+        return er + ci * ki, ei - cr * ki
+    else:
+        return er - ci * ki, ei + cr * ki
 
 
 @gluon.jit
@@ -307,9 +331,13 @@ def _stage_rows(dst_a, dst_b, ptr, it, end, pairs_per_channel, batch, seqlen, s_
 
 @gluon.jit
 def _copy_to_shared(ptr, ROWS: gl.constexpr, COLS: gl.constexpr, LAYOUT: gl.constexpr, BLK: gl.constexpr):
+    """A constant float16 tile into shared memory by cp.async (through registers, the six tiles
+    were live at once in the prologue; the caller waits for the copies)."""
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BLK))
     c = gl.arange(0, COLS, layout=gl.SliceLayout(0, BLK))
-    return gl.allocate_shared_memory(gl.float16, [ROWS, COLS], LAYOUT, gl.load(ptr + r[:, None] * COLS + c[None, :]))
+    tile = gl.allocate_shared_memory(gl.float16, [ROWS, COLS], LAYOUT)
+    async_copy.async_copy_global_to_shared(tile, ptr + r[:, None] * COLS + c[None, :])
+    return tile
 
 
 # ------------------------------------------------------------------------------ kernel --
@@ -331,6 +359,9 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     f2r_s = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
     f2i_s = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
     f2n_s = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
     xr_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
     xi_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
     gr_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
@@ -394,8 +425,8 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
         if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
             c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
                                           DOT)
-            e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, MMA)
-            e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, MMA)
+            e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, False, MMA)
+            e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
             o0r, o0i = _operands(e0r, e0i, DOT)
             o1r, o1i = _operands(e1r, e1i, DOT)
             g0r, g0i = _s2_inverse_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
@@ -411,20 +442,192 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
             for c in gl.static_range(2):
                 cr, ci = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
                                       DOT)
-                _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
-        fence_async_shared()
-        # S1': Y[n1 < 64, n2] = conj(F1)[n1, f1] G[f1, n2], F1's tile read transposed.
-        yr = warpgroup_mma(f1r_s.permute((1, 0)), gr_s, zero, use_acc=False, is_async=True)
-        yr = warpgroup_mma(f1i_s.permute((1, 0)), gi_s, yr, is_async=True)
-        yi = warpgroup_mma(f1r_s.permute((1, 0)), gi_s, zero, use_acc=False, is_async=True)
-        yi = warpgroup_mma(f1n_s.permute((1, 0)), gr_s, yi, is_async=True)
-        yr, yi = warpgroup_mma_wait(0, deps=[yr, yi])
+                _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, False, N, N2, MMA, DOT)
+        yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
         _epilogue(yr, _output_scale(sqrt_n, sa, k_scale), y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
         _epilogue(yi, _output_scale(sqrt_n, sb, k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
     if ASYNC_STAGING:
         async_copy.wait_group(0)  # no copy outlives the program (the last one stages nothing)
+
+
+@gluon.jit
+def _rows(y, scale, BLK: gl.constexpr):
+    """An S1' result (MMA layout, element (n1, n2) = sample n1 N2 + n2) as a BLK tile times scale."""
+    return gl.convert_layout(y, BLK) * scale
+
+
+@gluon.jit
+def _store_tile(ptr, offset, valid, seqlen, stride_l, value, N2: gl.constexpr, BLK: gl.constexpr):
+    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
+    c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
+    n = r[:, None] * N2 + c[None, :]
+    gl.store(ptr + offset + n * stride_l, value.to(ptr.dtype.element_ty), mask=(n < seqlen) & valid)
+
+
+@gluon.jit
+def _gelu(c):
+    return 0.5 * c * (1.0 + gl.erf(c * 0.7071067811865476))
+
+
+@gluon.jit
+def _gelu_grad(c):
+    return 0.5 * (1.0 + gl.erf(c * 0.7071067811865476)) + c * gl.exp(-0.5 * c * c) * 0.3989422804014327
+
+
+@gluon.jit
+def _matched_scales(sa, sb, oa, ob):
+    """Scales of the two dc rows with equal products t_r s_r = q (monarch_plan.emulate_backward):
+    q the smallest nonzero product of a row's own dc scale o_r and its x scale s_r (1 if none),
+    t_r = q / s_r, or o_r where x's row is zero."""
+    pa = oa * sa
+    pb = ob * sb
+    qa = gl.where(pa > 0, pa, 8.5e37)
+    qb = gl.where(pb > 0, pb, 8.5e37)
+    q = gl.minimum(qa, qb)
+    q = gl.where(q < 8.5e37, q, 1.0)
+    ta = gl.where(sa > 0, q / gl.maximum(sa, 1e-30), oa)
+    tb = gl.where(sb > 0, q / gl.maximum(sb, 1e-30), ob)
+    return q, ta, tb
+
+
+@gluon.jit
+def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
+                du_ptr, dk_ptr, dd_ptr, dgin_ptr, dgout_ptr,
+                f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr,
+                batch, channels, seqlen, kernel_len, pairs_per_channel, sqrt_n,
+                su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
+                sdy_b, sdy_h, sdy_l, sdk_h, sdk_l,
+                HAS_D: gl.constexpr, HAS_GATE_IN: gl.constexpr, HAS_GATE_OUT: gl.constexpr,
+                GELU: gl.constexpr, HAS_MASK: gl.constexpr, N: gl.constexpr, N2: gl.constexpr,
+                MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
+                F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
+    """The backward of monarch_plan.emulate_backward. One program owns whole channels (a
+    contiguous range), so dk and dD are summed over a channel's pairs in batch order."""
+    f1r_s = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
+    f1i_s = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
+    f1n_s = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
+    f2r_s = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
+    f2i_s = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
+    f2n_s = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
+    async_copy.commit_group()
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    xr_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
+    xi_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
+    gr_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
+    gi_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
+    kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+    ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+    zr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)  # X's spectrum (this pair)
+    zi_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+    sr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)  # k's gradient spectrum S
+    si_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+    fence_async_shared()
+    zero = gl.zeros([64, N2], gl.float32, MMA)
+
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    for h in range(pid * channels // programs, (pid + 1) * channels // programs):
+        k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
+                                   f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, False, N, N2, MMA, DOT, BLK)
+        dd = 0.0
+        for j in range(pairs_per_channel):
+            b_a = 2 * j
+            b_b = b_a + 1
+            valid_b = b_b < batch
+            ua = _load_tile(u_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, N2, BLK)
+            ub = _load_tile(u_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, N2, BLK)
+            xa = ua
+            xb = ub
+            if HAS_GATE_IN:
+                ga = _load_tile(gin_ptr, b_a * sgi_b + h * sgi_h, True, seqlen, sgi_l, N2, BLK)
+                gb = _load_tile(gin_ptr, b_b * sgi_b + h * sgi_h, valid_b, seqlen, sgi_l, N2, BLK)
+                xa = ua * ga
+                xb = ub * gb
+            sa = _row_scale(xa)
+            sb = _row_scale(xb)
+            xr_s.store((xa * sa).to(gl.float16))
+            xi_s.store((xb * sb).to(gl.float16))
+            fence_async_shared()
+            for c in gl.static_range(2):  # X's spectrum, kept for S; the pre-activation if needed
+                zr, zi = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA, DOT)
+                zr_s.slice(c * 64, 64).store(zr)
+                zi_s.slice(c * 64, 64).store(zi)
+                if GELU or HAS_GATE_OUT:
+                    _inverse_one(zr, zi, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, False, N, N2, MMA,
+                                 DOT)
+            dca = _load_tile(dy_ptr, b_a * sdy_b + h * sdy_h, True, seqlen, sdy_l, N2, BLK)
+            dcb = _load_tile(dy_ptr, b_b * sdy_b + h * sdy_h, valid_b, seqlen, sdy_l, N2, BLK)
+            if HAS_MASK:
+                ma = gl.load(mask_ptr + b_a * sm_b + h * sm_h).to(gl.float32)
+                mb = gl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(gl.float32)
+            if GELU or HAS_GATE_OUT:
+                yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
+                ca = _rows(yr, _output_scale(sqrt_n, sa, k_scale), BLK)
+                cb = _rows(yi, _output_scale(sqrt_n, sb, k_scale), BLK)
+                if HAS_GATE_OUT:
+                    act_a = ca
+                    act_b = cb
+                    if GELU:
+                        act_a = _gelu(ca)
+                        act_b = _gelu(cb)
+                    if HAS_MASK:
+                        act_a = act_a * ma
+                        act_b = act_b * mb
+                    _store_tile(dgout_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, dca * act_a, N2, BLK)
+                    _store_tile(dgout_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, dcb * act_b, N2, BLK)
+                    dca = dca * _load_tile(gout_ptr, b_a * sgo_b + h * sgo_h, True, seqlen, sgo_l, N2, BLK)
+                    dcb = dcb * _load_tile(gout_ptr, b_b * sgo_b + h * sgo_h, valid_b, seqlen, sgo_l, N2, BLK)
+                if GELU:
+                    dca = dca * _gelu_grad(ca)
+                    dcb = dcb * _gelu_grad(cb)
+            if HAS_MASK:
+                dca = dca * ma
+                dcb = dcb * mb
+            if HAS_D:
+                dd += gl.sum(gl.sum(dca * xa + dcb * xb, axis=1), axis=0)
+            oa = _row_scale(dca)
+            ob = _row_scale(dcb)
+            q, ta, tb = _matched_scales(sa, sb, oa, ob)
+            xr_s.store((dca * ta).to(gl.float16))
+            xi_s.store((dcb * tb).to(gl.float16))
+            fence_async_shared()
+            for c in gl.static_range(2):
+                dr, di = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA, DOT)
+                zr = zr_s.slice(c * 64, 64).load(MMA)
+                zi = zi_s.slice(c * 64, 64).load(MMA)
+                old_r = gl.where(j > 0, sr_s.slice(c * 64, 64).load(MMA), 0.0)
+                old_i = gl.where(j > 0, si_s.slice(c * 64, 64).load(MMA), 0.0)
+                sr_s.slice(c * 64, 64).store(old_r + (dr * zr + di * zi) / q)
+                si_s.slice(c * 64, 64).store(old_i + (di * zr - dr * zi) / q)
+                _inverse_one(dr, di, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, True, N, N2, MMA, DOT)
+            yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
+            dxa = _rows(yr, _output_scale(sqrt_n, ta * (oa > 0).to(gl.float32), k_scale), BLK)
+            dxb = _rows(yi, _output_scale(sqrt_n, tb * (ob > 0).to(gl.float32), k_scale), BLK)
+            if HAS_GATE_IN:
+                _store_tile(dgin_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, dxa * ua, N2, BLK)
+                _store_tile(dgin_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, dxb * ub, N2, BLK)
+                dxa = dxa * ga
+                dxb = dxb * gb
+            _store_tile(du_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, dxa, N2, BLK)
+            _store_tile(du_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, dxb, N2, BLK)
+        # dk: the inverse of S, scaled to max |S| <= 1 first (one per channel, after its last pair)
+        m = 0.0
+        for c in gl.static_range(2):
+            m = gl.maximum(m, gl.max(gl.max(gl.abs(sr_s.slice(c * 64, 64).load(MMA)), axis=1), axis=0))
+            m = gl.maximum(m, gl.max(gl.max(gl.abs(si_s.slice(c * 64, 64).load(MMA)), axis=1), axis=0))
+        ss = gl.exp2(-gl.ceil(gl.log2(gl.maximum(m, 1e-30)))) * (m > 0).to(gl.float32)
+        for c in gl.static_range(2):
+            er = sr_s.slice(c * 64, 64).load(MMA) * ss
+            ei = si_s.slice(c * 64, 64).load(MMA) * ss
+            _inverse_rows(er, ei, c, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
+        yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
+        _store_tile(dk_ptr, h * sdk_h, True, kernel_len, sdk_l, _rows(yr, _output_scale(sqrt_n, ss, 1.0), BLK), N2,
+                    BLK)
+        if HAS_D:
+            gl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------ launcher --
@@ -495,3 +698,50 @@ def fftconv_fwd(
     kwargs["GELU"] = gelu
     _fwd_kernel[grid](*args, **kwargs, num_warps=num_warps(plan))
     return y
+
+
+def backward_supported(seqlen: int) -> bool:
+    """The backward keeps X's spectrum and S in float32 shared memory beside K: up to N2 = 32
+    (L <= 2048); at 4096 it does not fit (3 spectra of 64 KB)."""
+    plan = plan_for(seqlen)
+    return plan is not None and plan.n2 <= 32
+
+
+def fftconv_bwd(
+    grad_y: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    gate_in: Optional[torch.Tensor] = None,
+    gate_out: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    alloc: Callable[..., torch.Tensor] = torch.empty,
+) -> tuple:
+    """One launch: (du, dk, dD, dgate_in, dgate_out), None for absent inputs; every output has
+    u's strides where it has u's shape (dgate_in, dgate_out, du are written at u's offsets)."""
+    batch, channels, seqlen = u.shape
+    if not backward_supported(seqlen):
+        raise ValueError(f"v6 backward: no plan for L = {seqlen} (L <= 2048 for now)")
+    plan = plan_for(seqlen)
+    u = u.contiguous()
+    du = alloc(u.shape, dtype=u.dtype, device=u.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dD = alloc(D.shape, dtype=D.dtype, device=D.device) if D is not None else None
+    dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
+    dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
+    dummy = u
+    programs = min(channels, programs_per_sm(plan) * sm_count(u.device))
+    _bwd_kernel[(programs,)](
+        grad_y, u, k, D if D is not None else dummy, gate_in if gate_in is not None else dummy,
+        gate_out if gate_out is not None else dummy, dropout_mask if dropout_mask is not None else dummy,
+        du, dk, dD if dD is not None else dummy, dgate_in if dgate_in is not None else dummy,
+        dgate_out if dgate_out is not None else dummy,
+        *factor_tiles(plan, u.device),
+        batch, channels, seqlen, k.shape[-1], (batch + 1) // 2, math.sqrt(plan.n),
+        *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
+        *grad_y.stride(), *dk.stride(),
+        HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None, GELU=gelu,
+        HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2, **kernel_config(plan, backward=True),
+        num_warps=num_warps(plan, backward=True))
+    return du, dk, dD, dgate_in, dgate_out
