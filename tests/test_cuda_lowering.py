@@ -151,6 +151,21 @@ def test_stage_leaves_symbolic_sizes_to_the_op(monkeypatch):
     assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.lcconv.fftconv.default)) == 1
 
 
+def test_stage_leaves_calls_of_opaque_families_to_the_op(monkeypatch):
+    """A family that compiled code cannot launch (FlashConv v6: Gluon) keeps the op call, with
+    an ``opaque_family`` event; the op launches the kernels when it runs."""
+    from lcconv_compile.kernels import monarch_conv
+
+    monkeypatch.setattr(cuda_lowering, "_on_cuda", lambda node: True)
+    monkeypatch.setattr(cuda_lowering, "select", lambda u, k: monarch_conv)
+    gm = _graph_of(lambda u, k: torch.ops.lcconv.fftconv(u, k) * 2, torch.randn(2, 3, 600), torch.randn(3, 600))
+    with events.collect() as recorded:
+        assert cuda_lowering.lower_cuda_calls(gm.graph) == 0
+    assert [e.code for e in recorded] == ["opaque_family"]
+    assert "monarch_conv" in recorded[0].reason
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.lcconv.fftconv.default)) == 1
+
+
 _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
     import logging, torch
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)

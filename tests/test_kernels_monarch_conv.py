@@ -134,3 +134,43 @@ def test_backward_dk_and_dD_are_bit_identical_across_runs():
     grad_y = torch.randn(8, 4, 2048, device="cuda").to(torch.bfloat16)
     first, second = _grads(grad_y, args), _grads(grad_y, args)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+@pytest.mark.cuda
+@requires_hopper
+def test_the_op_runs_v6_when_opted_in_eager_and_compiled(monkeypatch):
+    """With v6 in kernels.FAMILIES (what LCCONV_FLASHCONV6=1 does at import), the op's forward and
+    backward run it, eager and under torch.compile, where the CUDA stage leaves the op call
+    (opaque_family): compiled equals eager."""
+    import lcconv_compile
+    from lcconv_compile import kernels
+    from lcconv_compile.kernels import flashbutterfly, flashconv3, monarch_conv, shortconv
+    from lcconv_compile.lowering import events
+    from lcconv_compile.reference import fftconv_bwd_ref
+
+    monkeypatch.setattr(kernels, "FAMILIES", (shortconv, monarch_conv, flashconv3, flashbutterfly))
+    args = random_args(4, 8, 1024, 1024, dtype=torch.bfloat16, options=True, k_dtype=torch.float32, device="cuda")
+    assert kernels.select(args["u"], args["k"]) is monarch_conv
+    leaves = {n: v.requires_grad_() for n, v in args.items() if n in ("u", "k", "D", "gate_in", "gate_out")}
+
+    def call(a):
+        return lcconv_compile.fftconv(a["u"], a["k"], a["D"], gate_in=a["gate_in"], gate_out=a["gate_out"],
+                                      gelu=True, dropout_mask=a["dropout_mask"])
+
+    grad_y = torch.randn_like(args["u"])
+    y = call(args)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
+    want_y = fftconv_ref(**as_float64({n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in args.items()}))
+    want = fftconv_bwd_ref(grad_y.double(), **as_float64({n: v.detach() if isinstance(v, torch.Tensor) else v
+                                                         for n, v in args.items()}))
+    assert rel_err(y, want_y) <= 2e-3
+    for name, g in zip(leaves, grads):
+        assert rel_err(g, getattr(want, "d" + name if name != "D" else "dD")) <= 1e-2, name
+    torch._dynamo.reset()
+    with events.collect() as recorded:
+        y_c = torch.compile(call)(args)
+        grads_c = torch.autograd.grad(y_c, list(leaves.values()), grad_y)
+    assert "opaque_family" in [getattr(e, "code", None) for e in recorded]
+    assert torch.equal(y_c, y)
+    for g_c, g in zip(grads_c, grads):
+        assert torch.equal(g_c, g)

@@ -9,12 +9,13 @@ of the families it should win against.
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-from . import flashbutterfly, flashconv3, shortconv
+from . import flashbutterfly, flashconv3, monarch_conv, shortconv
 
 __all__ = ["FAMILIES", "select"]
 
@@ -29,7 +30,11 @@ __all__ = ["FAMILIES", "select"]
 # N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 1.8-2.2x faster forward than the torch.fft
 # reference from 32K to 2M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md,
 # "two-level DFT"), where the op keeps running the reference.
-FAMILIES: tuple[ModuleType, ...] = (shortconv, flashconv3, flashbutterfly)
+# monarch_conv (FlashConv v6, Gluon) runs ahead of flashconv3 only where LCCONV_FLASHCONV6=1 is
+# set when lcconv_compile is imported: written and compiled, not yet run on a GPU, so not the
+# default until its device tests pass and it measures faster (benchmarks/NOTES.md, "FlashConv v6").
+EXPERIMENTAL: tuple[ModuleType, ...] = (monarch_conv,) if os.environ.get("LCCONV_FLASHCONV6") == "1" else ()
+FAMILIES: tuple[ModuleType, ...] = (shortconv, *EXPERIMENTAL, flashconv3, flashbutterfly)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:

@@ -13,7 +13,7 @@ gives both rows' causal outputs, and the epilogue applies GELU, the dropout mask
 and stores y in u's dtype. Nothing else touches HBM.
 
 Status: written and compiled for sm_90 on CPU (scripts/compile_check.py --family v6); NOT yet
-run on a GPU, so it is not in kernels.FAMILIES and nothing dispatches to it. The next steps
+run on a GPU, so kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1 (opt-in). The next steps
 (benchmarks/NOTES.md, "FlashConv v6"): the device tests (tests/test_kernels_monarch_conv.py),
 then a load partition (warp_specialize) so the next pair's loads overlap this pair's stages,
 then the backward. Knows torch, Triton and Gluon only; the math is tested on CPU through
@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .common import offsets_fit_int32, sm_count, strides
 from .monarch_plan import MonarchPlan, dft_factor, plan_for
 
-__all__ = ["supports", "fftconv_fwd", "fftconv_bwd", "backward_supported", "kernel_config", "INPUT_DTYPES"]
+__all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd", "fftconv_bwd", "kernel_config",
+           "INPUT_DTYPES", "COMPILER_VISIBLE"]
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,11 +54,23 @@ def num_warps(plan: MonarchPlan, backward: bool = False) -> int:
 SHARED_LIMIT = 227 * 1024  # per SM on the H100
 
 
+# Compiled graphs cannot launch Gluon kernels themselves on torch 2.11 or 2.13: torch's mutation
+# analysis and Inductor's code generation compile user kernels as plain Triton
+# (scripts/probe_gluon_triton_op.py). The CUDA lowering stage leaves the op call for this family.
+COMPILER_VISIBLE = False
+
+
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether v6 computes this call: a Hopper GPU, half u, a plan for L (513..4096), k no
-    longer than u, and 32-bit offsets."""
+    """Whether v6 computes this call in both directions: a Hopper GPU, half u, a plan for L with
+    a backward (513..2048), k no longer than u, and 32-bit offsets. (The forward alone reaches
+    4096: :func:`forward_supported`.)"""
+    return forward_supported(u, k) and backward_supported(u.shape[-1])
+
+
+def forward_supported(u: torch.Tensor, k: torch.Tensor) -> bool:
     return (
         u.is_cuda
+        and torch.cuda.is_available()
         and torch.cuda.get_device_capability(u.device)[0] == 9
         and u.dtype in INPUT_DTYPES
         and k.dtype in KERNEL_DTYPES

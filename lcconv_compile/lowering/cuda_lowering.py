@@ -22,6 +22,10 @@ the constant tiles (DFT matrices) its launchers ask for; they become graph const
 with ``kernels.launch.tracing`` on, so every launch goes through ``torch.library.wrap_triton``,
 and the traced nodes are spliced in place of the call.
 
+A family whose module says ``COMPILER_VISIBLE = False`` (FlashConv v6: Gluon kernels, which
+torch 2.11 and 2.13 cannot trace) keeps its op call (code ``opaque_family``): Inductor calls the
+op, which launches the kernels.
+
 Must not: touch graphs or calls on other devices (CPU graphs keep calling the op); decide on
 symbolic sizes (a call whose sizes or strides are symbolic is left as an op call and reported,
 code ``symbolic_shape``: the op picks its kernel when it runs); change what the op computes.
@@ -132,6 +136,13 @@ def _lower(graph: Graph, node: Node) -> int:
             events.source_of(node)), node)
         return 0
 
+    family = select(values["u"], values["k"])
+    if not getattr(family, "COMPILER_VISIBLE", True):
+        events.report(events.Rejection(
+            STAGE, op_name, "opaque_family",
+            f"{_family_name(family)}'s kernels cannot be launched by compiled code on this torch: "
+            "the op call stays and launches them when it runs", events.source_of(node)), node)
+        return 0
     impl = ops.fftconv_forward_impl if forward else ops.fftconv_backward_impl
     fake_mode = torch._guards.detect_fake_mode([values[name] for name in tensor_names])
     with fake_mode, torch.no_grad(), launch.discovering() as constants:
@@ -172,8 +183,7 @@ def _lower(graph: Graph, node: Node) -> int:
             user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
     graph.erase_node(node)
-    family = _family_name(select(values["u"], values["k"]))
-    events.report(events.Rewrite(STAGE, f"{op_name}_{family}", source,
+    events.report(events.Rewrite(STAGE, f"{op_name}_{_family_name(family)}", source,
                                  f"{'x'.join(map(str, values['u'].shape))} {values['u'].dtype}"))
     return 1
 
