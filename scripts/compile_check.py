@@ -329,7 +329,7 @@ def check_v6(args):
             print(f"v6 L={seqlen}: no plan")
             continue
         constexprs = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on, N=plan.n, N2=plan.n2,
-                          BOTH_CHUNKS=monarch_conv.BOTH_CHUNKS[plan.n2], ASYNC_STAGING=seqlen % 16 == 0,
+                          BOTH_CHUNKS=monarch_conv.both_chunks(plan, seqlen % 16 == 0), ASYNC_STAGING=seqlen % 16 == 0,
                           **monarch_conv.kernel_config(plan))
         unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sy_l", "sm_h")
         # the launch at (B, H, L) contiguous: L and the strides specialised as multiples of 16 where they are

@@ -39,10 +39,16 @@ __all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd",
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stage by stage over both row chunks (one wait per stage) where registers allow: not at N2 = 64
-# (255 registers + 128 B of spills with 8 warps; one chunk after the other: none).
-BOTH_CHUNKS = {16: True, 32: True, 64: False}
-WARPS = {16: 4, 32: 8, 64: 8}  # per N2 (compile_check: no spills); 8 warps split the columns over two warpgroups
+# Stage by stage over both row chunks (one wait per stage: 6 per pair, not 11) at every N2 since
+# the wgmma descriptors stopped being hoisted (_opaque_zero): 133 / 146 / 246 registers, no spills.
+BOTH_CHUNKS = {16: True, 32: True, 64: True}
+
+
+def both_chunks(plan: MonarchPlan, staging: bool) -> bool:
+    """BOTH_CHUNKS, except at N2 = 64 with plain loads (L or strides not multiples of 16), where
+    the row tiles' per-element addresses push it to 255 registers + 84 B of spills."""
+    return BOTH_CHUNKS[plan.n2] and (staging or plan.n2 < 64)
+WARPS = {16: 4, 32: 8, 64: 8}  # per N2; 8 warps split the columns over two warpgroups (2K with 4: 255 + spills)
 
 
 BACKWARD_WARPS = {16: 8, 32: 8}  # the backward holds more at once (compile_check: 4 warps spill at 1K)
@@ -89,7 +95,9 @@ def kernel_config(plan: MonarchPlan, backward: bool = False) -> dict:
     warps = num_warps(plan, backward)
     # 8 warps split the columns over two warpgroups (each holds half of every accumulator)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warps // 4], instr_shape=[16, n2 * 4 // warps, 16])
-    vec = 8  # 16-byte loads of half values
+    # 16-byte loads of half values where each thread has 8 elements or more; fewer (8 warps at
+    # N2 = 16) get narrower vectors rather than rows replicated over the warps
+    vec = min(8, 64 * n2 // (32 * warps))
     cols = n2 // vec
     blk = gl.BlockedLayout(size_per_thread=[1, vec], threads_per_warp=[32 // cols, cols],
                            warps_per_cta=[warps, 1], order=[1, 0])
@@ -344,13 +352,19 @@ def _stage_rows(dst_a, dst_b, ptr, it, end, pairs_per_channel, batch, seqlen, s_
 
 @gluon.jit
 def _copy_to_shared(ptr, ROWS: gl.constexpr, COLS: gl.constexpr, LAYOUT: gl.constexpr, BLK: gl.constexpr):
-    """A constant float16 tile into shared memory by cp.async (through registers, the six tiles
-    were live at once in the prologue; the caller waits for the copies)."""
+    """A constant float16 tile into shared memory ([1, ROWS, COLS]: see _opaque_zero) by cp.async;
+    the caller waits for the copies."""
     r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, BLK))
     c = gl.arange(0, COLS, layout=gl.SliceLayout(0, BLK))
-    tile = gl.allocate_shared_memory(gl.float16, [ROWS, COLS], LAYOUT)
-    async_copy.async_copy_global_to_shared(tile, ptr + r[:, None] * COLS + c[None, :])
+    tile = gl.allocate_shared_memory(gl.float16, [1, ROWS, COLS], LAYOUT)
+    async_copy.async_copy_global_to_shared(tile.index(0), ptr + r[:, None] * COLS + c[None, :])
     return tile
+
+
+@gluon.jit
+def _opaque_zero(value):
+    """0, computed where it is called by an instruction the compiler cannot move or fold."""
+    return gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [value], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # ------------------------------------------------------------------------------ kernel --
@@ -366,19 +380,19 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                 MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
                 F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
     # Constants, once per program: F1[f1, n1 < 64] and F2 (re, im, -im each), float16.
-    f1r_s = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
-    f1i_s = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
-    f1n_s = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
-    f2r_s = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
-    f2i_s = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
-    f2n_s = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
+    f1r_b = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
+    f1i_b = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
+    f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
+    f2r_b = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
+    f2i_b = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
+    f2n_b = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
     async_copy.commit_group()
     async_copy.wait_group(0)
     gl.thread_barrier()
-    xr_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
-    xi_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
-    gr_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
-    gi_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
+    xr_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
+    xi_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
+    gr_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
+    gi_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     if ASYNC_STAGING:  # the next item's rows (and gate_in rows) land here while this item's stages run
@@ -403,6 +417,19 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     k_scale = 1.0
     zero = gl.zeros([64, N2], gl.float32, MMA)
     for it in range(start, end):
+        # Views of the tensor-core operand tiles through an opaque zero: their wgmma descriptors
+        # are then made in the loop where they are used, not hoisted and held across it.
+        z = _opaque_zero(it)
+        f1r_s = f1r_b.index(z)
+        f1i_s = f1i_b.index(z)
+        f1n_s = f1n_b.index(z)
+        f2r_s = f2r_b.index(z)
+        f2i_s = f2i_b.index(z)
+        f2n_s = f2n_b.index(z)
+        xr_s = xr_b.index(z)
+        xi_s = xi_b.index(z)
+        gr_s = gr_b.index(z)
+        gi_s = gi_b.index(z)
         h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
         if h != channel:
             k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
@@ -518,19 +545,19 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
                 F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
     """The backward of monarch_plan.emulate_backward. One program owns whole channels (a
     contiguous range), so dk and dD are summed over a channel's pairs in batch order."""
-    f1r_s = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
-    f1i_s = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
-    f1n_s = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
-    f2r_s = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
-    f2i_s = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
-    f2n_s = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
+    f1r_b = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
+    f1i_b = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
+    f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
+    f2r_b = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
+    f2i_b = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
+    f2n_b = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
     async_copy.commit_group()
     async_copy.wait_group(0)
     gl.thread_barrier()
-    xr_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
-    xi_s = gl.allocate_shared_memory(gl.float16, [64, N2], X_SMEM)
-    gr_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
-    gi_s = gl.allocate_shared_memory(gl.float16, [128, N2], G_SMEM)
+    xr_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
+    xi_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
+    gr_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
+    gi_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     zr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)  # X's spectrum (this pair)
@@ -543,10 +570,32 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     for h in range(pid * channels // programs, (pid + 1) * channels // programs):
+        z = _opaque_zero(h)  # see _fwd_kernel
+        f1r_s = f1r_b.index(z)
+        f1i_s = f1i_b.index(z)
+        f1n_s = f1n_b.index(z)
+        f2r_s = f2r_b.index(z)
+        f2i_s = f2i_b.index(z)
+        f2n_s = f2n_b.index(z)
+        xr_s = xr_b.index(z)
+        xi_s = xi_b.index(z)
+        gr_s = gr_b.index(z)
+        gi_s = gi_b.index(z)
         k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
                                    f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, False, N, N2, MMA, DOT, BLK)
         dd = 0.0
         for j in range(pairs_per_channel):
+            z = _opaque_zero(j)  # the views again, inside this loop (see _fwd_kernel)
+            f1r_s = f1r_b.index(z)
+            f1i_s = f1i_b.index(z)
+            f1n_s = f1n_b.index(z)
+            f2r_s = f2r_b.index(z)
+            f2i_s = f2i_b.index(z)
+            f2n_s = f2n_b.index(z)
+            xr_s = xr_b.index(z)
+            xi_s = xi_b.index(z)
+            gr_s = gr_b.index(z)
+            gi_s = gi_b.index(z)
             b_a = 2 * j
             b_b = b_a + 1
             valid_b = b_b < batch
@@ -689,7 +738,8 @@ def launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs: int):
             *y.stride())
     kwargs = dict(HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
                   GELU=False, HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2,
-                  BOTH_CHUNKS=BOTH_CHUNKS[plan.n2], ASYNC_STAGING=async_staging(u, gate_in), **kernel_config(plan))
+                  BOTH_CHUNKS=both_chunks(plan, async_staging(u, gate_in)), ASYNC_STAGING=async_staging(u, gate_in),
+                  **kernel_config(plan))
     return (min(items, programs),), args, kwargs
 
 
