@@ -397,3 +397,40 @@ def test_backward_gpu_large_batch_is_deterministic():
     second = flashconv3.fftconv_bwd(grad_y, **args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------- NaN/Inf: packed rows must not reach each other --
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nonfinite_row_does_not_reach_its_packed_partner(blocks, dtype):
+    """Two rows travel as one complex row: a NaN in u[0, 1] once made y[1, 1] NaN and an Inf in
+    u[1, 2] made y[0, 2] NaN, where the eager FFT keeps every other row finite (README, "NaN and
+    Inf": never widen). Each such row is now transformed as zeros and comes out all NaN (as the
+    eager FFT's does); the others equal the reference. Backward: a NaN in dy[1, 0] makes du[1, 0]
+    and channel 0's dk and dD NaN, nothing else."""
+    B, H, L = 2, 3, 250 if blocks == 2 else 60
+    tuning = small_tuning(blocks=blocks, factors=(8, 8, 4) if blocks == 2 else (8, 4, 4), chunk=4)
+    u = torch.randn(B, H, L, device=DEVICE).to(dtype)
+    k = torch.randn(H, L - 7, device=DEVICE) / math.sqrt(L)
+    D = torch.randn(H, device=DEVICE)
+    u[0, 1, L // 2] = float("nan")
+    u[1, 2, L // 3] = float("inf")
+    y = flashconv3.fftconv_fwd(u, k, D, tuning=tuning)
+    bad = torch.zeros(B, H, dtype=torch.bool)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.equal((~y.isfinite()).all(-1).cpu(), bad) and torch.equal((~y.isfinite()).any(-1).cpu(), bad)
+    want = reference.fftconv_ref(u.double(), k.double(), D.double())
+    assert rel_err(y[~bad], want[~bad]) < TOL[dtype]
+
+    u = torch.randn(B, H, L, device=DEVICE).to(dtype)
+    dy = torch.randn(B, H, L, device=DEVICE).to(dtype)
+    dy[1, 0, L // 4] = float("nan")
+    du, dk, dD, _, _ = flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning)
+    bad = torch.zeros(B, H, dtype=torch.bool)
+    bad[1, 0] = True
+    assert torch.equal((~du.isfinite()).all(-1).cpu(), bad) and torch.equal((~du.isfinite()).any(-1).cpu(), bad)
+    assert (~dk[0].isfinite()).all() and dk[1:].isfinite().all()
+    assert not dD[0].isfinite() and dD[1:].isfinite().all()
+    want = reference.fftconv_bwd_ref(dy.double(), u.double(), k.double(), D.double())
+    assert rel_err(du[~bad], want.du[~bad]) < GRAD_TOL[dtype]
+    assert rel_err(dk[1:], want.dk[1:]) < GRAD_TOL[dtype]

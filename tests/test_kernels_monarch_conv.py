@@ -174,3 +174,28 @@ def test_the_op_runs_v6_when_opted_in_eager_and_compiled(monkeypatch):
     assert torch.equal(y_c, y)
     for g_c, g in zip(grads_c, grads):
         assert torch.equal(g_c, g)
+
+
+@pytest.mark.cuda
+@requires_hopper
+def test_a_nonfinite_row_does_not_reach_its_packed_partner():
+    """As test_monarch_plan's: NaN/Inf rows come out all NaN, their partners right; a NaN in dy
+    poisons its du row and its channel's dk and dD only."""
+    B, H, L = 2, 3, 1024
+    args = random_args(B, H, L, 700, dtype=torch.bfloat16, options=False, k_dtype=torch.float32, device="cuda")
+    args["u"][0, 1, 500] = float("nan")
+    args["u"][1, 2, 300] = float("inf")
+    y = _call(args, torch.bfloat16)
+    bad = torch.zeros(B, H, dtype=torch.bool, device="cuda")
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.equal((~y.isfinite()).all(-1), bad) and torch.equal((~y.isfinite()).any(-1), bad)
+    assert rel_err(y[~bad], fftconv_ref(**as_float64(args))[~bad]) <= 2e-3
+    args = random_args(B, H, L, 700, dtype=torch.bfloat16, options=True, k_dtype=torch.float32, device="cuda")
+    dy = torch.randn(B, H, L, device="cuda").to(torch.bfloat16)
+    dy[1, 0, 100] = float("nan")
+    du, dk, dD, _, _ = _grads(dy, args)
+    bad = torch.zeros(B, H, dtype=torch.bool, device="cuda")
+    bad[1, 0] = True
+    assert torch.equal((~du.isfinite()).all(-1), bad) and torch.equal((~du.isfinite()).any(-1), bad)
+    assert (~dk[0].isfinite()).all() and dk[1:].isfinite().all()
+    assert not dD[0].isfinite() and dD[1:].isfinite().all()

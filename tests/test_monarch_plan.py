@@ -169,3 +169,32 @@ def test_backward_rows_of_a_pair_with_zero_x_or_zero_grad():
         if w is not None:
             assert rel_err(g, w) <= 1e-2, name
     assert torch.equal(got[0][2], torch.zeros_like(got[0][2]))  # du of a zero-gradient row
+
+
+def test_a_nonfinite_row_does_not_reach_its_packed_partner():
+    """README, "NaN and Inf": never widen. A NaN in u[0, 1] and an Inf in u[1, 2] make exactly
+    those rows NaN (the eager FFT spreads them over the row too), their partners stay right;
+    a NaN in dy[1, 0] makes du[1, 0] and channel 0's dk and dD NaN, nothing else."""
+    B, H, L = 2, 3, 1024
+    args = random_args(B, H, L, 700, dtype=torch.bfloat16, options=False, k_dtype=torch.float32)
+    args["u"][0, 1, 500] = float("nan")
+    args["u"][1, 2, 300] = float("inf")
+    y = mp.emulate_forward(**args)
+    bad = torch.zeros(B, H, dtype=torch.bool)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.equal((~y.isfinite()).all(-1), bad) and torch.equal((~y.isfinite()).any(-1), bad)
+    want = fftconv_ref(**as_float64(args))
+    assert rel_err(y[~bad], want[~bad]) <= 2e-3
+
+    args = random_args(B, H, L, 700, dtype=torch.bfloat16, options=False, k_dtype=torch.float32)
+    dy = torch.randn(B, H, L).to(torch.bfloat16)
+    dy[1, 0, 100] = float("nan")
+    du, dk, dD, _, _ = mp.emulate_backward(dy, **args)
+    bad = torch.zeros(B, H, dtype=torch.bool)
+    bad[1, 0] = True
+    assert torch.equal((~du.isfinite()).all(-1), bad) and torch.equal((~du.isfinite()).any(-1), bad)
+    assert (~dk[0].isfinite()).all() and dk[1:].isfinite().all()
+    assert not dD[0].isfinite() and dD[1:].isfinite().all()
+    want = fftconv_bwd_ref(dy.double(), **as_float64(args))
+    assert rel_err(du[~bad], want.du[~bad]) <= 3e-3
+    assert rel_err(dk[1:], want.dk[1:]) <= 1e-2

@@ -252,6 +252,24 @@ def _pair_scale(x, BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _isolate_nonfinite(x, BLOCKS: tl.constexpr):
+    """(x with every row that holds a NaN or Inf set to 0, (R, 1, 1): NaN for those rows, else 0).
+
+    Two rows travel as one complex row, so a non-finite value would reach its partner row
+    through the transform: a NaN in u[b] made y[b + 1] NaN too, where the eager FFT keeps
+    every other row finite (README, "NaN and Inf": a rewrite may narrow NaN propagation, never
+    widen it). The row is transformed as zeros instead and its outputs made NaN (the eager FFT
+    spreads a non-finite value over its whole row too). A row's BLOCKS blocks share the flag."""
+    R: tl.constexpr = x.shape[0]
+    bad = tl.max(tl.max(tl.where(tl.abs(x) < float("inf"), 0.0, 1.0), axis=2), axis=1)
+    if BLOCKS > 1:
+        whole = tl.max(tl.reshape(bad, (R // BLOCKS, BLOCKS)), axis=1)
+        bad = tl.reshape(tl.broadcast_to(whole[:, None], (R // BLOCKS, BLOCKS)), (R,))
+    bad = bad[:, None, None]
+    return tl.where(bad > 0, 0.0, x), tl.where(bad > 0, float("nan"), 0.0)
+
+
+@triton.jit
 def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS: tl.constexpr, M: tl.constexpr,
                     HALF: tl.constexpr, PRECISION: tl.constexpr):
     """Channel h's kernel as a stack of one complex row of BLOCKS blocks (imaginary part 0),
@@ -351,6 +369,8 @@ def _fftconv_fwd_kernel(
                                                  N3, CHUNK, PRECISION, FAST_TRIG)
                 if not KSPEC_SCRATCH:
                     k0 = k_item
+        xa, poison_a = _isolate_nonfinite(xa, BLOCKS)
+        xb, poison_b = _isolate_nonfinite(xb, BLOCKS)
         sa = _pair_scale(xa, BLOCKS, PRECISION)
         sb = _pair_scale(xb, BLOCKS, PRECISION)
         x0 = interleave(_to_stack(xa / sa, R, M, HALF), _to_stack(xb / sb, R, M, HALF), PRECISION)
@@ -378,8 +398,8 @@ def _fftconv_fwd_kernel(
             xa, xb = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
                                        su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         # conv(x, k) = sqrt(N) * s_x * s_k * U^H(U(x / s_x) * U(k / s_k)), U unitary.
-        ca = yr * (sa * (sqrt_n * k_scale)) + d * xa
-        cb = yi * (sb * (sqrt_n * k_scale)) + d * xb
+        ca = yr * (sa * (sqrt_n * k_scale)) + d * xa + poison_a
+        cb = yi * (sb * (sqrt_n * k_scale)) + d * xb + poison_b
         if GELU:
             ca, cb = gelu(ca), gelu(cb)
         if HAS_MASK:
@@ -477,6 +497,7 @@ def _fftconv_bwd_kernel(
     spec_offs = spectrum_offsets(BLOCKS * CHUNK * N2, N3)
     dd = 0.0
     scale_sum = 0.0
+    nonfinite = 0.0  # 1 once a row of x or dc held a NaN or Inf
 
     for it in tl.range(0, stacks):
         b_a, b_b, valid_a, valid_b = stack_rows(0, it, stacks, pair, batch, P)
@@ -487,6 +508,12 @@ def _fftconv_bwd_kernel(
             gia = load_stack(gate_in_ptr, b_a * sgi_b + h * sgi_h, valid_a, t, seqlen, sgi_l)
             gib = load_stack(gate_in_ptr, b_b * sgi_b + h * sgi_h, valid_b, t, seqlen, sgi_l)
             xa, xb = ua * gia, ub * gib
+        # Non-finite rows are transformed as zeros (see _isolate_nonfinite); dk and dD of the
+        # channel become NaN at the end, as the eager FFT's would.
+        xa, poison_xa = _isolate_nonfinite(xa, BLOCKS)
+        xb, poison_xb = _isolate_nonfinite(xb, BLOCKS)
+        nonfinite = tl.maximum(nonfinite, tl.max(tl.reshape(tl.where(poison_xa + poison_xb == 0.0, 0.0, 1.0), (R,)),
+                                                 axis=0))
         sxa = _pair_scale(xa, BLOCKS, PRECISION)
         sxb = _pair_scale(xb, BLOCKS, PRECISION)
         x0 = interleave(_to_stack(xa / sxa, R, M, HALF), _to_stack(xb / sxb, R, M, HALF), PRECISION)
@@ -499,8 +526,8 @@ def _fftconv_bwd_kernel(
             # Recompute the pre-activation c = conv(x, k) + D x rather than storing it.
             cr, ci = deinterleave(convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, True, False, KSPEC_SCRATCH,
                                                  P, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG))
-            ca = _to_memory(cr, R, M, HALF) * (sxa * out_scale) + d * xa
-            cb = _to_memory(ci, R, M, HALF) * (sxb * out_scale) + d * xb
+            ca = _to_memory(cr, R, M, HALF) * (sxa * out_scale) + d * xa + poison_xa
+            cb = _to_memory(ci, R, M, HALF) * (sxb * out_scale) + d * xb + poison_xb
             if HAS_GATE_OUT:
                 act_a, act_b = ca, cb
                 if GELU:
@@ -518,6 +545,10 @@ def _fftconv_bwd_kernel(
                 dca, dcb = dca * gelu_grad(ca), dcb * gelu_grad(cb)
         if HAS_MASK:
             dca, dcb = dca * ma, dcb * mb
+        dca, poison_dca = _isolate_nonfinite(dca, BLOCKS)
+        dcb, poison_dcb = _isolate_nonfinite(dcb, BLOCKS)
+        nonfinite = tl.maximum(nonfinite, tl.max(tl.reshape(tl.where(poison_dca + poison_dcb == 0.0, 0.0, 1.0),
+                                                            (R,)), axis=0))
         if HAS_D:
             dd += tl.sum(tl.sum(tl.sum(dca * xa + dcb * xb, axis=2), axis=1), axis=0)
         # Scale dc's rows so both rows of a pair carry the same product of scales q: the real
@@ -551,8 +582,8 @@ def _fftconv_bwd_kernel(
         tl.debug_barrier()
 
         yr, yi = deinterleave(acc)
-        dxa = _to_memory(yr, R, M, HALF) * (dsa * out_scale) + d * dca
-        dxb = _to_memory(yi, R, M, HALF) * (dsb * out_scale) + d * dcb
+        dxa = _to_memory(yr, R, M, HALF) * (dsa * out_scale) + d * dca + poison_dca
+        dxb = _to_memory(yi, R, M, HALF) * (dsb * out_scale) + d * dcb + poison_dcb
         if HAS_GATE_IN:
             dgi_ty = dgate_in_ptr.dtype.element_ty
             tl.store(dgate_in_ptr + (b_a * channels + h) * seqlen + t, (dxa * ua).to(dgi_ty),
@@ -575,10 +606,12 @@ def _fftconv_bwd_kernel(
         acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
     dk_re, unused_dk_im = deinterleave(acc)
     tk, unused_pair = _stack_times(1, BLOCKS, M, HALF)
-    tl.store(dk_ptr + h * sdk_h + tk, (_to_memory(dk_re, BLOCKS, M, HALF) * (sqrt_n * scale_sum)).to(dk_ptr.dtype.element_ty),
+    poison = tl.where(nonfinite > 0, float("nan"), 0.0)
+    tl.store(dk_ptr + h * sdk_h + tk,
+             (_to_memory(dk_re, BLOCKS, M, HALF) * (sqrt_n * scale_sum) + poison).to(dk_ptr.dtype.element_ty),
              mask=tk < kernel_len)
     if HAS_D:
-        tl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
+        tl.store(dd_ptr + h, (dd + poison).to(dd_ptr.dtype.element_ty))
 
 
 def fftconv_bwd(

@@ -132,6 +132,14 @@ def _row_scale(x):
 
 
 @gluon.jit
+def _isolate_nonfinite(x):
+    """(x, or zeros if x holds a NaN or Inf; NaN in that case, else 0): as monarch_plan's
+    isolate_nonfinite, so a non-finite row never reaches its packed partner."""
+    bad = gl.max(gl.max(gl.where(gl.abs(x) < float("inf"), 0.0, 1.0), axis=1), axis=0)
+    return gl.where(bad > 0, 0.0, x), gl.where(bad > 0, float("nan"), 0.0).to(gl.float32)
+
+
+@gluon.jit
 def _output_scale(sqrt_n, row_scale, k_scale):
     """sqrt(N) / (s_row s_k), 0 where the row or k was all zero (scale 0)."""
     both = row_scale * k_scale
@@ -450,6 +458,8 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
             if HAS_GATE_IN:
                 xa = xa * _load_tile(gin_ptr, b_a * sgi_b + h * sgi_h, True, seqlen, sgi_l, N2, BLK)
                 xb = xb * _load_tile(gin_ptr, b_b * sgi_b + h * sgi_h, valid_b, seqlen, sgi_l, N2, BLK)
+        xa, poison_a = _isolate_nonfinite(xa)
+        xb, poison_b = _isolate_nonfinite(xb)
         sa = _row_scale(xa)
         sb = _row_scale(xb)
         xr_s.store((xa * sa).to(gl.float16))
@@ -484,9 +494,9 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                                       DOT)
                 _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, False, N, N2, MMA, DOT)
         yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
-        _epilogue(yr, _output_scale(sqrt_n, sa, k_scale), y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
+        _epilogue(yr, _output_scale(sqrt_n, sa, k_scale) + poison_a, y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
-        _epilogue(yi, _output_scale(sqrt_n, sb, k_scale), y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
+        _epilogue(yi, _output_scale(sqrt_n, sb, k_scale) + poison_b, y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
     if ASYNC_STAGING:
         async_copy.wait_group(0)  # no copy outlives the program (the last one stages nothing)
@@ -584,6 +594,7 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
         k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
                                    f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, False, N, N2, MMA, DOT, BLK)
         dd = 0.0
+        nonfinite = 0.0  # 1 once a row of x or dc in this channel held a NaN or Inf
         for j in range(pairs_per_channel):
             z = _opaque_zero(j)  # the views again, inside this loop (see _fwd_kernel)
             f1r_s = f1r_b.index(z)
@@ -608,6 +619,9 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
                 gb = _load_tile(gin_ptr, b_b * sgi_b + h * sgi_h, valid_b, seqlen, sgi_l, N2, BLK)
                 xa = ua * ga
                 xb = ub * gb
+            xa, poison_xa = _isolate_nonfinite(xa)
+            xb, poison_xb = _isolate_nonfinite(xb)
+            nonfinite = gl.maximum(nonfinite, gl.where(poison_xa + poison_xb == 0.0, 0.0, 1.0))
             sa = _row_scale(xa)
             sb = _row_scale(xb)
             xr_s.store((xa * sa).to(gl.float16))
@@ -627,8 +641,8 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
                 mb = gl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(gl.float32)
             if GELU or HAS_GATE_OUT:
                 yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
-                ca = _rows(yr, _output_scale(sqrt_n, sa, k_scale), BLK)
-                cb = _rows(yi, _output_scale(sqrt_n, sb, k_scale), BLK)
+                ca = _rows(yr, _output_scale(sqrt_n, sa, k_scale) + poison_xa, BLK)
+                cb = _rows(yi, _output_scale(sqrt_n, sb, k_scale) + poison_xb, BLK)
                 if HAS_GATE_OUT:
                     act_a = ca
                     act_b = cb
@@ -648,6 +662,9 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
             if HAS_MASK:
                 dca = dca * ma
                 dcb = dcb * mb
+            dca, poison_dca = _isolate_nonfinite(dca)
+            dcb, poison_dcb = _isolate_nonfinite(dcb)
+            nonfinite = gl.maximum(nonfinite, gl.where(poison_dca + poison_dcb == 0.0, 0.0, 1.0))
             if HAS_D:
                 dd += gl.sum(gl.sum(dca * xa + dcb * xb, axis=1), axis=0)
             oa = _row_scale(dca)
@@ -666,8 +683,8 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
                 si_s.slice(c * 64, 64).store(old_i + (di * zr - dr * zi) / q)
                 _inverse_one(dr, di, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, True, N, N2, MMA, DOT)
             yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
-            dxa = _rows(yr, _output_scale(sqrt_n, ta * (oa > 0).to(gl.float32), k_scale), BLK)
-            dxb = _rows(yi, _output_scale(sqrt_n, tb * (ob > 0).to(gl.float32), k_scale), BLK)
+            dxa = _rows(yr, _output_scale(sqrt_n, ta * (oa > 0).to(gl.float32), k_scale) + poison_dca, BLK)
+            dxb = _rows(yi, _output_scale(sqrt_n, tb * (ob > 0).to(gl.float32), k_scale) + poison_dcb, BLK)
             if HAS_GATE_IN:
                 _store_tile(dgin_ptr, b_a * su_b + h * su_h, True, seqlen, su_l, dxa * ua, N2, BLK)
                 _store_tile(dgin_ptr, b_b * su_b + h * su_h, valid_b, seqlen, su_l, dxb * ub, N2, BLK)
@@ -686,10 +703,11 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
             ei = si_s.slice(c * 64, 64).load(MMA) * ss
             _inverse_rows(er, ei, c, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
         yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
-        _store_tile(dk_ptr, h * sdk_h, True, kernel_len, sdk_l, _rows(yr, _output_scale(sqrt_n, ss, 1.0), BLK), N2,
-                    BLK)
+        poison = gl.where(nonfinite > 0, float("nan"), 0.0).to(gl.float32)  # dk and dD, as the eager FFT's
+        _store_tile(dk_ptr, h * sdk_h, True, kernel_len, sdk_l,
+                    _rows(yr, _output_scale(sqrt_n, ss, 1.0) + poison, BLK), N2, BLK)
         if HAS_D:
-            gl.store(dd_ptr + h, dd.to(dd_ptr.dtype.element_ty))
+            gl.store(dd_ptr + h, (dd + poison).to(dd_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------ launcher --

@@ -200,8 +200,9 @@ class _Channelwise:
         kt = _tiles(kk, plan)
         self.sk = power_of_two_scale(kt)[:, None, None].to(acc)
         self.kr, self.ki = st.forward(st.op(kt * self.sk), torch.zeros_like(kt))
-        # pairs (2j, 2j + 1) of each channel as one complex row, each row its own scale
-        self.xt = self.pairs(x)
+        # pairs (2j, 2j + 1) of each channel as one complex row, each row its own scale; a row
+        # holding a NaN or Inf is transformed as zeros and poisoned (isolate_nonfinite)
+        self.xt, self.x_poison = isolate_nonfinite(self.pairs(x))
         self.sx = power_of_two_scale(self.xt).to(acc)[..., None, None]  # (pairs, 2, H, 1, 1)
         self.xr, self.xi = st.forward(st.op(self.xt[:, 0] * self.sx[:, 0]), st.op(self.xt[:, 1] * self.sx[:, 1]))
 
@@ -216,11 +217,23 @@ class _Channelwise:
         y = torch.stack([yr, yi], dim=1) * scale
         return y.reshape(-1, self.H, self.plan.n // 2)[: self.B, :, : self.L]
 
-    def convolve(self, cr, ci, row_scales, conj):
-        """Rows of the inverse of C K (or C conj(K)), C packed with ``row_scales``."""
+    def convolve(self, cr, ci, row_scales, conj, poison):
+        """Rows of the inverse of C K (or C conj(K)), C packed with ``row_scales``; + ``poison``
+        (NaN for the rows that were non-finite, else 0)."""
         ki = -self.ki if conj else self.ki
         yr, yi = self.st.inverse(cr * self.kr - ci * ki, cr * ki + ci * self.kr)
-        return self.rows(yr, yi, _output_scale(self.plan.n, row_scales, self.sk))
+        return self.rows(yr, yi, _output_scale(self.plan.n, row_scales, self.sk) + poison)
+
+
+def isolate_nonfinite(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tiles with each row that holds a NaN or Inf set to 0, NaN for those rows else 0, shaped
+    (..., 1, 1)). Two rows travel as one complex row, so a non-finite value would reach its
+    partner through the transform, where the eager FFT keeps other rows finite (README, "NaN and
+    Inf": never widen); the kernels transform such a row as zeros and make its output NaN (the
+    eager FFT spreads it over the whole row too)."""
+    bad = ~tiles.isfinite().all(dim=-1).all(dim=-1, keepdim=True)[..., None]
+    nan = torch.full((), math.nan, dtype=tiles.dtype)
+    return torch.where(bad, torch.zeros((), dtype=tiles.dtype), tiles), torch.where(bad, nan, torch.zeros_like(nan))
 
 
 def emulate_forward(
@@ -237,7 +250,7 @@ def emulate_forward(
     """``fftconv`` forward as v6 computes it (u (B, H, L), k (H, Lk), Lk <= L), returned in u's
     dtype. ``operand=None, acc=float64`` runs the same index maps exactly (no rounding)."""
     ch = _Channelwise(u, k, D, gate_in, operand, acc)
-    y = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False)
+    y = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False, poison=ch.x_poison)
     if gelu:
         y = torch.nn.functional.gelu(y)
     if dropout_mask is not None:
@@ -278,7 +291,7 @@ def emulate_backward(
     st, plan = ch.st, ch.plan
     g = grad_y.to(acc)
     needs_c = gelu or gate_out is not None
-    c = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False) if needs_c else None
+    c = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False, poison=ch.x_poison) if needs_c else None
     dgate_out = None
     if gate_out is not None:
         a = torch.nn.functional.gelu(c) if gelu else c
@@ -293,7 +306,10 @@ def emulate_backward(
     if gelu:
         cdf = 0.5 * (1.0 + torch.erf(c * (1.0 / math.sqrt(2.0))))
         dc = dc * (cdf + c * torch.exp(-0.5 * c * c) * (1.0 / math.sqrt(2.0 * math.pi)))
-    dct = ch.pairs(dc)
+    dct, dc_poison = isolate_nonfinite(ch.pairs(dc))
+    # a non-finite x or dc row anywhere in the channel: its dk and dD are NaN (as the eager FFT's)
+    channel_poison = (ch.x_poison + dc_poison).sum(dim=(0, 1))[:, 0, 0]  # (H,): NaN or 0
+    dc = torch.where(dc.isfinite(), dc, torch.zeros((), dtype=acc))  # (for dD; the poison says NaN)
     own = power_of_two_scale(dct).to(acc)[..., None, None]  # each dc row's own scale
     # q: the smallest product of a row's own dc scale and its x scale over the rows where both
     # are nonzero (rows with a zero x or dc add nothing to dk); each row then gets t_r = q / s_r
@@ -304,7 +320,8 @@ def emulate_backward(
     q = torch.where(q < big, q, torch.ones_like(q))
     t = torch.where(ch.sx > 0, q[:, None] / torch.where(ch.sx > 0, ch.sx, torch.ones_like(ch.sx)), own)
     dr, di = st.forward(st.op(dct[:, 0] * t[:, 0]), st.op(dct[:, 1] * t[:, 1]))
-    dx = ch.convolve(dr, di, torch.where(own > 0, t, torch.zeros_like(t)), conj=True)  # zero dc row: exact 0
+    dx = ch.convolve(dr, di, torch.where(own > 0, t, torch.zeros_like(t)), conj=True,  # zero dc row: exact 0
+                     poison=dc_poison)
     # S = sum_pairs DC conj(X) / q, in batch order; its inverse (scaled to max 1) gives dk
     sr = torch.zeros(ch.H, plan.n1, plan.n2, dtype=acc)
     si = torch.zeros_like(sr)
@@ -314,13 +331,14 @@ def emulate_backward(
     ss = power_of_two_scale(torch.cat([sr, si], dim=-2))[:, None, None].to(acc)
     yr, _ = st.inverse(sr * ss, si * ss)
     dk_full = yr.reshape(ch.H, plan.n // 2) * _output_scale(plan.n, ss, torch.ones_like(ss))[:, :, 0]
-    dk = dk_full[:, : k.shape[-1]].to(k.dtype)
+    dk = (dk_full[:, : k.shape[-1]] + channel_poison[:, None]).to(k.dtype)
     dD = None
     if D is not None:
+        x_clean = torch.where(ch.x.isfinite(), ch.x, torch.zeros((), dtype=acc))
         dD = torch.zeros(ch.H, dtype=acc)
         for b in range(ch.B):
-            dD = dD + (dc[b] * ch.x[b]).sum(-1)
-        dD = dD.to(D.dtype)
+            dD = dD + (dc[b] * x_clean[b]).sum(-1)
+        dD = (dD + channel_poison).to(D.dtype)
     du = dx * gate_in.to(acc) if gate_in is not None else dx
     dgate_in = (dx * u.to(acc)).to(gate_in.dtype) if gate_in is not None else None
     return du.to(u.dtype), dk, dD, dgate_in, dgate_out
