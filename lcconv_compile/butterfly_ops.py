@@ -242,5 +242,25 @@ def butterfly_conv(
     inputs). Differentiable in u, k, both factors and D; works under ``torch.compile``,
     ``torch.export`` and ``torch.vmap``. On CUDA the FlashButterfly kernels where they cover the
     split (see the module docstring), else the reference.
+
+    Bad arguments raise TypeError/ValueError naming the argument, eagerly and under
+    ``torch.compile`` alike (with ``fullgraph=True`` or strict export: Dynamo's Unsupported,
+    whose message holds the original type and message), as :func:`lcconv_compile.fftconv`.
     """
+    if torch.compiler.is_compiling():
+        problem = _butterfly_problem(u, k, in_factor, out_factor, D, dropout_mask)
+        if problem is not None:
+            # As ops._fftconv_traced: break the graph first, so the raise below runs eagerly and
+            # Dynamo does not give up on the caller's frame for good.
+            torch._dynamo.graph_break(msg=f"{type(problem).__name__}: {problem.args[0]}")
+            check_butterfly_args(u, k, in_factor, out_factor, D, dropout_mask)
     return butterfly_conv_op(u, k, in_factor, out_factor, D, gelu, dropout_mask)
+
+
+def _butterfly_problem(u, k, in_factor, out_factor, D, dropout_mask):
+    """The TypeError/ValueError :func:`check_butterfly_args` raises for these arguments, or None."""
+    try:
+        check_butterfly_args(u, k, in_factor, out_factor, D, dropout_mask)
+    except (TypeError, ValueError) as problem:
+        return problem
+    return None

@@ -231,12 +231,21 @@ def test_bad_input_gets_clear_error(change, exc, message):
         butterfly_conv(**args)
 
 
-def test_bad_input_errors_under_compile_too():
+def test_bad_input_keeps_its_type_under_compile():
+    """As fftconv (tests/test_ops.py): the original ValueError under torch.compile (the call
+    breaks the graph, then raises eagerly), Dynamo's Unsupported naming it under fullgraph=True,
+    and the caller stays compiled for its next good call."""
     torch._dynamo.reset()
     args = _good()
-    args["in_factor"] = torch.randn(8, 2, 2, 2)
-    with pytest.raises(Exception, match=r"kernels' split"):
-        torch.compile(butterfly_conv, fullgraph=True)(**args)
+    bad = dict(args, in_factor=torch.randn(8, 2, 2, 2))
+    block = torch.compile(lambda a: butterfly_conv(**a) * 2)
+    with pytest.raises(ValueError, match=r"kernels' split"):
+        block(bad)
+    torch.testing.assert_close(block(args), 2 * butterfly_conv(**args))
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"Message: ValueError: .*kernels' split"):
+        torch.compile(lambda a: butterfly_conv(**a) * 2, fullgraph=True)(bad)
+    torch._dynamo.reset()
 
 
 def test_package_exports():
