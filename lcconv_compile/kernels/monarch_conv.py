@@ -1,23 +1,29 @@
-"""FlashConv v6 forward (Gluon, Hopper): ``lcconv::fftconv`` for half inputs of 513..4096 samples
-as the two-stage Monarch FFT of :mod:`.monarch_plan`, every stage a 64-row warpgroup product
-(wgmma) with float16 operands and float32 accumulators.
+"""FlashConv v6 (Gluon, Hopper): ``lcconv::fftconv`` forward and backward for half inputs as the
+two-stage Monarch FFT of :mod:`.monarch_plan` (N = 128 x N2), every stage a 64-row warpgroup
+product (wgmma) with float16 operands and float32 accumulators. Forward: 513..4096 samples;
+backward: 513..2048 (its spectra in float32 do not fit shared memory at 4096).
 
-One persistent program per SM slot walks a contiguous range of items (a channel's row pair),
-so consecutive items share a channel: k's spectrum (D folded into k at lag 0) is made once per
-channel the program meets and kept in shared memory as float32. Per item: the two rows (times
-gate_in) are loaded, scaled per row by a power of two to max |x| <= 1, rounded to float16 into
-shared memory as one complex tile; per row chunk of f1 the chain S1 (left product with the F1
-tile) -> twiddle -> S2 (right product, operand kept in registers) -> times K -> S2' -> twiddle
-runs in registers and leaves G in shared memory; S1' (left product with the transposed F1 tile)
-gives both rows' causal outputs, and the epilogue applies GELU, the dropout mask and gate_out
-and stores y in u's dtype. Nothing else touches HBM.
+Forward: one persistent program per SM slot walks a contiguous range of items (a channel's row
+pair), so consecutive items share a channel: k's spectrum (D folded into k at lag 0) is made
+once per channel the program meets and kept in shared memory as float32. Per item the two rows
+(times gate_in), copied in by cp.async while the previous item computed, are scaled per row by a
+power of two to max |x| <= 1 and rounded to float16 as one complex tile; S1 (left product with
+the F1 tile) -> twiddle -> S2 (right product, operand in registers) -> times K -> S2' -> twiddle
+run for both row chunks stage by stage and leave G in shared memory; S1' (left product with the
+transposed F1 tile) gives both rows' causal outputs; the epilogue applies GELU, the dropout mask
+and gate_out and stores y in u's dtype. Backward: one program owns whole channels; per pair it
+recomputes the pre-activation where GELU or gate_out needs it, transforms dc (rows scaled so the
+two rows' scale products match) and accumulates k's gradient spectrum DC conj(X) in shared
+memory, and gets du through conj(K); per channel one inverse gives dk (fixed order: bit-identical
+runs). A row holding a NaN or Inf is transformed as zeros and output NaN, never reaching its
+packed partner.
 
-Status: written and compiled for sm_90 on CPU (scripts/compile_check.py --family v6); NOT yet
-run on a GPU, so kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1 (opt-in). The next steps
-(benchmarks/NOTES.md, "FlashConv v6"): the device tests (tests/test_kernels_monarch_conv.py),
-then a load partition (warp_specialize) so the next pair's loads overlap this pair's stages,
-then the backward. Knows torch, Triton and Gluon only; the math is tested on CPU through
-:func:`.monarch_plan.emulate_forward`, which this kernel must match stage for stage.
+Status: compiled for sm_90 on CPU (scripts/compile_check.py --family v6 [--backward]), never run
+on a GPU yet: kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1. Compiled graphs cannot
+launch Gluon kernels on torch 2.11/2.13 (COMPILER_VISIBLE: the CUDA lowering stage keeps the op
+call). Knows torch, Triton and Gluon only; the math is tested on CPU through
+:func:`.monarch_plan.emulate_forward` / ``emulate_backward``, which this kernel must match stage
+for stage.
 """
 
 from __future__ import annotations
@@ -39,25 +45,24 @@ __all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd",
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stage by stage over both row chunks (one wait per stage: 6 per pair, not 11) at every N2 since
-# the wgmma descriptors stopped being hoisted (_opaque_zero): 133 / 146 / 246 registers, no spills.
+SHARED_LIMIT = 227 * 1024  # per SM on the H100
+# Warps per N2 (compile_check, every option): 8 split the columns over two warpgroups; 4 at N2 = 32
+# went to 255 registers + spills. The backward holds more at once: 8 everywhere.
+WARPS = {16: 4, 32: 8, 64: 8}
+BACKWARD_WARPS = {16: 8, 32: 8}
+# Both row chunks stage by stage (one wait per stage: 6 per pair, not 11) wherever it fits without
+# spills since the wgmma descriptors stopped being hoisted (_views): 135 / 145 / 249 registers.
 BOTH_CHUNKS = {16: True, 32: True, 64: True}
+
+
+def num_warps(plan: MonarchPlan, backward: bool = False) -> int:
+    return (BACKWARD_WARPS if backward else WARPS)[plan.n2]
 
 
 def both_chunks(plan: MonarchPlan, staging: bool) -> bool:
     """BOTH_CHUNKS, except at N2 = 64 with plain loads (L or strides not multiples of 16), where
     the row tiles' per-element addresses push it to 255 registers + 84 B of spills."""
     return BOTH_CHUNKS[plan.n2] and (staging or plan.n2 < 64)
-WARPS = {16: 4, 32: 8, 64: 8}  # per N2; 8 warps split the columns over two warpgroups (2K with 4: 255 + spills)
-
-
-BACKWARD_WARPS = {16: 8, 32: 8}  # the backward holds more at once (compile_check: 4 warps spill at 1K)
-
-
-def num_warps(plan: MonarchPlan, backward: bool = False) -> int:
-    return (BACKWARD_WARPS if backward else WARPS)[plan.n2]
-
-SHARED_LIMIT = 227 * 1024  # per SM on the H100
 
 
 # Compiled graphs cannot launch Gluon kernels themselves on torch 2.11 or 2.13: torch's mutation
@@ -195,23 +200,14 @@ def _operands(xr, xi, DOT: gl.constexpr):
 
 
 @gluon.jit
-def _s2_issue(op_r, op_i, f2r_s, f2i_s, f2n_s, zero):
-    """S2, issued: C = B F2."""
-    cr = warpgroup_mma(op_r, f2r_s, zero, use_acc=False, is_async=True)
-    cr = warpgroup_mma(op_i, f2n_s, cr, is_async=True)
-    ci = warpgroup_mma(op_r, f2i_s, zero, use_acc=False, is_async=True)
-    ci = warpgroup_mma(op_i, f2r_s, ci, is_async=True)
-    return cr, ci
-
-
-@gluon.jit
-def _s2_inverse_issue(op_r, op_i, f2r_s, f2i_s, f2n_s, zero):
-    """S2', issued: G = E conj(F2)."""
-    gr = warpgroup_mma(op_r, f2r_s, zero, use_acc=False, is_async=True)
-    gr = warpgroup_mma(op_i, f2i_s, gr, is_async=True)
-    gi = warpgroup_mma(op_i, f2r_s, zero, use_acc=False, is_async=True)
-    gi = warpgroup_mma(op_r, f2n_s, gi, is_async=True)
-    return gr, gi
+def _right_product_issue(op_r, op_i, m_re, m_im, m_neg_im, zero):
+    """(op_r + i op_i) M, issued (not waited), M's parts as shared tiles: S2 passes F2's
+    (re, im, -im), S2' conj(F2)'s, i.e. (re, -im, im)."""
+    re = warpgroup_mma(op_r, m_re, zero, use_acc=False, is_async=True)
+    re = warpgroup_mma(op_i, m_neg_im, re, is_async=True)
+    im = warpgroup_mma(op_r, m_im, zero, use_acc=False, is_async=True)
+    im = warpgroup_mma(op_i, m_re, im, is_async=True)
+    return re, im
 
 
 @gluon.jit
@@ -227,8 +223,8 @@ def _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.
     b1r, b1i = _twiddled(b1r, b1i, 1, False, N, N2, MMA)
     o0r, o0i = _operands(b0r, b0i, DOT)
     o1r, o1i = _operands(b1r, b1i, DOT)
-    c0r, c0i = _s2_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
-    c1r, c1i = _s2_issue(o1r, o1i, f2r_s, f2i_s, f2n_s, zero)
+    c0r, c0i = _right_product_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
+    c1r, c1i = _right_product_issue(o1r, o1i, f2r_s, f2i_s, f2n_s, zero)
     return warpgroup_mma_wait(0, deps=[c0r, c0i, c1r, c1i])
 
 
@@ -241,7 +237,7 @@ def _forward_one(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s,
     br, bi = warpgroup_mma_wait(0, deps=[br, bi])
     br, bi = _twiddled(br, bi, c, False, N, N2, MMA)
     o_r, o_i = _operands(br, bi, DOT)
-    cr, ci = _s2_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
+    cr, ci = _right_product_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
     return warpgroup_mma_wait(0, deps=[cr, ci])
 
 
@@ -258,7 +254,7 @@ def _inverse_rows(er, ei, c: gl.constexpr, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero
                   N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
     """S2', T2 of spectrum rows E (row chunk c, registers); G's rows into gr_s/gi_s (float16)."""
     o_r, o_i = _operands(er, ei, DOT)
-    gr, gi = _s2_inverse_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
+    gr, gi = _right_product_issue(o_r, o_i, f2r_s, f2n_s, f2i_s, zero)
     gr, gi = warpgroup_mma_wait(0, deps=[gr, gi])
     gr, gi = _twiddled(gr, gi, c, True, N, N2, MMA)
     gr_s.slice(c * 64, 64).store(gr.to(gl.float16))
@@ -375,19 +371,12 @@ def _opaque_zero(value):
     return gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [value], dtype=gl.int32, is_pure=False, pack=1)
 
 
-# ------------------------------------------------------------------------------ kernel --
 @gluon.jit
-def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
-                f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr,
-                batch, seqlen, kernel_len, items, pairs_per_channel, sqrt_n,
-                su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
-                sy_b, sy_h, sy_l,
-                HAS_D: gl.constexpr, HAS_GATE_IN: gl.constexpr, HAS_GATE_OUT: gl.constexpr,
-                GELU: gl.constexpr, HAS_MASK: gl.constexpr,
-                N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr, ASYNC_STAGING: gl.constexpr,
-                MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
-                F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
-    # Constants, once per program: F1[f1, n1 < 64] and F2 (re, im, -im each), float16.
+def _operand_tiles(f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr, N2: gl.constexpr, F1_SMEM: gl.constexpr,
+                   F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, BLK: gl.constexpr):
+    """The shared tensor-core operand tiles of a program, each [1, R, C] (see :func:`_views`): the
+    constants F1[f1, n1 < 64] and F2 (re, im, -im each, float16, copied in once and waited for),
+    then X (re, im) and G (re, im)."""
     f1r_b = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
     f1i_b = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
     f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
@@ -401,6 +390,34 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     xi_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
     gr_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
     gi_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
+    return f1r_b, f1i_b, f1n_b, f2r_b, f2i_b, f2n_b, xr_b, xi_b, gr_b, gi_b
+
+
+@gluon.jit
+def _views(z, tiles):
+    """2-D views of the operand tiles through ``z``, an opaque zero made in the loop that uses
+    them (:func:`_opaque_zero`): the wgmma descriptors are then made where they are used. With
+    plain 2-D tiles the compiler hoisted every descriptor out of the item loop and held them
+    there (105 registers live into the loop, read off the SASS; 246 registers at 1K)."""
+    f1r_b, f1i_b, f1n_b, f2r_b, f2i_b, f2n_b, xr_b, xi_b, gr_b, gi_b = tiles
+    return (f1r_b.index(z), f1i_b.index(z), f1n_b.index(z), f2r_b.index(z), f2i_b.index(z), f2n_b.index(z),
+            xr_b.index(z), xi_b.index(z), gr_b.index(z), gi_b.index(z))
+
+
+# ------------------------------------------------------------------------------ kernel --
+@gluon.jit
+def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
+                f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr,
+                batch, seqlen, kernel_len, items, pairs_per_channel, sqrt_n,
+                su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
+                sy_b, sy_h, sy_l,
+                HAS_D: gl.constexpr, HAS_GATE_IN: gl.constexpr, HAS_GATE_OUT: gl.constexpr,
+                GELU: gl.constexpr, HAS_MASK: gl.constexpr,
+                N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr, ASYNC_STAGING: gl.constexpr,
+                MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
+                F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
+    tiles = _operand_tiles(f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr, N2, F1_SMEM, F2_SMEM, X_SMEM, G_SMEM,
+                           BLK)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     if ASYNC_STAGING:  # the next item's rows (and gate_in rows) land here while this item's stages run
@@ -425,19 +442,7 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     k_scale = 1.0
     zero = gl.zeros([64, N2], gl.float32, MMA)
     for it in range(start, end):
-        # Views of the tensor-core operand tiles through an opaque zero: their wgmma descriptors
-        # are then made in the loop where they are used, not hoisted and held across it.
-        z = _opaque_zero(it)
-        f1r_s = f1r_b.index(z)
-        f1i_s = f1i_b.index(z)
-        f1n_s = f1n_b.index(z)
-        f2r_s = f2r_b.index(z)
-        f2i_s = f2i_b.index(z)
-        f2n_s = f2n_b.index(z)
-        xr_s = xr_b.index(z)
-        xi_s = xi_b.index(z)
-        gr_s = gr_b.index(z)
-        gi_s = gi_b.index(z)
+        f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, xr_s, xi_s, gr_s, gi_s = _views(_opaque_zero(it), tiles)
         h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
         if h != channel:
             k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
@@ -479,8 +484,8 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
             e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
             o0r, o0i = _operands(e0r, e0i, DOT)
             o1r, o1i = _operands(e1r, e1i, DOT)
-            g0r, g0i = _s2_inverse_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
-            g1r, g1i = _s2_inverse_issue(o1r, o1i, f2r_s, f2i_s, f2n_s, zero)
+            g0r, g0i = _right_product_issue(o0r, o0i, f2r_s, f2n_s, f2i_s, zero)
+            g1r, g1i = _right_product_issue(o1r, o1i, f2r_s, f2n_s, f2i_s, zero)
             g0r, g0i, g1r, g1i = warpgroup_mma_wait(0, deps=[g0r, g0i, g1r, g1i])
             g0r, g0i = _twiddled(g0r, g0i, 0, True, N, N2, MMA)
             gr_s.slice(0, 64).store(g0r.to(gl.float16))
@@ -555,19 +560,8 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
                 F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
     """The backward of monarch_plan.emulate_backward. One program owns whole channels (a
     contiguous range), so dk and dD are summed over a channel's pairs in batch order."""
-    f1r_b = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
-    f1i_b = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
-    f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
-    f2r_b = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
-    f2i_b = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
-    f2n_b = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
-    async_copy.commit_group()
-    async_copy.wait_group(0)
-    gl.thread_barrier()
-    xr_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
-    xi_b = gl.allocate_shared_memory(gl.float16, [1, 64, N2], X_SMEM)
-    gr_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
-    gi_b = gl.allocate_shared_memory(gl.float16, [1, 128, N2], G_SMEM)
+    tiles = _operand_tiles(f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr, N2, F1_SMEM, F2_SMEM, X_SMEM, G_SMEM,
+                           BLK)
     kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     zr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)  # X's spectrum (this pair)
@@ -580,33 +574,13 @@ def _bwd_kernel(dy_ptr, u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr,
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     for h in range(pid * channels // programs, (pid + 1) * channels // programs):
-        z = _opaque_zero(h)  # see _fwd_kernel
-        f1r_s = f1r_b.index(z)
-        f1i_s = f1i_b.index(z)
-        f1n_s = f1n_b.index(z)
-        f2r_s = f2r_b.index(z)
-        f2i_s = f2i_b.index(z)
-        f2n_s = f2n_b.index(z)
-        xr_s = xr_b.index(z)
-        xi_s = xi_b.index(z)
-        gr_s = gr_b.index(z)
-        gi_s = gi_b.index(z)
+        f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, xr_s, xi_s, gr_s, gi_s = _views(_opaque_zero(h), tiles)
         k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
                                    f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, False, N, N2, MMA, DOT, BLK)
         dd = 0.0
         nonfinite = 0.0  # 1 once a row of x or dc in this channel held a NaN or Inf
         for j in range(pairs_per_channel):
-            z = _opaque_zero(j)  # the views again, inside this loop (see _fwd_kernel)
-            f1r_s = f1r_b.index(z)
-            f1i_s = f1i_b.index(z)
-            f1n_s = f1n_b.index(z)
-            f2r_s = f2r_b.index(z)
-            f2i_s = f2i_b.index(z)
-            f2n_s = f2n_b.index(z)
-            xr_s = xr_b.index(z)
-            xi_s = xi_b.index(z)
-            gr_s = gr_b.index(z)
-            gi_s = gi_b.index(z)
+            f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, xr_s, xi_s, gr_s, gi_s = _views(_opaque_zero(j), tiles)
             b_a = 2 * j
             b_b = b_a + 1
             valid_b = b_b < batch
