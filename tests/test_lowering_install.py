@@ -139,12 +139,18 @@ def test_env_variable_turns_passes_off_at_compile_time(monkeypatch):
     assert rewritten(compile_once(hand_written_conv, *conv_inputs()))
 
 
-def test_uuid_follows_switch_version_and_previous_pass():
+def test_uuid_follows_switch_version_dispatch_and_previous_pass(monkeypatch):
+    from lcconv_compile import kernels
+
     chained = install.ChainedPass(install.JOINT_HOOK, lambda g: 0, GraphRecorder())
     enabled_id = chained.uuid()
     assert enabled_id[0] == install.pass_version() and enabled_id[-1] == (b"lcconv-tests-graph-recorder",)
     with lcconv_compile.passes_enabled(False):
         assert chained.uuid() != enabled_id
+    # The families the dispatch tries decide what the CUDA stage emits (LCCONV_FLASHCONV6=1 adds
+    # one without any source change): another list must not be served this cache entry.
+    monkeypatch.setattr(kernels, "FAMILIES", (kernels.monarch_conv,) + tuple(kernels.FAMILIES))
+    assert chained.uuid() != enabled_id
 
 
 # ----------------------------------------------------------------------------------- caching --

@@ -46,7 +46,7 @@ class ChainedPass(CustomGraphPass):
             if user_id is None:
                 return None  # the previous pass cannot be keyed: no caching, as Inductor does
             previous_ids.append(user_id)
-        return (install.pass_version(), self.hook, install.passes_active(), tuple(previous_ids))
+        return (install.pass_version(), install.dispatch_key(), self.hook, install.passes_active(), tuple(previous_ids))
 
 
 if _InferenceAware is not None:

@@ -8,7 +8,8 @@ two of Inductor's custom-pass hooks (``joint_custom_post_pass`` for the idiom re
 ``post_grad_custom_post_pass`` for fusion; see :mod:`.passes` for why those two). A chained
 pass runs our stage and then whatever pass was on the hook before, so a user's own pass keeps
 running; installing twice is a no-op. Its ``uuid()`` combines a hash of this package's lowering
-sources (and ops.py) with whether the passes are active and with the previous pass's uuid, so
+sources (and ops.py), the kernel families the dispatch tries, whether the passes are active and
+the previous pass's uuid, so
 the FX graph cache never serves a graph compiled under different passes (and is bypassed, as
 Inductor does, when the previous pass has no uuid).
 
@@ -86,6 +87,17 @@ def pass_version() -> bytes:
     files = (sorted(str(p) for p in package.glob("*.py")) + sorted(str(p) for p in (root / "kernels").glob("*.py"))
              + [str(root / "ops.py"), str(root / "reference.py")])
     return get_hash_for_files(tuple(files))
+
+
+def dispatch_key() -> tuple[str, ...]:
+    """The kernel families ``kernels.select`` tries, in order: the CUDA stage's output depends on
+    them (which kernels it inlines, or whether it keeps an opaque op call), and they change
+    without any source change (``LCCONV_FLASHCONV6=1``). Without this in the uuid, a process with
+    FlashConv v6 opted in was served graphs compiled without it from the FX graph cache (seen on
+    the H100: its compiled calls ran v5's kernels while its eager calls ran v6)."""
+    from .. import kernels
+
+    return tuple(family.__name__ for family in kernels.FAMILIES)
 
 
 def _as_tuple(previous: Any) -> tuple:
