@@ -31,8 +31,8 @@ __all__ = ["FAMILIES", "select"]
 # reference from 32K to 2M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md,
 # "two-level DFT"), where the op keeps running the reference.
 # monarch_conv (FlashConv v6, Gluon) runs ahead of flashconv3 only where LCCONV_FLASHCONV6=1 is
-# set when lcconv_compile is imported: written and compiled, not yet run on a GPU, so not the
-# default until its device tests pass and it measures faster (benchmarks/NOTES.md, "FlashConv v6").
+# set when lcconv_compile is imported: correct on the H100 and faster forward, but its backward is
+# slower than v5's at 1K (benchmarks/NOTES.md, "FlashConv v6"), so not the default yet.
 EXPERIMENTAL: tuple[ModuleType, ...] = (monarch_conv,) if os.environ.get("LCCONV_FLASHCONV6") == "1" else ()
 FAMILIES: tuple[ModuleType, ...] = (shortconv, *EXPERIMENTAL, flashconv3, flashbutterfly)
 

@@ -18,8 +18,10 @@ memory, and gets du through conj(K); per channel one inverse gives dk (fixed ord
 runs). A row holding a NaN or Inf is transformed as zeros and output NaN, never reaching its
 packed partner.
 
-Status: compiled for sm_90 on CPU (scripts/compile_check.py --family v6 [--backward]), never run
-on a GPU yet: kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1. Compiled graphs cannot
+Status: passes its device tests on the H100 (tests/test_kernels_monarch_conv.py, 61 cases); forward
+1.13-1.48x v5, backward slower than v5's at 1K (benchmarks/NOTES.md, "FlashConv v6"), so
+kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1. Registers and spills are checked on CPU
+with scripts/compile_check.py --family v6 [--backward]. Compiled graphs cannot
 launch Gluon kernels on torch 2.11/2.13 (COMPILER_VISIBLE: the CUDA lowering stage keeps the op
 call). Knows torch, Triton and Gluon only; the math is tested on CPU through
 :func:`.monarch_plan.emulate_forward` / ``emulate_backward``, which this kernel must match stage
