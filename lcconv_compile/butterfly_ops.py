@@ -38,7 +38,7 @@ from torch import Tensor
 from . import reference
 from .kernels import flashbutterfly
 from .ops import _to_front
-from .validation import check_fftconv_args
+from .validation import check_fftconv_args, check_in_traced_code
 
 __all__ = ["butterfly_conv", "butterfly_conv_op", "butterfly_conv_bwd_op", "check_butterfly_args"]
 
@@ -248,19 +248,5 @@ def butterfly_conv(
     whose message holds the original type and message), as :func:`lcconv_compile.fftconv`.
     """
     if torch.compiler.is_compiling():
-        problem = _butterfly_problem(u, k, in_factor, out_factor, D, dropout_mask)
-        if problem is not None:
-            # As ops._fftconv_traced: break the graph first, so the raise below runs eagerly and
-            # Dynamo does not give up on the caller's frame for good.
-            torch._dynamo.graph_break(msg=f"{type(problem).__name__}: {problem.args[0]}")
-            check_butterfly_args(u, k, in_factor, out_factor, D, dropout_mask)
+        check_in_traced_code(check_butterfly_args, u, k, in_factor, out_factor, D, dropout_mask)
     return butterfly_conv_op(u, k, in_factor, out_factor, D, gelu, dropout_mask)
-
-
-def _butterfly_problem(u, k, in_factor, out_factor, D, dropout_mask):
-    """The TypeError/ValueError :func:`check_butterfly_args` raises for these arguments, or None."""
-    try:
-        check_butterfly_args(u, k, in_factor, out_factor, D, dropout_mask)
-    except (TypeError, ValueError) as problem:
-        return problem
-    return None

@@ -41,7 +41,7 @@ from torch.autograd.function import _SingleLevelFunction
 
 from . import reference
 from .kernels import select
-from .validation import check_fftconv_args, check_fftconv_call, fftconv_problem
+from .validation import check_fftconv, check_fftconv_args, check_fftconv_call, check_in_traced_code
 
 __all__ = ["fftconv", "fftconv_backward_impl", "fftconv_bwd_op", "fftconv_forward_impl", "fftconv_op"]
 
@@ -519,26 +519,9 @@ def fftconv(
 
 def _fftconv_traced(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> Tensor:
     """``fftconv`` as Dynamo (torch.compile, strict torch.export) traces it: the checks in Python,
-    so that bad arguments raise their own ValueError/TypeError there too.
-
-    Checked only inside the op (its fake kernel), a bad argument reaches the user as Dynamo's
-    TorchRuntimeError. Checked here, a failure could simply be raised, but a raise that leaves the
-    compiled frame makes Dynamo skip that frame (the user's model) for good: after one caught bad
-    call the model would run eagerly (torch 2.11 and 2.13). Hence the graph break first: Dynamo
-    compiles the graph up to this call and the code after the break runs outside it, where the
-    checks raise the original error (Dynamo then gives up only on that code, not on the caller).
-    Under fullgraph=True or strict export the graph break is itself an error,
-    torch._dynamo.exc.Unsupported, whose message is the original error's type and message.
-
-    On valid arguments the checks evaluate what the fake kernel evaluates anyway: no graph break,
-    no guard the op's own tracing does not add (tests/test_ops.py), nothing in the compiled code.
-    """
-    problem = fftconv_problem(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-    if problem is not None:
-        torch._dynamo.graph_break(msg=f"{type(problem).__name__}: {problem.args[0]}")
-        # Runs after the graph break, i.e. eagerly: raises the error found above.
-        check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-        check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
+    so that bad arguments raise their own ValueError/TypeError there too (how, and why through a
+    graph break: validation.check_in_traced_code)."""
+    check_in_traced_code(check_fftconv, u, k, D, gate_in, gate_out, gelu, dropout_mask)
     return fftconv_op(u, k, D, gate_in, gate_out, gelu, dropout_mask)
 
 

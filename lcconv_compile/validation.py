@@ -3,13 +3,14 @@
 Called by the public ``fftconv`` and by the op's real and fake implementations, so eager calls,
 ``torch.compile`` tracing and ``torch.export`` all refuse the same inputs with the same message.
 Checks only shapes, dtypes and devices: it never reads tensor data (it must work on fake tensors).
-``fftconv`` also runs them in code that Dynamo traces (see ops._fftconv_traced), so they are
-written in what Dynamo traces without a graph break or a guard of its own.
+``fftconv`` and ``butterfly_conv`` also run them in code that Dynamo traces
+(:func:`check_in_traced_code`), so they are written in what Dynamo traces without a graph break
+or a guard of its own.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -146,14 +147,34 @@ def check_fftconv_args(
             )
 
 
-def fftconv_problem(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> Optional[Exception]:
-    """The TypeError/ValueError that the public ``fftconv``'s checks (:func:`check_fftconv_call`,
-    then :func:`check_fftconv_args`) raise for these arguments, returned rather than raised; None
-    when they pass. For ``fftconv`` under torch.compile, which must break the graph before it
-    raises (ops._fftconv_traced); the eager path calls the checks themselves, without this wrapper."""
+def check_fftconv(u, k, D, gate_in, gate_out, gelu, dropout_mask) -> None:
+    """The public ``fftconv``'s checks, in order: :func:`check_fftconv_call`, then
+    :func:`check_fftconv_args`."""
+    check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
+    check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
+
+
+def check_in_traced_code(check: Callable[..., None], *args) -> None:
+    """Run ``check(*args)`` (it raises TypeError/ValueError) in code that Dynamo traces
+    (``fftconv`` and ``butterfly_conv`` under torch.compile or strict torch.export), so that bad
+    arguments raise their own type there too.
+
+    Checked only inside the op (its fake kernel), a bad argument reaches the user as Dynamo's
+    TorchRuntimeError. Checked here, a failure could simply be raised, but a raise that leaves the
+    compiled frame makes Dynamo skip that frame (the user's model) for good: after one caught bad
+    call the model would run eagerly (torch 2.11 and 2.13). Hence the graph break first: Dynamo
+    compiles the graph up to this call and the code after the break runs outside it, where the
+    check raises the original error (Dynamo then gives up only on that code, not on the caller).
+    Under fullgraph=True or strict export the graph break is itself an error,
+    torch._dynamo.exc.Unsupported, whose message is the original error's type and message.
+
+    On valid arguments the check evaluates what the fake kernel evaluates anyway: no graph break,
+    no guard the op's own tracing does not add (tests/test_ops.py), nothing in the compiled code.
+    """
     try:
-        check_fftconv_call(u, k, D, gate_in, gate_out, gelu, dropout_mask)
-        check_fftconv_args(u, k, D, gate_in, gate_out, dropout_mask)
-    except (TypeError, ValueError) as problem:
-        return problem
-    return None
+        check(*args)
+        return
+    except (TypeError, ValueError) as found:
+        problem = found
+    torch._dynamo.graph_break(msg=f"{type(problem).__name__}: {problem.args[0]}")
+    check(*args)  # runs after the graph break, i.e. eagerly: raises the error found above

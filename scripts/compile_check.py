@@ -359,7 +359,7 @@ def check_v6(args):
         if asm is not None:
             for kind, text in asm.items():
                 if isinstance(text, str):
-                    with open(f"{args.asm}/v6_fwd_L{seqlen}.{kind}", "w") as f:
+                    with open(f"{args.asm}/v6_{'bwd' if args.backward else 'fwd'}_L{seqlen}.{kind}", "w") as f:
                         f.write(text)
     return ok
 

@@ -270,6 +270,13 @@ def _isolate_nonfinite(x, BLOCKS: tl.constexpr):
 
 
 @triton.jit
+def _any_poisoned(poison_a, poison_b):
+    """1.0 if any row of a stack's two (R, 1, 1) poisons (from _isolate_nonfinite) is NaN, else 0."""
+    R: tl.constexpr = poison_a.shape[0]
+    return tl.max(tl.reshape(tl.where(poison_a + poison_b == 0.0, 0.0, 1.0), (R,)), axis=0)
+
+
+@triton.jit
 def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS: tl.constexpr, M: tl.constexpr,
                     HALF: tl.constexpr, PRECISION: tl.constexpr):
     """Channel h's kernel as a stack of one complex row of BLOCKS blocks (imaginary part 0),
@@ -512,8 +519,7 @@ def _fftconv_bwd_kernel(
         # channel become NaN at the end, as the eager FFT's would.
         xa, poison_xa = _isolate_nonfinite(xa, BLOCKS)
         xb, poison_xb = _isolate_nonfinite(xb, BLOCKS)
-        nonfinite = tl.maximum(nonfinite, tl.max(tl.reshape(tl.where(poison_xa + poison_xb == 0.0, 0.0, 1.0), (R,)),
-                                                 axis=0))
+        nonfinite = tl.maximum(nonfinite, _any_poisoned(poison_xa, poison_xb))
         sxa = _pair_scale(xa, BLOCKS, PRECISION)
         sxb = _pair_scale(xb, BLOCKS, PRECISION)
         x0 = interleave(_to_stack(xa / sxa, R, M, HALF), _to_stack(xb / sxb, R, M, HALF), PRECISION)
@@ -547,8 +553,7 @@ def _fftconv_bwd_kernel(
             dca, dcb = dca * ma, dcb * mb
         dca, poison_dca = _isolate_nonfinite(dca, BLOCKS)
         dcb, poison_dcb = _isolate_nonfinite(dcb, BLOCKS)
-        nonfinite = tl.maximum(nonfinite, tl.max(tl.reshape(tl.where(poison_dca + poison_dcb == 0.0, 0.0, 1.0),
-                                                            (R,)), axis=0))
+        nonfinite = tl.maximum(nonfinite, _any_poisoned(poison_dca, poison_dcb))
         if HAS_D:
             dd += tl.sum(tl.sum(tl.sum(dca * xa + dcb * xb, axis=2), axis=1), axis=0)
         # Scale dc's rows so both rows of a pair carry the same product of scales q: the real

@@ -122,12 +122,25 @@ def kernel_config(plan: MonarchPlan, backward: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------ stages --
 @gluon.jit
-def _load_tile(ptr, offset, valid, seqlen, stride_l, N2: gl.constexpr, BLK: gl.constexpr):
-    """[64, N2] float32 tile of one row: element (n1, n2) is sample n1 N2 + n2, 0 past seqlen."""
+def _tile_index(N2: gl.constexpr, BLK: gl.constexpr):
+    """[64, N2] sample indices of a row tile: element (n1, n2) is sample n1 N2 + n2."""
     r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
     c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
-    n = r[:, None] * N2 + c[None, :]
+    return r[:, None] * N2 + c[None, :]
+
+
+@gluon.jit
+def _load_tile(ptr, offset, valid, seqlen, stride_l, N2: gl.constexpr, BLK: gl.constexpr):
+    """[64, N2] float32 tile of one row (see _tile_index), 0 past seqlen."""
+    n = _tile_index(N2, BLK)
     return gl.load(ptr + offset + n * stride_l, mask=(n < seqlen) & valid, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _store_tile(ptr, offset, valid, seqlen, stride_l, value, N2: gl.constexpr, BLK: gl.constexpr):
+    """Store a [64, N2] row tile in ptr's dtype, samples before seqlen only."""
+    n = _tile_index(N2, BLK)
+    gl.store(ptr + offset + n * stride_l, value.to(ptr.dtype.element_ty), mask=(n < seqlen) & valid)
 
 
 @gluon.jit
@@ -258,9 +271,30 @@ def _inverse_rows(er, ei, c: gl.constexpr, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero
     o_r, o_i = _operands(er, ei, DOT)
     gr, gi = _right_product_issue(o_r, o_i, f2r_s, f2n_s, f2i_s, zero)
     gr, gi = warpgroup_mma_wait(0, deps=[gr, gi])
+    _store_g(gr, gi, c, gr_s, gi_s, N, N2, MMA)
+
+
+@gluon.jit
+def _store_g(gr, gi, c: gl.constexpr, gr_s, gi_s, N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr):
+    """T2 (the conjugate twiddle) on S2' rows of chunk c, then G's rows into gr_s/gi_s (float16)."""
     gr, gi = _twiddled(gr, gi, c, True, N, N2, MMA)
     gr_s.slice(c * 64, 64).store(gr.to(gl.float16))
     gi_s.slice(c * 64, 64).store(gi.to(gl.float16))
+
+
+@gluon.jit
+def _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N: gl.constexpr,
+                  N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+    """Times K, S2', T2 for both row chunks stage by stage (one wait, as :func:`_forward`)."""
+    e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, False, MMA)
+    e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
+    o0r, o0i = _operands(e0r, e0i, DOT)
+    o1r, o1i = _operands(e1r, e1i, DOT)
+    g0r, g0i = _right_product_issue(o0r, o0i, f2r_s, f2n_s, f2i_s, zero)
+    g1r, g1i = _right_product_issue(o1r, o1i, f2r_s, f2n_s, f2i_s, zero)
+    g0r, g0i, g1r, g1i = warpgroup_mma_wait(0, deps=[g0r, g0i, g1r, g1i])
+    _store_g(g0r, g0i, 0, gr_s, gi_s, N, N2, MMA)
+    _store_g(g1r, g1i, 1, gr_s, gi_s, N, N2, MMA)
 
 
 @gluon.jit
@@ -294,10 +328,7 @@ def _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, 
     """K = transform of (k + D at lag 0), scaled, into kr_s/ki_s (float32); returns the scale."""
     kx = _load_tile(k_ptr, h * sk_h, True, kernel_len, sk_l, N2, BLK)
     if HAS_D:
-        r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
-        c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
-        lag0 = (r[:, None] * N2 + c[None, :]) == 0
-        kx = gl.where(lag0, kx + gl.load(d_ptr + h).to(gl.float32), kx)
+        kx = gl.where(_tile_index(N2, BLK) == 0, kx + gl.load(d_ptr + h).to(gl.float32), kx)
     scale = _row_scale(kx)
     xr_s.store((kx * scale).to(gl.float16))
     fence_async_shared()
@@ -321,17 +352,14 @@ def _epilogue(yc, out_scale, y_ptr, gout_ptr, mask_ptr, b, h, valid, seqlen,
               HAS_GATE_OUT: gl.constexpr, GELU: gl.constexpr, HAS_MASK: gl.constexpr,
               N2: gl.constexpr, BLK: gl.constexpr):
     """One row's output: scale, GELU, dropout mask, gate_out; stored in y's dtype."""
-    a = gl.convert_layout(yc, BLK) * out_scale
+    a = _rows(yc, out_scale, BLK)
     if GELU:
-        a = 0.5 * a * (1.0 + gl.erf(a * 0.7071067811865476))
+        a = _gelu(a)
     if HAS_MASK:
         a = a * gl.load(mask_ptr + b * sm_b + h * sm_h, mask=valid, other=0.0).to(gl.float32)
     if HAS_GATE_OUT:
         a = a * _load_tile(gout_ptr, b * sg_b + h * sg_h, valid, seqlen, sg_l, N2, BLK)
-    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
-    c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
-    n = r[:, None] * N2 + c[None, :]
-    gl.store(y_ptr + b * sy_b + h * sy_h + n * sy_l, a.to(y_ptr.dtype.element_ty), mask=(n < seqlen) & valid)
+    _store_tile(y_ptr, b * sy_b + h * sy_h, valid, seqlen, sy_l, a, N2, BLK)
 
 
 @gluon.jit
@@ -348,9 +376,7 @@ def _stage_rows(dst_a, dst_b, ptr, it, end, pairs_per_channel, batch, seqlen, s_
     """Start asynchronous copies (cp.async) of item ``it``'s two rows into shared memory, zeros
     past seqlen, past the batch and for it >= end (nothing to stage after the last item)."""
     h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
-    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
-    c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
-    n = r[:, None] * N2 + c[None, :]
+    n = _tile_index(N2, BLK)
     live = (n < seqlen) & (it < end)
     async_copy.async_copy_global_to_shared(dst_a, ptr + b_a * s_b + h * s_h + n * s_l, mask=live)
     async_copy.async_copy_global_to_shared(dst_b, ptr + b_b * s_b + h * s_h + n * s_l, mask=live & valid_b)
@@ -482,19 +508,7 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
         if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
             c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
                                           DOT)
-            e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, False, MMA)
-            e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
-            o0r, o0i = _operands(e0r, e0i, DOT)
-            o1r, o1i = _operands(e1r, e1i, DOT)
-            g0r, g0i = _right_product_issue(o0r, o0i, f2r_s, f2n_s, f2i_s, zero)
-            g1r, g1i = _right_product_issue(o1r, o1i, f2r_s, f2n_s, f2i_s, zero)
-            g0r, g0i, g1r, g1i = warpgroup_mma_wait(0, deps=[g0r, g0i, g1r, g1i])
-            g0r, g0i = _twiddled(g0r, g0i, 0, True, N, N2, MMA)
-            gr_s.slice(0, 64).store(g0r.to(gl.float16))
-            gi_s.slice(0, 64).store(g0i.to(gl.float16))
-            g1r, g1i = _twiddled(g1r, g1i, 1, True, N, N2, MMA)
-            gr_s.slice(64, 64).store(g1r.to(gl.float16))
-            gi_s.slice(64, 64).store(g1i.to(gl.float16))
+            _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
         else:  # one row chunk after the other: half the live registers
             for c in gl.static_range(2):
                 cr, ci = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
@@ -513,14 +527,6 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
 def _rows(y, scale, BLK: gl.constexpr):
     """An S1' result (MMA layout, element (n1, n2) = sample n1 N2 + n2) as a BLK tile times scale."""
     return gl.convert_layout(y, BLK) * scale
-
-
-@gluon.jit
-def _store_tile(ptr, offset, valid, seqlen, stride_l, value, N2: gl.constexpr, BLK: gl.constexpr):
-    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
-    c = gl.arange(0, N2, layout=gl.SliceLayout(0, BLK))
-    n = r[:, None] * N2 + c[None, :]
-    gl.store(ptr + offset + n * stride_l, value.to(ptr.dtype.element_ty), mask=(n < seqlen) & valid)
 
 
 @gluon.jit
@@ -717,24 +723,14 @@ def async_staging(u: torch.Tensor, gate_in: Optional[torch.Tensor]) -> bool:
     return aligned(u) and (gate_in is None or aligned(gate_in))
 
 
-def launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs: int):
-    """The kernel's positional and keyword arguments for one call (compile_check reuses them)."""
-    batch, channels, seqlen = u.shape
-    plan = plan_for(seqlen)
-    pairs_per_channel = (batch + 1) // 2
-    items = channels * pairs_per_channel
-    dummy = u  # stands for an absent tensor; never read (its HAS_* flag is off)
-    args = (u, k, D if D is not None else dummy, gate_in if gate_in is not None else dummy,
-            gate_out if gate_out is not None else dummy, dropout_mask if dropout_mask is not None else dummy, y,
-            *factor_tiles(plan, u.device),
-            batch, seqlen, k.shape[-1], items, pairs_per_channel, math.sqrt(plan.n),
-            *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
-            *y.stride())
-    kwargs = dict(HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
-                  GELU=False, HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2,
-                  BOTH_CHUNKS=both_chunks(plan, async_staging(u, gate_in)), ASYNC_STAGING=async_staging(u, gate_in),
-                  **kernel_config(plan))
-    return (min(items, programs),), args, kwargs
+def _present(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``stand_in`` for an absent tensor (never read: its HAS_* flag is off)."""
+    return t if t is not None else stand_in
+
+
+def _option_flags(D, gate_in, gate_out, gelu, dropout_mask) -> dict:
+    return dict(HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
+                GELU=gelu, HAS_MASK=dropout_mask is not None)
 
 
 def fftconv_fwd(
@@ -748,12 +744,22 @@ def fftconv_fwd(
     alloc: Callable[..., torch.Tensor] = torch.empty,
 ) -> torch.Tensor:
     """One launch: y = fftconv(u, k, ...) for inputs :func:`supports` (the op validated them)."""
-    plan = plan_for(u.shape[-1])
+    batch, channels, seqlen = u.shape
+    plan = plan_for(seqlen)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
-    programs = programs_per_sm(plan) * sm_count(u.device)
-    grid, args, kwargs = launch_args(u, k, D, gate_in, gate_out, dropout_mask, y, programs)
-    kwargs["GELU"] = gelu
-    _fwd_kernel[grid](*args, **kwargs, num_warps=num_warps(plan))
+    pairs_per_channel = (batch + 1) // 2
+    items = channels * pairs_per_channel
+    programs = min(items, programs_per_sm(plan) * sm_count(u.device))
+    staging = async_staging(u, gate_in)
+    _fwd_kernel[(programs,)](
+        u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u), y,
+        *factor_tiles(plan, u.device),
+        batch, seqlen, k.shape[-1], items, pairs_per_channel, math.sqrt(plan.n),
+        *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
+        *y.stride(),
+        **_option_flags(D, gate_in, gate_out, gelu, dropout_mask), N=plan.n, N2=plan.n2,
+        BOTH_CHUNKS=both_chunks(plan, staging), ASYNC_STAGING=staging, **kernel_config(plan),
+        num_warps=num_warps(plan))
     return y
 
 
@@ -787,18 +793,15 @@ def fftconv_bwd(
     dD = alloc(D.shape, dtype=D.dtype, device=D.device) if D is not None else None
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
-    dummy = u
     programs = min(channels, programs_per_sm(plan) * sm_count(u.device))
     _bwd_kernel[(programs,)](
-        grad_y, u, k, D if D is not None else dummy, gate_in if gate_in is not None else dummy,
-        gate_out if gate_out is not None else dummy, dropout_mask if dropout_mask is not None else dummy,
-        du, dk, dD if dD is not None else dummy, dgate_in if dgate_in is not None else dummy,
-        dgate_out if dgate_out is not None else dummy,
+        grad_y, u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u),
+        du, dk, _present(dD, u), _present(dgate_in, u), _present(dgate_out, u),
         *factor_tiles(plan, u.device),
         batch, channels, seqlen, k.shape[-1], (batch + 1) // 2, math.sqrt(plan.n),
         *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
         *grad_y.stride(), *dk.stride(),
-        HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None, GELU=gelu,
-        HAS_MASK=dropout_mask is not None, N=plan.n, N2=plan.n2, **kernel_config(plan, backward=True),
+        **_option_flags(D, gate_in, gate_out, gelu, dropout_mask), N=plan.n, N2=plan.n2,
+        **kernel_config(plan, backward=True),
         num_warps=num_warps(plan, backward=True))
     return du, dk, dD, dgate_in, dgate_out
