@@ -4,7 +4,9 @@ family), torch.fft and the memory floor, with its tensor-core rate.
     python benchmarks/explore_monarch_conv.py --out explore_monarch_conv.json [--lengths 1024 2048 4096]
 
 Shapes: B=8, H=1024, u bf16, k and D float32; forward, and the backward alone (du's error shown;
-kernels called directly). The floor (both) is the forward's: (u read + k read + y write) / the
+kernels called directly). Beside the dispatched forward: each of monarch_conv.CANDIDATE_TUNINGS,
+and the probes (monarch_conv.PROBES: variants that skip a stage, wrong results by design, their
+error not checked) on the dispatched tuning and the first candidate, which say what bounds it. The floor (both) is the forward's: (u read + k read + y write) / the
 device-to-device copy bandwidth of the same run; TFLOP/s
 counts v6's tensor-core work (monarch_plan: per row pair plus k's spectrum per channel). Medians
 of ``triton.testing.do_bench``; the JSON is rewritten after every row, so a run cut short keeps
@@ -15,6 +17,8 @@ script reports each row's error against float64 too, so a wrong kernel is never 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 
@@ -52,20 +56,30 @@ def main():
         want_du = reference.fftconv_bwd_ref(dy.double(), u.double(), k.double(), D.double()).du
         runs = [("torch.fft", lambda: torch_fft_conv(u, k, D), want),
                 ("v5 (flashconv3)", lambda: flashconv3.fftconv_fwd(u, k, D), want),
-                ("v6 (monarch_conv)", lambda: monarch_conv.fftconv_fwd(u, k, D), want),
+                (f"v6 (monarch_conv) {monarch_conv.forward_tuning(plan)}", lambda: monarch_conv.fftconv_fwd(u, k, D),
+                 want),
                 ("v5 backward", lambda: flashconv3.fftconv_bwd(dy, u, k, D)[0], want_du)]
         if monarch_conv.backward_supported(L):
             runs.append(("v6 backward", lambda: monarch_conv.fftconv_bwd(dy, u, k, D)[0], want_du))
+        base = monarch_conv.forward_tuning(plan)
+        candidates = monarch_conv.CANDIDATE_TUNINGS[plan.n2]
+        for tuning in candidates:
+            runs.append((f"v6 {tuning}", functools.partial(monarch_conv.fftconv_fwd, u, k, D, tuning=tuning), want))
+        for tuning in (base, *candidates[:1]):
+            for probe in sorted(monarch_conv.PROBES)[1:]:
+                probed = dataclasses.replace(tuning, probe=probe)
+                runs.append((f"v6 probe {probe} ({monarch_conv.PROBES[probe]}) {probed}",
+                             functools.partial(monarch_conv.fftconv_fwd, u, k, D, tuning=probed), None))
         for name, fn, ref in runs:
             row = dict(L=L, name=name, floor_ms=floor_ms)
             try:
                 y = fn()
-                row["rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
+                if ref is not None:
+                    row["rel_err"] = ((y.double() - ref).norm() / ref.norm()).item()
                 row["ms"] = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
                 row["x_floor"] = row["ms"] / floor_ms
-                if name == "v6 (monarch_conv)":
-                    row.update(plan=f"{plan.n1}x{plan.n2}", tflops=flops / row["ms"] / 1e9,
-                               programs_per_sm=monarch_conv.programs_per_sm(plan))
+                if name.startswith("v6") and "backward" not in name and "probe" not in name:
+                    row.update(plan=f"{plan.n1}x{plan.n2}", tflops=flops / row["ms"] / 1e9)
             except Exception as exc:  # noqa: BLE001 - report and go on to the next row
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)

@@ -16,6 +16,7 @@ checked before spending device time. Uses the ptxas bundled with Triton.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -328,9 +329,14 @@ def check_v6(args):
         if plan is None:
             print(f"v6 L={seqlen}: no plan")
             continue
+        tuning = monarch_conv.forward_tuning(plan)
+        tuning = dataclasses.replace(tuning, **{name: value for name, value in dict(
+            warps=args.warps, k_half=args.k_half, f1_neg=args.f1_neg, both_chunks=args.both_chunks,
+            probe=args.probe).items() if value is not None})
         constexprs = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on, N=plan.n, N2=plan.n2,
-                          BOTH_CHUNKS=monarch_conv.both_chunks(plan, seqlen % 16 == 0), ASYNC_STAGING=seqlen % 16 == 0,
-                          **monarch_conv.kernel_config(plan))
+                          BOTH_CHUNKS=monarch_conv.both_chunks(plan, seqlen % 16 == 0, tuning),
+                          ASYNC_STAGING=seqlen % 16 == 0, K_HALF=tuning.k_half, F1_NEG=tuning.f1_neg, PROBE=tuning.probe,
+                          **monarch_conv.kernel_config(plan, warps=tuning.warps))
         unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sy_l", "sm_h")
         # the launch at (B, H, L) contiguous: L and the strides specialised as multiples of 16 where they are
         divisible = ("su_b", "su_h", "sgi_b", "sgi_h", "sgo_b", "sgo_h", "sy_b", "sy_h", "sm_b", "sk_h")
@@ -339,7 +345,8 @@ def check_v6(args):
             if not monarch_conv.backward_supported(seqlen):
                 print(f"v6 L={seqlen}: no backward plan")
                 continue
-            constexprs = {n: v for n, v in constexprs.items() if n not in ("BOTH_CHUNKS", "ASYNC_STAGING")}
+            constexprs = {n: v for n, v in constexprs.items()
+                          if n not in ("BOTH_CHUNKS", "ASYNC_STAGING", "K_HALF", "F1_NEG", "PROBE")}
             constexprs.update(monarch_conv.kernel_config(plan, backward=True))
             bwd_pointers = dict(pointers, dy_ptr=ty, du_ptr=ty, dgin_ptr=ty, dgout_ptr=ty, dk_ptr="*fp32",
                                 dd_ptr="*fp32")
@@ -349,11 +356,12 @@ def check_v6(args):
                                     divisible=divisible + (("sdy_b", "sdy_h", "sdk_h", "channels") if divisible else ()),
                                     source=GluonASTSource)
         else:
-            report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, monarch_conv.num_warps(plan),
+            report = compile_kernel(monarch_conv._fwd_kernel, pointers, constexprs, tuning.warps,
                                     want_asm=args.asm, unit=unit, divisible=divisible, source=GluonASTSource)
         asm = report.pop("asm", None)
-        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={monarch_conv.num_warps(plan, args.backward)} "
-              f"async_staging={seqlen % 16 == 0} programs/SM={monarch_conv.programs_per_sm(plan)} "
+        warps = monarch_conv.num_warps(plan, True) if args.backward else tuning.warps
+        print(f"v6 L={seqlen} N={plan.n}=128x{plan.n2} warps={warps} "
+              f"async_staging={seqlen % 16 == 0} {'' if args.backward else tuning} "
               f"plan shared={plan.shared_bytes() // 1024} KB\n    {'backward' if args.backward else 'forward':9s} {report}")
         ok &= (report["spill_bytes"] or 0) == 0 and report["shared"] <= monarch_conv.SHARED_LIMIT
         if asm is not None:
@@ -369,6 +377,13 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warps", type=int)
+    parser.add_argument("--k-half", action=argparse.BooleanOptionalAction, default=None,
+                        help="v6: K's spectrum in float16 (default: the dispatched tuning's)")
+    parser.add_argument("--f1-neg", action=argparse.BooleanOptionalAction, default=None,
+                        help="v6: the -Im F1 constant tile (--no-f1-neg: a subtraction in registers)")
+    parser.add_argument("--both-chunks", action=argparse.BooleanOptionalAction, default=None,
+                        help="v6: both row chunks stage by stage (--no-both-chunks: one after the other)")
+    parser.add_argument("--probe", type=int, help="v6: a measurement probe (monarch_conv.PROBES)")
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--chunk", type=int)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -69,6 +69,34 @@ def test_forward_matches_float64_reference(dtype, B, L, Lk, options):
     assert rel_err(got.cpu(), emulated) <= 2e-3
 
 
+def _candidates():
+    from lcconv_compile.kernels import monarch_conv
+
+    return [(n2, t) for n2, tunings in monarch_conv.CANDIDATE_TUNINGS.items() for t in tunings]
+
+
+@pytest.mark.cuda
+@requires_hopper
+@pytest.mark.parametrize("n2, tuning", _candidates(), ids=str)
+@pytest.mark.parametrize("options", [False, True])
+def test_candidate_tunings_match_float64_reference(n2, tuning, options):
+    """Every tuning the benchmark times against the dispatched one computes the same op (odd B,
+    Lk < L, the cp.async staging path)."""
+    from lcconv_compile.kernels import monarch_conv
+
+    L = {16: 1024, 32: 2048, 64: 4096}[n2]
+    args = random_args(5, 6, L, L - 300, dtype=torch.bfloat16, options=options, k_dtype=torch.float32, device="cuda")
+    got = monarch_conv.fftconv_fwd(**args, alloc=lambda shape, dtype, device: poisoned(shape, dtype, device),
+                                   tuning=tuning)
+    want = fftconv_ref(**as_float64(args))
+    assert not got.isnan().any(), "an output element was never written"
+    assert rel_err(got, want) <= 2e-3
+    spectrum = torch.float16 if tuning.k_half else None
+    emulated = monarch_plan.emulate_forward(**{n: v.cpu() if isinstance(v, torch.Tensor) else v
+                                               for n, v in args.items()}, spectrum=spectrum)
+    assert rel_err(got.cpu(), emulated) <= 2e-3
+
+
 @pytest.mark.cuda
 @requires_hopper
 def test_rows_keep_their_own_scale_and_zero_rows_stay_zero():

@@ -30,6 +30,8 @@ for stage.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -40,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .common import offsets_fit_int32, sm_count, strides
+from .launch import launch
 from .monarch_plan import MonarchPlan, dft_factor, plan_for
 
 __all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd", "fftconv_bwd", "kernel_config",
@@ -48,23 +51,59 @@ __all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd",
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHARED_LIMIT = 227 * 1024  # per SM on the H100
-# Warps per N2 (compile_check, every option): 8 split the columns over two warpgroups; 4 at N2 = 32
-# went to 255 registers + spills. The backward holds more at once: 8 everywhere.
-WARPS = {16: 4, 32: 8, 64: 8}
+# The backward's warps per N2 (it holds more at once than the forward: 8 everywhere); the
+# forward's are in FORWARD_TUNING.
 BACKWARD_WARPS = {16: 8, 32: 8}
-# Both row chunks stage by stage (one wait per stage: 6 per pair, not 11) wherever it fits without
-# spills since the wgmma descriptors stopped being hoisted (_views): 135 / 145 / 249 registers.
-BOTH_CHUNKS = {16: True, 32: True, 64: True}
 
 
 def num_warps(plan: MonarchPlan, backward: bool = False) -> int:
-    return (BACKWARD_WARPS if backward else WARPS)[plan.n2]
+    return BACKWARD_WARPS[plan.n2] if backward else forward_tuning(plan).warps
 
 
-def both_chunks(plan: MonarchPlan, staging: bool) -> bool:
-    """BOTH_CHUNKS, except at N2 = 64 with plain loads (L or strides not multiples of 16), where
-    the row tiles' per-element addresses push it to 255 registers + 84 B of spills."""
-    return BOTH_CHUNKS[plan.n2] and (staging or plan.n2 < 64)
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """How the forward runs one plan: warps, resident programs per SM (the persistent grid),
+    K's spectrum in float16 (``k_half``: half its shared memory), the -Im F1 constant tile
+    (``f1_neg``; without it a subtraction in registers, 16 KB less shared memory), both row
+    chunks stage by stage (``both_chunks``: 6 waits per pair; else one chunk after the other, 11
+    waits and half the live registers; see :func:`both_chunks`), and ``probe``,
+    a measurement variant that skips work (:data:`PROBES`: wrong results, benchmarks only)."""
+    warps: int
+    programs_per_sm: int
+    k_half: bool = False
+    f1_neg: bool = True
+    both_chunks: bool = True
+    probe: int = 0
+
+
+# What each probe skips (benchmarks/explore_monarch_conv.py times them beside the full kernel).
+PROBES = {0: "full", 1: "loads, scales, stores only", 2: "forward stages and times K, no inverse",
+          3: "no twiddles", 4: "no kernel spectrum"}
+
+
+def forward_tuning(plan: MonarchPlan) -> Tuning:
+    """The dispatched forward's settings for ``plan``."""
+    return FORWARD_TUNING[plan.n2]
+
+
+FORWARD_TUNING = {16: Tuning(warps=4, programs_per_sm=2), 32: Tuning(warps=8, programs_per_sm=1),
+                  64: Tuning(warps=8, programs_per_sm=1)}
+# Tunings measured against FORWARD_TUNING (benchmarks/explore_monarch_conv.py; the GPU tests check
+# each): more programs per SM where K in float16 and no -Im F1 tile free the shared memory
+# (compile_check, every option: 1K 65 KB / 156 registers -> 3 per SM; 2K with 4 warps 100 KB / 175
+# registers chunk by chunk, 255 + 4 B of spills both chunks -> 2 per SM).
+CANDIDATE_TUNINGS = {
+    16: (Tuning(4, 3, k_half=True, f1_neg=False), Tuning(4, 3, k_half=True, f1_neg=False, both_chunks=False)),
+    32: (Tuning(4, 2, k_half=True, f1_neg=False, both_chunks=False), Tuning(4, 2, k_half=True, f1_neg=False),
+         Tuning(8, 1, k_half=True, f1_neg=False)),
+    64: (Tuning(8, 1, k_half=True, f1_neg=False),),
+}
+
+
+def both_chunks(plan: MonarchPlan, staging: bool, tuning: Optional["Tuning"] = None) -> bool:
+    """The tuning's both_chunks, except at N2 = 64 with plain loads (L or strides not multiples
+    of 16), where the row tiles' per-element addresses push it to 255 registers + 84 B of spills."""
+    return (tuning or forward_tuning(plan)).both_chunks and (staging or plan.n2 < 64)
 
 
 # Compiled graphs cannot launch Gluon kernels themselves on torch 2.11 or 2.13: torch's mutation
@@ -94,12 +133,14 @@ def forward_supported(u: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------ layouts --
-def kernel_config(plan: MonarchPlan, backward: bool = False) -> dict:
+@functools.lru_cache(maxsize=None)
+def kernel_config(plan: MonarchPlan, backward: bool = False, warps: Optional[int] = None) -> dict:
     """The constexpr layouts of one plan: MMA (accumulators, [64, N2]), DOT (registers as a
     left operand), BLK (coalesced loads and stores of [64, N2] tiles, N2 contiguous), and the
-    shared layouts of the float16 operand tiles and the float32 spectrum."""
+    shared layouts of the float16 operand tiles and the spectrum. Cached: callers must not
+    change the dict."""
     n2 = plan.n2
-    warps = num_warps(plan, backward)
+    warps = warps or num_warps(plan, backward)
     # 8 warps split the columns over two warpgroups (each holds half of every accumulator)
     mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warps // 4], instr_shape=[16, n2 * 4 // warps, 16])
     # 16-byte loads of half values where each thread has 8 elements or more; fewer (8 warps at
@@ -185,14 +226,30 @@ def _twiddle(c: gl.constexpr, N: gl.constexpr, N2: gl.constexpr, MMA: gl.constex
 
 
 @gluon.jit
-def _s1_issue(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG: gl.constexpr):
-    """S1 for f1 in row chunk c, issued (not waited): B = F1[chunk, n1 < 64] X."""
+def _s1_issue(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG: gl.constexpr, F1_NEG: gl.constexpr):
+    """S1 for f1 in row chunk c, issued (not waited): B = F1[chunk, n1 < 64] X, as (re, im, t):
+    re - t is B's real part. With the -Im F1 tile (f1n_s) t is 0 (the product accumulates
+    -Im F1 Im X into re); without it (F1_NEG False: 16 KB of shared memory less) t = Im F1 Im X in
+    a third accumulator, subtracted after the wait by :func:`_s1_done`."""
     a_r = f1r_s.slice(c * 64, 64)
     br = warpgroup_mma(a_r, xr_s, zero, use_acc=False, is_async=True)
     bi = warpgroup_mma(f1i_s.slice(c * 64, 64), xr_s, zero, use_acc=False, is_async=True)
+    t = zero
     if HAS_IMAG:
-        br = warpgroup_mma(f1n_s.slice(c * 64, 64), xi_s, br, is_async=True)
+        if not F1_NEG:
+            t = warpgroup_mma(f1i_s.slice(c * 64, 64), xi_s, zero, use_acc=False, is_async=True)
+        else:
+            br = warpgroup_mma(f1n_s.slice(c * 64, 64), xi_s, br, is_async=True)
         bi = warpgroup_mma(a_r, xi_s, bi, is_async=True)
+    return br, bi, t
+
+
+@gluon.jit
+def _s1_done(br, bi, t, HAS_IMAG: gl.constexpr, F1_NEG: gl.constexpr):
+    """B's (re, im) from :func:`_s1_issue`'s waited results."""
+    if HAS_IMAG:
+        if not F1_NEG:
+            br = br - t
     return br, bi
 
 
@@ -227,15 +284,20 @@ def _right_product_issue(op_r, op_i, m_re, m_im, m_neg_im, zero):
 
 @gluon.jit
 def _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.constexpr, N: gl.constexpr,
-             N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+             N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, TWIDDLE: gl.constexpr = True,
+             F1_NEG: gl.constexpr = True):
     """S1, T1, S2 for both row chunks, stage by stage (one wait per stage, 8 products in flight):
-    C[f1, f2] (float32, MMA layout) of the tile in xr_s/xi_s, as (chunk 0 re, im, chunk 1 re, im)."""
+    C[f1, f2] (float32, MMA layout) of the tile in xr_s/xi_s, as (chunk 0 re, im, chunk 1 re, im).
+    TWIDDLE False skips T1 (a measurement probe: wrong results)."""
     zero = gl.zeros([64, N2], gl.float32, MMA)
-    b0r, b0i = _s1_issue(0, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
-    b1r, b1i = _s1_issue(1, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
-    b0r, b0i, b1r, b1i = warpgroup_mma_wait(0, deps=[b0r, b0i, b1r, b1i])
-    b0r, b0i = _twiddled(b0r, b0i, 0, False, N, N2, MMA)
-    b1r, b1i = _twiddled(b1r, b1i, 1, False, N, N2, MMA)
+    b0r, b0i, t0 = _s1_issue(0, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG, F1_NEG)
+    b1r, b1i, t1 = _s1_issue(1, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG, F1_NEG)
+    b0r, b0i, t0, b1r, b1i, t1 = warpgroup_mma_wait(0, deps=[b0r, b0i, t0, b1r, b1i, t1])
+    b0r, b0i = _s1_done(b0r, b0i, t0, HAS_IMAG, F1_NEG)
+    b1r, b1i = _s1_done(b1r, b1i, t1, HAS_IMAG, F1_NEG)
+    if TWIDDLE:
+        b0r, b0i = _twiddled(b0r, b0i, 0, False, N, N2, MMA)
+        b1r, b1i = _twiddled(b1r, b1i, 1, False, N, N2, MMA)
     o0r, o0i = _operands(b0r, b0i, DOT)
     o1r, o1i = _operands(b1r, b1i, DOT)
     c0r, c0i = _right_product_issue(o0r, o0i, f2r_s, f2i_s, f2n_s, zero)
@@ -245,11 +307,12 @@ def _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.
 
 @gluon.jit
 def _forward_one(c: gl.constexpr, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_IMAG: gl.constexpr,
-                 N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+                 N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, F1_NEG: gl.constexpr = True):
     """S1, T1, S2 for row chunk c alone (half the live registers of :func:`_forward`)."""
     zero = gl.zeros([64, N2], gl.float32, MMA)
-    br, bi = _s1_issue(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG)
-    br, bi = warpgroup_mma_wait(0, deps=[br, bi])
+    br, bi, t = _s1_issue(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, zero, HAS_IMAG, F1_NEG)
+    br, bi, t = warpgroup_mma_wait(0, deps=[br, bi, t])
+    br, bi = _s1_done(br, bi, t, HAS_IMAG, F1_NEG)
     br, bi = _twiddled(br, bi, c, False, N, N2, MMA)
     o_r, o_i = _operands(br, bi, DOT)
     cr, ci = _right_product_issue(o_r, o_i, f2r_s, f2i_s, f2n_s, zero)
@@ -275,16 +338,18 @@ def _inverse_rows(er, ei, c: gl.constexpr, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero
 
 
 @gluon.jit
-def _store_g(gr, gi, c: gl.constexpr, gr_s, gi_s, N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr):
+def _store_g(gr, gi, c: gl.constexpr, gr_s, gi_s, N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr,
+             TWIDDLE: gl.constexpr = True):
     """T2 (the conjugate twiddle) on S2' rows of chunk c, then G's rows into gr_s/gi_s (float16)."""
-    gr, gi = _twiddled(gr, gi, c, True, N, N2, MMA)
+    if TWIDDLE:
+        gr, gi = _twiddled(gr, gi, c, True, N, N2, MMA)
     gr_s.slice(c * 64, 64).store(gr.to(gl.float16))
     gi_s.slice(c * 64, 64).store(gi.to(gl.float16))
 
 
 @gluon.jit
 def _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N: gl.constexpr,
-                  N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr):
+                  N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, TWIDDLE: gl.constexpr = True):
     """Times K, S2', T2 for both row chunks stage by stage (one wait, as :func:`_forward`)."""
     e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, False, MMA)
     e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
@@ -293,28 +358,35 @@ def _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_
     g0r, g0i = _right_product_issue(o0r, o0i, f2r_s, f2n_s, f2i_s, zero)
     g1r, g1i = _right_product_issue(o1r, o1i, f2r_s, f2n_s, f2i_s, zero)
     g0r, g0i, g1r, g1i = warpgroup_mma_wait(0, deps=[g0r, g0i, g1r, g1i])
-    _store_g(g0r, g0i, 0, gr_s, gi_s, N, N2, MMA)
-    _store_g(g1r, g1i, 1, gr_s, gi_s, N, N2, MMA)
+    _store_g(g0r, g0i, 0, gr_s, gi_s, N, N2, MMA, TWIDDLE)
+    _store_g(g1r, g1i, 1, gr_s, gi_s, N, N2, MMA, TWIDDLE)
 
 
 @gluon.jit
-def _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero):
-    """S1': Y[n1 < 64, n2] = conj(F1)[n1, f1] G[f1, n2] (F1's tile read transposed), waited."""
+def _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero, F1_NEG: gl.constexpr = True):
+    """S1': Y[n1 < 64, n2] = conj(F1)[n1, f1] G[f1, n2] (F1's tile read transposed), waited.
+    Without the -Im F1 tile (F1_NEG False) Im F1^T Re G goes to a third accumulator, subtracted."""
     fence_async_shared()
     yr = warpgroup_mma(f1r_s.permute((1, 0)), gr_s, zero, use_acc=False, is_async=True)
     yr = warpgroup_mma(f1i_s.permute((1, 0)), gi_s, yr, is_async=True)
     yi = warpgroup_mma(f1r_s.permute((1, 0)), gi_s, zero, use_acc=False, is_async=True)
-    yi = warpgroup_mma(f1n_s.permute((1, 0)), gr_s, yi, is_async=True)
-    return warpgroup_mma_wait(0, deps=[yr, yi])
+    if not F1_NEG:
+        t = warpgroup_mma(f1i_s.permute((1, 0)), gr_s, zero, use_acc=False, is_async=True)
+        yr, yi, t = warpgroup_mma_wait(0, deps=[yr, yi, t])
+        return yr, yi - t
+    else:
+        yi = warpgroup_mma(f1n_s.permute((1, 0)), gr_s, yi, is_async=True)
+        return warpgroup_mma_wait(0, deps=[yr, yi])
 
 
 @gluon.jit
 def _times_spectrum(cr, ci, kr_s, ki_s, c: gl.constexpr, CONJ_K: gl.constexpr, MMA: gl.constexpr):
-    """E = C K (or C conj(K)) for row chunk c (K float32 in shared memory, one tile live at a time)."""
-    kr = kr_s.slice(c * 64, 64).load(MMA)
+    """E = C K (or C conj(K)) for row chunk c (K in shared memory, float32 or float16; one tile
+    live at a time)."""
+    kr = kr_s.slice(c * 64, 64).load(MMA).to(gl.float32)
     er = cr * kr
     ei = ci * kr
-    ki = ki_s.slice(c * 64, 64).load(MMA)
+    ki = ki_s.slice(c * 64, 64).load(MMA).to(gl.float32)
     if CONJ_K:
         return er + ci * ki, ei - cr * ki
     else:
@@ -324,7 +396,8 @@ def _times_spectrum(cr, ci, kr_s, ki_s, c: gl.constexpr, CONJ_K: gl.constexpr, M
 @gluon.jit
 def _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
                      f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D: gl.constexpr, BOTH_CHUNKS: gl.constexpr,
-                     N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr):
+                     N: gl.constexpr, N2: gl.constexpr, MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr,
+                     F1_NEG: gl.constexpr = True):
     """K = transform of (k + D at lag 0), scaled, into kr_s/ki_s (float32); returns the scale."""
     kx = _load_tile(k_ptr, h * sk_h, True, kernel_len, sk_l, N2, BLK)
     if HAS_D:
@@ -333,16 +406,18 @@ def _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, 
     xr_s.store((kx * scale).to(gl.float16))
     fence_async_shared()
     if BOTH_CHUNKS:
-        k0r, k0i, k1r, k1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT)
-        kr_s.slice(0, 64).store(k0r)
-        ki_s.slice(0, 64).store(k0i)
-        kr_s.slice(64, 64).store(k1r)
-        ki_s.slice(64, 64).store(k1i)
+        k0r, k0i, k1r, k1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT,
+                                      True, F1_NEG)
+        kr_s.slice(0, 64).store(k0r.to(kr_s.dtype))
+        ki_s.slice(0, 64).store(k0i.to(ki_s.dtype))
+        kr_s.slice(64, 64).store(k1r.to(kr_s.dtype))
+        ki_s.slice(64, 64).store(k1i.to(ki_s.dtype))
     else:
         for c in gl.static_range(2):
-            kr, ki = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT)
-            kr_s.slice(c * 64, 64).store(kr)
-            ki_s.slice(c * 64, 64).store(ki)
+            kr, ki = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, False, N, N2, MMA, DOT,
+                                  F1_NEG)
+            kr_s.slice(c * 64, 64).store(kr.to(kr_s.dtype))
+            ki_s.slice(c * 64, 64).store(ki.to(ki_s.dtype))
     return scale
 
 
@@ -401,13 +476,14 @@ def _opaque_zero(value):
 
 @gluon.jit
 def _operand_tiles(f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr, N2: gl.constexpr, F1_SMEM: gl.constexpr,
-                   F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, BLK: gl.constexpr):
+                   F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, BLK: gl.constexpr,
+                   F1_NEG: gl.constexpr = True):
     """The shared tensor-core operand tiles of a program, each [1, R, C] (see :func:`_views`): the
-    constants F1[f1, n1 < 64] and F2 (re, im, -im each, float16, copied in once and waited for),
-    then X (re, im) and G (re, im)."""
+    constants F1[f1, n1 < 64] (re, im, and -im where F1_NEG, else im again, unused) and F2 (re, im, -im),
+    float16, copied in once and waited for, then X (re, im) and G (re, im)."""
     f1r_b = _copy_to_shared(f1r_ptr, 128, 64, F1_SMEM, BLK)
     f1i_b = _copy_to_shared(f1i_ptr, 128, 64, F1_SMEM, BLK)
-    f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK)
+    f1n_b = _copy_to_shared(f1n_ptr, 128, 64, F1_SMEM, BLK) if F1_NEG else f1i_b  # unused without F1_NEG
     f2r_b = _copy_to_shared(f2r_ptr, N2, N2, F2_SMEM, BLK)
     f2i_b = _copy_to_shared(f2i_ptr, N2, N2, F2_SMEM, BLK)
     f2n_b = _copy_to_shared(f2n_ptr, N2, N2, F2_SMEM, BLK)
@@ -443,11 +519,19 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                 GELU: gl.constexpr, HAS_MASK: gl.constexpr,
                 N: gl.constexpr, N2: gl.constexpr, BOTH_CHUNKS: gl.constexpr, ASYNC_STAGING: gl.constexpr,
                 MMA: gl.constexpr, DOT: gl.constexpr, BLK: gl.constexpr, F1_SMEM: gl.constexpr,
-                F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr):
+                F2_SMEM: gl.constexpr, X_SMEM: gl.constexpr, G_SMEM: gl.constexpr, K_SMEM: gl.constexpr,
+                K_HALF: gl.constexpr = False, F1_NEG: gl.constexpr = True, PROBE: gl.constexpr = 0):
+    """The forward (module docstring). K_HALF keeps K in float16 (half its shared memory); F1_NEG
+    False drops the -Im F1 tile (16 KB) for a subtraction in registers. PROBE != 0 skips work to
+    measure what bounds the kernel (wrong results; benchmarks only, see PROBES)."""
     tiles = _operand_tiles(f1r_ptr, f1i_ptr, f1n_ptr, f2r_ptr, f2i_ptr, f2n_ptr, N2, F1_SMEM, F2_SMEM, X_SMEM, G_SMEM,
-                           BLK)
-    kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
-    ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+                           BLK, F1_NEG)
+    if K_HALF:
+        kr_s = gl.allocate_shared_memory(gl.float16, [128, N2], K_SMEM)
+        ki_s = gl.allocate_shared_memory(gl.float16, [128, N2], K_SMEM)
+    else:
+        kr_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
+        ki_s = gl.allocate_shared_memory(gl.float32, [128, N2], K_SMEM)
     if ASYNC_STAGING:  # the next item's rows (and gate_in rows) land here while this item's stages run
         ua_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
         ub_s = gl.allocate_shared_memory(u_ptr.dtype.element_ty, [64, N2], K_SMEM)
@@ -472,11 +556,12 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
     for it in range(start, end):
         f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, xr_s, xi_s, gr_s, gi_s = _views(_opaque_zero(it), tiles)
         h, b_a, b_b, valid_b = _item_rows(it, pairs_per_channel, batch)
-        if h != channel:
-            k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
-                                       f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, BOTH_CHUNKS, N, N2, MMA,
-                                       DOT, BLK)
-            channel = h
+        if PROBE != 1 and PROBE != 4:
+            if h != channel:
+                k_scale = _kernel_spectrum(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, xr_s, xi_s, kr_s, ki_s,
+                                           f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, HAS_D, BOTH_CHUNKS, N, N2, MMA,
+                                           DOT, BLK, F1_NEG)
+                channel = h
         if ASYNC_STAGING:
             async_copy.wait_group(0)
             gl.thread_barrier()  # every thread's copies have landed
@@ -505,16 +590,29 @@ def _fwd_kernel(u_ptr, k_ptr, d_ptr, gin_ptr, gout_ptr, mask_ptr, y_ptr,
                             N2, BLK)
             async_copy.commit_group()
         fence_async_shared()
-        if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
+        if PROBE == 1:  # loads, scales and stores only
+            yr = gl.convert_layout(xa, MMA)
+            yi = gl.convert_layout(xb, MMA)
+        elif PROBE == 2:  # the forward stages and the product with K, no inverse stages
             c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
-                                          DOT)
-            _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT)
-        else:  # one row chunk after the other: half the live registers
-            for c in gl.static_range(2):
-                cr, ci = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
-                                      DOT)
-                _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, False, N, N2, MMA, DOT)
-        yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero)
+                                          DOT, True, F1_NEG)
+            e0r, e0i = _times_spectrum(c0r, c0i, kr_s, ki_s, 0, False, MMA)
+            e1r, e1i = _times_spectrum(c1r, c1i, kr_s, ki_s, 1, False, MMA)
+            yr = e0r + e1r
+            yi = e0i + e1i
+        else:
+            if BOTH_CHUNKS:  # stage by stage over both row chunks: one wait per stage
+                c0r, c0i, c1r, c1i = _forward(xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
+                                              DOT, PROBE != 3, F1_NEG)
+                _inverse_both(c0r, c0i, c1r, c1i, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, N, N2, MMA, DOT,
+                              PROBE != 3)
+            else:  # one row chunk after the other: half the live registers
+                for c in gl.static_range(2):
+                    cr, ci = _forward_one(c, xr_s, xi_s, f1r_s, f1i_s, f1n_s, f2r_s, f2i_s, f2n_s, True, N, N2, MMA,
+                                          DOT, F1_NEG)
+                    _inverse_one(cr, ci, c, kr_s, ki_s, gr_s, gi_s, f2r_s, f2i_s, f2n_s, zero, False, N, N2, MMA,
+                                 DOT)
+            yr, yi = _s1_inverse(gr_s, gi_s, f1r_s, f1i_s, f1n_s, zero, F1_NEG)
         _epilogue(yr, _output_scale(sqrt_n, sa, k_scale) + poison_a, y_ptr, gout_ptr, mask_ptr, b_a, h, True, seqlen,
                   sy_b, sy_h, sy_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h, HAS_GATE_OUT, GELU, HAS_MASK, N2, BLK)
         _epilogue(yi, _output_scale(sqrt_n, sb, k_scale) + poison_b, y_ptr, gout_ptr, mask_ptr, b_b, h, valid_b, seqlen,
@@ -708,7 +806,12 @@ def factor_tiles(plan: MonarchPlan, device: torch.device) -> tuple[torch.Tensor,
 
 
 def programs_per_sm(plan: MonarchPlan) -> int:
-    """Resident programs per SM that the shared memory allows (conversion scratch: +16 KB)."""
+    """Resident forward programs per SM (the dispatched tuning's)."""
+    return forward_tuning(plan).programs_per_sm
+
+
+def backward_programs_per_sm(plan: MonarchPlan) -> int:
+    """Resident backward programs per SM that the shared memory allows (scratch: +16 KB)."""
     return max(1, SHARED_LIMIT // (plan.shared_bytes() + 16 * 1024))
 
 
@@ -742,24 +845,27 @@ def fftconv_fwd(
     gelu: bool = False,
     dropout_mask: Optional[torch.Tensor] = None,
     alloc: Callable[..., torch.Tensor] = torch.empty,
+    tuning: Optional[Tuning] = None,
 ) -> torch.Tensor:
-    """One launch: y = fftconv(u, k, ...) for inputs :func:`supports` (the op validated them)."""
+    """One launch: y = fftconv(u, k, ...) for inputs :func:`supports` (the op validated them).
+    ``tuning`` overrides :func:`forward_tuning` (benchmarks)."""
     batch, channels, seqlen = u.shape
     plan = plan_for(seqlen)
+    tuning = tuning or forward_tuning(plan)
     y = alloc(u.shape, dtype=u.dtype, device=u.device)
     pairs_per_channel = (batch + 1) // 2
     items = channels * pairs_per_channel
-    programs = min(items, programs_per_sm(plan) * sm_count(u.device))
+    programs = min(items, tuning.programs_per_sm * sm_count(u.device))
     staging = async_staging(u, gate_in)
-    _fwd_kernel[(programs,)](
-        u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u), y,
+    launch(
+        _fwd_kernel, (programs,), u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u), y,
         *factor_tiles(plan, u.device),
         batch, seqlen, k.shape[-1], items, pairs_per_channel, math.sqrt(plan.n),
         *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
         *y.stride(),
         **_option_flags(D, gate_in, gate_out, gelu, dropout_mask), N=plan.n, N2=plan.n2,
-        BOTH_CHUNKS=both_chunks(plan, staging), ASYNC_STAGING=staging, **kernel_config(plan),
-        num_warps=num_warps(plan))
+        BOTH_CHUNKS=both_chunks(plan, staging, tuning), ASYNC_STAGING=staging, **kernel_config(plan, warps=tuning.warps),
+        K_HALF=tuning.k_half, F1_NEG=tuning.f1_neg, PROBE=tuning.probe, num_warps=tuning.warps)
     return y
 
 
@@ -793,9 +899,9 @@ def fftconv_bwd(
     dD = alloc(D.shape, dtype=D.dtype, device=D.device) if D is not None else None
     dgate_in = alloc(u.shape, dtype=gate_in.dtype, device=u.device) if gate_in is not None else None
     dgate_out = alloc(u.shape, dtype=gate_out.dtype, device=u.device) if gate_out is not None else None
-    programs = min(channels, programs_per_sm(plan) * sm_count(u.device))
-    _bwd_kernel[(programs,)](
-        grad_y, u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u),
+    programs = min(channels, backward_programs_per_sm(plan) * sm_count(u.device))
+    launch(
+        _bwd_kernel, (programs,), grad_y, u, k, _present(D, u), _present(gate_in, u), _present(gate_out, u), _present(dropout_mask, u),
         du, dk, _present(dD, u), _present(dgate_in, u), _present(dgate_out, u),
         *factor_tiles(plan, u.device),
         batch, channels, seqlen, k.shape[-1], (batch + 1) // 2, math.sqrt(plan.n),

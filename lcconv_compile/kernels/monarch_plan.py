@@ -185,7 +185,7 @@ class _Channelwise:
     """What forward and backward share: the plan's stages, k's spectrum (D folded in) and the
     packed, per-row-scaled transform of x = u * gate_in."""
 
-    def __init__(self, u, k, D, gate_in, operand, acc):
+    def __init__(self, u, k, D, gate_in, operand, acc, spectrum=None):
         B, H, L = u.shape
         self.plan = plan = plan_for(L)
         if plan is None:
@@ -200,6 +200,7 @@ class _Channelwise:
         kt = _tiles(kk, plan)
         self.sk = power_of_two_scale(kt)[:, None, None].to(acc)
         self.kr, self.ki = st.forward(st.op(kt * self.sk), torch.zeros_like(kt))
+        self.kr, self.ki = _round(self.kr, spectrum), _round(self.ki, spectrum)  # K as the kernel keeps it
         # pairs (2j, 2j + 1) of each channel as one complex row, each row its own scale; a row
         # holding a NaN or Inf is transformed as zeros and poisoned (isolate_nonfinite)
         self.xt, self.x_poison = isolate_nonfinite(self.pairs(x))
@@ -246,10 +247,12 @@ def emulate_forward(
     dropout_mask: Optional[torch.Tensor] = None,
     operand: Optional[torch.dtype] = torch.float16,
     acc: torch.dtype = torch.float32,
+    spectrum: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``fftconv`` forward as v6 computes it (u (B, H, L), k (H, Lk), Lk <= L), returned in u's
-    dtype. ``operand=None, acc=float64`` runs the same index maps exactly (no rounding)."""
-    ch = _Channelwise(u, k, D, gate_in, operand, acc)
+    dtype. ``operand=None, acc=float64`` runs the same index maps exactly (no rounding);
+    ``spectrum=torch.float16`` rounds k's spectrum as the kernel's ``k_half`` tuning keeps it."""
+    ch = _Channelwise(u, k, D, gate_in, operand, acc, spectrum)
     y = ch.convolve(ch.xr, ch.xi, ch.sx, conj=False, poison=ch.x_poison)
     if gelu:
         y = torch.nn.functional.gelu(y)
