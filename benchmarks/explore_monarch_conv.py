@@ -60,7 +60,7 @@ def main():
                  want),
                 ("v5 backward", lambda: flashconv3.fftconv_bwd(dy, u, k, D)[0], want_du)]
         if monarch_conv.backward_supported(L):
-            runs.append(("v6 backward", lambda: monarch_conv.fftconv_bwd(dy, u, k, D)[0], want_du))
+            runs.append(("v6 backward", lambda: monarch_conv.gluon_fftconv_bwd(dy, u, k, D)[0], want_du))
         base = monarch_conv.forward_tuning(plan)
         candidates = monarch_conv.CANDIDATE_TUNINGS[plan.n2]
         for tuning in candidates:

@@ -166,6 +166,15 @@ def test_stage_leaves_calls_of_opaque_families_to_the_op(monkeypatch):
     assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.lcconv.fftconv.default)) == 1
 
 
+def test_opaque_family_says_so_per_direction():
+    """v6's forward is Gluon (opaque to compiled code); its backward runs v5's Triton kernels,
+    which the stage lowers like any other."""
+    from lcconv_compile.kernels import monarch_conv
+
+    assert monarch_conv.compiler_visible("forward") is False
+    assert monarch_conv.compiler_visible("backward") is monarch_conv.BACKWARD_IS_V5
+
+
 _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
     import logging, torch
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)

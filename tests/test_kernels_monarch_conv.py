@@ -118,20 +118,22 @@ def test_supports_half_inputs_in_range_only():
     from lcconv_compile.kernels import monarch_conv
 
     k = torch.randn(2, 100, device="cuda")
-    # (L, dtype, forward, both directions): the backward stops at 2048 (the H100 run at d6d1dfb
-    # caught this test still expecting supports() at 4096, from before the backward existed)
+    # (L, dtype, forward, both directions): the family's backward is v5's (BACKWARD_IS_V5), which
+    # covers every forward length; v6's own Gluon backward stops at 2048 (backward_supported)
     for L, dtype, forward, both in [(1024, torch.bfloat16, True, True), (2048, torch.float16, True, True),
-                                    (4096, torch.float16, True, False), (512, torch.bfloat16, False, False),
+                                    (4096, torch.float16, True, True), (512, torch.bfloat16, False, False),
                                     (4097, torch.bfloat16, False, False), (1024, torch.float32, False, False)]:
         u = torch.empty(1, 2, L, device="cuda", dtype=dtype)
         assert monarch_conv.forward_supported(u, k) is forward and monarch_conv.supports(u, k) is both, (L, dtype)
+        assert monarch_conv.backward_supported(L) is (forward and L <= 2048)
     assert not monarch_conv.forward_supported(torch.empty(1, 2, 50, device="cuda", dtype=torch.bfloat16), k)
 
 
 def _grads(grad_y, args):
     from lcconv_compile.kernels import monarch_conv
 
-    return monarch_conv.fftconv_bwd(grad_y, **args, alloc=lambda shape, dtype, device: poisoned(shape, dtype, device))
+    return monarch_conv.gluon_fftconv_bwd(grad_y, **args,
+                                         alloc=lambda shape, dtype, device: poisoned(shape, dtype, device))
 
 
 @pytest.mark.cuda
@@ -172,8 +174,9 @@ def test_backward_dk_and_dD_are_bit_identical_across_runs():
 @requires_hopper
 def test_the_op_runs_v6_when_opted_in_eager_and_compiled(monkeypatch):
     """With v6 in kernels.FAMILIES (what LCCONV_FLASHCONV6=1 does at import), the op's forward and
-    backward run it, eager and under torch.compile, where the CUDA stage leaves the op call
-    (opaque_family): compiled equals eager."""
+    backward run it (the backward on v5's kernels), eager and under torch.compile, where the CUDA
+    stage leaves the forward's op call (opaque_family) and lowers the backward's: compiled equals
+    eager."""
     import lcconv_compile
     from lcconv_compile import kernels
     from lcconv_compile.kernels import flashbutterfly, flashconv3, monarch_conv, shortconv
@@ -202,7 +205,8 @@ def test_the_op_runs_v6_when_opted_in_eager_and_compiled(monkeypatch):
     with events.collect() as recorded:
         y_c = torch.compile(call)(args)
         grads_c = torch.autograd.grad(y_c, list(leaves.values()), grad_y)
-    assert "opaque_family" in [getattr(e, "code", None) for e in recorded]
+    opaque = [e for e in recorded if getattr(e, "code", None) == "opaque_family"]
+    assert opaque and all(e.pattern == "fftconv" for e in opaque), [str(e) for e in opaque]
     assert torch.equal(y_c, y)
     for g_c, g in zip(grads_c, grads):
         assert torch.equal(g_c, g)

@@ -41,12 +41,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from . import flashconv3
 from .common import offsets_fit_int32, sm_count, strides
 from .launch import launch
 from .monarch_plan import MonarchPlan, dft_factor, plan_for
 
-__all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd", "fftconv_bwd", "kernel_config",
-           "INPUT_DTYPES", "COMPILER_VISIBLE"]
+__all__ = ["supports", "forward_supported", "backward_supported", "fftconv_fwd", "fftconv_bwd", "gluon_fftconv_bwd",
+           "compiler_visible", "kernel_config", "INPUT_DTYPES", "Tuning"]
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -108,15 +109,27 @@ def both_chunks(plan: MonarchPlan, staging: bool, tuning: Optional["Tuning"] = N
 
 # Compiled graphs cannot launch Gluon kernels themselves on torch 2.11 or 2.13: torch's mutation
 # analysis and Inductor's code generation compile user kernels as plain Triton
-# (scripts/probe_gluon_triton_op.py). The CUDA lowering stage leaves the op call for this family.
-COMPILER_VISIBLE = False
+# (scripts/probe_gluon_triton_op.py). The CUDA lowering stage leaves this family's forward op call;
+# its backward runs v5's Triton kernels (BACKWARD_IS_V5), which compiled code launches itself.
+def compiler_visible(direction: str) -> bool:
+    """Whether compiled code can launch this family's kernels for ``direction`` ("forward" or
+    "backward"); where not, the CUDA lowering stage keeps the op call (event ``opaque_family``)."""
+    return direction == "backward" and BACKWARD_IS_V5
+
+
+# The family's backward: v5's kernels (flashconv3), measured faster than v6's own Gluon backward
+# at every length both have (H100, d6d1dfb: 1K 0.158 vs 0.264 ms, 2K 0.374 vs 0.398;
+# benchmarks/NOTES.md, "FlashConv v6"); v6's own has no plan at 4K. gluon_fftconv_bwd stays
+# tested and measured beside it (tests/test_kernels_monarch_conv.py, explore_monarch_conv.py).
+BACKWARD_IS_V5 = True
 
 
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether v6 computes this call in both directions: a Hopper GPU, half u, a plan for L with
-    a backward (513..2048), k no longer than u, and 32-bit offsets. (The forward alone reaches
-    4096: :func:`forward_supported`.)"""
-    return forward_supported(u, k) and backward_supported(u.shape[-1])
+    """Whether this family computes the call in both directions: the forward here
+    (:func:`forward_supported`: a Hopper GPU, half u, L 513..4096, k no longer than u) and the
+    backward by v5's kernels (``flashconv3.supports``)."""
+    return forward_supported(u, k) and (flashconv3.supports(u, k) if BACKWARD_IS_V5
+                                        else backward_supported(u.shape[-1]))
 
 
 def forward_supported(u: torch.Tensor, k: torch.Tensor) -> bool:
@@ -870,13 +883,19 @@ def fftconv_fwd(
 
 
 def backward_supported(seqlen: int) -> bool:
-    """The backward keeps X's spectrum and S in float32 shared memory beside K: up to N2 = 32
+    """Whether :func:`gluon_fftconv_bwd` has a plan: it keeps X's spectrum and S in float32 shared memory beside K: up to N2 = 32
     (L <= 2048); at 4096 it does not fit (3 spectra of 64 KB)."""
     plan = plan_for(seqlen)
     return plan is not None and plan.n2 <= 32
 
 
-def fftconv_bwd(
+def fftconv_bwd(*args, **kwargs) -> tuple:
+    """The family's backward (same signature as :func:`gluon_fftconv_bwd`): v5's kernels where
+    BACKWARD_IS_V5 (measured faster), else v6's own."""
+    return (flashconv3.fftconv_bwd if BACKWARD_IS_V5 else gluon_fftconv_bwd)(*args, **kwargs)
+
+
+def gluon_fftconv_bwd(
     grad_y: torch.Tensor,
     u: torch.Tensor,
     k: torch.Tensor,

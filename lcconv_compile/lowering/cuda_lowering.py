@@ -22,9 +22,9 @@ the constant tiles (DFT matrices) its launchers ask for; they become graph const
 with ``kernels.launch.tracing`` on, so every launch goes through ``torch.library.wrap_triton``,
 and the traced nodes are spliced in place of the call.
 
-A family whose module says ``COMPILER_VISIBLE = False`` (FlashConv v6: Gluon kernels, which
-torch 2.11 and 2.13 cannot trace) keeps its op call (code ``opaque_family``): Inductor calls the
-op, which launches the kernels.
+A family whose module's ``compiler_visible(direction)`` says False (FlashConv v6's forward: Gluon
+kernels, which torch 2.11 and 2.13 cannot trace) keeps that direction's op call (code
+``opaque_family``): Inductor calls the op, which launches the kernels.
 
 Must not: touch graphs or calls on other devices (CPU graphs keep calling the op); decide on
 symbolic sizes (a call whose sizes or strides are symbolic is left as an op call and reported,
@@ -137,7 +137,8 @@ def _lower(graph: Graph, node: Node) -> int:
         return 0
 
     family = select(values["u"], values["k"])
-    if not getattr(family, "COMPILER_VISIBLE", True):
+    visible = getattr(family, "compiler_visible", None)
+    if visible is not None and not visible("forward" if forward else "backward"):
         events.report(events.Rejection(
             STAGE, op_name, "opaque_family",
             f"{_family_name(family)}'s kernels cannot be launched by compiled code on this torch: "
