@@ -11,6 +11,7 @@ imports lcconv_compile. AOTInductor on CPU too: a package of both layers runs in
 that imports lcconv_compile (the CPU graph calls the Python op).
 """
 
+import itertools
 import math
 import os
 import subprocess
@@ -97,6 +98,25 @@ def test_direct_launches_reuse_the_compiled_kernel_only_for_the_same_specializat
         torch.testing.assert_close(y, x * factor)
     specializations = {key[2] for key in launch._direct.compiled if key[0] is _scale_kernel}
     assert len(specializations) == 4
+
+
+def test_direct_launch_keys_never_merge_what_triton_specializes_apart():
+    """The direct launches (kernels/launch.py) re-implement Triton's specialization key, so a
+    Triton upgrade that specializes on something new must fail here, not reuse a kernel compiled
+    for other arguments: two arguments with equal keys of ours must have equal keys in Triton."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    storage = torch.zeros(64)
+    values = [storage[:8], storage[1:9], storage[4:12], torch.zeros(8, dtype=torch.bfloat16),
+              torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.float16)[1:],
+              0, 1, 2, 15, 16, 17, 32, -16, -5, 2 ** 31 - 1, 2 ** 31, -(2 ** 31), -(2 ** 31) - 1, 2 ** 32,
+              2 ** 63 - 1, 2 ** 63, -(2 ** 63), 2 ** 64 - 16, 0.0, 2.5, -1e300, float("nan"), None, True, False]
+    ours = [launch._specialization(v) for v in values]
+    theirs = [native_specialize_impl(BaseBackend, v, False, True, True) for v in values]
+    for i, j in itertools.combinations(range(len(values)), 2):
+        if ours[i] == ours[j]:
+            assert theirs[i] == theirs[j], (values[i], values[j], ours[i], theirs[i], theirs[j])
 
 
 def test_constant_cache_reuses_and_is_bounded(monkeypatch):

@@ -66,13 +66,16 @@ _constant_cache: "collections.OrderedDict[ConstantKey, Constants]" = collections
 def _specialization(value: Any) -> Any:
     """What Triton 3.x specializes a non-constexpr argument on (``native_specialize_impl``): a
     tensor's dtype and 16-byte alignment; an int's value 1 (made a constant), divisibility by 16
-    and 32/64-bit range; None. Two calls with equal keys compile to the same kernel."""
+    and its type (i32, i64, u64); None. Two calls with equal keys compile to the same kernel (a
+    CPU test compares these keys with Triton's own, so a Triton that changes them fails it)."""
     if isinstance(value, torch.Tensor):
         return value.dtype, value.data_ptr() & 15 == 0
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return 1 if value == 1 else (value & 15 == 0, -(2 ** 31) <= value < 2 ** 31)
+    if value is None:
+        return None
+    if isinstance(value, bool):  # tagged: True == 1 in Python, but Triton makes 1 a constant
+        return bool, value
+    if isinstance(value, int):  # i32, i64 or u64 (tests/test_cuda_lowering.py checks this against Triton)
+        return 1 if value == 1 else (value & 15 == 0, -(2 ** 31) <= value < 2 ** 31, value >= 2 ** 63)
     if isinstance(value, float):
         return float
     return _NOT_DIRECT  # anything else (tuples, descriptors): always the plain launch
