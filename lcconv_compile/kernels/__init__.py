@@ -30,9 +30,11 @@ __all__ = ["FAMILIES", "select"]
 # N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 1.8-2.2x faster forward than the torch.fft
 # reference from 32K to 2M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md,
 # "two-level DFT"), where the op keeps running the reference.
-# monarch_conv (FlashConv v6, Gluon) runs ahead of flashconv3 only where LCCONV_FLASHCONV6=1 is
-# set when lcconv_compile is imported: correct on the H100 and faster forward, but its backward is
-# slower than v5's at 1K (benchmarks/NOTES.md, "FlashConv v6"), so not the default yet.
+# monarch_conv (FlashConv v6: a Gluon forward; its backward runs flashconv3's kernels, measured
+# faster than its own) runs ahead of flashconv3 only where LCCONV_FLASHCONV6=1 is set when
+# lcconv_compile is imported: correct on the H100 and faster forward, but compiled code cannot
+# launch its Gluon forward (the op call stays: host time per call, and AOTInductor packages would
+# need lcconv_compile where they load), so not the default (benchmarks/NOTES.md, "FlashConv v6").
 EXPERIMENTAL: tuple[ModuleType, ...] = (monarch_conv,) if os.environ.get("LCCONV_FLASHCONV6") == "1" else ()
 FAMILIES: tuple[ModuleType, ...] = (shortconv, *EXPERIMENTAL, flashconv3, flashbutterfly)
 

@@ -18,14 +18,16 @@ memory, and gets du through conj(K); per channel one inverse gives dk (fixed ord
 runs). A row holding a NaN or Inf is transformed as zeros and output NaN, never reaching its
 packed partner.
 
-Status: passes its device tests on the H100 (tests/test_kernels_monarch_conv.py, 61 cases); forward
-1.13-1.48x v5, backward slower than v5's at 1K (benchmarks/NOTES.md, "FlashConv v6"), so
-kernels.FAMILIES holds it only with LCCONV_FLASHCONV6=1. Registers and spills are checked on CPU
-with scripts/compile_check.py --family v6 [--backward]. Compiled graphs cannot
-launch Gluon kernels on torch 2.11/2.13 (COMPILER_VISIBLE: the CUDA lowering stage keeps the op
-call). Knows torch, Triton and Gluon only; the math is tested on CPU through
-:func:`.monarch_plan.emulate_forward` / ``emulate_backward``, which this kernel must match stage
-for stage.
+Status: passes its device tests on the H100 (tests/test_kernels_monarch_conv.py); forward
+1.13-1.48x v5. The family's backward (:func:`fftconv_bwd`) runs v5's kernels, measured faster than
+the Gluon backward here (:func:`gluon_fftconv_bwd`, kept tested and measured). kernels.FAMILIES
+holds the family only with LCCONV_FLASHCONV6=1 (benchmarks/NOTES.md, "FlashConv v6"). Registers and
+spills are checked on CPU with scripts/compile_check.py --family v6 [--backward]. Compiled graphs
+cannot launch Gluon kernels on torch 2.11/2.13 (:func:`compiler_visible`: the CUDA lowering stage
+keeps the forward's op call). :class:`Tuning` says how the forward runs a plan; its ``probe``
+variants skip stages to measure what bounds the kernel (benchmarks only). Knows torch, Triton and
+Gluon only; the math is tested on CPU through :func:`.monarch_plan.emulate_forward` /
+``emulate_backward``, which this kernel must match stage for stage.
 """
 
 from __future__ import annotations
