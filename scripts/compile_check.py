@@ -58,13 +58,10 @@ def _launch_specialisation(fn, constexprs: dict, unit: tuple, divisible: tuple):
     return constexprs, attrs
 
 
-def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=(), maxnreg=None,
-                   source=ASTSource):
+def compile_kernel(fn, pointer_types, constexprs, num_warps, want_asm=None, unit=(), divisible=(), source=ASTSource):
     constexprs, attrs = _launch_specialisation(fn, constexprs, unit, divisible)
     src = source(fn=fn, signature=_signature(fn, pointer_types, constexprs), constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 1}
-    if maxnreg:
-        options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=HOPPER, options=options)
     ptx = compiled.asm["ptx"]
     report = dict(shared=compiled.metadata.shared, **_ptxas_report(ptx),
@@ -268,9 +265,7 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
 def check_v5(args):
     """FlashConv v5 (flashconv3.py): the forward (or --backward) kernel per length, default launch."""
     tuning = flashconv3.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
-                               precision=args.precision, variant=args.variant,
-                               kernel_spectrum=args.kernel_spectrum, persistent=args.persistent,
-                               prefetch=args.prefetch, blocks=args.blocks, maxnreg=args.maxnreg)
+                               precision=args.precision, kernel_spectrum=args.kernel_spectrum, blocks=args.blocks)
     on = args.all_options
     options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
     none_args = {} if on else dict(gate_in_ptr=None, gate_out_ptr=None, mask_ptr=None)
@@ -284,27 +279,24 @@ def check_v5(args):
         launch = flashconv3._launch(u, tuning, backward=args.backward)
         plan = launch.plan
         constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs, BLOCKS=launch.blocks,
-                          PRECISION=launch.precision, VARIANT=tuning.variant, FAST_TRIG=True,
-                          KSPEC_SCRATCH=launch.kernel_spectrum == "scratch", PREFETCH=launch.prefetch,
-                          ONE_ITEM=launch.programs == args.channels * launch.groups, **options, **none_args)
+                          PRECISION=launch.precision, FAST_TRIG=True,
+                          KSPEC_SCRATCH=launch.kernel_spectrum == "scratch", **options, **none_args)
         unit = ("su_l", "sk_l", "sgi_l", "sgo_l", "sm_h", "sdy_l")
         divisible = ("channels", "seqlen", "kernel_len", "su_b", "su_h", "sk_h", "sgi_b", "sgi_h",
                      "sgo_b", "sgo_h", "sm_b", "sdy_b", "sdy_h", "sdk_h")
         if args.backward:
             pointers.update(dy_ptr=ty, du_ptr=ty)
             grads = {} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None)
-            constexprs = {n: v for n, v in constexprs.items() if n not in ("VARIANT", "PREFETCH", "ONE_ITEM")}
             report = compile_kernel(flashconv3._fftconv_bwd_kernel, pointers, dict(constexprs, **grads),
-                                    launch.num_warps, want_asm=args.asm, unit=unit, divisible=divisible,
-                                    maxnreg=launch.maxnreg)
+                                    launch.num_warps, want_asm=args.asm, unit=unit, divisible=divisible)
         else:
             report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
-                                    want_asm=args.asm, unit=unit, divisible=divisible, maxnreg=launch.maxnreg)
+                                    want_asm=args.asm, unit=unit, divisible=divisible)
         asm = report.pop("asm", None)
         direction = "backward" if args.backward else "forward"
         print(f"v5 L={seqlen} plan={plan} blocks={launch.blocks} pairs={launch.pairs} warps={launch.num_warps} "
               f"precision={launch.precision} kernel_spectrum={launch.kernel_spectrum} "
-              f"prefetch={launch.prefetch and not args.backward} maxnreg={launch.maxnreg}\n    {direction:9s} {report}")
+              f"\n    {direction:9s} {report}")
         if asm is not None:
             path = f"{args.asm}/v5_{'bwd' if args.backward else 'fwd'}_L{seqlen}"
             for kind, text in asm.items():
@@ -394,14 +386,10 @@ def main():
     parser.add_argument("--family", default="v5", choices=["v5", "v6"],
                         help="FlashConv v5 (flashconv3.py) or v6 (monarch_conv.py, Gluon, forward only)")
     parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
-    parser.add_argument("--variant", default="full", choices=list(flashconv3.VARIANTS))
     parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
     parser.add_argument("--channels", type=int, default=1024, help="v5: H of the launch (the benchmark's)")
     parser.add_argument("--kernel-spectrum", choices=list(flashconv3.KERNEL_SPECTRUM), help="v5: Tuning.kernel_spectrum")
-    parser.add_argument("--persistent", action=argparse.BooleanOptionalAction, help="v5: Tuning.persistent")
-    parser.add_argument("--prefetch", action=argparse.BooleanOptionalAction, help="v5: Tuning.prefetch")
     parser.add_argument("--blocks", type=int, choices=[1, 2], help="v5: Tuning.blocks")
-    parser.add_argument("--maxnreg", type=int, help="v5: Tuning.maxnreg (registers per thread cap)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="with --short")
     parser.add_argument("--directions", nargs="+", default=["fwd", "bwd"], help="with --short or --butterfly")
     parser.add_argument("--butterfly", action="store_true",

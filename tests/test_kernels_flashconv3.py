@@ -101,8 +101,6 @@ def test_plan_sizes_and_refusals():
         blockfft3.plan_for(10, factors=(4, 3, 4))
     with pytest.raises(ValueError, match="chunk"):
         blockfft3.plan_for(10, factors=(4, 4, 4), chunk=8)
-    with pytest.raises(ValueError, match="variant"):
-        flashconv3._launch(torch.empty(2, 1, 8), flashconv3.Tuning(variant="fast"))
 
 
 def test_launch_defaults_per_direction():
@@ -209,25 +207,19 @@ def test_backward_stacks_agree_and_dk_is_deterministic(pairs):
         assert rel_err(got, ref) < GRAD_TOL[torch.float32], name
 
 
-# -------------------------------------------- v5.1 knobs: k spectrum per item, persistence --
-KNOBS = [
-    flashconv3.Tuning(kernel_spectrum="recompute"),
-    flashconv3.Tuning(kernel_spectrum="scratch"),
-    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True),
-    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True, prefetch=True),
-    flashconv3.Tuning(kernel_spectrum="recompute", persistent=True, prefetch=True),
-    flashconv3.Tuning(kernel_spectrum="scratch", persistent=True, prefetch=True, programs_per_sm=2),
-]
+# --------------------------------------------------- k spectrum per item or per stack --
+KNOBS = [flashconv3.Tuning(kernel_spectrum=spectrum) for spectrum in flashconv3.KERNEL_SPECTRUM]
 
 
-@pytest.mark.parametrize("knobs", KNOBS, ids=lambda t: f"{t.kernel_spectrum}-p{t.persistent}-f{t.prefetch}-g{t.programs_per_sm}")
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda t: t.kernel_spectrum)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_knobs_agree(knobs, channels):
-    """Every program walks several items of several stacks (7 rows, 1 pair per stack: 4 stacks
-    per channel; on the CPU a persistent grid has 2 programs, so a program switches channel
-    mid-way), with the spectrum kept per item or recomputed, and with the next stack prefetched.
-    With one channel and 2 programs per SM the channel's stacks split into 2 groups."""
+    """Every item holds one or several stacks (7 rows, 1 pair per stack: 4 stacks per channel;
+    the CPU counts 1 SM, so the grid aims for ITEMS_PER_SM items: one channel splits into 4
+    groups of 1 stack, three channels into 2 groups of 2 stacks), with k's spectrum kept per
+    item or recomputed per stack."""
     tuning = small_tuning(**{**dataclasses.asdict(knobs), "pairs": 1, "factors": (8, 4, 4), "chunk": 4})
+    assert [flashconv3._launch(torch.empty(7, channels, 60), tuning).groups] == [{1: 4, 3: 2}[channels]]
     check_forward(7, channels, 60, 45, torch.float32, True, tuning)
     check_forward(7, channels, 60, 45, torch.bfloat16, False, tuning)
 
@@ -243,12 +235,9 @@ def test_launch_knob_defaults_and_refusals():
     launch = flashconv3._launch(u, flashconv3.Tuning())
     # B=8 at 4K: 4 stacks of 1 pair per channel -> the spectrum is kept per item.
     assert (launch.kernel_spectrum, launch.stacks_per_item, launch.blocks) == ("scratch", 4, 1)
-    assert (launch.prefetch, launch.programs) == (False, 1024)  # unmeasured knobs stay off
+    assert launch.groups == 1  # 1024 channels fill ITEMS_PER_SM x 1 SM on a meta tensor
     # One stack per item (1K: 4 pairs per stack): nothing to share, no scratch round trip.
     assert flashconv3._launch(u[..., :1024], flashconv3.Tuning()).kernel_spectrum == "recompute"
-    persistent = flashconv3._launch(u, flashconv3.Tuning(persistent=True, programs_per_sm=3))
-    assert persistent.programs == 3 and persistent.groups == 1  # 1 SM on a meta tensor
-    assert flashconv3._launch(u, flashconv3.Tuning(prefetch=True), backward=True).prefetch is False
     with pytest.raises(ValueError, match="kernel_spectrum"):
         flashconv3._launch(u, flashconv3.Tuning(kernel_spectrum="cached"))
     with pytest.raises(ValueError, match="blocks"):
@@ -287,8 +276,7 @@ def test_forward_two_blocks(shape, options):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_two_blocks_half(dtype):
-    check_forward(5, 2, 250, 200, dtype, True, small_tuning(blocks=2, factors=(8, 8, 4), chunk=4,
-                                                                  persistent=True, prefetch=True))
+    check_forward(5, 2, 250, 200, dtype, True, small_tuning(blocks=2, factors=(8, 8, 4), chunk=4))
 
 
 @pytest.mark.parametrize("shape", [TWO_BLOCKS[1], TWO_BLOCKS[2], TWO_BLOCKS[4]])
@@ -358,8 +346,7 @@ def test_forward_gpu_large(B, H, L, options):
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("tuning", [flashconv3.Tuning(num_warps=8), flashconv3.Tuning(pairs=1),
-                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)] + KNOBS
-                         + [flashconv3.Tuning(maxnreg=128), flashconv3.Tuning(maxnreg=168, persistent=True)])
+                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)] + KNOBS)
 def test_forward_gpu_tunings_agree(tuning):
     check_forward(8, 64, 1024, 1024, torch.bfloat16, True, tuning)
     check_forward(8, 64, 4096, 4096, torch.bfloat16, True, tuning)

@@ -429,25 +429,22 @@ def kernel_chunk(k0, kspec_ptr, w1, chunk_start, stage, KSPEC_SCRATCH: tl.conste
 
 
 @triton.jit
-def convolve_stack(x0, k0, kspec_ptr, w1_ptr, w1i_ptr, stage, USE_K: tl.constexpr, CONJ_K: tl.constexpr,
-                   KSPEC_SCRATCH: tl.constexpr, P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr,
-                   N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-                   FAST_TRIG: tl.constexpr):
+def convolve_stack(x0, k0, kspec_ptr, w1_ptr, w1i_ptr, stage, KSPEC_SCRATCH: tl.constexpr, P: tl.constexpr,
+                   BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, CHUNK: tl.constexpr,
+                   PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
     """U^H (U x * U k) for a stack operand x0 (P*BLOCKS*M, N1) of P rows of BLOCKS blocks and a
     kernel operand k0 (BLOCKS*M, N1) (block product: see block_product): the interleaved float32
     accumulator (P*BLOCKS*M, N1). k's spectrum is read chunk by chunk from kspec_ptr
-    (KSPEC_SCRATCH) or formed chunk by chunk from k0; with CONJ_K it is conjugated
-    (correlation). Without USE_K the product is skipped (a benchmark variant)."""
+    (KSPEC_SCRATCH) or formed chunk by chunk from k0."""
     M: tl.constexpr = N2 * N3
     R: tl.constexpr = P * BLOCKS
     acc = tl.zeros((R * M, N1), dtype=tl.float32)
     for chunk_start in tl.range(0, N1, CHUNK):
         w1, w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
         sr, si = forward_chunk(x0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-        if USE_K:
-            kr, ki = kernel_chunk(k0, kspec_ptr, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3,
-                                  CHUNK, PRECISION, FAST_TRIG)
-            sr, si = block_product(sr, si, kr, ki, chunk_start, P, BLOCKS, CONJ_K, N2)
+        kr, ki = kernel_chunk(k0, kspec_ptr, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3,
+                              CHUNK, PRECISION, FAST_TRIG)
+        sr, si = block_product(sr, si, kr, ki, chunk_start, P, BLOCKS, False, N2)
         acc = inverse_chunk(sr, si, acc, w1i, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
     return acc
 

@@ -2,8 +2,7 @@
 (:mod:`.blockfft3`), with the kernel's spectrum computed on chip. Same interface as
 :mod:`.flashconv` (``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``).
 
-Forward: one program per item (a channel's group of stacks), or with ``Tuning(persistent=True)``
-a fixed grid of programs each looping over items; a stack is P row pairs of one channel,
+Forward: one program per item (a channel's group of stacks); a stack is P row pairs of one channel,
 each pair packed as one complex row ``z = a + i b`` (k is real, so ``U^H(U z * K)`` carries
 both rows' convolutions in its real and imaginary parts). For every chunk of spectrum
 columns k1 the program transforms the chunk of the stack, multiplies it by k's chunk and
@@ -79,10 +78,10 @@ STACK_ELEMENTS = 2048  # P * BLOCKS * N/2: complex samples of the stack held in 
 FORWARD_FACTORS = {8192: (64, 16, 8), 16384: (64, 16, 16)}
 FORWARD_PAIRS = {2048: 4}
 BACKWARD_WARPS = {8192: 8, 16384: 8}
-# Benchmark-only variants that skip work to show what bounds the kernel (results are wrong):
-# "io" loads and stores only, "forward" skips the inverse transform, "no_kernel_spectrum"
-# multiplies by 1 instead of transforming k.
-VARIANTS = ("full", "io", "forward", "no_kernel_spectrum")
+# Items per SM the forward's grid aims for: a channel's stacks split into groups until the grid
+# has at least this many programs per SM. The persistent grid, the next stack's prefetch, register
+# caps and stage-skipping variants were measured and rejected (benchmarks/NOTES.md, "v5.1 knobs").
+ITEMS_PER_SM = 4
 KERNEL_SPECTRUM = ("scratch", "recompute")
 
 
@@ -101,26 +100,17 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Launch parameters a caller may override (tests and benchmarks); None = the default.
-    The v5 behaviour (first measured) is kernel_spectrum="recompute", persistent=False,
-    prefetch=False."""
+    """Launch parameters a caller may override (tests and benchmarks); None = the default."""
 
     pairs: Optional[int] = None  # row pairs per stack (a power of two)
     num_warps: Optional[int] = None
     chunk: Optional[int] = None  # k1 values per step of the chunk loop
     factors: Optional[tuple[int, int, int]] = None  # (N1, N2, N3) of one block; tests use small ones
     precision: Optional[str] = None  # "fp16" or "tf32x3" (or "ieee" in the interpreter)
-    programs_per_sm: Optional[int] = None
-    variant: str = "full"  # see VARIANTS: anything but "full" is for benchmarks only
     # "scratch": k's spectrum once per (channel, group) item into a per-program scratch (L2),
     # read back by every stack; "recompute": formed again for every stack (v5).
     kernel_spectrum: Optional[str] = None
-    persistent: Optional[bool] = None  # forward: programs_per_sm x SMs programs loop over items
-    prefetch: Optional[bool] = None  # forward: load the next stack while this one transforms
     blocks: Optional[int] = None  # 1, or 2 (two on-chip blocks); default: 2 only beyond one plan
-    # Registers per thread cap (ptxas .maxnreg): 128 lets 4 programs of 4 warps share an SM,
-    # at the price of spills (scripts/compile_check.py --maxnreg). None: the compiler's choice.
-    maxnreg: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -132,10 +122,7 @@ class _Launch:
     num_warps: int
     groups: int  # items per channel (each a run of stacks_per_item stacks)
     stacks_per_item: int
-    programs: int  # the forward's grid (items = channels * groups when not persistent)
     kernel_spectrum: str
-    prefetch: bool
-    maxnreg: Optional[int]
 
 
 def _launch(u: torch.Tensor, tuning: Tuning, backward: bool = False) -> _Launch:
@@ -147,8 +134,6 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
                 backward: bool) -> _Launch:
     # Cached per (shape, dtype, device, tuning, direction): a call pays one dict look-up.
     batch, channels, seqlen = shape
-    if tuning.variant not in VARIANTS:
-        raise ValueError(f"tuning.variant={tuning.variant!r}: expected one of {VARIANTS}")
     if tuning.kernel_spectrum not in (None,) + KERNEL_SPECTRUM:
         raise ValueError(f"tuning.kernel_spectrum={tuning.kernel_spectrum!r}: expected one of {KERNEL_SPECTRUM}")
     if tuning.blocks not in (None, 1, 2):
@@ -177,19 +162,12 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
     num_warps = tuning.num_warps or num_warps
     stacks = triton.cdiv(triton.cdiv(batch, 2), pairs)
     sms = sm_count(device)
-    # Unmeasured (v5.1): the persistent grid and the prefetch stay off by default until the
-    # device says they pay (both cost registers: compile_check shows more spills).
-    persistent = bool(tuning.persistent) and not backward
-    # Persistent programs: as many as stay resident (~2 per SM at 4 warps and ~255 registers).
-    per_sm = tuning.programs_per_sm or (2 if persistent else 4)
-    wanted = per_sm * sms
+    wanted = ITEMS_PER_SM * sms
     # A divisor of the stack count, so every item has the same number of stacks.
     groups = next((g for g in range(1, stacks + 1) if stacks % g == 0 and g * channels >= wanted), stacks)
     if backward:
         groups = 1  # one program per channel owns all its rows (dk and dD in a fixed order)
-    items = channels * groups
     stacks_per_item = stacks // groups
-    programs = min(items, wanted) if persistent else items
     # A spectrum kept for one stack only saves nothing and costs its round trip.
     # The backward of two blocks cannot recompute it: that kernel needs more than the 227 KB of
     # shared memory (252 KB at L = 16K half, 297 KB at 4K float32, scripts/compile_check.py
@@ -197,18 +175,7 @@ def _launch_for(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.d
     recompute_fits = not (backward and blocks == 2)
     kernel_spectrum = tuning.kernel_spectrum or ("scratch" if stacks_per_item > 1 or not recompute_fits
                                                  else "recompute")
-    prefetch = bool(tuning.prefetch) and not backward
-    return _Launch(plan, blocks, pairs, precision, num_warps, groups, stacks_per_item, programs,
-                   kernel_spectrum, prefetch, tuning.maxnreg)
-
-
-def _compile_options(params: _Launch, on_gpu: bool) -> dict:
-    """Launch keywords beyond the grid: warps, and the register cap where one is asked for (the
-    interpreter has no registers)."""
-    options = dict(num_warps=params.num_warps, num_stages=1)
-    if params.maxnreg is not None and on_gpu:
-        options["maxnreg"] = params.maxnreg
-    return options
+    return _Launch(plan, blocks, pairs, precision, num_warps, groups, stacks_per_item, kernel_spectrum)
 
 
 @triton.jit
@@ -289,17 +256,6 @@ def _kernel_operand(k_ptr, h, kernel_len, sk_h, sk_l, BLOCKS: tl.constexpr, M: t
 
 
 @triton.jit
-def _unit_rows(unit, pid, nprog, stacks_per_item, groups, pair, batch, P: tl.constexpr):
-    """A program's unit-th stack: item pid + j * nprog (j = unit // stacks_per_item), i.e.
-    channel h = item // groups and group item % groups; returns (h, index of the stack in its
-    item, first rows, second rows, first valid, second valid)."""
-    item = pid + (unit // stacks_per_item) * nprog
-    it = unit % stacks_per_item
-    b_a, b_b, valid_a, valid_b = stack_rows(item % groups, it, stacks_per_item, pair, batch, P)
-    return item // groups, it, b_a, b_b, valid_a, valid_b
-
-
-@triton.jit
 def _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr, stage, HAS_D: tl.constexpr,
                 STORE_SPECTRUM: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
                 N3: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr):
@@ -322,81 +278,37 @@ def _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr,
 def _fftconv_fwd_kernel(
     u_ptr, k_ptr, d_ptr, gate_in_ptr, gate_out_ptr, mask_ptr, y_ptr, kspec_ptr,
     w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, w3i_ptr,
-    batch, channels, seqlen, kernel_len, items, groups, stacks_per_item, sqrt_n,
+    batch, channels, seqlen, kernel_len, groups, stacks_per_item, sqrt_n,
     su_b, su_h, su_l, sk_h, sk_l, sgi_b, sgi_h, sgi_l, sgo_b, sgo_h, sgo_l, sm_b, sm_h,
     HAS_D: tl.constexpr, HAS_GATE_IN: tl.constexpr, HAS_GATE_OUT: tl.constexpr,
-    GELU: tl.constexpr, HAS_MASK: tl.constexpr, VARIANT: tl.constexpr,
-    KSPEC_SCRATCH: tl.constexpr, PREFETCH: tl.constexpr, ONE_ITEM: tl.constexpr,
+    GELU: tl.constexpr, HAS_MASK: tl.constexpr, KSPEC_SCRATCH: tl.constexpr,
     P: tl.constexpr, BLOCKS: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
     CHUNK: tl.constexpr, PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     sqrt_n = tl.cast(sqrt_n, tl.float32)  # Inductor passes Python floats as float64: keep float32 math
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    item = tl.program_id(0)  # channel h = item // groups, and its group item % groups of stacks
+    h = item // groups
     M: tl.constexpr = N2 * N3
     HALF: tl.constexpr = N1 // 2
     R: tl.constexpr = P * BLOCKS  # stack rows: each pair's BLOCKS blocks
     t, pair = _stack_times(P, BLOCKS, M, HALF)
     in_seq = t < seqlen
     stage = load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
-    kspec = kspec_ptr + pid * (2 * BLOCKS * N1 * M)  # this program's k spectrum (scratch mode)
-    units = tl.cdiv(items - pid, nprog) * stacks_per_item
-    if ONE_ITEM:
-        # One item per program (not persistent): its kernel before the loop, as in v5.
-        k0, k_scale, d = _start_item(k_ptr, d_ptr, pid // groups, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr,
-                                     stage, HAS_D, KSPEC_SCRATCH and VARIANT != "io", BLOCKS, N1, N2, N3,
-                                     CHUNK, PRECISION, FAST_TRIG)
-    else:
-        k0 = operand(tl.zeros((BLOCKS * M, N1), dtype=tl.float32), PRECISION)
-        k_scale = 1.0
-        d = 0.0
-    if PREFETCH:
-        h, it, b_a, b_b, valid_a, valid_b = _unit_rows(0, pid, nprog, stacks_per_item, groups, pair, batch, P)
-        next_a, next_b = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
-                                           su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
+    kspec = kspec_ptr + item * (2 * BLOCKS * N1 * M)  # this program's k spectrum (scratch mode)
+    k0, k_scale, d = _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr, stage, HAS_D,
+                                 KSPEC_SCRATCH, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
 
-    for unit in tl.range(0, units):
-        h, it, b_a, b_b, valid_a, valid_b = _unit_rows(unit, pid, nprog, stacks_per_item, groups, pair, batch, P)
-        if PREFETCH:
-            # Issue the next stack's loads now: they land while this stack transforms.
-            xa, xb = next_a, next_b
-            h_next, unused_it, n_a, n_b, nv_a, nv_b = _unit_rows(unit + 1, pid, nprog, stacks_per_item,
-                                                                  groups, pair, batch, P)
-            more = unit + 1 < units
-            next_a, next_b = load_gated_pairs(u_ptr, gate_in_ptr, n_a, n_b, nv_a & more, nv_b & more, h_next,
-                                               t, seqlen, su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
-        else:
-            xa, xb = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
-                                       su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
-        if not ONE_ITEM:
-            if it == 0:
-                # A new item: its channel's kernel and, with KSPEC_SCRATCH, its spectrum, once.
-                k_item, k_scale, d = _start_item(k_ptr, d_ptr, h, kernel_len, sk_h, sk_l, kspec, w1_ptr, w1i_ptr,
-                                                 stage, HAS_D, KSPEC_SCRATCH and VARIANT != "io", BLOCKS, N1, N2,
-                                                 N3, CHUNK, PRECISION, FAST_TRIG)
-                if not KSPEC_SCRATCH:
-                    k0 = k_item
+    for it in tl.range(0, stacks_per_item):
+        b_a, b_b, valid_a, valid_b = stack_rows(item % groups, it, stacks_per_item, pair, batch, P)
+        xa, xb = load_gated_pairs(u_ptr, gate_in_ptr, b_a, b_b, valid_a, valid_b, h, t, seqlen,
+                                  su_b, su_h, su_l, sgi_b, sgi_h, sgi_l, HAS_GATE_IN)
         xa, poison_a = _isolate_nonfinite(xa, BLOCKS)
         xb, poison_b = _isolate_nonfinite(xb, BLOCKS)
         sa = _pair_scale(xa, BLOCKS, PRECISION)
         sb = _pair_scale(xb, BLOCKS, PRECISION)
         x0 = interleave(_to_stack(xa / sa, R, M, HALF), _to_stack(xb / sb, R, M, HALF), PRECISION)
-        if VARIANT == "io":
-            acc = x0.to(tl.float32)
-        elif VARIANT == "forward":
-            acc = tl.zeros((R * M, N1), dtype=tl.float32)
-            for chunk_start in tl.range(0, N1, CHUNK):
-                w1, unused_w1i = load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-                sr, si = forward_chunk(x0, w1, chunk_start, stage, R, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
-                kr, ki = kernel_chunk(k0, kspec, w1, chunk_start, stage, KSPEC_SCRATCH, BLOCKS, N1, N2, N3,
-                                      CHUNK, PRECISION, FAST_TRIG)
-                sr, si = block_product(sr, si, kr, ki, chunk_start, P, BLOCKS, False, N2)
-                # Keep the transforms alive with a store that never fires (no reduction, no traffic).
-                spec_offs = tl.reshape(tl.arange(0, R * CHUNK * N2 * N3), (R * CHUNK * N2, N3))
-                tl.store(y_ptr + spec_offs, sr.to(y_ptr.dtype.element_ty), mask=(sr + si) > 3.0e38)
-        else:
-            acc = convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, VARIANT != "no_kernel_spectrum", False,
-                                 KSPEC_SCRATCH, P, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        acc = convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, KSPEC_SCRATCH, P, BLOCKS, N1,
+                             N2, N3, CHUNK, PRECISION, FAST_TRIG)
         yr, yi = deinterleave(acc)
         yr = _to_memory(yr, R, M, HALF)
         yi = _to_memory(yi, R, M, HALF)
@@ -448,19 +360,19 @@ def fftconv_fwd(
     scratch = params.kernel_spectrum == "scratch"
     # Per-program k spectrum: float16 like the operands it multiplies in the fp16 mode (its
     # values are at most sqrt(N)/2 on max-scaled k), else float32. Written before it is read.
-    kspec = torch.empty(params.programs if scratch else 1, 2 * params.blocks * plan.fft_size,
+    programs = channels * params.groups
+    kspec = torch.empty(programs if scratch else 1, 2 * params.blocks * plan.fft_size,
                         dtype=operand_dtype, device=u.device)
     launch(
-        _fftconv_fwd_kernel, (params.programs,),
+        _fftconv_fwd_kernel, (programs,),
         u, k, D, gate_in, gate_out, dropout_mask, y, kspec, *consts,
-        batch, channels, seqlen, k.shape[-1], channels * params.groups, params.groups, params.stacks_per_item,
+        batch, channels, seqlen, k.shape[-1], params.groups, params.stacks_per_item,
         float(plan.fft_size) ** 0.5,
         *u.stride(), *k.stride(), *strides(gate_in, 3), *strides(gate_out, 3), *strides(dropout_mask, 2),
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
-        GELU=gelu, HAS_MASK=dropout_mask is not None, VARIANT=tuning.variant,
-        KSPEC_SCRATCH=scratch, PREFETCH=params.prefetch, ONE_ITEM=params.programs == channels * params.groups,
+        GELU=gelu, HAS_MASK=dropout_mask is not None, KSPEC_SCRATCH=scratch,
         P=params.pairs, BLOCKS=params.blocks, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=params.precision, FAST_TRIG=u.is_cuda, **_compile_options(params, u.is_cuda),
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
     )
     return y
 
@@ -530,7 +442,7 @@ def _fftconv_bwd_kernel(
             mb = tl.load(mask_ptr + b_b * sm_b + h * sm_h, mask=valid_b, other=0.0).to(tl.float32)
         if GELU or HAS_GATE_OUT:
             # Recompute the pre-activation c = conv(x, k) + D x rather than storing it.
-            cr, ci = deinterleave(convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, True, False, KSPEC_SCRATCH,
+            cr, ci = deinterleave(convolve_stack(x0, k0, kspec, w1_ptr, w1i_ptr, stage, KSPEC_SCRATCH,
                                                  P, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG))
             ca = _to_memory(cr, R, M, HALF) * (sxa * out_scale) + d * xa + poison_xa
             cb = _to_memory(ci, R, M, HALF) * (sxb * out_scale) + d * xb + poison_xb
@@ -655,6 +567,6 @@ def fftconv_bwd(
         HAS_D=D is not None, HAS_GATE_IN=gate_in is not None, HAS_GATE_OUT=gate_out is not None,
         GELU=gelu, HAS_MASK=dropout_mask is not None, KSPEC_SCRATCH=scratch,
         P=params.pairs, BLOCKS=params.blocks, N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk,
-        PRECISION=params.precision, FAST_TRIG=u.is_cuda, **_compile_options(params, u.is_cuda),
+        PRECISION=params.precision, FAST_TRIG=u.is_cuda, num_warps=params.num_warps, num_stages=1,
     )
     return du, dk, dD, dgate_in, dgate_out
