@@ -1,10 +1,13 @@
-"""Oracles for tests only: the op's formula as direct sums in float64 (independent of the FFT), and
-the one check of a kernel family's gradients against the float64 reference."""
+"""Oracles for tests only: the op's formula as direct sums in float64 (independent of the FFT), the
+one check of a kernel family's gradients against the float64 reference, and FlashButterfly's
+step 2 in torch.fft (to test steps 1 and 3 alone)."""
 
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from lcconv_compile import reference
 
 
 def direct_causal_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None) -> Tensor:
@@ -52,3 +55,26 @@ def assert_backward_matches_reference(got, grad_y, args, tol):
         assert not torch.isnan(g).any(), f"{name}: unwritten elements"
         err = rel_err(g, w)
         assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+class TorchFFTRowsConv:
+    """FlashButterfly's step 2 (:class:`lcconv_compile.kernels.flashbutterfly.RowsConv`) with
+    torch.fft in float32: an oracle that isolates steps 1 and 3 from the on-chip step 2."""
+
+    @staticmethod
+    def _rows(z: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n1, n2 = z.shape[2], z.shape[3]
+        return torch.view_as_complex(z.float()), reference.butterfly_kernel_rows(k, n1, n2, torch.float32)
+
+    def forward(self, z: torch.Tensor, k: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z_c, kernel_rows = self._rows(z, k)
+        w = torch.view_as_real(reference.butterfly_step2(z_c, kernel_rows)).to(z.dtype)
+        return w if out is None else out.copy_(w)
+
+    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z_c, kernel_rows = self._rows(z, k)
+        dw_c = torch.view_as_complex(dw.float())
+        dz, dk = reference.butterfly_step2_bwd(dw_c, torch.fft.fft(z_c, dim=-1), kernel_rows, k.shape[-1])
+        dz = torch.view_as_real(dz).to(z.dtype)
+        return (dz if out is None else out.copy_(dz)), dk

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lcconv_compile import reference
-from oracles import assert_backward_matches_reference
+from oracles import TorchFFTRowsConv, assert_backward_matches_reference
 from lcconv_compile import kernels
 from lcconv_compile.kernels import FAMILIES, flashbutterfly as fb
 from inputs import rel_err, sum_err
@@ -152,7 +152,7 @@ def test_non_contiguous_u():
 def test_torch_fft_stand_in_still_matches():
     """K1 and K3 around the torch.fft stand-in of step 2 (isolates steps 1 and 3)."""
     args = make_args(2, 3, 33, 20, 4, 16)
-    y = fb.butterfly_conv_fwd(**args, rows_conv=fb.TorchFFTRowsConvNotFinal(), alloc=poisoned, tuning=small(16))
+    y = fb.butterfly_conv_fwd(**args, rows_conv=TorchFFTRowsConv(), alloc=poisoned, tuning=small(16))
     assert rel_err(y, reference.butterfly_conv_ref(**as_float64(args))) < 1e-5
 
 

@@ -86,7 +86,6 @@ from .launch import cached_constants, launch
 __all__ = [
     "Tuning",
     "RowsConv",
-    "TorchFFTRowsConvNotFinal",
     "intermediate_dtype",
     "k1_forward",
     "k3_forward",
@@ -501,29 +500,6 @@ class RowsConv(Protocol):
 
     def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
                  out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class TorchFFTRowsConvNotFinal:
-    """:class:`RowsConv` with torch.fft (float32): NOT the final kernel. For tests and docs only,
-    until the on-chip v5 kernel takes its place; never used by the op."""
-
-    @staticmethod
-    def _rows(z: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n1, n2 = z.shape[2], z.shape[3]
-        return torch.view_as_complex(z.float()), reference.butterfly_kernel_rows(k, n1, n2, torch.float32)
-
-    def forward(self, z: torch.Tensor, k: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z_c, kernel_rows = self._rows(z, k)
-        w = torch.view_as_real(reference.butterfly_step2(z_c, kernel_rows)).to(z.dtype)
-        return w if out is None else out.copy_(w)
-
-    def backward(self, dw: torch.Tensor, z: torch.Tensor, k: torch.Tensor,
-                 out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        z_c, kernel_rows = self._rows(z, k)
-        dw_c = torch.view_as_complex(dw.float())
-        dz, dk = reference.butterfly_step2_bwd(dw_c, torch.fft.fft(z_c, dim=-1), kernel_rows, k.shape[-1])
-        dz = torch.view_as_real(dz).to(z.dtype)
-        return (dz if out is None else out.copy_(dz)), dk
 
 
 # ------------------------------------------------------------------------------------ K2 ------
