@@ -191,10 +191,45 @@ def check_short(kernel_lens, batch, seqlen, channels=1024, dtypes=(torch.bfloat1
                                       packed_lanes=packed_lane_leaks(ptx))
                         clean &= not report["spill_bytes"] and not report["packed_lanes"]
                         shape = {n: constexprs[n] for n in ("T", "BM", "W", "NC") if n in constexprs}
+                        occupancy = ""
+                        if direction == "fwd":
+                            fits, key = _short_occupancy(report["regs"], report["shared"], options, dtype,
+                                                         constexprs, gated_in, on)
+                            listed = shortconv.FORWARD_PROGRAMS_PER_SM.get(key)
+                            occupancy = f" programs/SM={fits} table={listed}" + ("" if listed == fits else " MISMATCH")
                         print(f"short {direction} {str(dtype)[6:]:8s} Lk={kernel_len:<4d} {shape} "
-                              f"warps={options.get('num_warps')} gate_in={gated_in:d} options={on:d}: {report}",
-                              flush=True)
+                              f"warps={options.get('num_warps')} gate_in={gated_in:d} options={on:d}: {report}"
+                              f"{occupancy}", flush=True)
     return clean
+
+
+def _short_occupancy(registers, shared, options, dtype, constexprs, gated_in, on):
+    """(resident programs per SM, shortconv.FORWARD_PROGRAMS_PER_SM key) of a compiled forward."""
+    fits = shortconv.resident_programs(registers, shared, options["num_warps"])
+    key = (str(dtype).removeprefix("torch."), constexprs["T"], constexprs["NC"], gated_in, on)
+    return fits, key
+
+
+# One kernel length per forward (T, NC) configuration: (16, 0), (16, 1), (32, 1), (32, 2), (32, 3), (32, 4).
+OCCUPANCY_KERNEL_LENS = (1, 16, 32, 64, 96, 128)
+
+
+def short_occupancy_table(batch, seqlen, channels=1024, dtypes=shortconv.INPUT_DTYPES):
+    """shortconv.FORWARD_PROGRAMS_PER_SM as compiled for sm_90: every input dtype, forward (T, NC)
+    configuration, gate_in and epilogue (gate_out, GELU and mask on together)."""
+    table = {}
+    for dtype in dtypes:
+        for kernel_len in OCCUPANCY_KERNEL_LENS:
+            for gated_in in (False, True):
+                for on in (False, True):
+                    kernel, signature, constexprs, attrs, options = _captured_launch(
+                        "fwd", (batch, channels, seqlen), kernel_len, dtype, gated_in, on)
+                    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                                        attrs=attrs), target=HOPPER, options=options)
+                    fits, key = _short_occupancy(_ptxas_report(compiled.asm["ptx"])["regs"], compiled.metadata.shared,
+                                                 options, dtype, constexprs, gated_in, on)
+                    table[key] = fits
+    return table
 
 
 def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd", "bwd"), on=True):
@@ -395,11 +430,21 @@ def main():
     parser.add_argument("--butterfly", action="store_true",
                         help="kernels/flashbutterfly.py at --lengths (Lk = L), --batch, --channels, --dtypes")
     parser.add_argument("--learned", action="store_true", help="with --butterfly: butterfly_conv's (loaded) factors")
+    parser.add_argument("--occupancy-table", action="store_true",
+                        help="with --short: print shortconv.FORWARD_PROGRAMS_PER_SM as compiled for sm_90")
     args = parser.parse_args()
     if args.butterfly:
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         raise SystemExit(0 if check_butterfly(args.lengths, dtypes, args.batch, args.channels, args.learned,
                                               tuple(args.directions), args.all_options) else 1)
+    if args.short and args.occupancy_table:
+        table = short_occupancy_table(args.batch, max(args.lengths), args.channels)
+        print("FORWARD_PROGRAMS_PER_SM = {")
+        rows = list(table.items())
+        for i in range(0, len(rows), 2):  # two entries per line, as shortconv.py holds them
+            print("    " + " ".join(f"{key!r}: {fits}," for key, fits in rows[i:i + 2]))
+        print("}")
+        raise SystemExit(0)
     if args.short:
         dtypes = tuple(getattr(torch, name) for name in args.dtypes)
         raise SystemExit(0 if check_short(args.kernel_lens, args.batch, max(args.lengths), dtypes=dtypes,

@@ -340,3 +340,39 @@ def test_compiled_short_backward_has_no_packed_lane_pattern():
     reports = [line for line in out.stdout.splitlines() if line.startswith("short bwd")]
     assert len(reports) == 4, out.stdout + out.stderr
     assert all("'packed_lanes': 0" in line for line in reports), "\n".join(reports)
+
+
+def test_forward_occupancy_table_matches_the_compiled_kernels():
+    """shortconv.FORWARD_PROGRAMS_PER_SM (which sets the forward's grid) agrees with the registers
+    and shared memory of every bfloat16 forward configuration compiled for sm_90 at the
+    benchmark's shape: a kernel change that moves its occupancy must regenerate the table
+    (scripts/compile_check.py --short --occupancy-table)."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "compile_check.py"
+    env = dict(os.environ, PYTHONPATH=str(script.parents[1]))
+    env.pop("TRITON_INTERPRET", None)
+    lens = [str(n) for n in (1, 16, 32, 64, 96, 128)]  # every forward (T, NC) configuration
+    out = subprocess.run([sys.executable, str(script), "--short", "--kernel-lens", *lens, "--dtypes", "bfloat16",
+                          "--directions", "fwd", "--lengths", "4096"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    reports = [line for line in out.stdout.splitlines() if line.startswith("short fwd")]
+    assert len(reports) == 4 * len(lens), out.stdout + out.stderr
+    assert all("programs/SM=" in line and "MISMATCH" not in line for line in reports), "\n".join(reports)
+
+
+def test_forward_grid_depends_on_the_call_alone():
+    """The forward's grid comes from the configuration (FORWARD_PROGRAMS_PER_SM), never from
+    what an earlier launch compiled: the same call records the same grid every time, the one the
+    table's entry gives (a graph traced before any eager launch must match one traced after)."""
+    grids = []
+
+    def record(kernel, grid, *args, **kwargs):
+        grids.append(grid)
+
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    u, k = meta(8, 1024, 4096).bfloat16(), meta(1024, 16)
+    for _ in range(2):
+        shortconv.fftconv_fwd(u, k, meta(1024), launch=record,
+                              alloc=lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device="meta"))
+    cfg = shortconv._launch_config(u, 16, False, shortconv.Tuning())
+    per_sm = shortconv.FORWARD_PROGRAMS_PER_SM[shortconv.occupancy_key(torch.bfloat16, cfg, False, False)]
+    assert grids[0] == grids[1] == (1024, shortconv._forward_groups(1024, cfg.tiles, shortconv._sms(u), per_sm))
