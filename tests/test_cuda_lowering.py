@@ -119,6 +119,34 @@ def test_direct_launch_keys_never_merge_what_triton_specializes_apart():
             assert theirs[i] == theirs[j], (values[i], values[j], ours[i], theirs[i], theirs[j])
 
 
+def test_direct_launch_calls_tritons_launcher_as_triton_does():
+    """The direct launches call a compiled kernel's private launcher (``CompiledKernel.run``) with
+    the arguments ``JITFunction.run`` passes it: grid, stream, function, packed metadata, launch
+    metadata, the two launch hooks, then every parameter in signature order. A Triton whose own
+    call differs (a new argument, another order) must fail here, not launch with shifted arguments
+    on the device."""
+    import ast
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(JITFunction.run)))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr == "run" and isinstance(node.func.value, ast.Name) and node.func.value.id == "kernel"]
+    assert len(calls) == 1, "JITFunction.run no longer calls kernel.run(...) once"
+    assert [ast.unparse(arg) for arg in calls[0].args] == [
+        "grid_0", "grid_1", "grid_2", "stream", "kernel.function", "kernel.packed_metadata", "launch_metadata",
+        "knobs.runtime.launch_enter_hook", "knobs.runtime.launch_exit_hook", "*bound_args.values()"]
+    assert not calls[0].keywords
+    # Ours passes the same positions (launch metadata and hooks None: no hook is installed there).
+    ours = ast.parse(textwrap.dedent(inspect.getsource(launch._DirectLaunches.launch)))
+    direct = [node for node in ast.walk(ours) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "run"]
+    assert [ast.unparse(arg) for arg in direct[0].args] == [
+        "grid[0]", "grid_1", "grid_2", "stream", "compiled.function", "compiled.packed_metadata", "None", "None",
+        "None", "*args", "*tail"]
+
+
 def test_constant_cache_reuses_and_is_bounded(monkeypatch):
     monkeypatch.setattr(launch, "_constant_cache", type(launch._constant_cache)())
     calls = []
