@@ -189,3 +189,33 @@ graph breaks (0):""")
             report = explain_conv()
             assert inductor_config.post_grad_custom_post_pass is None  # explain installed nothing
         assert_reports_passes_off(report, "post_grad_custom_post_pass no longer chains them")
+
+
+# ------------------------------------------------ Inductor's "complex operators" warning --
+def _complex_warnings(fn, *args):
+    """The "does not support code generation for complex operators" warnings compiling ``fn``
+    emits. Inductor warns once per process; its once-only cache is cleared first."""
+    import warnings
+
+    from torch._inductor import lowering
+
+    lowering._warn_complex_not_supported.cache_clear()
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, inductor_config.patch(fx_graph_cache=False):
+        warnings.simplefilter("always")
+        torch.compile(fn)(*args)
+    torch._dynamo.reset()
+    return [w for w in caught if "complex operators" in str(w.message)]
+
+
+def test_a_rewritten_convolution_leaves_no_complex_warning():
+    """Our pattern pass visits the FFT nodes before replacing them; Inductor's check of each node
+    warned about complex operators that never reach code generation (make demo's first screen)."""
+    u, k = torch.randn(B, H, L), torch.randn(H, L)
+    assert _complex_warnings(lambda u, k: conv(u, k, 2 * L), u, k) == []
+
+
+def test_an_fft_left_alone_still_gets_inductors_complex_warning():
+    """A circular convolution (not the op's) keeps its FFTs: Inductor's warning must still come."""
+    u, k = torch.randn(B, H, L), torch.randn(H, L)
+    assert len(_complex_warnings(lambda u, k: conv(u, k, L), u, k)) == 1

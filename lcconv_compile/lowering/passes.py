@@ -278,6 +278,26 @@ def _same_value_type(a: Node, b: object) -> bool:
             and all(statically_known_true(x == y) for x, y in zip(a_val.shape, b_val.shape)))
 
 
+@contextlib.contextmanager
+def _complex_warning_deferred():
+    """Inductor's pattern matcher asks of every node it visits whether Inductor can generate code
+    for it, and that check warns, once per process, that Inductor "does not support code
+    generation for complex operators", about the very FFT nodes this pass is about to replace
+    (the first screen of ``make demo`` showed it). Silenced while our patterns match: an FFT that
+    survives the pass still gets the warning from Inductor's lowering, which has not spent it."""
+    from torch._inductor import lowering
+
+    original = getattr(lowering, "_warn_complex_not_supported", None)
+    if original is None:  # a torch without it: nothing to defer
+        yield
+        return
+    lowering._warn_complex_not_supported = lambda: None
+    try:
+        yield
+    finally:
+        lowering._warn_complex_not_supported = original
+
+
 def joint_stage(graph: Graph) -> int:
     """Rewrite hand-written FFT convolutions into ``lcconv::fftconv`` (+ ``fftconv_bwd``)."""
     if not any(is_inverse_fft(node) for node in graph.nodes):
@@ -289,7 +309,7 @@ def joint_stage(graph: Graph) -> int:
     # leaves one in the backward of an FFT along dim 0: a slice whose copy was folded away; the
     # scatters of in-place ops on a crop, once nothing reads them).
     graph.eliminate_dead_code()
-    with events.pass_run():
+    with events.pass_run(), _complex_warning_deferred():
         count = IDIOM_PATTERNS.apply(graph)
         if events.collecting():
             _report_unmatched_ffts(graph, written_in_place)
