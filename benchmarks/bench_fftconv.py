@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -55,7 +54,7 @@ import triton
 from torch._dynamo.utils import counters
 
 import lcconv_compile  # noqa: F401  (registers the op)
-from common import copy_bandwidth, git_commit, peak_memory_bytes  # noqa: E402  (this folder)
+from common import copy_bandwidth, peak_memory_bytes, write_results  # noqa: E402  (this folder)
 from lcconv_compile import kernels, reference
 from lcconv_compile.kernels import flashbutterfly
 
@@ -131,8 +130,7 @@ def run(lengths, dtypes, batch, channels, with_compile, device="cuda", peers=Non
                 sys.stdout.flush()
             del u, k, D, grad, q
             torch.cuda.empty_cache()
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_Bps=bandwidth, rows=rows)
+    return dict(copy_bandwidth_Bps=bandwidth, rows=rows)
 
 
 # ------------------------------------------------------------------------------------- peers --
@@ -579,8 +577,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_fftconv needs a CUDA GPU")
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  commit=git_commit())
+    result = {}
     if "ops" in args.tables:
         peers = {} if args.no_peers else load_peers()
         print(HEADER)
@@ -599,8 +596,7 @@ def main():
     if "host" in args.tables:
         print("\n# host overhead (us per call)\n" + HOST_HEADER)
         result["host_rows"] = host_overhead(args.host_calls, modes=args.host_modes, variants=args.host_variants)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(args.out, result)
     print(f"# wrote {args.out}")
 
 

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, also when loaded by path
 
 import lcconv_compile  # noqa: E402
-from common import git_commit  # noqa: E402  (this folder)
+from common import run_metadata, write_results  # noqa: E402  (this folder)
 from lcconv_compile.models import LongConvLM  # noqa: E402
 from lcconv_compile.models import _projections  # noqa: E402
 from lcconv_compile.models._conv import conv_implementation  # noqa: E402
@@ -297,19 +295,6 @@ def bench_generate(args, variant: str, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------- reporting --
-def environment(device: torch.device) -> dict:
-    commit = git_commit()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "git_commit": commit,
-            "python": platform.python_version()}
-
-
 def format_table(rows: list[dict]) -> str:
     header = f"{'kind':9} {'variant':13} {'L/ctx':>6} {'batch':>5} {'ms':>9} {'tokens/s':>11} {'peak MiB':>9} {'first s':>8}"
     lines = [header, "-" * len(header)]
@@ -339,8 +324,8 @@ def _guarded(rows: list[dict], label: dict, fn, device: torch.device) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    env = environment(device)
-    print(f"bench_models: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_commit'][:10]}",
+    meta = run_metadata(device, argv=[__file__, *(sys.argv[1:] if argv is None else argv)])
+    print(f"bench_models: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit'][:10]}",
           file=sys.stderr)
     rows: list[dict] = []
     for variant in args.variants:
@@ -354,11 +339,9 @@ def main(argv=None) -> dict:
             _guarded(rows, {"kind": "generate", "variant": variant, "context": args.gen_context},
                      lambda: bench_generate(args, variant, device), device)
     print(format_table(rows))
-    result = {"environment": env, "config": vars(args), "rows": rows}
+    result = {"meta": meta, "config": vars(args), "rows": rows}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_results(args.out, {n: v for n, v in result.items() if n != "meta"}, meta, indent=2)
         print(f"wrote {args.out}", file=sys.stderr)
     return result
 

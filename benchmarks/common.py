@@ -1,5 +1,6 @@
 """What every benchmark script shares: the measured copy bandwidth (for the memory floor), the
-commit a run measures and the peak memory of one step. Measures only; asserts nothing about speed.
+peak memory of one step, and (from lcconv_compile.provenance) the commit a run measures and the
+one ``meta`` block every results JSON carries. Measures only; asserts nothing about speed.
 
 Scripts import it as ``from common import ...`` (they run as ``python benchmarks/<script>.py``,
 which puts this folder on ``sys.path``).
@@ -7,10 +8,9 @@ which puts this folder on ``sys.path``).
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import torch
+
+from lcconv_compile.provenance import git_commit, run_metadata, write_results  # noqa: F401  (re-exported)
 
 
 def copy_bandwidth(device) -> float:
@@ -21,18 +21,6 @@ def copy_bandwidth(device) -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
     return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
-def git_commit() -> str:
-    """The commit measured: $LCCONV_COMMIT (a copied tree may have no .git, or a stale one), else
-    git, else "unknown"."""
-    if os.environ.get("LCCONV_COMMIT"):
-        return os.environ["LCCONV_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def peak_memory_bytes(step) -> int:

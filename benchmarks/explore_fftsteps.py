@@ -8,12 +8,11 @@ memory- or latency-bound and which tiling to make the default.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 
-from common import copy_bandwidth, git_commit  # noqa: E402  (this folder)
+from common import copy_bandwidth, write_results  # noqa: E402  (this folder)
 from lcconv_compile.kernels import fftsteps, flashbutterfly as fb
 
 TILINGS = [  # (block_n, rows_per_program, num_warps); None = the default
@@ -63,9 +62,7 @@ def main():
                       f"{ms / floor_ms:5.2f}x its traffic floor ({floor_ms:.3f})", flush=True)
         del u, z
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), commit=git_commit(), copy_bandwidth_Bps=bandwidth,
-                       rows=rows_out), f, indent=1)
+    write_results(args.out, dict(copy_bandwidth_Bps=bandwidth, rows=rows_out))
     print(f"# wrote {args.out}")
 
 

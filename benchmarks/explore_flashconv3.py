@@ -17,14 +17,13 @@ rewritten after every row, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import torch
 import triton
 
-from common import copy_bandwidth  # this folder
+from common import copy_bandwidth, run_metadata, write_results  # this folder
 from lcconv_compile import reference
 from lcconv_compile.kernels import flashconv3
 
@@ -48,16 +47,15 @@ def main():
     B, H = args.batch, args.channels
     started = time.time()
     bandwidth = copy_bandwidth("cuda")
-    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
-    print(header, flush=True)
+    meta = run_metadata()
+    header = dict(copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
+    print(meta, header, flush=True)
     rows = []
 
     def record(row):
         rows.append(row)
         print("  ", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=1)
+        write_results(args.out, dict(header, rows=rows), meta)
 
     for L in args.lengths:
         u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 
 import torch
 import triton
 
-from common import copy_bandwidth, git_commit  # this folder
+from common import copy_bandwidth, run_metadata, write_results  # this folder
 from explore_flashconv3 import torch_fft_conv
 from lcconv_compile import reference
 from lcconv_compile.kernels import flashconv3, monarch_conv, monarch_plan
@@ -40,9 +39,9 @@ def main():
     args = parser.parse_args()
     B, H = args.batch, args.channels
     bandwidth = copy_bandwidth("cuda")
-    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  commit=git_commit(), copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
-    print(header, flush=True)
+    meta = run_metadata()
+    header = dict(copy_bandwidth_tb_s=bandwidth / 1e12, batch=B, channels=H)
+    print(meta, header, flush=True)
     rows = []
     for L in args.lengths:
         u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
@@ -84,8 +83,7 @@ def main():
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
             print("  ", {n: (round(v, 5) if isinstance(v, float) else v) for n, v in row.items()}, flush=True)
-            with open(args.out, "w") as f:
-                json.dump(dict(header, rows=rows), f, indent=1)
+            write_results(args.out, dict(header, rows=rows), meta)
 
 
 if __name__ == "__main__":

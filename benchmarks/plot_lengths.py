@@ -48,7 +48,8 @@ def main():
     axes[0].set_ylabel("ms")
     axes[0].legend(fontsize=8, title="v5 = FlashConv, fb = FlashButterfly, ref = torch.fft in the op",
                    title_fontsize=7)
-    fig.suptitle(f"{result.get('device', '?')}, commit {str(result.get('commit', '?'))[:7]}", fontsize=9)
+    meta = result["meta"]
+    fig.suptitle(f"{meta['device']}, commit {meta['commit'][:7]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -20,9 +20,9 @@ def load_rows(paths: list[str]) -> tuple[dict, list[dict]]:
     for path in paths:
         with open(path) as f:
             result = json.load(f)
-        environments.append(result["environment"])
+        environments.append(result["meta"])
         rows += [r for r in result["rows"] if r.get("kind") == "train" and "ms" in r]
-    keys = {(e["device"], e["git_commit"], e["torch"]) for e in environments}
+    keys = {(e["device"], e["commit"], e["torch"]) for e in environments}
     if len(keys) != 1:
         raise SystemExit(f"the files come from different devices, commits or torch versions: {sorted(keys)}")
     return environments[0], rows
@@ -55,7 +55,7 @@ def main():
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"2-layer LM, d_model 768, bf16, compiled: {env['device']}, torch {env['torch']}, "
-                 f"commit {env['git_commit'][:7]}", fontsize=9)
+                 f"commit {env['commit'][:7]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

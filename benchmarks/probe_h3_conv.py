@@ -13,7 +13,6 @@ Measures and reports; asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import git_commit  # noqa: E402  (this folder)
+from common import write_results  # noqa: E402  (this folder)
 from lcconv_compile import fftconv, kernels  # noqa: E402
 
 
@@ -64,8 +63,7 @@ def main():
                 print(f"({B},{H},{L}) {layout} {name:8s} {row['family']}: fwd {ms_f:.3f} ms, "
                       f"fwd+bwd {ms_fb:.3f} ms", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), commit=git_commit(), rows=rows), f, indent=1)
+        write_results(args.out, dict(rows=rows))
 
 
 if __name__ == "__main__":

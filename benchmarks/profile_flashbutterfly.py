@@ -8,12 +8,12 @@ says which of K1 / K2 / K3 (and the kz spectrum launch) bounds it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from common import write_results  # this folder
 from lcconv_compile.kernels import flashbutterfly as fb
 
 
@@ -51,8 +51,7 @@ def main():
         print(f"{name}: total {sum(times.values()):.3f} ms")
         for key, ms in list(times.items())[:10]:
             print(f"    {ms:9.3f} ms  {key[:90]}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ shortconv.SHORT_MAX_KERNEL_LEN from the crossing. Prints a table; writes JSON to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from common import copy_bandwidth, git_commit  # this folder: the shared measures
+from common import copy_bandwidth, run_metadata, write_results  # this folder: the shared measures
 from lcconv_compile.kernels import flashconv3, shortconv
 
 SHAPES = [(8, 1024, 4096), (4, 768, 8192)]
@@ -87,10 +86,8 @@ def main():
     args = parser.parse_args()
     shortconv.SHORT_MAX_KERNEL_LEN = max(args.kernel_lens)  # launchers are called directly anyway
     bandwidth = copy_bandwidth("cuda")
-    commit = git_commit()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit, copy_bandwidth_tb_s=bandwidth / 1e12)
-    print(f"# {meta}")
+    meta = run_metadata()
+    print(f"# {meta}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'B,H,L':>16s} {'Lk':>4s} | {'floor':>6s} {'short':>6s} {'fft':>6s} {'cudnn':>6s} | "
           f"{'floor':>6s} {'short':>6s} {'fft':>6s} {'cudnn':>6s}   (fwd | fwd+bwd, ms)")
     rows = []
@@ -117,8 +114,7 @@ def main():
             print(f"{f'{B},{H},{L}':>16s} {Lk:4d} | " + " ".join(f"{c:6.3f}" for c in cells[:4]) + " | "
                   + " ".join(f"{c:6.3f}" for c in cells[4:]), flush=True)
             del inputs
-    with open(args.out, "w") as f:
-        json.dump(dict(meta, rows=rows), f, indent=1)
+    write_results(args.out, dict(copy_bandwidth_tb_s=bandwidth / 1e12, rows=rows), meta)
 
 
 if __name__ == "__main__":

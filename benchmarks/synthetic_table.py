@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from lcconv_compile.provenance import write_results
+
 
 def run_args(mixer: str, task: str, seqlen: int, args) -> list[str]:
     short = seqlen <= 64
@@ -97,8 +99,7 @@ def main(argv=None) -> dict:
                 cells.append(" / ".join(f"{100 * a:.1f}" if a is not None else "-" for a in accs) or "")
             print(f"{seqlen:>6} {mixer:12} {cells[0]:>16} {cells[1]:>16}")
     summary = {"wall_s": time.time() - start, "runs": table}
-    with open(os.path.join(args.out_dir, "table.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_results(os.path.join(args.out_dir, "table.json"), summary, indent=2)
     return summary
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lcconv_compile.models import LongConvLM
+from lcconv_compile.provenance import run_metadata, write_results
 from lcconv_compile.models.synthetic import associative_recall
 
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -166,8 +166,6 @@ def main(argv=None) -> dict:
     result = {
         "config": vars(args), "world_size": world, "device": str(device), "backend": backend,
         "device_reason": device_reason,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "commit": os.environ.get("LCCONV_COMMIT", ""),
         "losses": losses, "step_ms": [1e3 * s for s in step_s], "median_step_ms": step_ms,
         "tokens_per_s": args.global_batch * args.seq_len / (step_ms / 1e3),
     }
@@ -175,8 +173,7 @@ def main(argv=None) -> dict:
         print(f"{args.strategy} x{world}: median step {step_ms:.1f} ms, {result['tokens_per_s']:.0f} tokens/s",
               file=sys.stderr)
         if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(result, handle, indent=1)
+            write_results(args.json, result, run_metadata(device))
     if world > 1:
         # The wrapped model (DDP's reducer, FSDP2's hooks) holds the gloo process group. Left to the
         # interpreter's finalisation, the group's worker threads die after the GIL is gone and the

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from lcconv_compile import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,7 +24,8 @@ def test_smoke_eager_every_variant(tmp_path, capsys):
     result = bench.main(["--smoke", "--no-compile", "--variants", *bench.VARIANTS, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
-    assert {"device", "torch", "triton", "git_commit"} <= set(saved["environment"])
+    assert saved["meta"]["command"].startswith("python benchmarks/bench_models.py --smoke")
+    assert set(provenance.REQUIRED_KEYS) <= set(saved["meta"]) and saved["meta"]["schema"] == provenance.SCHEMA
     kinds = {(r["kind"], r["variant"]) for r in saved["rows"]}
     assert ("generate", "h3") in kinds and ("generate", "attention") in kinds
     assert all("error" not in r and r["ms"] > 0 and r["tokens_per_s"] > 0 for r in saved["rows"])

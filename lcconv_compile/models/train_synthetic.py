@@ -29,9 +29,7 @@ input-dependent gating to do recall; attention needs more steps to form inductio
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from typing import Optional
@@ -39,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import provenance
 from .lm import LongConvLM
 from .mixers import MIXERS
 from .synthetic import TASKS
@@ -306,9 +305,8 @@ def train(args) -> dict:
         "train_tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None,
         "first_step_s": first_step_s,
         "history": history,
-        "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
+    result = {"meta": provenance.run_metadata(device), **result}
     if args.checkpoint:
         # The module's own state dict (not the compiled wrapper's, whose keys carry "_orig_mod.").
         torch.save({"model": model.state_dict(), "config": vars(args)}, args.checkpoint)
@@ -327,8 +325,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         save_plot(result["history"], args.plot, f"{args.task}, mixer {args.mixer}, L = {args.seq_len}")
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        provenance.write_results(args.json, {n: v for n, v in result.items() if n != "meta"}, result["meta"], indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
     return result
 
