@@ -25,9 +25,9 @@ import torch
 import triton
 
 from common import copy_bandwidth, run_metadata, write_results  # this folder
-from explore_flashconv3 import torch_fft_conv
+from explore_blockfft_conv import torch_fft_conv
 from lcconv_compile import reference
-from lcconv_compile.kernels import flashconv3, monarch_conv, monarch_plan
+from lcconv_compile.kernels import blockfft_conv, monarch_conv, monarch_plan
 
 
 def main():
@@ -54,10 +54,10 @@ def main():
         dy = torch.randn_like(u)
         want_du = reference.fftconv_bwd_ref(dy.double(), u.double(), k.double(), D.double()).du
         runs = [("torch.fft", lambda: torch_fft_conv(u, k, D), want),
-                ("v5 (flashconv3)", lambda: flashconv3.fftconv_fwd(u, k, D), want),
+                ("v5 (blockfft_conv)", lambda: blockfft_conv.fftconv_fwd(u, k, D), want),
                 (f"v6 (monarch_conv) {monarch_conv.forward_tuning(plan)}", lambda: monarch_conv.fftconv_fwd(u, k, D),
                  want),
-                ("v5 backward", lambda: flashconv3.fftconv_bwd(dy, u, k, D)[0], want_du)]
+                ("v5 backward", lambda: blockfft_conv.fftconv_bwd(dy, u, k, D)[0], want_du)]
         if monarch_conv.backward_supported(L):
             runs.append(("v6 backward", lambda: monarch_conv.gluon_fftconv_bwd(dy, u, k, D)[0], want_du))
         base = monarch_conv.forward_tuning(plan)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-SHORT_NAMES = {"flashconv3": "v5", "flashbutterfly": "fb", "shortconv": "short", "reference": "ref"}
+SHORT_NAMES = {"blockfft_conv": "v5", "flashconv3": "v5", "flashbutterfly": "fb", "shortconv": "short", "reference": "ref"}
 
 
 def main():

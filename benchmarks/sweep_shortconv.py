@@ -4,7 +4,7 @@
 
 For (B, H, L) in (8, 1024, 4096) and (4, 768, 8192), bf16 u, float32 k and D: forward and
 forward+backward median ms of the short kernels (launchers called directly, Lk limit bypassed),
-the FFT family (flashconv3, FlashConv v5), cuDNN depthwise conv1d (bf16, groups=H, padding Lk-1, cropped) and
+the FFT family (blockfft_conv, FlashConv v5), cuDNN depthwise conv1d (bf16, groups=H, padding Lk-1, cropped) and
 the memory floor (bytes / device-to-device copy bandwidth measured in this run). The lead sets
 shortconv.SHORT_MAX_KERNEL_LEN from the crossing. Prints a table; writes JSON to --out.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from common import copy_bandwidth, run_metadata, write_results  # this folder: the shared measures
-from lcconv_compile.kernels import flashconv3, shortconv
+from lcconv_compile.kernels import blockfft_conv, shortconv
 
 SHAPES = [(8, 1024, 4096), (4, 768, 8192)]
 KERNEL_LENS = [1, 2, 3, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512]
@@ -56,11 +56,11 @@ def candidates():
         shortconv.fftconv_bwd(dy, u, k, D)
 
     def fft_fwd(u, k, D, dy):
-        flashconv3.fftconv_fwd(u, k, D)
+        blockfft_conv.fftconv_fwd(u, k, D)
 
     def fft_both(u, k, D, dy):
-        flashconv3.fftconv_fwd(u, k, D)
-        flashconv3.fftconv_bwd(dy, u, k, D)
+        blockfft_conv.fftconv_fwd(u, k, D)
+        blockfft_conv.fftconv_bwd(dy, u, k, D)
 
     def cudnn(u, k, D, dy, backward):
         Lk = k.shape[-1]

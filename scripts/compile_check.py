@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lcconv_compile.kernels import flashconv3, shortconv  # noqa: E402
+from lcconv_compile.kernels import blockfft_conv, shortconv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -233,12 +233,12 @@ def short_occupancy_table(batch, seqlen, channels=1024, dtypes=shortconv.INPUT_D
 
 
 def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd", "bwd"), on=True):
-    """kernels/flashbutterfly.py and fftsteps.py: every kernel a call launches (K1 for k's rows, K1, K2, K3 and
+    """kernels/flashbutterfly.py and butterfly_steps.py: every kernel a call launches (K1 for k's rows, K1, K2, K3 and
     the backward's), captured from the launchers run on meta tensors at (batch, channels, L) with
     Lk = L, as the device would specialise them. ``learned``: lcconv::butterfly_conv's path
     (factors loaded), else the fftconv family (exact factors in registers)."""
     from lcconv_compile import reference
-    from lcconv_compile.kernels import fftsteps, flashbutterfly
+    from lcconv_compile.kernels import butterfly_steps, flashbutterfly
 
     clean = True
     for dtype in dtypes:
@@ -250,8 +250,8 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
             u, k = meta(batch, channels, seqlen), meta(channels, seqlen, dt=torch.float32)
             opts = dict(D=meta(channels, dt=torch.float32), gelu=on, dropout_mask=meta(batch, channels) if on else None)
             captured = []
-            saved = flashbutterfly.launch, fftsteps.launch
-            flashbutterfly.launch = fftsteps.launch = lambda kernel, grid, *a, **kw: captured.append(
+            saved = flashbutterfly.launch, butterfly_steps.launch
+            flashbutterfly.launch = butterfly_steps.launch = lambda kernel, grid, *a, **kw: captured.append(
                 (kernel, grid, a, kw))
             try:
                 for direction in directions:
@@ -266,7 +266,7 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
                     else:
                         flashbutterfly.fftconv_bwd(meta(batch, channels, seqlen), u, k, **opts)
             finally:
-                flashbutterfly.launch, fftsteps.launch = saved
+                flashbutterfly.launch, butterfly_steps.launch = saved
             seen = set()
             for kernel, grid, call_args, kw in captured:
                 # Meta tensors are not CUDA: what a device launch would pass instead.
@@ -298,8 +298,8 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
 
 
 def check_v5(args):
-    """FlashConv v5 (flashconv3.py): the forward (or --backward) kernel per length, default launch."""
-    tuning = flashconv3.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
+    """FlashConv v5 (blockfft_conv.py): the forward (or --backward) kernel per length, default launch."""
+    tuning = blockfft_conv.Tuning(num_warps=args.warps, pairs=args.pairs, chunk=args.chunk,
                                precision=args.precision, kernel_spectrum=args.kernel_spectrum, blocks=args.blocks)
     on = args.all_options
     options = dict(HAS_D=True, HAS_GATE_IN=on, HAS_GATE_OUT=on, GELU=on, HAS_MASK=on)
@@ -311,7 +311,7 @@ def check_v5(args):
     for seqlen in args.lengths:
         # The benchmark's shape (a meta tensor: _launch reads only its shape and dtype).
         u = torch.empty(args.batch, args.channels, seqlen, dtype=getattr(torch, args.dtype), device="meta")
-        launch = flashconv3._launch(u, tuning, backward=args.backward)
+        launch = blockfft_conv._launch(u, tuning, backward=args.backward)
         plan = launch.plan
         constexprs = dict(N1=plan.n1, N2=plan.n2, N3=plan.n3, CHUNK=plan.chunk, P=launch.pairs, BLOCKS=launch.blocks,
                           PRECISION=launch.precision, FAST_TRIG=True,
@@ -322,10 +322,10 @@ def check_v5(args):
         if args.backward:
             pointers.update(dy_ptr=ty, du_ptr=ty)
             grads = {} if on else dict(dgate_in_ptr=None, dgate_out_ptr=None)
-            report = compile_kernel(flashconv3._fftconv_bwd_kernel, pointers, dict(constexprs, **grads),
+            report = compile_kernel(blockfft_conv._fftconv_bwd_kernel, pointers, dict(constexprs, **grads),
                                     launch.num_warps, want_asm=args.asm, unit=unit, divisible=divisible)
         else:
-            report = compile_kernel(flashconv3._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
+            report = compile_kernel(blockfft_conv._fftconv_fwd_kernel, pointers, constexprs, launch.num_warps,
                                     want_asm=args.asm, unit=unit, divisible=divisible)
         asm = report.pop("asm", None)
         direction = "backward" if args.backward else "forward"
@@ -419,11 +419,11 @@ def main():
     parser.add_argument("--short", action="store_true", help="the short-kernel family (shortconv.py)")
     parser.add_argument("--kernel-lens", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--family", default="v5", choices=["v5", "v6"],
-                        help="FlashConv v5 (flashconv3.py) or v6 (monarch_conv.py, Gluon, forward only)")
+                        help="FlashConv v5 (blockfft_conv.py) or v6 (monarch_conv.py, Gluon, forward only)")
     parser.add_argument("--backward", action="store_true", help="v5: the backward kernel")
     parser.add_argument("--asm", help="v5: write the ttgir/ptx of each kernel into this folder")
     parser.add_argument("--channels", type=int, default=1024, help="v5: H of the launch (the benchmark's)")
-    parser.add_argument("--kernel-spectrum", choices=list(flashconv3.KERNEL_SPECTRUM), help="v5: Tuning.kernel_spectrum")
+    parser.add_argument("--kernel-spectrum", choices=list(blockfft_conv.KERNEL_SPECTRUM), help="v5: Tuning.kernel_spectrum")
     parser.add_argument("--blocks", type=int, choices=[1, 2], help="v5: Tuning.blocks")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="with --short")
     parser.add_argument("--directions", nargs="+", default=["fwd", "bwd"], help="with --short or --butterfly")

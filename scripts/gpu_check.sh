@@ -7,7 +7,7 @@
 #   GPU_TEST_WORKERS  pytest-xdist workers for the tests part (default 10; 0 or 1: one process)
 #   BENCH_ARGS     bench_fftconv.py arguments                 BENCH_LIMIT   seconds (default 240)
 #   SWEEP_ARGS     sweep_shortconv.py arguments               SWEEP_LIMIT   seconds (default 150)
-#   EXPLORE_ARGS   explore_flashconv3.py arguments            EXPLORE_LIMIT seconds (default 200)
+#   EXPLORE_ARGS   explore_blockfft_conv.py arguments            EXPLORE_LIMIT seconds (default 200)
 #   V6_ARGS        explore_monarch_conv.py arguments (part "v6", not in the default list: FlashConv
 #                  v6, Gluon, not yet dispatched)             V6_LIMIT      seconds (default 150)
 #   LCCONV_COMMIT  the commit measured, written into every JSON (a copied tree may have no .git)
@@ -69,8 +69,8 @@ for part in ${GPU_PARTS:-tests bench sweep explore}; do
         sweep) run_part sweep "${SWEEP_LIMIT:-150}" python3 benchmarks/sweep_shortconv.py \
                    --out "$OUT/sweep_shortconv.json" ${SWEEP_ARGS:-} ;;
         # shellcheck disable=SC2086
-        explore) run_part explore "${EXPLORE_LIMIT:-200}" python3 benchmarks/explore_flashconv3.py \
-                     --out "$OUT/explore_flashconv3.json" ${EXPLORE_ARGS:-} ;;
+        explore) run_part explore "${EXPLORE_LIMIT:-200}" python3 benchmarks/explore_blockfft_conv.py \
+                     --out "$OUT/explore_blockfft_conv.json" ${EXPLORE_ARGS:-} ;;
         # shellcheck disable=SC2086
         v6) run_part v6 "${V6_LIMIT:-150}" python3 benchmarks/explore_monarch_conv.py \
                 --out "$OUT/explore_monarch_conv.json" ${V6_ARGS:-} ;;

@@ -1,7 +1,7 @@
 """Host cost of one eager ``lcconv::fftconv`` call on the CUDA path, measured on a CPU machine.
 
 The Triton launch itself cannot run without a GPU, so FlashConv v5's kernels are stubbed (a launch
-does nothing) and ``flashconv3.supports`` is made true for CPU tensors: what remains is everything
+does nothing) and ``blockfft_conv.supports`` is made true for CPU tensors: what remains is everything
 the op does in Python up to the launch (dispatch, validation, selection, launch parameters,
 constants, allocations). Reports microseconds per call for each layer, from the launcher alone up
 to the public function with autograd, the torch ops each call dispatches (counted with the
@@ -34,7 +34,7 @@ import triton.language as tl  # noqa: E402
 
 import lcconv_compile  # noqa: E402,F401
 from lcconv_compile import ops  # noqa: E402
-from lcconv_compile.kernels import flashconv3  # noqa: E402
+from lcconv_compile.kernels import blockfft_conv  # noqa: E402
 
 
 @triton.jit
@@ -51,10 +51,10 @@ class _NoLaunch:
 
 
 def stub_kernels():
-    flashconv3.supports = lambda u, k: (u.dtype in flashconv3.MAX_SEQLEN
-                                        and u.shape[-1] <= flashconv3.MAX_SEQLEN[u.dtype])
+    blockfft_conv.supports = lambda u, k: (u.dtype in blockfft_conv.MAX_SEQLEN
+                                        and u.shape[-1] <= blockfft_conv.MAX_SEQLEN[u.dtype])
     for name in ("_fftconv_fwd_kernel", "_fftconv_bwd_kernel"):
-        setattr(flashconv3, name, _NoLaunch())
+        setattr(blockfft_conv, name, _NoLaunch())
 
 
 def count_ops(fn) -> collections.Counter:
@@ -108,12 +108,12 @@ def main():
     grad = torch.randn(args.shape, dtype=torch.bfloat16, device=device)
 
     layers = {
-        "launcher (flashconv3.fftconv_fwd)": lambda: flashconv3.fftconv_fwd(u, k, D),
+        "launcher (blockfft_conv.fftconv_fwd)": lambda: blockfft_conv.fftconv_fwd(u, k, D),
         "fftconv_forward_impl": lambda: ops.fftconv_forward_impl(u, k, D, None, None, False, None),
         "torch.ops.lcconv.fftconv": lambda: torch.ops.lcconv.fftconv(u, k, D),
         "forward": lambda: lcconv_compile.fftconv(u, k, D),
         "forward, inputs require grad": lambda: lcconv_compile.fftconv(ug, kg, Dg),
-        "backward launcher": lambda: flashconv3.fftconv_bwd(grad, u, k, D),
+        "backward launcher": lambda: blockfft_conv.fftconv_bwd(grad, u, k, D),
     }
 
     def forward_backward():

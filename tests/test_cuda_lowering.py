@@ -26,7 +26,7 @@ import triton.language as tl
 import lcconv_compile  # noqa: F401  (registers the op, installs the passes)
 from inputs import random_args, rel_err
 from lcconv_compile import fftconv
-from lcconv_compile.kernels import flashconv3, launch
+from lcconv_compile.kernels import blockfft_conv, launch
 from lcconv_compile.lowering import cuda_lowering, events
 
 HAS_CUDA = torch.cuda.is_available()
@@ -165,7 +165,7 @@ def test_constant_cache_reuses_and_is_bounded(monkeypatch):
 
 def test_launch_parameters_are_cached_per_shape():
     def launch_params(u):
-        return flashconv3._launch(u, flashconv3.Tuning())
+        return blockfft_conv._launch(u, blockfft_conv.Tuning())
 
     first = launch_params(torch.empty(4, 3, 100))
     assert launch_params(torch.empty(4, 3, 100)) is first
@@ -227,14 +227,14 @@ _TRACE_ON_FAKE_CUDA = textwrap.dedent("""
     import logging, torch
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
     import lcconv_compile
-    from lcconv_compile.kernels import blockfft3
+    from lcconv_compile.kernels import blockfft
     from lcconv_compile.lowering import cuda_lowering
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     # No CUDA here: the DFT tiles become CPU graph constants (only the graph is inspected).
-    make_constants = blockfft3._make_constants
-    blockfft3._make_constants = lambda *args: make_constants(*args[:-1], torch.device("cpu"))
+    make_constants = blockfft._make_constants
+    blockfft._make_constants = lambda *args: make_constants(*args[:-1], torch.device("cpu"))
     with FakeTensorMode():
         u = torch.empty(U_SHAPE, device="cuda", dtype=torch.bfloat16)U_VIEW
         k = torch.empty(K_SHAPE, device="cuda")
@@ -278,7 +278,7 @@ def test_stage_traces_forward_launches_on_fake_cuda_tensors(case):
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
     assert lines["kernels"] == "['_fftconv_fwd_kernel']"  # v5: k's spectrum on chip, one launch
     assert lines["op_calls"] == "0"
-    assert lines["constants"].count("_lcconv_blockfft3_") == 6  # the three stages and their inverses
+    assert lines["constants"].count("_lcconv_blockfft_") == 6  # the three stages and their inverses
     assert lines["copies"] == "0"  # u's and k's layouts (strided views) are passed as they are
 
 

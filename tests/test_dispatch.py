@@ -63,11 +63,11 @@ def test_cpu_and_float64_inputs_select_no_kernel():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (families claim CUDA tensors)")
 def test_short_kernels_take_the_short_family_and_long_ones_the_fft():
-    from lcconv_compile.kernels import flashconv3, shortconv
+    from lcconv_compile.kernels import blockfft_conv, shortconv
 
     u = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
     assert kernels.select(u, torch.randn(3, 4, device="cuda")) is shortconv
-    assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is flashconv3
+    assert kernels.select(u, torch.randn(3, 1024, device="cuda")) is blockfft_conv
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 12), (2, 0, 12)])
@@ -96,7 +96,7 @@ def test_inputs_past_32_bit_offsets_go_to_the_reference(channels, family_name):
     assert getattr(family, "__name__", "None").rsplit(".", 1)[-1] == (family_name or "None")
 
 
-@pytest.mark.parametrize("family_name, shape, kernel_len", [("flashconv3", (64, 4096, 8192), 8192),
+@pytest.mark.parametrize("family_name, shape, kernel_len", [("blockfft_conv", (64, 4096, 8192), 8192),
                                                             ("shortconv", (64, 4096, 8192), 4)])
 def test_on_chip_families_refuse_2_31_elements(family_name, shape, kernel_len):
     """u of exactly 2^31 elements is refused, one batch row fewer is taken."""

@@ -250,10 +250,10 @@ def check_family_backward(grad_y, args, tol, tuning=fb.Tuning()):
     assert torch.equal(fb.fftconv_bwd(grad_y, **args, tuning=tuning)[1], got[1]), "dk differs between runs"
 
 
-def test_family_is_dispatched_after_flashconv3():
-    from lcconv_compile.kernels import flashconv3
+def test_family_is_dispatched_after_blockfft_conv():
+    from lcconv_compile.kernels import blockfft_conv
 
-    assert FAMILIES.index(fb) > FAMILIES.index(flashconv3)
+    assert FAMILIES.index(fb) > FAMILIES.index(blockfft_conv)
 
 
 @pytest.mark.parametrize("dtype,seqlen,kernel_len,want", [
@@ -282,7 +282,7 @@ def test_not_on_cpu():
 # ------------------------------------------------------------------------------- on a GPU -----
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the real plans)")
 # Relative error vs float64 (the issue's targets); gradients of half inputs go through GELU' in
-# bf16 and the float16 intermediates twice (flashconv3's tests allow 1e-2 there).
+# bf16 and the float16 intermediates twice (blockfft_conv's tests allow 1e-2 there).
 GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 GPU_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GPU_LENGTHS = [1 << 15, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
@@ -321,11 +321,11 @@ def test_gpu_family_forward_and_backward(L, dtype, options):
 @pytest.mark.cuda
 @requires_cuda
 def test_gpu_dispatch_by_length():
-    from lcconv_compile.kernels import flashconv3
+    from lcconv_compile.kernels import blockfft_conv
 
     k = lambda L: torch.randn(2, L, device="cuda")  # noqa: E731
     select = kernels.select
-    assert select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is flashconv3
+    assert select(torch.randn(1, 2, 16384, device="cuda", dtype=torch.bfloat16), k(16384)) is blockfft_conv
     assert select(torch.randn(1, 2, 16385, device="cuda", dtype=torch.bfloat16), k(16385)) is fb
     assert select(torch.randn(1, 2, 8192, device="cuda"), k(8192)) is None  # float32 past v5: reference
     assert select(torch.randn(1, 2, 1 << 18, device="cuda", dtype=torch.bfloat16), k(1 << 18)) is fb  # N1 = 64

@@ -179,11 +179,11 @@ def test_the_op_runs_v6_when_opted_in_eager_and_compiled(monkeypatch):
     eager."""
     import lcconv_compile
     from lcconv_compile import kernels
-    from lcconv_compile.kernels import flashbutterfly, flashconv3, monarch_conv, shortconv
+    from lcconv_compile.kernels import flashbutterfly, blockfft_conv, monarch_conv, shortconv
     from lcconv_compile.lowering import events
     from lcconv_compile.reference import fftconv_bwd_ref
 
-    monkeypatch.setattr(kernels, "FAMILIES", (shortconv, monarch_conv, flashconv3, flashbutterfly))
+    monkeypatch.setattr(kernels, "FAMILIES", (shortconv, monarch_conv, blockfft_conv, flashbutterfly))
     args = random_args(4, 8, 1024, 1024, dtype=torch.bfloat16, options=True, k_dtype=torch.float32, device="cuda")
     assert kernels.select(args["u"], args["k"]) is monarch_conv
     leaves = {n: v.requires_grad_() for n, v in args.items() if n in ("u", "k", "D", "gate_in", "gate_out")}

@@ -718,7 +718,7 @@ _CUDA = [pytest.mark.cuda, _requires_cuda]
     ("cpu", 256, 16, None),  # CPU: the compiled graph runs the op's reference (an FFT)
     ("cpu", 256, 256, None),
     pytest.param("cuda", 1024, 64, "shortconv", marks=_CUDA),  # Lk <= 128: the short kernels
-    pytest.param("cuda", 1024, 1024, "flashconv3", marks=_CUDA),  # FlashConv v5
+    pytest.param("cuda", 1024, 1024, "blockfft_conv", marks=_CUDA),  # FlashConv v5
 ])
 def test_rewrite_narrows_nan_and_inf_never_widens(device, seqlen, kernel_len, family):
     """README, "NaN and Inf": a rewrite may narrow NaN/Inf propagation, never widen it. Wherever

@@ -3,7 +3,7 @@
 Knows torch and Triton only: no torch.library, no Inductor. The op's forward and backward
 (``ops.py``) both ask :func:`select` which kernel family runs a call, so the two directions can
 never disagree. Adding a family is one module with ``supports``, ``fftconv_fwd`` and
-``fftconv_bwd`` (same signatures as :mod:`.flashconv3`) and one entry in :data:`FAMILIES`, ahead
+``fftconv_bwd`` (same signatures as :mod:`.blockfft_conv`) and one entry in :data:`FAMILIES`, ahead
 of the families it should win against.
 """
 
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import flashbutterfly, flashconv3, monarch_conv, shortconv
+from . import flashbutterfly, blockfft_conv, monarch_conv, shortconv
 
 __all__ = ["FAMILIES", "select"]
 
@@ -23,20 +23,20 @@ __all__ = ["FAMILIES", "select"]
 # says only whether its kernels compute the op correctly for these inputs: where two families
 # could, the one listed first is the one measured faster there. shortconv claims only kernels up
 # to its SHORT_MAX_KERNEL_LEN, where it beats the FFT (benchmarks/sweep_shortconv.py).
-# flashconv3 (FlashConv v5) replaced FlashConv v3 (two-level Monarch FFT, removed; its
+# blockfft_conv (FlashConv v5) replaced FlashConv v3 (two-level Monarch FFT, removed; its
 # measurements are in benchmarks/NOTES.md and git history): 1.0-1.9x faster forward and 1.4-1.6x
 # faster forward+backward, and on chip up to 16K.
-# flashbutterfly (three steps through HBM) takes what flashconv3 leaves, where its split has
+# flashbutterfly (three steps through HBM) takes what blockfft_conv leaves, where its split has
 # N1 <= flashbutterfly.DISPATCH_MAX_N1: measured 1.8-2.2x faster forward than the torch.fft
 # reference from 32K to 2M (bf16); at 4M forward+backward is still slower (benchmarks/NOTES.md,
 # "two-level DFT"), where the op keeps running the reference.
-# monarch_conv (FlashConv v6: a Gluon forward; its backward runs flashconv3's kernels, measured
-# faster than its own) runs ahead of flashconv3 only where LCCONV_FLASHCONV6=1 is set when
+# monarch_conv (FlashConv v6: a Gluon forward; its backward runs blockfft_conv's kernels, measured
+# faster than its own) runs ahead of blockfft_conv only where LCCONV_FLASHCONV6=1 is set when
 # lcconv_compile is imported: correct on the H100 and faster forward, but compiled code cannot
 # launch its Gluon forward (the op call stays: host time per call, and AOTInductor packages would
 # need lcconv_compile where they load), so not the default (benchmarks/NOTES.md, "FlashConv v6").
 EXPERIMENTAL: tuple[ModuleType, ...] = (monarch_conv,) if os.environ.get("LCCONV_FLASHCONV6") == "1" else ()
-FAMILIES: tuple[ModuleType, ...] = (shortconv, *EXPERIMENTAL, flashconv3, flashbutterfly)
+FAMILIES: tuple[ModuleType, ...] = (shortconv, *EXPERIMENTAL, blockfft_conv, flashbutterfly)
 
 
 def select(u: torch.Tensor, k: torch.Tensor) -> Optional[ModuleType]:

@@ -17,7 +17,7 @@ import triton.language as tl
 __all__ = ["gelu", "gelu_grad", "load_gated_pairs", "load_stack", "offsets_fit_int32", "operand", "sm_count",
            "stack_rows", "strides"]
 
-# The kernels compute element offsets in 32-bit integers (e.g. flashconv3 stores at
+# The kernels compute element offsets in 32-bit integers (e.g. blockfft_conv stores at
 # `(b * channels + h) * seqlen + t`, program ids times int32 sizes), so
 # no tensor they index may hold 2^31 elements or more: past that an offset wraps and the kernel
 # reads or writes out of bounds (found as an illegal memory access at (1, 768, 1M), whose

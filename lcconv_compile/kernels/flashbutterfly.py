@@ -14,7 +14,7 @@ for half inputs and float32 for float32 inputs (:func:`intermediate_dtype`). One
 block of columns n2 (and, forward, a block of rows): the factors of its columns are loaded once
 and reused for every row it handles.
 
-K2 (:class:`TritonRowsConv`) runs blockfft3's stages on whole rows (a circular convolution, no
+K2 (:class:`TritonRowsConv`) runs blockfft's stages on whole rows (a circular convolution, no
 zero half; full stage-1 matrices): one program per row (b, h, k1) transforms the row and its
 kernel row ``kz[h, k1] = step1_exact(k)`` chunk by chunk, multiplies and inverse-transforms; w is
 written over z. k's spectrum rows are never stored: one K1 launch with the exact factor makes kz
@@ -32,10 +32,10 @@ results for identical inputs, no atomics.
 Two users: ``lcconv::butterfly_conv`` (learned factors, :func:`butterfly_conv_fwd` /
 :func:`butterfly_conv_bwd`, where :func:`supports_learned`) and the ``fftconv`` family
 (:func:`supports`, :func:`fftconv_fwd`, :func:`fftconv_bwd`: the exact factors, steps 1 and 3 by
-:mod:`fftsteps`; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
+:mod:`butterfly_steps`; no factor tables, no factor gradients). Gates of ``fftconv`` are torch
 multiplies around the kernels (not fused).
 
-Exact factors (the fftconv family, kz, dk): steps 1 and 3 are :mod:`fftsteps`' tensor-core
+Exact factors (the fftconv family, kz, dk): steps 1 and 3 are :mod:`butterfly_steps`' tensor-core
 products (any N1), so these kernels cover every length to 4M; the op dispatches them only where
 they were measured faster than the torch.fft reference (:data:`DISPATCH_MAX_N1`,
 :data:`DISPATCH_DTYPES`).
@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .blockfft3 import (
+from .blockfft import (
     cmul,
     deinterleave,
     forward_chunk,
@@ -79,7 +79,7 @@ from .blockfft3 import (
     load_stage_constants,
     spectrum_offsets,
 )
-from . import fftsteps
+from . import butterfly_steps
 from .common import gelu, gelu_grad, offsets_fit_int32, strides
 from .launch import cached_constants, launch
 
@@ -163,7 +163,7 @@ def _factor_arg(factor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _exact_tiles(tuning: Tuning) -> dict:
-    """The Tuning fields the exact-factor kernels (:mod:`fftsteps`) take."""
+    """The Tuning fields the exact-factor kernels (:mod:`butterfly_steps`) take."""
     return dict(block_n=tuning.block_c, rows_per_program=tuning.rows_per_program, num_warps=tuning.num_warps)
 
 
@@ -247,11 +247,11 @@ def k1_forward(u: torch.Tensor, in_factor: Optional[torch.Tensor], *, split: Opt
                out_dtype: Optional[torch.dtype] = None, alloc: Callable[..., torch.Tensor] = torch.empty,
                tuning: Tuning = Tuning()) -> torch.Tensor:
     """Step 1: ``z (B, H, N1, N2, 2)`` in ``out_dtype`` (default :func:`intermediate_dtype` of u's
-    dtype). ``in_factor=None``: the exact FFT factor of ``split`` (:func:`fftsteps.step1`)."""
+    dtype). ``in_factor=None``: the exact FFT factor of ``split`` (:func:`butterfly_steps.step1`)."""
     batch, channels, seqlen = u.shape
     n1, n2 = _split_of(in_factor, split)
     if in_factor is None:
-        return fftsteps.step1(u, (n1, n2), out_dtype or intermediate_dtype(u.dtype), alloc=alloc,
+        return butterfly_steps.step1(u, (n1, n2), out_dtype or intermediate_dtype(u.dtype), alloc=alloc,
                               **_exact_tiles(tuning))[0]
     block_c = _block_c(n1, n2, tuning)
     rows_per_program = tuning.rows_per_program or 4
@@ -301,11 +301,11 @@ def k3_forward(
     alloc: Callable[..., torch.Tensor] = torch.empty, tuning: Tuning = Tuning(),
 ) -> torch.Tensor:
     """Step 3 and the epilogue: ``y (B, H, L)`` in u's dtype, contiguous (``out_factor=None``: the
-    exact inverse of ``split``, :func:`fftsteps.step3`)."""
+    exact inverse of ``split``, :func:`butterfly_steps.step3`)."""
     batch, channels, seqlen = u.shape
     n1, n2 = _split_of(out_factor, split)
     if out_factor is None:
-        return fftsteps.step3(w, seqlen, u.dtype, scale=1.0 / n1, D=D, skip=u if D is not None else None,
+        return butterfly_steps.step3(w, seqlen, u.dtype, scale=1.0 / n1, D=D, skip=u if D is not None else None,
                               gelu=gelu, dropout_mask=dropout_mask, alloc=alloc, **_exact_tiles(tuning))[0]
     block_c = _block_c(n1, n2, tuning)
     rows_per_program = tuning.rows_per_program or 4
@@ -416,11 +416,11 @@ def _k3_backward_exact(grad_y, w, u, D, gelu, dropout_mask, split, dw_dtype, all
     n1, seqlen = split[0], u.shape[-1]
     tiles = _exact_tiles(tuning)
     if gelu:
-        dc, dD = fftsteps.step3(w, seqlen, torch.float32, scale=1.0 / n1, D=D, skip=u if D is not None else None,
+        dc, dD = butterfly_steps.step3(w, seqlen, torch.float32, scale=1.0 / n1, D=D, skip=u if D is not None else None,
                                 gelu=True, dropout_mask=dropout_mask, grad_y=grad_y, **tiles)
-        dw, unused = fftsteps.step1(dc, split, dw_dtype, scale=1.0 / n1, alloc=alloc, **tiles)
+        dw, unused = butterfly_steps.step1(dc, split, dw_dtype, scale=1.0 / n1, alloc=alloc, **tiles)
         return K3Grads(dw, None, dD, dc)
-    dw, dD = fftsteps.step1(grad_y, split, dw_dtype, scale=1.0 / n1, dropout_mask=dropout_mask,
+    dw, dD = butterfly_steps.step1(grad_y, split, dw_dtype, scale=1.0 / n1, dropout_mask=dropout_mask,
                             dd_with=u if D is not None else None, alloc=alloc, **tiles)
     return K3Grads(dw, None, dD, grad_y, dropout_mask)
 
@@ -462,13 +462,13 @@ def k1_backward(
     tuning: Tuning = Tuning(),
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Backward of step 1: ``(du in u's dtype (with D's skip term D * dc), d_in_factor float32)``;
-    with ``in_factor=None`` (the exact factor of ``split``, :func:`fftsteps.step3`; there ``dc``
+    with ``in_factor=None`` (the exact factor of ``split``, :func:`butterfly_steps.step3`; there ``dc``
     may have any strides and ``dc_mask[b, h]`` scales it) no factor gradient (None)."""
     batch, channels, seqlen = u.shape
     rows = batch * channels
     n1, n2 = _split_of(in_factor, split)
     if in_factor is None:
-        du, unused = fftsteps.step3(dz, seqlen, u.dtype, scale=1.0, D=D, skip=dc if D is not None else None,
+        du, unused = butterfly_steps.step3(dz, seqlen, u.dtype, scale=1.0, D=D, skip=dc if D is not None else None,
                                     skip_mask=dc_mask if D is not None else None, alloc=alloc,
                                     **_exact_tiles(tuning))
         return du, None
@@ -503,9 +503,9 @@ class RowsConv(Protocol):
 
 
 # ------------------------------------------------------------------------------------ K2 ------
-# Step 2 runs blockfft3's stages on complex rows of length N2 = M1 * M2 * M3 that fill the whole
+# Step 2 runs blockfft's stages on complex rows of length N2 = M1 * M2 * M3 that fill the whole
 # row (a circular convolution: no zero half), so stage 1 and its inverse contract all M1 inputs
-# with full (2*M1, 2*M1) DFT matrices; stages 2, 3 and the twiddles are blockfft3's. Every
+# with full (2*M1, 2*M1) DFT matrices; stages 2, 3 and the twiddles are blockfft's. Every
 # contracted / produced dimension stays >= 16 (M1 >= 8, chunk >= 8, M2, M3 >= 8) for sm_90.
 K2_FACTORS = {
     512: (8, 8, 8),
@@ -541,7 +541,7 @@ def _operand_dtype(precision: str) -> torch.dtype:
 
 
 def _k2_make_constants(m1: int, m2: int, m3: int, operand_dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    from .blockfft3 import _dft  # the one DFT-matrix builder
+    from .blockfft import _dft  # the one DFT-matrix builder
 
     mats = (interleaved(_dft(m1, m1, m1, -1.0)), interleaved(_dft(m1, m1, m1, +1.0)),
             interleaved(_dft(m2, m2, m2, -1.0)), interleaved(_dft(m2, m2, m2, +1.0)),
@@ -569,7 +569,7 @@ def _full_chunk_constants(w1_ptr, w1i_ptr, chunk_start, M1: tl.constexpr, CHUNK:
 @triton.jit
 def _row_offsets(row, M: tl.constexpr, M1: tl.constexpr):
     """Offsets of one complex row of an intermediate as an (M, M1, 2) tile [m, j, re/im]:
-    time j*M + m (blockfft3's stack layout), real pairs."""
+    time j*M + m (blockfft's stack layout), real pairs."""
     t = tl.arange(0, M1)[None, :] * M + tl.arange(0, M)[:, None]
     return (row * (M1 * M) + t)[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
 
@@ -675,7 +675,7 @@ def _k2_bwd_kernel(
 
 
 class TritonRowsConv:
-    """:class:`RowsConv` by the K2 kernels (on chip, blockfft3's stages).
+    """:class:`RowsConv` by the K2 kernels (on chip, blockfft's stages).
 
     k's spectrum rows ``K[h, k1, :]`` are ``fft_N2`` of ``kz = step1_exact(k)`` (the exact step-1
     factor applied to k: ``fft_N(k)[k1 + N1 k2] = sum_n2 w_N2^(n2 k2) kz[k1, n2]``). ``kz`` is made
@@ -786,7 +786,7 @@ def split_for(seqlen: int, kernel_len: int, dtype: torch.dtype) -> tuple[int, in
 def split_compiles(dtype: torch.dtype, n1: int, n2: int, learned: bool = False) -> bool:
     """Whether the kernels run this split on a GPU: a step-2 plan for N2 (K2_FACTORS, at most
     K2_MAX_N2[dtype]) and, for learned factors, N1 <= MAX_N1 (their steps 1 and 3 hold
-    BLOCK_C * N1^2 factor values in registers; the exact factor's steps (:mod:`fftsteps`) take
+    BLOCK_C * N1^2 factor values in registers; the exact factor's steps (:mod:`butterfly_steps`) take
     any N1)."""
     return (dtype in KERNEL_DTYPES and n2 in K2_FACTORS and n2 <= K2_MAX_N2[dtype]
             and (n1 <= MAX_N1 or not learned))
@@ -809,7 +809,7 @@ def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the op dispatches ``fftconv(u, k, ...)`` here: CUDA tensors, :func:`covers`, a half
     dtype (:data:`DISPATCH_DTYPES`), a split with N1 <= :data:`DISPATCH_MAX_N1` (where the
     kernels were measured faster than the torch.fft reference) and an intermediate that 32-bit
-    offsets can index (``common.offsets_fit_int32``). Listed after flashconv3 in
+    offsets can index (``common.offsets_fit_int32``). Listed after blockfft_conv in
     kernels.FAMILIES, which takes every length it covers."""
     if not (u.is_cuda and u.dim() == 3 and u.dtype in DISPATCH_DTYPES and k.dtype in KERNEL_DTYPES):
         return False

@@ -43,7 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from . import flashconv3
+from . import blockfft_conv
 from .common import offsets_fit_int32, sm_count, strides
 from .launch import launch
 from .monarch_plan import MonarchPlan, dft_factor, plan_for
@@ -119,7 +119,7 @@ def compiler_visible(direction: str) -> bool:
     return direction == "backward" and BACKWARD_IS_V5
 
 
-# The family's backward: v5's kernels (flashconv3), measured faster than v6's own Gluon backward
+# The family's backward: v5's kernels (blockfft_conv), measured faster than v6's own Gluon backward
 # at every length both have (H100, d6d1dfb: 1K 0.158 vs 0.264 ms, 2K 0.374 vs 0.398;
 # benchmarks/NOTES.md, "FlashConv v6"); v6's own has no plan at 4K. gluon_fftconv_bwd stays
 # tested and measured beside it (tests/test_kernels_monarch_conv.py, explore_monarch_conv.py).
@@ -129,8 +129,8 @@ BACKWARD_IS_V5 = True
 def supports(u: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether this family computes the call in both directions: the forward here
     (:func:`forward_supported`: a Hopper GPU, half u, L 513..4096, k no longer than u) and the
-    backward by v5's kernels (``flashconv3.supports``)."""
-    return forward_supported(u, k) and (flashconv3.supports(u, k) if BACKWARD_IS_V5
+    backward by v5's kernels (``blockfft_conv.supports``)."""
+    return forward_supported(u, k) and (blockfft_conv.supports(u, k) if BACKWARD_IS_V5
                                         else backward_supported(u.shape[-1]))
 
 
@@ -894,7 +894,7 @@ def backward_supported(seqlen: int) -> bool:
 def fftconv_bwd(*args, **kwargs) -> tuple:
     """The family's backward (same signature as :func:`gluon_fftconv_bwd`): v5's kernels where
     BACKWARD_IS_V5 (measured faster), else v6's own."""
-    return (flashconv3.fftconv_bwd if BACKWARD_IS_V5 else gluon_fftconv_bwd)(*args, **kwargs)
+    return (blockfft_conv.fftconv_bwd if BACKWARD_IS_V5 else gluon_fftconv_bwd)(*args, **kwargs)
 
 
 def gluon_fftconv_bwd(

@@ -12,7 +12,7 @@ column, so each is a product ``(BLOCK_M x BLOCK_K) @ (BLOCK_K x BLOCK_N)`` on te
 (``tl.dot``) with the twiddle applied elementwise: one program per (column block, output-row
 block, row group), looping over N1 in BLOCK_K chunks, so any N1 (16 at L = 64K, 256 at 1M,
 1024 at 4M) runs with the same registers. DFT entries and twiddles are computed in registers
-(``blockfft3.twiddle``: exact exponent reduction, no tables). From N1 = 256 to 1024
+(``blockfft.twiddle``: exact exponent reduction, no tables). From N1 = 256 to 1024
 (:func:`two_level`) the steps run the DFT as 16 x N1/16 inside the program instead (section
 "two-level DFT" below): measured 1.3-1.7x the traffic floor at 1M on the H100, where the chunked
 kernels took 5-9x.
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blockfft3 import mma, twiddle
+from .blockfft import mma, twiddle
 from .common import gelu, gelu_grad, operand, strides
 from .launch import launch
 

@@ -1,4 +1,4 @@
-"""FlashConv v5 (kernels/flashconv3.py, kernels/blockfft3.py) against torch.fft and the float64
+"""FlashConv v5 (kernels/blockfft_conv.py, kernels/blockfft.py) against torch.fft and the float64
 reference.
 
 On a CPU-only machine the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET)
@@ -18,7 +18,7 @@ import triton.language as tl
 from inputs import as_float64, poisoned, random_args, rel_err
 from lcconv_compile import reference
 from oracles import assert_backward_matches_reference
-from lcconv_compile.kernels import blockfft3, flashconv3
+from lcconv_compile.kernels import blockfft, blockfft_conv
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -32,9 +32,9 @@ GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 def small_tuning(**fields):
     """A Tuning with small block-FFT factors: Triton's interpreter runs them, a GPU cannot compile
-    them (blockfft3.compiles_on_gpu), so on a GPU the test is skipped, not counted as a pass."""
-    tuning = flashconv3.Tuning(**fields)
-    if HAS_CUDA and not blockfft3.compiles_on_gpu(blockfft3.plan_for(1, tuning.factors, tuning.chunk)):
+    them (blockfft.compiles_on_gpu), so on a GPU the test is skipped, not counted as a pass."""
+    tuning = blockfft_conv.Tuning(**fields)
+    if HAS_CUDA and not blockfft.compiles_on_gpu(blockfft.plan_for(1, tuning.factors, tuning.chunk)):
         pytest.skip(f"factors {tuning.factors} (chunk {tuning.chunk}) are for the interpreter only")
     return tuning
 
@@ -52,38 +52,38 @@ def _block_fft_kernel(x_ptr, out_ptr, w1_ptr, w1i_ptr, w2_ptr, w2i_ptr, w3_ptr, 
     t = tl.arange(0, HALF)[None, :] * M + tl.arange(0, M)[:, None]
     xr = tl.load(x_ptr + row * (M * HALF) + t)
     xi = tl.load(x_ptr + (rows + row) * (M * HALF) + t)
-    x0 = blockfft3.interleave(xr, xi, PRECISION)
-    stage = blockfft3.load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
+    x0 = blockfft.interleave(xr, xi, PRECISION)
+    stage = blockfft.load_stage_constants(w2_ptr, w2i_ptr, w3_ptr, w3i_ptr, N2, N3)
     size: tl.constexpr = CHUNK * N2 * N3
     offs = tl.arange(0, CHUNK * N2)[:, None] * N3 + tl.arange(0, N3)[None, :]
     for chunk_start in tl.range(0, N1, CHUNK):
-        w1, unused_w1i = blockfft3.load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
-        sr, si = blockfft3.forward_chunk(x0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
+        w1, unused_w1i = blockfft.load_chunk_constants(w1_ptr, w1i_ptr, chunk_start, N1, CHUNK)
+        sr, si = blockfft.forward_chunk(x0, w1, chunk_start, stage, 1, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         base = (chunk_start // CHUNK) * size
         tl.store(out_ptr + row * (N1 * M) + base + offs, sr)
         tl.store(out_ptr + (rows + row) * (N1 * M) + base + offs, si)
 
 
-def block_fft(x: torch.Tensor, plan: blockfft3.BlockFFTPlan, precision: str = "ieee") -> torch.Tensor:
+def block_fft(x: torch.Tensor, plan: blockfft.BlockFFTPlan, precision: str = "ieee") -> torch.Tensor:
     """U x (unitary DFT of size N, natural order) of complex rows x (R, <= N/2) via the kernel's
     forward transform; a test of the helpers against torch.fft."""
     rows, length = x.shape
     padded = torch.zeros(2, rows, plan.fft_size // 2, dtype=torch.float32, device=x.device)
     padded[0, :, :length], padded[1, :, :length] = x.real, x.imag
     operand_dtype = torch.float16 if precision == "fp16" else torch.float32
-    consts = blockfft3.block_fft_constants(plan, operand_dtype, x.device)
+    consts = blockfft.block_fft_constants(plan, operand_dtype, x.device)
     out = torch.full((2, rows, plan.fft_size), math.nan, dtype=torch.float32, device=x.device)
     _block_fft_kernel[(rows,)](padded, out, *consts, N1=plan.n1, N2=plan.n2, N3=plan.n3,
                                CHUNK=plan.chunk, PRECISION=precision, FAST_TRIG=x.is_cuda,
                                num_warps=4)
     natural = torch.empty(rows, plan.fft_size, dtype=torch.complex64, device=x.device)
-    natural[:, blockfft3.spectrum_order(plan).to(x.device)] = torch.complex(out[0], out[1])
+    natural[:, blockfft.spectrum_order(plan).to(x.device)] = torch.complex(out[0], out[1])
     return natural
 
 
-def check_forward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
+def check_forward(B, H, L, Lk, dtype, options, tuning=blockfft_conv.Tuning()):
     args = random_args(B, H, L, Lk, dtype=dtype, options=options, device=DEVICE, k_dtype=torch.float32)
-    y = flashconv3.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
+    y = blockfft_conv.fftconv_fwd(**args, alloc=poisoned, tuning=tuning)
     assert y.dtype == dtype and y.shape == (B, H, L)
     assert not torch.isnan(y).any(), "kernel left output elements unwritten"
     err = rel_err(y, reference.fftconv_ref(**as_float64(args)))
@@ -91,10 +91,10 @@ def check_forward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
     return err
 
 
-def check_backward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
+def check_backward(B, H, L, Lk, dtype, options, tuning=blockfft_conv.Tuning()):
     args = random_args(B, H, L, Lk, dtype=dtype, options=options, device=DEVICE, k_dtype=torch.float32)
     grad_y = torch.randn(B, H, L, device=DEVICE).to(dtype)
-    got = flashconv3.fftconv_bwd(grad_y, **args, alloc=poisoned, tuning=tuning)
+    got = blockfft_conv.fftconv_bwd(grad_y, **args, alloc=poisoned, tuning=tuning)
     assert_backward_matches_reference(got, grad_y, args, GRAD_TOL[dtype])
 
 
@@ -102,7 +102,7 @@ def check_backward(B, H, L, Lk, dtype, options, tuning=flashconv3.Tuning()):
 @pytest.mark.parametrize("factors,chunk", [((4, 4, 4), 2), ((8, 8, 4), 4), ((4, 2, 8), 4), ((16, 8, 8), 8)])
 def test_block_fft_matches_torch_fft(factors, chunk):
     small_tuning(factors=factors, chunk=chunk)  # skips on a GPU where the plan cannot compile
-    plan = blockfft3.plan_for(1, factors=factors, chunk=chunk)
+    plan = blockfft.plan_for(1, factors=factors, chunk=chunk)
     x = torch.randn(3, plan.fft_size // 2, dtype=torch.complex64, device=DEVICE)
     got = block_fft(x, plan)
     want = torch.fft.fft(x.cpu().to(torch.complex128), n=plan.fft_size) / math.sqrt(plan.fft_size)
@@ -110,7 +110,7 @@ def test_block_fft_matches_torch_fft(factors, chunk):
 
 
 def test_block_fft_fp16_operands_stay_accurate():
-    plan = blockfft3.plan_for(1, factors=(16, 8, 8))
+    plan = blockfft.plan_for(1, factors=(16, 8, 8))
     x = torch.randn(2, plan.fft_size // 2, dtype=torch.complex64, device=DEVICE)
     x = x / x.abs().amax(dim=1, keepdim=True)  # the kernels feed max-scaled rows
     got = block_fft(x, plan, precision="fp16")
@@ -119,8 +119,8 @@ def test_block_fft_fp16_operands_stay_accurate():
 
 
 def test_stage_matrices_are_unitary_and_interleaved():
-    plan = blockfft3.plan_for(100)
-    w1, w1i, w2, w2i, w3, w3i = blockfft3.block_fft_constants(plan, torch.float32, "cpu")
+    plan = blockfft.plan_for(100)
+    w1, w1i, w2, w2i, w3, w3i = blockfft.block_fft_constants(plan, torch.float32, "cpu")
     for fwd, inv in ((w2, w2i), (w3, w3i)):
         torch.testing.assert_close(fwd.double() @ inv.double(), torch.eye(fwd.shape[0], dtype=torch.float64),
                                    atol=1e-6, rtol=0)
@@ -128,35 +128,35 @@ def test_stage_matrices_are_unitary_and_interleaved():
     torch.testing.assert_close(w1.double() @ w1i.double(), torch.eye(plan.n1, dtype=torch.float64), atol=1e-6, rtol=0)
     z = torch.randn(5, 3, dtype=torch.complex128)
     f = torch.randn(3, 4, dtype=torch.complex128)
-    prod = torch.view_as_real(z).reshape(5, 6) @ blockfft3.interleaved(f)
+    prod = torch.view_as_real(z).reshape(5, 6) @ blockfft.interleaved(f)
     torch.testing.assert_close(torch.view_as_complex(prod.reshape(5, 4, 2).contiguous()), z @ f)
 
 
 def test_plan_sizes_and_refusals():
     for seqlen in (1, 5, 512, 513, 1000, 4096, 8192):
-        plan = blockfft3.plan_for(seqlen)
+        plan = blockfft.plan_for(seqlen)
         assert plan.fft_size >= 2 * seqlen and plan.n1 * plan.n2 * plan.n3 == plan.fft_size
         assert plan.n1 >= 16 and min(plan.n2, plan.n3) >= 8 and 2 * plan.chunk >= 16
     with pytest.raises(ValueError, match="seqlen=8193"):
-        blockfft3.plan_for(8193)
+        blockfft.plan_for(8193)
     with pytest.raises(ValueError, match="factors"):
-        blockfft3.plan_for(100, factors=(4, 4, 4))  # N = 64 < 200
+        blockfft.plan_for(100, factors=(4, 4, 4))  # N = 64 < 200
     with pytest.raises(ValueError, match="factors"):
-        blockfft3.plan_for(10, factors=(4, 3, 4))
+        blockfft.plan_for(10, factors=(4, 3, 4))
     with pytest.raises(ValueError, match="chunk"):
-        blockfft3.plan_for(10, factors=(4, 4, 4), chunk=8)
+        blockfft.plan_for(10, factors=(4, 4, 4), chunk=8)
 
 
 def test_launch_defaults_per_direction():
     """The measured defaults: a wider N1 for the forward at N >= 8192, the table's plan and more
     warps for the backward; explicit tunings win."""
     u = torch.empty(8, 4, 4096, dtype=torch.bfloat16)
-    fwd, bwd = flashconv3._launch(u, flashconv3.Tuning()), flashconv3._launch(u, flashconv3.Tuning(), backward=True)
+    fwd, bwd = blockfft_conv._launch(u, blockfft_conv.Tuning()), blockfft_conv._launch(u, blockfft_conv.Tuning(), backward=True)
     assert (fwd.plan.n1, fwd.plan.n2, fwd.plan.n3, fwd.num_warps) == (64, 16, 8, 4)
     assert (bwd.plan.n1, bwd.plan.n2, bwd.plan.n3, bwd.num_warps) == (32, 16, 16, 8)
-    assert flashconv3._launch(torch.empty(8, 4, 1024), flashconv3.Tuning()).pairs == 4
-    assert flashconv3._launch(torch.empty(2, 4, 1024), flashconv3.Tuning()).pairs == 1  # one pair in the batch
-    mine = flashconv3._launch(u, small_tuning(factors=(32, 16, 16), num_warps=16, pairs=2))
+    assert blockfft_conv._launch(torch.empty(8, 4, 1024), blockfft_conv.Tuning()).pairs == 4
+    assert blockfft_conv._launch(torch.empty(2, 4, 1024), blockfft_conv.Tuning()).pairs == 1  # one pair in the batch
+    mine = blockfft_conv._launch(u, small_tuning(factors=(32, 16, 16), num_warps=16, pairs=2))
     assert (mine.plan.n1, mine.num_warps, mine.pairs) == (32, 16, 2)
 
 
@@ -204,7 +204,7 @@ def test_forward_channel_scales_are_independent():
     args = random_args(4, 3, 100, 80, dtype=torch.bfloat16, options=False, device=DEVICE, k_dtype=torch.float32)
     args["u"] = (args["u"].float() * torch.tensor([1e-3, 1.0, 1e3], device=DEVICE)[:, None]).bfloat16()
     args["k"] = args["k"] * torch.tensor([[1e2], [1e-4], [1.0]], device=DEVICE)
-    y = flashconv3.fftconv_fwd(**args, alloc=poisoned, tuning=small_tuning(factors=(8, 8, 4), chunk=4))
+    y = blockfft_conv.fftconv_fwd(**args, alloc=poisoned, tuning=small_tuning(factors=(8, 8, 4), chunk=4))
     want = reference.fftconv_ref(**as_float64(args))
     for h in range(3):
         assert rel_err(y[:, h], want[:, h]) < TOL[torch.bfloat16], f"channel {h}"
@@ -214,9 +214,9 @@ def test_kernel_spectrum_is_recomputed_every_call():
     """A changed k (new data, same tensor) must never reuse a stale spectrum."""
     args = random_args(2, 2, 64, 64, dtype=torch.float32, options=False, device=DEVICE)
     tuning = small_tuning(factors=(8, 4, 4), chunk=4)
-    y1 = flashconv3.fftconv_fwd(**args, tuning=tuning)
+    y1 = blockfft_conv.fftconv_fwd(**args, tuning=tuning)
     args["k"].copy_(torch.randn_like(args["k"]))
-    y2 = flashconv3.fftconv_fwd(**args, tuning=tuning)
+    y2 = blockfft_conv.fftconv_fwd(**args, tuning=tuning)
     assert rel_err(y2, reference.fftconv_ref(**as_float64(args))) < TOL[torch.float32]
     assert not torch.allclose(y1, y2)
 
@@ -243,8 +243,8 @@ def test_backward_stacks_agree_and_dk_is_deterministic(pairs):
     args = random_args(7, 2, 60, 40, dtype=torch.float32, options=True, device=DEVICE)
     grad_y = torch.randn(7, 2, 60, device=DEVICE)
     tuning = small_tuning(pairs=pairs, factors=(8, 4, 4), chunk=4)
-    first = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
-    second = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    first = blockfft_conv.fftconv_bwd(grad_y, **args, tuning=tuning)
+    second = blockfft_conv.fftconv_bwd(grad_y, **args, tuning=tuning)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     want = reference.fftconv_bwd_ref(grad_y.double(), **as_float64(args))
     for name, got, ref in zip(want._fields, first, want):
@@ -252,7 +252,7 @@ def test_backward_stacks_agree_and_dk_is_deterministic(pairs):
 
 
 # --------------------------------------------------- k spectrum per item or per stack --
-KNOBS = [flashconv3.Tuning(kernel_spectrum=spectrum) for spectrum in flashconv3.KERNEL_SPECTRUM]
+KNOBS = [blockfft_conv.Tuning(kernel_spectrum=spectrum) for spectrum in blockfft_conv.KERNEL_SPECTRUM]
 
 
 @pytest.mark.parametrize("knobs", KNOBS, ids=lambda t: t.kernel_spectrum)
@@ -263,12 +263,12 @@ def test_forward_knobs_agree(knobs, channels):
     groups of 1 stack, three channels into 2 groups of 2 stacks), with k's spectrum kept per
     item or recomputed per stack."""
     tuning = small_tuning(**{**dataclasses.asdict(knobs), "pairs": 1, "factors": (8, 4, 4), "chunk": 4})
-    assert [flashconv3._launch(torch.empty(7, channels, 60), tuning).groups] == [{1: 4, 3: 2}[channels]]
+    assert [blockfft_conv._launch(torch.empty(7, channels, 60), tuning).groups] == [{1: 4, 3: 2}[channels]]
     check_forward(7, channels, 60, 45, torch.float32, True, tuning)
     check_forward(7, channels, 60, 45, torch.bfloat16, False, tuning)
 
 
-@pytest.mark.parametrize("kernel_spectrum", flashconv3.KERNEL_SPECTRUM)
+@pytest.mark.parametrize("kernel_spectrum", blockfft_conv.KERNEL_SPECTRUM)
 def test_backward_kernel_spectrum_agree(kernel_spectrum):
     tuning = small_tuning(pairs=1, factors=(8, 4, 4), chunk=4, kernel_spectrum=kernel_spectrum)
     check_backward(5, 2, 60, 33, torch.float32, True, tuning)
@@ -276,27 +276,27 @@ def test_backward_kernel_spectrum_agree(kernel_spectrum):
 
 def test_launch_knob_defaults_and_refusals():
     u = torch.empty(8, 1024, 4096, dtype=torch.bfloat16, device="meta")
-    launch = flashconv3._launch(u, flashconv3.Tuning())
+    launch = blockfft_conv._launch(u, blockfft_conv.Tuning())
     # B=8 at 4K: 4 stacks of 1 pair per channel -> the spectrum is kept per item.
     assert (launch.kernel_spectrum, launch.stacks_per_item, launch.blocks) == ("scratch", 4, 1)
     assert launch.groups == 1  # 1024 channels fill ITEMS_PER_SM x 1 SM on a meta tensor
     # One stack per item (1K: 4 pairs per stack): nothing to share, no scratch round trip.
-    assert flashconv3._launch(u[..., :1024], flashconv3.Tuning()).kernel_spectrum == "recompute"
+    assert blockfft_conv._launch(u[..., :1024], blockfft_conv.Tuning()).kernel_spectrum == "recompute"
     with pytest.raises(ValueError, match="kernel_spectrum"):
-        flashconv3._launch(u, flashconv3.Tuning(kernel_spectrum="cached"))
+        blockfft_conv._launch(u, blockfft_conv.Tuning(kernel_spectrum="cached"))
     with pytest.raises(ValueError, match="blocks"):
-        flashconv3._launch(u, flashconv3.Tuning(blocks=3))
+        blockfft_conv._launch(u, blockfft_conv.Tuning(blocks=3))
 
 
 # ---------------------------------------------- two on-chip blocks (L up to 2 x one plan) --
 def test_two_blocks_by_default_beyond_one_plan():
     for dtype, seqlen, plan_size in ((torch.bfloat16, 16384, 16384), (torch.float16, 9000, 16384),
                                      (torch.float32, 4096, 4096), (torch.float32, 2049, 4096)):
-        launch = flashconv3._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), flashconv3.Tuning())
+        launch = blockfft_conv._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), blockfft_conv.Tuning())
         assert (launch.blocks, launch.plan.fft_size) == (2, plan_size), (dtype, seqlen)
     for dtype, seqlen in ((torch.bfloat16, 8192), (torch.float32, 2048)):
-        assert flashconv3._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), flashconv3.Tuning()).blocks == 1
-    assert flashconv3.MAX_SEQLEN == {torch.bfloat16: 16384, torch.float16: 16384, torch.float32: 4096}
+        assert blockfft_conv._launch(torch.empty(8, 4, seqlen, dtype=dtype, device="meta"), blockfft_conv.Tuning()).blocks == 1
+    assert blockfft_conv.MAX_SEQLEN == {torch.bfloat16: 16384, torch.float16: 16384, torch.float32: 4096}
 
 
 TWO_BLOCKS = [
@@ -313,7 +313,7 @@ TWO_BLOCKS = [
 @pytest.mark.parametrize("options", [False, True])
 def test_forward_two_blocks(shape, options):
     B, H, L, Lk, factors, chunk = shape
-    for spectrum in flashconv3.KERNEL_SPECTRUM:
+    for spectrum in blockfft_conv.KERNEL_SPECTRUM:
         tuning = small_tuning(blocks=2, factors=factors, chunk=chunk, kernel_spectrum=spectrum)
         check_forward(B, H, L, Lk, torch.float32, options, tuning)
 
@@ -335,8 +335,8 @@ def test_backward_two_blocks_half_and_deterministic():
     check_backward(5, 2, 250, 250, torch.bfloat16, True, tuning)
     args = random_args(5, 2, 250, 250, dtype=torch.float32, options=True, device=DEVICE)
     grad_y = torch.randn(5, 2, 250, device=DEVICE)
-    first = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
-    second = flashconv3.fftconv_bwd(grad_y, **args, tuning=tuning)
+    first = blockfft_conv.fftconv_bwd(grad_y, **args, tuning=tuning)
+    second = blockfft_conv.fftconv_bwd(grad_y, **args, tuning=tuning)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
 
 
@@ -353,19 +353,19 @@ def test_gpu_refuses_plans_it_cannot_compile():
     with FakeTensorMode():  # CUDA tensors without a GPU: _launch reads shapes, dtypes, devices
         u = torch.empty(2, 3, 60, device="cuda")
     with pytest.raises(ValueError, match="a GPU needs n1 >= 16"):
-        flashconv3._launch(u, flashconv3.Tuning(factors=(8, 4, 4), chunk=4))
-    assert flashconv3._launch(u, flashconv3.Tuning()).plan.fft_size == blockfft3.MIN_FFT_SIZE
-    assert all(blockfft3.compiles_on_gpu(blockfft3.plan_for(1, f)) for f in blockfft3.FACTORS.values())
+        blockfft_conv._launch(u, blockfft_conv.Tuning(factors=(8, 4, 4), chunk=4))
+    assert blockfft_conv._launch(u, blockfft_conv.Tuning()).plan.fft_size == blockfft.MIN_FFT_SIZE
+    assert all(blockfft.compiles_on_gpu(blockfft.plan_for(1, f)) for f in blockfft.FACTORS.values())
 
 
 def test_supports():
     u, k = torch.randn(1, 1, 16), torch.randn(1, 16)
-    assert not flashconv3.supports(u, k)  # CPU tensors: another family or the reference
+    assert not blockfft_conv.supports(u, k)  # CPU tensors: another family or the reference
     if HAS_CUDA:
-        assert flashconv3.supports(u.cuda(), k.cuda())
-        too_long = torch.randn(1, 1, flashconv3.MAX_SEQLEN[torch.float32] + 1, device="cuda")
-        assert not flashconv3.supports(too_long, k.cuda())
-        assert flashconv3.supports(too_long.bfloat16(), k.cuda())
+        assert blockfft_conv.supports(u.cuda(), k.cuda())
+        too_long = torch.randn(1, 1, blockfft_conv.MAX_SEQLEN[torch.float32] + 1, device="cuda")
+        assert not blockfft_conv.supports(too_long, k.cuda())
+        assert blockfft_conv.supports(too_long.bfloat16(), k.cuda())
 
 
 # ----------------------------------------------------------------------------- on the GPU --
@@ -374,8 +374,8 @@ def test_supports():
 @pytest.mark.parametrize("L", [1, 16, 100, 511, 1024, 2048, 4095, 4096, 8192, 12000, 16384])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_gpu_lengths(L, dtype):
-    if L > flashconv3.MAX_SEQLEN[dtype]:
-        pytest.skip(f"{dtype} beyond {flashconv3.MAX_SEQLEN[dtype]}: not a v5 size")
+    if L > blockfft_conv.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {blockfft_conv.MAX_SEQLEN[dtype]}: not a v5 size")
     check_forward(4, 64, L, max(1, L // 3 if L % 2 else L), dtype, options=True)
 
 
@@ -389,8 +389,8 @@ def test_forward_gpu_large(B, H, L, options):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("tuning", [flashconv3.Tuning(num_warps=8), flashconv3.Tuning(pairs=1),
-                                    flashconv3.Tuning(pairs=4), flashconv3.Tuning(chunk=16)] + KNOBS)
+@pytest.mark.parametrize("tuning", [blockfft_conv.Tuning(num_warps=8), blockfft_conv.Tuning(pairs=1),
+                                    blockfft_conv.Tuning(pairs=4), blockfft_conv.Tuning(chunk=16)] + KNOBS)
 def test_forward_gpu_tunings_agree(tuning):
     check_forward(8, 64, 1024, 1024, torch.bfloat16, True, tuning)
     check_forward(8, 64, 4096, 4096, torch.bfloat16, True, tuning)
@@ -403,8 +403,8 @@ def test_forward_gpu_tunings_agree(tuning):
 @pytest.mark.parametrize("options", [False, True])
 @pytest.mark.parametrize("B", [6, 1])  # B <= 2: one stack per program (the kernel-spectrum default differs)
 def test_backward_gpu(L, dtype, options, B):
-    if L > flashconv3.MAX_SEQLEN[dtype]:
-        pytest.skip(f"{dtype} beyond {flashconv3.MAX_SEQLEN[dtype]}: not a v5 size")
+    if L > blockfft_conv.MAX_SEQLEN[dtype]:
+        pytest.skip(f"{dtype} beyond {blockfft_conv.MAX_SEQLEN[dtype]}: not a v5 size")
     check_backward(B, 48, L, max(1, L // 2), dtype, options)
 
 
@@ -412,9 +412,9 @@ def test_backward_gpu(L, dtype, options, B):
 def test_two_block_backward_never_recomputes_the_kernel_spectrum(dtype, L):
     """Recomputing k's spectrum per program needs > 227 KB of shared memory in the two-block
     backward (compile_check): the launch must keep it in scratch even for one stack (B <= 2)."""
-    launch = flashconv3._launch_for((1, 4, L), dtype, torch.device("cuda"), flashconv3.Tuning(), True)
+    launch = blockfft_conv._launch_for((1, 4, L), dtype, torch.device("cuda"), blockfft_conv.Tuning(), True)
     assert launch.blocks == 2 and launch.kernel_spectrum == "scratch"
-    forward = flashconv3._launch_for((1, 4, L), dtype, torch.device("cuda"), flashconv3.Tuning(), False)
+    forward = blockfft_conv._launch_for((1, 4, L), dtype, torch.device("cuda"), blockfft_conv.Tuning(), False)
     assert forward.kernel_spectrum == "recompute"  # fits (160 / 231 KB): no round trip
 
 
@@ -424,8 +424,8 @@ def test_backward_gpu_large_batch_is_deterministic():
     args = random_args(16, 256, 2048, 2048, dtype=torch.bfloat16, options=True, device="cuda",
                        k_dtype=torch.float32)
     grad_y = torch.randn(16, 256, 2048, device="cuda", dtype=torch.bfloat16)
-    first = flashconv3.fftconv_bwd(grad_y, **args)
-    second = flashconv3.fftconv_bwd(grad_y, **args)
+    first = blockfft_conv.fftconv_bwd(grad_y, **args)
+    second = blockfft_conv.fftconv_bwd(grad_y, **args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -446,7 +446,7 @@ def test_a_nonfinite_row_does_not_reach_its_packed_partner(blocks, dtype):
     D = torch.randn(H, device=DEVICE)
     u[0, 1, L // 2] = float("nan")
     u[1, 2, L // 3] = float("inf")
-    y = flashconv3.fftconv_fwd(u, k, D, tuning=tuning)
+    y = blockfft_conv.fftconv_fwd(u, k, D, tuning=tuning)
     bad = torch.zeros(B, H, dtype=torch.bool)
     bad[0, 1] = bad[1, 2] = True
     assert torch.equal((~y.isfinite()).all(-1).cpu(), bad) and torch.equal((~y.isfinite()).any(-1).cpu(), bad)
@@ -456,7 +456,7 @@ def test_a_nonfinite_row_does_not_reach_its_packed_partner(blocks, dtype):
     u = torch.randn(B, H, L, device=DEVICE).to(dtype)
     dy = torch.randn(B, H, L, device=DEVICE).to(dtype)
     dy[1, 0, L // 4] = float("nan")
-    du, dk, dD, _, _ = flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning)
+    du, dk, dD, _, _ = blockfft_conv.fftconv_bwd(dy, u, k, D, tuning=tuning)
     bad = torch.zeros(B, H, dtype=torch.bool)
     bad[1, 0] = True
     assert torch.equal((~du.isfinite()).all(-1).cpu(), bad) and torch.equal((~du.isfinite()).any(-1).cpu(), bad)

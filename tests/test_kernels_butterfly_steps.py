@@ -1,4 +1,4 @@
-"""kernels/fftsteps.py: FlashButterfly's exact-factor steps 1 and 3 (tensor-core DFT of size N1 +
+"""kernels/butterfly_steps.py: FlashButterfly's exact-factor steps 1 and 3 (tensor-core DFT of size N1 +
 twiddle) in every mode, against float64 sums written out with torch.fft, outputs poisoned.
 
 CPU: Triton's interpreter at small sizes, including N1 < 16 (padded blocks), N1 = 128 (two
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from inputs import poisoned, rel_err, sum_err
-from lcconv_compile.kernels import fftsteps
+from lcconv_compile.kernels import butterfly_steps
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -57,13 +57,13 @@ def test_step1(n1, n2, L, dtype):
     x = torch.randn(B, L, H).transpose(1, 2)  # non-contiguous
     mask = (torch.rand(B, H) > 0.3).float() / 0.7
     u = torch.randn(B, H, L)
-    z, dd = fftsteps.step1(x, (n1, n2), dtype, scale=0.25, dropout_mask=mask, dd_with=u, alloc=poisoned, block_n=4)
+    z, dd = butterfly_steps.step1(x, (n1, n2), dtype, scale=0.25, dropout_mask=mask, dd_with=u, alloc=poisoned, block_n=4)
     assert z.dtype == dtype and z.shape == (B, H, n1, n2, 2)
     tol = 1e-6 if dtype == torch.float32 else 2e-3
     assert rel_err(z, torch.view_as_real(step1_ref(x, n1, n2, 0.25, mask))) < tol
     terms = x.double() * mask.double()[..., None] * u.double()  # dD's sum: its terms cancel
     assert sum_err(dd, terms.sum((0, 2)), terms.abs().sum((0, 2))) < 1e-6
-    z0, dd0 = fftsteps.step1(x, (n1, n2), dtype, alloc=poisoned)
+    z0, dd0 = butterfly_steps.step1(x, (n1, n2), dtype, alloc=poisoned)
     assert dd0 is None and rel_err(z0, torch.view_as_real(step1_ref(x, n1, n2))) < tol
 
 
@@ -77,7 +77,7 @@ def test_step3_value(n1, n2, L, dtype, gelu):
     skip, D = torch.randn(B, H, L), torch.randn(H)
     skip_mask = (torch.rand(B, H) > 0.3).float()
     mask = (torch.rand(B, H) > 0.3).float() / 0.7
-    y, none = fftsteps.step3(as_pairs(z, dtype), L, torch.float32, scale=0.5, D=D, skip=skip, skip_mask=skip_mask,
+    y, none = butterfly_steps.step3(as_pairs(z, dtype), L, torch.float32, scale=0.5, D=D, skip=skip, skip_mask=skip_mask,
                              gelu=gelu, dropout_mask=mask, alloc=poisoned, block_n=4)
     assert none is None and y.shape == (B, H, L) and y.dtype == torch.float32
     c = step3_ref(torch.view_as_complex(as_pairs(z, dtype).double()), L, 0.5)
@@ -95,7 +95,7 @@ def test_step3_grad_mode(n1, n2, L, gelu):
     z = torch.randn(B, H, n1, n2, dtype=torch.complex128)
     u, D, dy = torch.randn(B, H, L), torch.randn(H), torch.randn(B, L, H).transpose(1, 2)
     mask = (torch.rand(B, H) > 0.3).float() / 0.7
-    dc, dD = fftsteps.step3(as_pairs(z, torch.float32), L, torch.float32, scale=1 / n1, D=D, skip=u, gelu=gelu,
+    dc, dD = butterfly_steps.step3(as_pairs(z, torch.float32), L, torch.float32, scale=1 / n1, D=D, skip=u, gelu=gelu,
                             dropout_mask=mask, grad_y=dy, alloc=poisoned, block_n=4)
     c = step3_ref(z, L, 1 / n1) + D.double()[:, None] * u.double()
     c.requires_grad_(True)
@@ -106,13 +106,13 @@ def test_step3_grad_mode(n1, n2, L, gelu):
 
 
 def test_blocks():
-    assert fftsteps.blocks_for(4, 8192, "fp16")[:3] == (16, 128, 16)  # padded to sm_90's 16
-    assert fftsteps.blocks_for(128, 8192, "fp16")[:3] == (64, 64, 64)  # chunked
-    assert fftsteps.blocks_for(128, 2048, "tf32x3")[:3] == (64, 32, 64)
-    assert fftsteps.blocks_for(256, 8192, "fp16")[:3] == (256, 16, 16)  # two-level: all of N1
-    assert fftsteps.blocks_for(1024, 8192, "fp16")[:3] == (1024, 4, 16)
-    assert fftsteps.blocks_for(1024, 2048, "tf32x3")[:3] == (1024, 4, 16)
-    assert fftsteps.blocks_for(2048, 2048, "tf32x3")[:3] == (64, 32, 64)  # too large for two levels
+    assert butterfly_steps.blocks_for(4, 8192, "fp16")[:3] == (16, 128, 16)  # padded to sm_90's 16
+    assert butterfly_steps.blocks_for(128, 8192, "fp16")[:3] == (64, 64, 64)  # chunked
+    assert butterfly_steps.blocks_for(128, 2048, "tf32x3")[:3] == (64, 32, 64)
+    assert butterfly_steps.blocks_for(256, 8192, "fp16")[:3] == (256, 16, 16)  # two-level: all of N1
+    assert butterfly_steps.blocks_for(1024, 8192, "fp16")[:3] == (1024, 4, 16)
+    assert butterfly_steps.blocks_for(1024, 2048, "tf32x3")[:3] == (1024, 4, 16)
+    assert butterfly_steps.blocks_for(2048, 2048, "tf32x3")[:3] == (64, 32, 64)  # too large for two levels
 
 
 # ------------------------------------------------------------------------------- on a GPU -----
@@ -123,14 +123,14 @@ def test_blocks():
 def test_gpu_steps(n1, n2, dtype):
     B, H, L = 1, 2, n1 * n2 // 2 + 3
     x = torch.randn(B, H, L, device="cuda")
-    z, unused = fftsteps.step1(x, (n1, n2), dtype, alloc=poisoned)
+    z, unused = butterfly_steps.step1(x, (n1, n2), dtype, alloc=poisoned)
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     assert rel_err(z.cpu(), torch.view_as_real(step1_ref(x.cpu(), n1, n2))) < tol
     mask = torch.tensor([[1.0, 0.0]], device="cuda")
     dy = torch.randn(B, H, L, device="cuda")
     for grad in (False, True):
-        y, unused = fftsteps.step3(z, L, torch.float32, scale=1 / n1, D=torch.randn(H, device="cuda"), skip=x,
+        y, unused = butterfly_steps.step3(z, L, torch.float32, scale=1 / n1, D=torch.randn(H, device="cuda"), skip=x,
                                    gelu=True, dropout_mask=mask, grad_y=dy if grad else None, alloc=poisoned)
         assert not torch.isnan(y).any()
-    y, unused = fftsteps.step3(z, L, torch.float32, scale=1 / n1, alloc=poisoned)
+    y, unused = butterfly_steps.step3(z, L, torch.float32, scale=1 / n1, alloc=poisoned)
     assert rel_err(y, x) < tol  # step 3 inverts step 1

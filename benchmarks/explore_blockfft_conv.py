@@ -3,7 +3,7 @@ per stack) against the v5.1 knobs one at a time (k's spectrum once per item, per
 prefetch, register caps), torch.fft and the memory floor, with variants that skip stages (what
 bounds the kernel); forward, backward and both.
 
-    python benchmarks/explore_flashconv3.py --out explore_flashconv3.json [--lengths 1024 4096 8192 16384]
+    python benchmarks/explore_blockfft_conv.py --out explore_blockfft_conv.json [--lengths 1024 4096 8192 16384]
                                             [--extra]   # + the "forward" variant, chunk/warp/pair choices
 
 Shapes: B=8, H=1024, u bf16, k and D float32; forward, and forward + backward (kernels called
@@ -25,7 +25,7 @@ import triton
 
 from common import copy_bandwidth, run_metadata, write_results  # this folder
 from lcconv_compile import reference
-from lcconv_compile.kernels import flashconv3
+from lcconv_compile.kernels import blockfft_conv
 
 
 def torch_fft_conv(u, k, D):
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--extra", action="store_true", help="also the older Tuning rows (v3/v4 were removed: NOTES.md has their numbers)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1024)
-    parser.add_argument("--out", default="explore_flashconv3.json")
+    parser.add_argument("--out", default="explore_blockfft_conv.json")
     args = parser.parse_args()
     B, H = args.batch, args.channels
     started = time.time()
@@ -67,7 +67,7 @@ def main():
         floor_ms = (2 * u_bytes + k_bytes) / bandwidth * 1e3
         floor_fb_ms = (5 * u_bytes + 3 * k_bytes) / bandwidth * 1e3
         # Tensor-core work of the data rows (a two-block sequence transforms two blocks per row).
-        default = flashconv3._launch(u, flashconv3.Tuning())
+        default = blockfft_conv._launch(u, blockfft_conv.Tuning())
         flops = default.plan.tensor_core_flops() * default.blocks * triton.cdiv(B, 2) * H
 
         def measure(name, fn, check=True, floor=floor_ms, **extra):
@@ -84,25 +84,25 @@ def main():
             return row
 
         measure("torch.fft", lambda: torch_fft_conv(u, k, D))
-        launch = flashconv3._launch(u, flashconv3.Tuning())
-        base = measure("v5.1 default", lambda: flashconv3.fftconv_fwd(u, k, D), plan=str(launch.plan),
+        launch = blockfft_conv._launch(u, blockfft_conv.Tuning())
+        base = measure("v5.1 default", lambda: blockfft_conv.fftconv_fwd(u, k, D), plan=str(launch.plan),
                        blocks=launch.blocks, kernel_spectrum=launch.kernel_spectrum)
         if "ms" in base:
             base["tflops"] = flops / base["ms"] / 1e9  # tensor-core work of the data rows
         # The stage-skipping variants ("io", "no_kernel_spectrum", "forward") and the persistent,
         # prefetch and register-cap knobs were measured and deleted (NOTES.md, "v5.1 knobs").
-        old = flashconv3.Tuning(kernel_spectrum="recompute")
+        old = blockfft_conv.Tuning(kernel_spectrum="recompute")
         tunings = [old]
         if launch.plan.fft_size >= 16384:
-            tunings.append(flashconv3.Tuning(num_warps=16))
+            tunings.append(blockfft_conv.Tuning(num_warps=16))
         if args.extra:
-            tunings += [flashconv3.Tuning(chunk=16), flashconv3.Tuning(num_warps=4 if launch.num_warps > 4 else 8)]
+            tunings += [blockfft_conv.Tuning(chunk=16), blockfft_conv.Tuning(num_warps=4 if launch.num_warps > 4 else 8)]
             if L <= 2048:
-                tunings += [flashconv3.Tuning(pairs=p) for p in (1, 2) if p != launch.pairs]
+                tunings += [blockfft_conv.Tuning(pairs=p) for p in (1, 2) if p != launch.pairs]
         for tuning in tunings:
             changed = {f: v for f, v in vars(tuning).items() if v is not None}
             name = "v5 old (kernel_spectrum=recompute)" if tuning is old else f"v5.1 {changed}"
-            measure(name, lambda: flashconv3.fftconv_fwd(u, k, D, tuning=tuning))
+            measure(name, lambda: blockfft_conv.fftconv_fwd(u, k, D, tuning=tuning))
 
         # Forward + backward (the backward's dk/du accuracy is in the GPU tests).
         ut, kt, Dt = (t.detach().clone().requires_grad_(True) for t in (u, k, D))
@@ -111,16 +111,16 @@ def main():
             torch.autograd.grad(torch_fft_conv(ut, kt, Dt), [ut, kt, Dt], dy)
 
         measure("fwd+bwd torch.fft", torch_fwd_bwd, check=False, floor=floor_fb_ms)
-        measure("fwd+bwd v5.1 default", lambda: (flashconv3.fftconv_fwd(u, k, D), flashconv3.fftconv_bwd(dy, u, k, D)),
+        measure("fwd+bwd v5.1 default", lambda: (blockfft_conv.fftconv_fwd(u, k, D), blockfft_conv.fftconv_bwd(dy, u, k, D)),
                 check=False, floor=floor_fb_ms)
-        backward_tunings = [("bwd only v5.1 default", flashconv3.Tuning()),
+        backward_tunings = [("bwd only v5.1 default", blockfft_conv.Tuning()),
                             ("bwd only v5 old (kernel_spectrum=recompute)", old)]
         if launch.plan.fft_size >= 16384:
             # compile_check at (2, 1536, 16K), all options: 8 warps 255 registers + 8.2 KB spilled,
             # 16 warps 128 + 5.6 KB, 4 warps 255 + 25 KB (NOTES, stop 12 continued). Unmeasured.
-            backward_tunings.append(("bwd only {'num_warps': 16}", flashconv3.Tuning(num_warps=16)))
+            backward_tunings.append(("bwd only {'num_warps': 16}", blockfft_conv.Tuning(num_warps=16)))
         for name, tuning in backward_tunings:
-            measure(name, lambda: flashconv3.fftconv_bwd(dy, u, k, D, tuning=tuning), check=False,
+            measure(name, lambda: blockfft_conv.fftconv_bwd(dy, u, k, D, tuning=tuning), check=False,
                     floor=floor_fb_ms - floor_ms)
         del ut, kt, Dt, dy
         del u, k, D, want

@@ -1,6 +1,6 @@
 """FlashConv v5: single-launch forward of ``lcconv::fftconv`` on the three-level block FFT
-(:mod:`.blockfft3`), with the kernel's spectrum computed on chip. Same interface as
-:mod:`.flashconv` (``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``).
+(:mod:`.blockfft`), with the kernel's spectrum computed on chip. The interface of every family
+(``supports``, ``fftconv_fwd``, ``fftconv_bwd``, ``Tuning``, ``alloc=``; see kernels/__init__.py).
 
 Forward: one program per item (a channel's group of stacks); a stack is P row pairs of one channel,
 each pair packed as one complex row ``z = a + i b`` (k is real, so ``U^H(U z * K)`` carries
@@ -13,7 +13,7 @@ there is no separate launch. Zero padding is implicit (masked loads); the skip t
 dropout mask and gates are applied in registers and y is written once in u's dtype.
 
 Sequences longer than one block-FFT plan run as two blocks of N/2 samples per row
-(:func:`.blockfft3.block_product`): both blocks of a pair are rows of the same stack.
+(:func:`.blockfft.block_product`): both blocks of a pair are rows of the same stack.
 
 Backward: one launch, one program per channel owning all its rows. Per stack it recomputes
 the pre-activation where GELU or the output gate needs it, forms dc, and in one walk over the
@@ -28,7 +28,7 @@ Precision: half inputs use float16 operands on max-scaled rows (float32 accumula
 float32 inputs use 3xtf32 (float32 operands split by the compiler).
 
 Knows torch and Triton only; the op (ops.py) validates inputs and picks the family through
-kernels.select. Not registered in kernels.FAMILIES until measured faster on the device.
+kernels.select (kernels.FAMILIES: the dispatched family on chip).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 
-from .blockfft3 import (
+from .blockfft import (
     BlockFFTPlan,
     block_fft_constants,
     compiles_on_gpu,
@@ -66,7 +66,7 @@ from .launch import launch
 # Longest sequence per input dtype. One block-FFT plan reaches N = 16384 (L = 8192) for half
 # inputs; float32 operands (3xtf32) double every shared-memory tile, so the backward's fit up
 # to N = 4096 (166 KB at L = 2048, 266 KB at 4096 against 227 KB; scripts/compile_check.py).
-# Beyond one plan a sequence runs as two blocks of N/2 samples (blockfft3.block_product):
+# Beyond one plan a sequence runs as two blocks of N/2 samples (blockfft.block_product):
 # L = 16384 for half inputs, 4096 for float32.
 SINGLE_BLOCK_SEQLEN = {torch.bfloat16: 8192, torch.float16: 8192, torch.float32: 2048}
 MAX_SEQLEN = {dtype: 2 * n for dtype, n in SINGLE_BLOCK_SEQLEN.items()}
@@ -74,7 +74,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STACK_ELEMENTS = 2048  # P * BLOCKS * N/2: complex samples of the stack held in registers per program
 # Defaults measured fastest on the H100 (benchmarks/NOTES.md, v5 second run), per FFT size:
 # the forward prefers a wider N1 at 8K/16K (half the chunk's working set, ~15% more FLOPs) and
-# 4 pairs per stack at 2K; the backward keeps blockfft3.FACTORS and wants 8 warps at 8K.
+# 4 pairs per stack at 2K; the backward keeps blockfft.FACTORS and wants 8 warps at 8K.
 FORWARD_FACTORS = {8192: (64, 16, 8), 16384: (64, 16, 16)}
 FORWARD_PAIRS = {2048: 4}
 BACKWARD_WARPS = {8192: 8, 16384: 8}
@@ -410,7 +410,7 @@ def _fftconv_bwd_kernel(
         store_kernel_spectrum(k0, kspec, w1_ptr, w1i_ptr, stage, BLOCKS, N1, N2, N3, CHUNK, PRECISION, FAST_TRIG)
         tl.debug_barrier()
     # This channel's dk spectrum S = sum over pairs of U dc * conj(U x) (block-mixed, see
-    # blockfft3.block_product), planes (2, BLOCKS * N) in the chunked order; rewritten (not
+    # blockfft.block_product), planes (2, BLOCKS * N) in the chunked order; rewritten (not
     # read) by the first stack, so it needs no zeroing.
     spec_ptr = dk_spec_ptr + h * 2 * BLOCKS * N1 * M
     spec_offs = spectrum_offsets(BLOCKS * CHUNK * N2, N3)

@@ -1,8 +1,8 @@
-"""FlashButterfly's exact steps 1 and 3 (kernels/fftsteps.py) alone, per tiling: time and the
+"""FlashButterfly's exact steps 1 and 3 (kernels/butterfly_steps.py) alone, per tiling: time and the
 fraction of the copy bandwidth their own traffic reaches (GPU machine). Says whether a step is
 memory- or latency-bound and which tiling to make the default.
 
-    python benchmarks/explore_fftsteps.py [--shapes 2x1024x65536 ...] [--out explore_fftsteps.json]
+    python benchmarks/explore_butterfly_steps.py [--shapes 2x1024x65536 ...] [--out explore_butterfly_steps.json]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import triton
 
 from common import copy_bandwidth, write_results  # noqa: E402  (this folder)
-from lcconv_compile.kernels import fftsteps, flashbutterfly as fb
+from lcconv_compile.kernels import butterfly_steps, flashbutterfly as fb
 
 TILINGS = [  # (block_n, rows_per_program, num_warps); None = the default
     (None, None, None), (None, 8, None), (None, 16, None), (64, 8, None), (128, 8, 8), (256, 8, 8),
@@ -29,7 +29,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+",
                         default=["2x1024x65536", "1x256x262144", "1x64x1048576", "1x16x4194304"])
-    parser.add_argument("--out", default="explore_fftsteps.json")
+    parser.add_argument("--out", default="explore_butterfly_steps.json")
     args = parser.parse_args()
     bandwidth = copy_bandwidth("cuda")
     rows_out = []
@@ -39,13 +39,13 @@ def main():
         u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16)
         z = torch.randn(B, H, n1, n2, 2, device="cuda", dtype=torch.float16)
         z_bytes, u_bytes = z.numel() * 2, u.numel() * 2
-        for block_n, rpp, warps in (TWO_LEVEL_TILINGS if fftsteps.two_level(n1, n2) else TILINGS):
+        for block_n, rpp, warps in (TWO_LEVEL_TILINGS if butterfly_steps.two_level(n1, n2) else TILINGS):
             if block_n is not None and block_n > n2:
                 continue
             tiles = dict(block_n=block_n, rows_per_program=rpp, num_warps=warps)
             cases = {
-                "step1": (lambda: fftsteps.step1(u, (n1, n2), torch.float16, **tiles), u_bytes + z_bytes),
-                "step3": (lambda: fftsteps.step3(z, L, torch.bfloat16, scale=1 / n1, **tiles), z_bytes + u_bytes),
+                "step1": (lambda: butterfly_steps.step1(u, (n1, n2), torch.float16, **tiles), u_bytes + z_bytes),
+                "step3": (lambda: butterfly_steps.step3(z, L, torch.bfloat16, scale=1 / n1, **tiles), z_bytes + u_bytes),
             }
             for name, (fn, traffic) in cases.items():
                 try:
@@ -55,7 +55,7 @@ def main():
                     continue
                 floor_ms = traffic / bandwidth * 1e3
                 row = dict(shape=[B, H, L], split=[n1, n2], step=name, tiles=tiles,
-                           blocks=list(fftsteps.blocks_for(n1, n2, "fp16", block_n, rpp, warps)),
+                           blocks=list(butterfly_steps.blocks_for(n1, n2, "fp16", block_n, rpp, warps)),
                            ms=ms, floor_ms=floor_ms)
                 rows_out.append(row)
                 print(f"{spec:>14} ({n1},{n2}) {name} blocks={row['blocks']}: {ms:7.3f} ms, "

@@ -27,7 +27,7 @@ What makes it cheap:
 * spectrum columns k1 are independent between stage 1 and its inverse, so the kernels walk
   over chunks of ``CHUNK`` values of k1, holding at full size only the input operand and the
   output accumulator (like FlashAttention walks over keys);
-* P complex rows (packed pairs of real rows, see flashconv3.py) are stacked in the M dimension
+* P complex rows (packed pairs of real rows, see blockfft_conv.py) are stacked in the M dimension
   of every product, so the constant tiles are read once per chunk for all of them;
 * a sequence of two blocks of N/2 samples (longer than one plan) is two rows of the stack
   whose spectra are mixed block-Toeplitz-wise (:func:`block_product`), so L reaches N.
@@ -158,7 +158,7 @@ def block_fft_constants(plan: BlockFFTPlan, operand_dtype: torch.dtype, device) 
     (:func:`.launch.cached_constants`, which also lets the compiler's CUDA stage trace them as
     graph constants). Twiddles have no table: the kernels compute them in registers
     (:func:`twiddle`)."""
-    key = ("blockfft3", plan.n1, plan.n2, plan.n3, operand_dtype)
+    key = ("blockfft", plan.n1, plan.n2, plan.n3, operand_dtype)
     return cached_constants(key, torch.device(device),
                             lambda dev: _make_constants(plan.n1, plan.n2, plan.n3, operand_dtype, dev))
 
