@@ -357,3 +357,71 @@ def test_gpt2_mixer_takes_the_cache_under_either_name(keyword):
     got, _ = block(x, **{keyword: cache})
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert cache.get_seq_length() == 5  # stepped, with one placeholder key per token
+
+
+# ----------------------------------------------------------- a new model family: one handler --
+class ToySelfAttention(nn.Module):
+    """A third-party model family's self-attention: x (B, L, d) -> (B, L, d), always causal."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.d_model = d_model
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class ToyMixer(nn.Module):
+    def __init__(self, mixer):
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(self, x):
+        return self.mixer(x)
+
+
+@pytest.fixture
+def toy_handler():
+    from lcconv_compile.models import swap
+
+    saved = list(swap._HANDLERS)
+    finished = []
+
+    def plan(ctx, path, module):
+        from lcconv_compile.models.mixers import make_mixer
+
+        new = make_mixer(ctx.mixer, module.d_model, ctx.l_max, **ctx.mixer_options)
+        ctx.plan("toy", path, module, ToyMixer(new))
+        ctx.report.swapped.append(swap.SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
+        ctx.handled.add(id(module))
+
+    handler = swap.register_swap_handler(swap.SwapHandler(
+        "toy", lambda module: isinstance(module, ToySelfAttention), plan,
+        lambda model, ctx: finished.append(len(ctx.planned("toy")))))
+    yield handler, finished
+    swap._HANDLERS[:] = saved
+
+
+def test_a_new_model_family_is_one_registered_handler(toy_handler):
+    handler, finished = toy_handler
+    from lcconv_compile.models.swap import swap_handlers
+
+    assert [h.name for h in swap_handlers()] == ["torch", "gpt2", "toy"]
+    model = nn.Sequential(ToySelfAttention(8), nn.GELU(), ToySelfAttention(8))
+    report = swap_attention(model, "h3")
+    assert [s.path for s in report.swapped] == ["0", "2"] and finished == [2]
+    assert isinstance(model[0], ToyMixer) and isinstance(model[2], ToyMixer)
+    x = torch.randn(2, 12, 8)
+    y = model(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    # Causal: a later input never changes an earlier output.
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn(2, 5, 8)
+    torch.testing.assert_close(model(x2)[:, :7], y[:, :7])
+
+
+def test_without_its_handler_a_family_is_kept_and_named():
+    model = nn.Sequential(ToySelfAttention(8))
+    with pytest.raises(ValueError, match="unsupported attention class ToySelfAttention"):
+        swap_attention(model, "h3")

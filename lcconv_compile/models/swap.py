@@ -53,7 +53,7 @@ the recorded swap, then loads every saved tensor, strictly), or by hand: build t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ from .mixers import MIXERS, make_mixer
 
 __all__ = [
     "swap_attention", "load_swapped_pretrained", "SwapReport", "SwappedModule", "MultiheadSelfMixer", "GPT2SelfMixer",
+    "SwapContext", "SwapHandler", "register_swap_handler", "swap_handlers",
 ]
 
 
@@ -324,6 +325,150 @@ def _check_causality(where: str, layer_causal: bool, stated: bool, mixer: str, n
     )
 
 
+@dataclass
+class SwapContext:
+    """What a handler reads (the call's arguments) and fills (plans, report, handled modules)."""
+
+    mixer: str
+    l_max: Optional[int]
+    causal: Optional[bool]
+    mixer_options: dict
+    report: SwapReport
+    plans: list = field(default_factory=list)  # (path, original, replacement, handler name)
+    handled: set = field(default_factory=set)  # ids of attention modules a handler has decided on
+
+    def plan(self, handler: str, path: str, original: nn.Module, replacement: nn.Module) -> None:
+        self.plans.append((path, original, replacement, handler))
+
+    def planned(self, handler: str) -> list[tuple[nn.Module, nn.Module]]:
+        """(original, replacement) of every swap this handler planned."""
+        return [(original, new) for _, original, new, name in self.plans if name == handler]
+
+
+@dataclass(frozen=True)
+class SwapHandler:
+    """One model family ``swap_attention`` knows, in one place (as Liger's ``apply_liger_kernel_to_*``).
+
+    ``matches(module)``: whether a module of the model belongs to this family; ``plan(ctx, path,
+    module)`` decides it: plans replacements (``ctx.plan``), adds report entries, marks the
+    attention modules it decided on (``ctx.handled``); ``finish(model, ctx)`` runs once after
+    every swap of the model is applied, if this handler planned any (config changes, notes).
+    A new family is one handler passed to :func:`register_swap_handler`."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    plan: Callable[[SwapContext, str, nn.Module], None]
+    finish: Optional[Callable[[nn.Module, SwapContext], None]] = None
+
+
+_HANDLERS: list[SwapHandler] = []
+
+
+def register_swap_handler(handler: SwapHandler) -> SwapHandler:
+    """Add a model family to ``swap_attention`` (tried in registration order; a handler of the same
+    name is replaced). Returns the handler."""
+    _HANDLERS[:] = [h for h in _HANDLERS if h.name != handler.name]
+    _HANDLERS.append(handler)
+    return handler
+
+
+def swap_handlers() -> tuple[SwapHandler, ...]:
+    """The registered handlers, in the order they are tried."""
+    return tuple(_HANDLERS)
+
+
+# ------------------------------------------------------------------ torch transformer layers --
+def _torch_layer_plan(ctx: SwapContext, path: str, module: nn.Module) -> None:
+    prefix = f"{path}." if path else ""
+    attn = module.self_attn
+    if not attn._qkv_same_embed_dim:
+        raise ValueError(f"swap_attention: {prefix}self_attn has kdim/vdim != embed_dim; not a self-attention")
+    try:
+        new = _like(make_mixer(ctx.mixer, attn.embed_dim, ctx.l_max, **ctx.mixer_options), attn)
+    except ValueError as err:
+        if ctx.l_max is not None or "l_max" not in str(err):
+            raise
+        raise ValueError(
+            f"swap_attention: mixer {ctx.mixer!r} needs l_max for {type(module).__name__} at "
+            f"{path or '<model>'} (torch transformer layers have no maximum length): {err}"
+        ) from err
+    layer_causal = ctx.causal if ctx.causal is not None else isinstance(module, nn.TransformerDecoderLayer)
+    _check_causality(f"{type(module).__name__} at {path or '<model>'}", layer_causal, ctx.causal is not None,
+                     ctx.mixer, new, ctx.mixer_options)
+    wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
+    ctx.plan("torch", prefix + "self_attn", attn, wrapped)
+    ctx.report.swapped.append(
+        SwappedModule(prefix + "self_attn", type(attn).__name__, type(new).__name__,
+                      f"checked per call ({'causal' if new.is_causal else 'non-causal'} mixer)")
+    )
+    ctx.handled.add(id(attn))
+    if isinstance(module, nn.TransformerDecoderLayer):
+        ctx.report.kept.append((prefix + "multihead_attn", "cross-attention (queries and keys from different sequences)"))
+        ctx.handled.add(id(module.multihead_attn))
+
+
+def _torch_layer_finish(model: nn.Module, ctx: SwapContext) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+            ctx.report.notes.append(f"{path or '<model>'}: nested-tensor fast path switched off")
+
+
+# ------------------------------------------------------------------------------------ GPT-2 --
+def _is_gpt2_attention(module: nn.Module) -> bool:
+    gpt2_attention, _ = _gpt2_attention_class()
+    return gpt2_attention is not None and isinstance(module, gpt2_attention)
+
+
+def _gpt2_plan(ctx: SwapContext, path: str, module: nn.Module) -> None:
+    ctx.handled.add(id(module))
+    _, transformers_major = _gpt2_attention_class()
+    if transformers_major < 5:
+        raise ValueError(
+            f"swap_attention: GPT-2 at {path} comes from transformers {transformers_major}.x; "
+            "the replacement follows the transformers >= 5 attention call (past_key_values, (out, weights))"
+        )
+    if module.is_cross_attention:
+        ctx.report.kept.append((path, "cross-attention (queries and keys from different sequences)"))
+        return
+    layer_l_max = ctx.l_max if ctx.l_max is not None else _gpt2_l_max(module.config)
+    new = _like(make_mixer(ctx.mixer, module.embed_dim, layer_l_max, **ctx.mixer_options), module)
+    if ctx.causal is False:
+        raise ValueError(f"swap_attention: GPT-2 attention at {path} is causal; causal=False does not apply")
+    _check_causality(f"GPT-2 attention at {path}", True, False, ctx.mixer, new, ctx.mixer_options)
+    ctx.plan("gpt2", path, module, GPT2SelfMixer(new, getattr(module, "layer_idx", None)))
+    ctx.report.swapped.append(SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
+
+
+def _gpt2_finish(model: nn.Module, ctx: SwapContext) -> None:
+    report = ctx.report
+    gpt2_swaps = ctx.planned("gpt2")
+    gpt2_configs = {id(orig.config): orig.config for orig, _ in gpt2_swaps}
+    recurrent = all(_has_step(new.mixer) for _, new in gpt2_swaps)
+    if recurrent:
+        report.notes.append(f"cached generation runs {type(gpt2_swaps[0][1].mixer).__name__}.step, one token at a time")
+    for config in gpt2_configs.values():
+        if getattr(config, "use_cache", False) and not recurrent:
+            config.use_cache = False
+            report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
+    for config in gpt2_configs.values():
+        # Saved with the config by save_pretrained: load_swapped_pretrained re-applies it.
+        config.lcconv_swap = {"mixer": ctx.mixer, "l_max": ctx.l_max, "causal": ctx.causal,
+                              "options": dict(ctx.mixer_options)}
+    report.notes.append("config.lcconv_swap records the swap: reload with load_swapped_pretrained")
+    generation_config = getattr(model, "generation_config", None)
+    if not recurrent and generation_config is not None and getattr(generation_config, "use_cache", False):
+        generation_config.use_cache = False
+        report.notes.append("generation_config.use_cache set to False")
+
+
+register_swap_handler(SwapHandler(
+    "torch", lambda module: isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)),
+    _torch_layer_plan, _torch_layer_finish))
+register_swap_handler(SwapHandler("gpt2", _is_gpt2_attention, _gpt2_plan, _gpt2_finish))
+
+
+# ------------------------------------------------------------------------------- the call --
 def swap_attention(
     model: nn.Module,
     mixer: str = "h3",
@@ -336,7 +481,8 @@ def swap_attention(
 
     Args:
         model: a model containing ``nn.TransformerEncoderLayer``/``TransformerDecoderLayer`` or
-            Hugging Face GPT-2 blocks (or one such layer itself).
+            Hugging Face GPT-2 blocks (or one such layer itself), or modules of a family added
+            with :func:`register_swap_handler`.
         mixer: ``"h3"``, ``"h3-longconv"``, ``"longconv"`` or ``"butterfly"``.
         l_max: longest sequence the new mixers accept; needed by the learned-kernel mixers for
             torch layers (GPT-2 defaults to ``config.n_positions``); H3 needs none.
@@ -354,60 +500,21 @@ def swap_attention(
     choices = [name for name in MIXERS if name != "attention"]
     if mixer not in choices:
         raise ValueError(f"swap_attention: unknown mixer {mixer!r}; choose one of {', '.join(map(repr, choices))}")
-    report = SwapReport(mixer)
-    gpt2_attention, transformers_major = _gpt2_attention_class()
-    torch_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    handled: set[int] = set()
-    plans: list[tuple[str, nn.Module, nn.Module]] = []  # (path, original, replacement)
-
+    ctx = SwapContext(mixer, l_max, causal, mixer_options, SwapReport(mixer))
+    report = ctx.report
+    handlers = swap_handlers()
     for path, module in list(model.named_modules()):
-        prefix = f"{path}." if path else ""
-        if isinstance(module, torch_layers):
-            attn = module.self_attn
-            if not attn._qkv_same_embed_dim:
-                raise ValueError(f"swap_attention: {prefix}self_attn has kdim/vdim != embed_dim; not a self-attention")
-            try:
-                new = _like(make_mixer(mixer, attn.embed_dim, l_max, **mixer_options), attn)
-            except ValueError as err:
-                if l_max is not None or "l_max" not in str(err):
-                    raise
-                raise ValueError(
-                    f"swap_attention: mixer {mixer!r} needs l_max for {type(module).__name__} at "
-                    f"{path or '<model>'} (torch transformer layers have no maximum length): {err}"
-                ) from err
-            layer_causal = causal if causal is not None else isinstance(module, nn.TransformerDecoderLayer)
-            _check_causality(f"{type(module).__name__} at {path or '<model>'}", layer_causal, causal is not None,
-                             mixer, new, mixer_options)
-            wrapped = MultiheadSelfMixer(new, embed_dim=attn.embed_dim, num_heads=attn.num_heads, batch_first=attn.batch_first)
-            plans.append((prefix + "self_attn", attn, wrapped))
-            report.swapped.append(
-                SwappedModule(prefix + "self_attn", type(attn).__name__, type(new).__name__,
-                              f"checked per call ({'causal' if new.is_causal else 'non-causal'} mixer)")
-            )
-            handled.add(id(attn))
-            if isinstance(module, nn.TransformerDecoderLayer):
-                report.kept.append((prefix + "multihead_attn", "cross-attention (queries and keys from different sequences)"))
-                handled.add(id(module.multihead_attn))
-        elif gpt2_attention is not None and isinstance(module, gpt2_attention):
-            handled.add(id(module))
-            if transformers_major < 5:
-                raise ValueError(
-                    f"swap_attention: GPT-2 at {path} comes from transformers {transformers_major}.x; "
-                    "the replacement follows the transformers >= 5 attention call (past_key_values, (out, weights))"
-                )
-            if module.is_cross_attention:
-                report.kept.append((path, "cross-attention (queries and keys from different sequences)"))
-                continue
-            layer_l_max = l_max if l_max is not None else _gpt2_l_max(module.config)
-            new = _like(make_mixer(mixer, module.embed_dim, layer_l_max, **mixer_options), module)
-            if causal is False:
-                raise ValueError(f"swap_attention: GPT-2 attention at {path} is causal; causal=False does not apply")
-            _check_causality(f"GPT-2 attention at {path}", True, False, mixer, new, mixer_options)
-            plans.append((path, module, GPT2SelfMixer(new, getattr(module, "layer_idx", None))))
-            report.swapped.append(SwappedModule(path, type(module).__name__, type(new).__name__, "causal"))
+        if id(module) in ctx.handled:
+            continue
+        handler = next((h for h in handlers if h.matches(module)), None)
+        if handler is not None:
+            handler.plan(ctx, path, module)
 
+    replacements = tuple({type(new) for _, _, new, _ in ctx.plans})
     for path, module in model.named_modules():
-        if id(module) in handled or isinstance(module, (MultiheadSelfMixer, GPT2SelfMixer)):
+        if id(module) in ctx.handled or (replacements and isinstance(module, replacements)):
+            continue
+        if isinstance(module, (MultiheadSelfMixer, GPT2SelfMixer)):
             continue
         if isinstance(module, nn.MultiheadAttention):
             report.kept.append((path or "<model>", "nn.MultiheadAttention outside TransformerEncoderLayer/DecoderLayer: "
@@ -415,37 +522,17 @@ def swap_attention(
         elif type(module).__name__.endswith("Attention") and not isinstance(module, tuple(MIXERS.values())):
             report.kept.append((path or "<model>", f"unsupported attention class {type(module).__name__}"))
 
-    if not plans:
+    if not ctx.plans:
         kept = "; ".join(f"{p}: {r}" for p, r in report.kept) or "no attention modules"
         raise ValueError(f"swap_attention: nothing to swap in {type(model).__name__} ({kept})")
 
-    for path, _, new in plans:
+    for path, _, new, _ in ctx.plans:
         if path == "":
             raise ValueError("swap_attention: pass the model or layer that contains the attention, not the attention")
         _replace(model, path, new)
-
-    for path, module in model.named_modules():
-        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False):
-            module.use_nested_tensor = False
-            report.notes.append(f"{path or '<model>'}: nested-tensor fast path switched off")
-    gpt2_swaps = [(orig, new) for _, orig, new in plans if isinstance(new, GPT2SelfMixer)]
-    gpt2_configs = {id(orig.config): orig.config for orig, _ in gpt2_swaps}
-    recurrent = bool(gpt2_swaps) and all(_has_step(new.mixer) for _, new in gpt2_swaps)
-    if recurrent:
-        report.notes.append(f"cached generation runs {type(gpt2_swaps[0][1].mixer).__name__}.step, one token at a time")
-    for config in gpt2_configs.values():
-        if getattr(config, "use_cache", False) and not recurrent:
-            config.use_cache = False
-            report.notes.append("GPT-2 config.use_cache set to False (the mixers keep no KV cache)")
-    for config in gpt2_configs.values():
-        # Saved with the config by save_pretrained: load_swapped_pretrained re-applies it.
-        config.lcconv_swap = {"mixer": mixer, "l_max": l_max, "causal": causal, "options": dict(mixer_options)}
-    if gpt2_configs:
-        report.notes.append("config.lcconv_swap records the swap: reload with load_swapped_pretrained")
-    generation_config = getattr(model, "generation_config", None)
-    if gpt2_configs and not recurrent and generation_config is not None and getattr(generation_config, "use_cache", False):
-        generation_config.use_cache = False
-        report.notes.append("generation_config.use_cache set to False")
+    for handler in handlers:
+        if handler.finish is not None and ctx.planned(handler.name):
+            handler.finish(model, ctx)
     return report
 
 
