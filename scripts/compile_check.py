@@ -238,7 +238,7 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
     Lk = L, as the device would specialise them. ``learned``: lcconv::butterfly_conv's path
     (factors loaded), else the fftconv family (exact factors in registers)."""
     from lcconv_compile import reference
-    from lcconv_compile.kernels import butterfly_steps, flashbutterfly
+    from lcconv_compile.kernels import butterfly_factors, butterfly_rows_conv, butterfly_steps, flashbutterfly
 
     clean = True
     for dtype in dtypes:
@@ -250,9 +250,10 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
             u, k = meta(batch, channels, seqlen), meta(channels, seqlen, dt=torch.float32)
             opts = dict(D=meta(channels, dt=torch.float32), gelu=on, dropout_mask=meta(batch, channels) if on else None)
             captured = []
-            saved = flashbutterfly.launch, butterfly_steps.launch
-            flashbutterfly.launch = butterfly_steps.launch = lambda kernel, grid, *a, **kw: captured.append(
-                (kernel, grid, a, kw))
+            launchers = (butterfly_factors, butterfly_rows_conv, butterfly_steps)
+            saved = [module.launch for module in launchers]
+            for module in launchers:
+                module.launch = lambda kernel, grid, *a, **kw: captured.append((kernel, grid, a, kw))
             try:
                 for direction in directions:
                     if learned:
@@ -266,7 +267,8 @@ def check_butterfly(lengths, dtypes, batch, channels, learned, directions=("fwd"
                     else:
                         flashbutterfly.fftconv_bwd(meta(batch, channels, seqlen), u, k, **opts)
             finally:
-                flashbutterfly.launch, butterfly_steps.launch = saved
+                for module, launcher in zip(launchers, saved):
+                    module.launch = launcher
             seen = set()
             for kernel, grid, call_args, kw in captured:
                 # Meta tensors are not CUDA: what a device launch would pass instead.

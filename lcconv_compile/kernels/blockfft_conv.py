@@ -59,7 +59,7 @@ from .blockfft import (
     spectrum_offsets,
     store_kernel_spectrum,
 )
-from .common import (gelu, gelu_grad, load_gated_pairs, load_stack, offsets_fit_int32, operand, sm_count, stack_rows,
+from .common import (gelu, gelu_grad, load_gated_pairs, load_stack, offsets_fit_int32, sm_count, stack_rows,
                      strides)
 from .launch import launch
 
