@@ -27,7 +27,7 @@ OLDEST_MODEL_TESTS ?= tests/test_models_h3.py tests/test_models_longconv.py test
 OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 
-.PHONY: demo test test-oldest-torch gpu-check bench results-index clean
+.PHONY: demo test test-oldest-torch gpu-check bench results-index patterns clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -62,6 +62,10 @@ gpu-check:
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fftconv.py
+
+# lowering/serialized_patterns.py, the shipped traced patterns, after a pattern edit (CI's torch only).
+patterns: $(STAMP)
+	$(PY) -m lcconv_compile.lowering.pattern_cache
 
 # benchmarks/results/INDEX.md from each results JSON's meta block and README's citations.
 results-index:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -82,17 +83,45 @@ def test_explain_is_the_function_whichever_module_was_imported_first():
 
 
 # --------------------------------------------------------------------------- shipped patterns --
+def _shipped_key() -> str:
+    shipped = {}
+    exec(pattern_cache.SHIPPED.read_text().split("\n\n\ndef build", 1)[0], shipped)
+    return shipped["KEY"]
+
+
+def test_shipped_patterns_are_made_for_cis_torch():
+    """On every torch: the shipped file is the one CI's torch makes (a file regenerated on another
+    torch would be skipped, not checked, by the test below everywhere but there)."""
+    assert _shipped_key().startswith(f"torch {pattern_cache.CI_TORCH} "), (
+        f"serialized_patterns.py was made on another torch: run `make patterns` on torch {pattern_cache.CI_TORCH}")
+    makefile = pathlib.Path(pattern_cache.__file__).resolve().parents[2] / "Makefile"
+    assert f"TORCH_SPEC ?= torch=={pattern_cache.CI_TORCH}\n" in makefile.read_text()
+
+
 def test_shipped_patterns_are_the_traced_ones(traced):
-    shipped_key = {}
-    exec(pattern_cache.SHIPPED.read_text().split("\n\n\ndef build", 1)[0], shipped_key)
-    if shipped_key["KEY"] != pattern_cache.cache_key():
-        assert not shipped_key["KEY"].startswith(f"torch {torch.__version__.split('+')[0]} "), (
-            "serialized_patterns.py is stale for this torch: run python -m lcconv_compile.lowering.pattern_cache")
-        pytest.skip(f"shipped for another torch ({shipped_key['KEY']}); the fallback tests cover this one")
+    """On CI's torch the shipped file must be current (fails, never skips, when stale)."""
+    if pattern_cache.torch_release() != pattern_cache.CI_TORCH:
+        pytest.skip(f"torch {torch.__version__} is not CI's ({pattern_cache.CI_TORCH}): the fallback tests cover it")
+    assert _shipped_key() == pattern_cache.cache_key(), (
+        "serialized_patterns.py is stale for this torch: run `make patterns`")
     with pattern_specs() as specs:
         loaded = pattern_cache.read(pattern_cache.SHIPPED, pattern_cache.cache_key(), [s.name for s in specs])
     assert loaded is not None
     assert [source_of(p) for p in loaded] == traced
+
+
+def test_the_key_follows_the_code_not_its_comments():
+    code = 'def pattern(x):\n    """Doc."""\n    return x + 1  # one\n'
+    reworded = 'def pattern(x):\n    """Other words."""\n    # a new comment\n    return x + 1  # two\n'
+    changed = 'def pattern(x):\n    """Doc."""\n    return x + 2\n'
+    assert pattern_cache.code_digest(code) == pattern_cache.code_digest(reworded)
+    assert pattern_cache.code_digest(code) != pattern_cache.code_digest(changed)
+
+
+def test_regenerating_refuses_a_torch_other_than_cis(monkeypatch):
+    monkeypatch.setattr(pattern_cache, "torch_release", lambda: "0.0.1")
+    with pytest.raises(SystemExit, match="CI's torch"):
+        pattern_cache.regenerate()
 
 
 # ------------------------------------------------------------------------------ the fallback --

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.pattern_matcher import *
 
 aten, prims, lcconv = torch.ops.aten, torch.ops.prims, torch.ops.lcconv
-KEY = 'torch 2.13.0 sources 68dd5a093f840c29f5c9f754ce84a1f2'
+KEY = 'torch 2.13.0 sources 142839a9ecf16d03de19f1b2e2fb7d64'
 
 
 def build():
