@@ -1,6 +1,6 @@
 """What every benchmark script shares: the measured copy bandwidth (for the memory floor), the
-peak memory of one step, and (from lcconv_compile.provenance) the commit a run measures and the
-one ``meta`` block every results JSON carries. Measures only; asserts nothing about speed.
+peak memory of one step, and (from lcconv_compile.provenance) the one ``meta`` block every
+results JSON carries (the commit a run measures among it). Measures only; asserts nothing about speed.
 
 Scripts import it as ``from common import ...`` (they run as ``python benchmarks/<script>.py``,
 which puts this folder on ``sys.path``).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lcconv_compile.provenance import git_commit, run_metadata, write_results  # noqa: F401  (re-exported)
+from lcconv_compile.provenance import run_metadata, write_results  # noqa: F401  (re-exported)
 
 
 def copy_bandwidth(device) -> float:

@@ -206,7 +206,7 @@ def check_short(kernel_lens, batch, seqlen, channels=1024, dtypes=(torch.bfloat1
 def _short_occupancy(registers, shared, options, dtype, constexprs, gated_in, on):
     """(resident programs per SM, shortconv.FORWARD_PROGRAMS_PER_SM key) of a compiled forward."""
     fits = shortconv.resident_programs(registers, shared, options["num_warps"])
-    key = (str(dtype).removeprefix("torch."), constexprs["T"], constexprs["NC"], gated_in, on)
+    key = shortconv.occupancy_key(dtype, constexprs["T"], constexprs["NC"], gated_in, on)
     return fits, key
 
 

@@ -374,5 +374,5 @@ def test_forward_grid_depends_on_the_call_alone():
         shortconv.fftconv_fwd(u, k, meta(1024), launch=record,
                               alloc=lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device="meta"))
     cfg = shortconv._launch_config(u, 16, False, shortconv.Tuning())
-    per_sm = shortconv.FORWARD_PROGRAMS_PER_SM[shortconv.occupancy_key(torch.bfloat16, cfg, False, False)]
+    per_sm = shortconv.FORWARD_PROGRAMS_PER_SM[shortconv.occupancy_key(torch.bfloat16, cfg.block, cfg.context_blocks, False, False)]
     assert grids[0] == grids[1] == (1024, shortconv._forward_groups(1024, cfg.tiles, shortconv._sms(u), per_sm))

@@ -427,9 +427,9 @@ def resident_programs(registers: int, shared: int, num_warps: int) -> int:
                       _SM90_SHARED // (shared + 1024)))
 
 
-def occupancy_key(dtype: torch.dtype, cfg: _Config, gate_in: bool, epilogue: bool) -> tuple:
-    """FORWARD_PROGRAMS_PER_SM's key of a forward launch."""
-    return (str(dtype).removeprefix("torch."), cfg.block, cfg.context_blocks, gate_in, epilogue)
+def occupancy_key(dtype: torch.dtype, block: int, context_blocks: int, gate_in: bool, epilogue: bool) -> tuple:
+    """FORWARD_PROGRAMS_PER_SM's key of a forward launch: u's dtype, T, NC, gate_in, epilogue."""
+    return (str(dtype).removeprefix("torch."), block, context_blocks, gate_in, epilogue)
 
 
 def fftconv_fwd(
@@ -457,7 +457,7 @@ def fftconv_fwd(
     if tuning.programs_per_sm:
         groups = cfg.groups
     else:
-        key = occupancy_key(u.dtype, cfg, gate_in is not None,
+        key = occupancy_key(u.dtype, cfg.block, cfg.context_blocks, gate_in is not None,
                             gate_out is not None or gelu or dropout_mask is not None)
         groups = _forward_groups(channels, cfg.tiles, _sms(u), FORWARD_PROGRAMS_PER_SM.get(key, _FWD_GUESS_PER_SM))
     launch(

@@ -12,7 +12,8 @@ Inductor's cache directory, so that a process with that key traces once.
 Regenerate the shipped file after editing a pattern: ``make patterns`` (``python -m
 lcconv_compile.lowering.pattern_cache``), on CI's torch (:data:`CI_TORCH`; it refuses any other).
 The key hashes the pattern modules' code, not their comments or docstrings, so a reworded comment
-keeps the shipped file; a test fails while the file is stale or made for another torch. This module holds loading and writing only: which patterns
+keeps the shipped file; a test fails while the file is stale or made for another torch.
+This module holds loading and writing only: which patterns
 exist is :mod:`.patterns_idiom` / :mod:`.patterns_fusion`, registering them is :mod:`.passes`.
 """
 

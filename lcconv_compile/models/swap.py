@@ -510,11 +510,8 @@ def swap_attention(
         if handler is not None:
             handler.plan(ctx, path, module)
 
-    replacements = tuple({type(new) for _, _, new, _ in ctx.plans})
     for path, module in model.named_modules():
-        if id(module) in ctx.handled or (replacements and isinstance(module, replacements)):
-            continue
-        if isinstance(module, (MultiheadSelfMixer, GPT2SelfMixer)):
+        if id(module) in ctx.handled or isinstance(module, (MultiheadSelfMixer, GPT2SelfMixer)):
             continue
         if isinstance(module, nn.MultiheadAttention):
             report.kept.append((path or "<model>", "nn.MultiheadAttention outside TransformerEncoderLayer/DecoderLayer: "
